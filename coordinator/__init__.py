@@ -1,0 +1,1 @@
+"""lowband coordinator package."""

@@ -1,0 +1,256 @@
+"""The run configuration: typed sections loaded from TOML, overridden by flags.
+
+One path only: TOML file -> ``RunConfig.from_dict`` -> ``apply_overrides``.
+The coordinator sends the resolved config to every node as JSON at join, so
+every process of a run trains with the same settings. A bad value raises
+``ConfigError`` naming the exact setting (``diloco.inner_steps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+CODECS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp4")
+PLANNERS = ("full", "random", "skippipe")
+RECOVERY_METHODS = ("checkfree", "checkfree-plus", "random-reinit", "none")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelSection:
+    preset: str = "tiny"
+    stages: int = 4            # S, including stage 0 (embedding + head)
+    seq_len: int = 128
+
+    def __post_init__(self) -> None:
+        _check(self.stages >= 2, "model.stages", f"must be >= 2 (stage 0 plus at least one block stage), got {self.stages}")
+        _check(self.seq_len >= 2, "model.seq_len", f"must be >= 2, got {self.seq_len}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainSection:
+    microbatch_size: int = 8          # sequences per microbatch
+    microbatches: int = 2             # microbatches per origin per iteration
+    steps: int = 300                  # inner steps (iterations) of the run
+    lr: float = 4e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 25
+    eval_batches: int = 4
+    activation_codec: str = "bf16"
+    hop_timeout_s: float = 10.0
+    data: str = ""                    # empty: the embedded standard-library corpus
+
+    def __post_init__(self) -> None:
+        _check(self.microbatch_size >= 1, "train.microbatch_size", "must be >= 1")
+        _check(self.microbatches >= 1, "train.microbatches", "must be >= 1")
+        _check(self.steps >= 1, "train.steps", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        _check(self.eval_batches >= 1, "train.eval_batches", "must be >= 1")
+        _check(self.activation_codec in CODECS, "train.activation_codec", f"must be one of {CODECS}")
+        _check(self.hop_timeout_s > 0, "train.hop_timeout_s", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class DilocoSection:
+    inner_steps: int = 100            # H
+    fragments: int = 1                # P (strided over blocks)
+    overlap: int = 1                  # tau: merge the averaged fragment tau steps later
+    alpha: float = 0.5                # theta <- alpha*theta_local + (1-alpha)*theta_global_new
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    codec: str = "fp4"
+    backend: str = "grpc"             # "grpc" or "hivemind"
+    reject_norm_ratio: float = 0.0    # >0: drop a peer whose update norm exceeds ratio x median
+    peer_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(self.inner_steps >= 1, "diloco.inner_steps", "must be >= 1")
+        _check(self.fragments >= 1, "diloco.fragments", "must be >= 1")
+        _check(self.fragments <= self.inner_steps, "diloco.fragments", "must be <= diloco.inner_steps")
+        _check(0 <= self.overlap < self.inner_steps or self.inner_steps == 1, "diloco.overlap",
+               "must be >= 0 and below diloco.inner_steps")
+        _check(0.0 <= self.alpha <= 1.0, "diloco.alpha", "must be in [0, 1]")
+        _check(self.outer_lr > 0, "diloco.outer_lr", "must be > 0")
+        _check(0.0 <= self.outer_momentum < 1.0, "diloco.outer_momentum", "must be in [0, 1)")
+        _check(self.codec in CODECS, "diloco.codec", f"must be one of {CODECS}")
+        _check(self.backend in ("grpc", "hivemind"), "diloco.backend", "must be 'grpc' or 'hivemind'")
+        _check(self.reject_norm_ratio >= 0, "diloco.reject_norm_ratio", "must be >= 0")
+        _check(self.peer_timeout_s > 0, "diloco.peer_timeout_s", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class SkipPipeSection:
+    skip_ratio: float = 0.0           # k
+    planner: str = "full"
+    max_swaps: int = 2
+    max_jump: int = 3                 # stages a forward jump may skip
+    memory_cap: int = 0               # microbatches a node holds at once; 0 = unbounded
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.skip_ratio < 1.0, "skippipe.skip_ratio", "must be in [0, 1)")
+        _check(self.planner in PLANNERS, "skippipe.planner", f"must be one of {PLANNERS}")
+        _check(0 <= self.max_swaps <= 2, "skippipe.max_swaps", "must be in [0, 2]")
+        _check(0 <= self.max_jump <= 3, "skippipe.max_jump", "must be in [0, 3]")
+        _check(self.memory_cap >= 0, "skippipe.memory_cap", "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class MembershipSection:
+    heartbeat_interval_s: float = 1.0
+    lease_s: float = 5.0
+    min_replicas: int = 1
+    sync_join_window_s: float = 2.0   # how long a sync round waits for stragglers
+    min_sync_participants: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.heartbeat_interval_s > 0, "membership.heartbeat_interval_s", "must be > 0")
+        _check(self.lease_s > self.heartbeat_interval_s, "membership.lease_s",
+               "must be longer than membership.heartbeat_interval_s")
+        _check(self.min_replicas >= 1, "membership.min_replicas", "must be >= 1")
+        _check(self.sync_join_window_s > 0, "membership.sync_join_window_s", "must be > 0")
+        _check(self.min_sync_participants >= 1, "membership.min_sync_participants", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class RecoverySection:
+    method: str = "checkfree-plus"
+    lr_scale: float = 1.1
+    epsilon: float = 1e-8
+    swap_edges: bool = True           # CheckFree+ out-of-order execution on half the microbatches
+
+    def __post_init__(self) -> None:
+        _check(self.method in RECOVERY_METHODS, "recovery.method", f"must be one of {RECOVERY_METHODS}")
+        _check(self.lr_scale > 0, "recovery.lr_scale", "must be > 0")
+        _check(self.epsilon >= 0, "recovery.epsilon", "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    run_id: str = "lowband"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    diloco: DilocoSection = field(default_factory=DilocoSection)
+    skippipe: SkipPipeSection = field(default_factory=SkipPipeSection)
+    membership: MembershipSection = field(default_factory=MembershipSection)
+    recovery: RecoverySection = field(default_factory=RecoverySection)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return _build(cls, data, prefix="")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"run config is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown setting (known: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = fields[name]
+        key = f"{prefix}{name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, prefix=f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, value, type(default))
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from exc
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from exc
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` flags on top of a config, validating the result."""
+    data = config.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, value = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        target = data
+        for part in parts[:-1]:
+            if part not in target or not isinstance(target[part], dict):
+                raise ConfigError(f"{dotted}: unknown section {part!r}")
+            target = target[part]
+        if parts[-1] not in target:
+            raise ConfigError(f"{dotted}: unknown setting")
+        target[parts[-1]] = value.strip()
+    return RunConfig.from_dict(data)
