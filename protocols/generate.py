@@ -19,9 +19,8 @@ def proto_files() -> list[Path]:
 
 def generate(out_dir: Path = REPO_ROOT) -> None:
     """Compile every proto into `out_dir` (import paths are relative to the repo root)."""
-    from grpc_tools import protoc  # test/dev dependency only
-
     import grpc_tools
+    from grpc_tools import protoc  # test/dev dependency only
 
     include = Path(grpc_tools.__file__).resolve().parent / "_proto"
     for proto in proto_files():
