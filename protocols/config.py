@@ -126,6 +126,8 @@ class MembershipSection:
     min_replicas: int = 1
     sync_join_window_s: float = 2.0   # how long a sync round waits for stragglers
     min_sync_participants: int = 1
+    sync_timeout_s: float = 10.0      # a round still short of the minimum after this is abandoned
+    rebalance: bool = True            # move a node from the best-covered stage rather than leave one empty
 
     def __post_init__(self) -> None:
         _check(self.heartbeat_interval_s > 0, "membership.heartbeat_interval_s", "must be > 0")
@@ -134,6 +136,8 @@ class MembershipSection:
         _check(self.min_replicas >= 1, "membership.min_replicas", "must be >= 1")
         _check(self.sync_join_window_s > 0, "membership.sync_join_window_s", "must be > 0")
         _check(self.min_sync_participants >= 1, "membership.min_sync_participants", "must be >= 1")
+        _check(self.sync_timeout_s >= self.sync_join_window_s, "membership.sync_timeout_s",
+               "must be >= membership.sync_join_window_s")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -162,7 +166,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        return _build(cls, data, prefix="")
+        return build_dataclass(cls, data, prefix="")
 
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
@@ -190,7 +194,8 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from a TOML table, naming the bad setting on error."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -203,7 +208,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         key = f"{prefix}{name}"
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, prefix=f"{key}.")
+            kwargs[name] = build_dataclass(type(default), value, prefix=f"{key}.")
         else:
             kwargs[name] = _coerce(key, value, type(default))
     return cls(**kwargs)
@@ -230,6 +235,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
             return float(value)
         except ValueError as exc:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from exc
+    if kind is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
     if kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -254,3 +263,28 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"{dotted}: unknown setting")
         target[parts[-1]] = value.strip()
     return RunConfig.from_dict(data)
+
+
+def to_toml(config: RunConfig) -> str:
+    """Serialise a RunConfig as TOML (sections of scalars), readable by ``from_toml``."""
+    lines: list[str] = []
+    sections: list[tuple[str, dict[str, Any]]] = []
+    for key, value in config.to_dict().items():
+        if isinstance(value, dict):
+            sections.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, table in sections:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise ConfigError(f"cannot write {value!r} as TOML")

@@ -184,7 +184,7 @@ class Path(_message.Message):
     def __init__(self, microbatch: _Optional[int] = ..., stages: _Optional[_Iterable[int]] = ..., node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScheduleReply(_message.Message):
-    __slots__ = ("epoch", "paths", "peers", "visits")
+    __slots__ = ("epoch", "paths", "peers", "visits", "stage", "origin_index", "num_origins")
     class VisitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -196,11 +196,17 @@ class ScheduleReply(_message.Message):
     PATHS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     VISITS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NUM_ORIGINS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     paths: _containers.RepeatedCompositeFieldContainer[Path]
     peers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
     visits: _containers.ScalarMap[str, int]
-    def __init__(self, epoch: _Optional[int] = ..., paths: _Optional[_Iterable[_Union[Path, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., visits: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    stage: int
+    origin_index: int
+    num_origins: int
+    def __init__(self, epoch: _Optional[int] = ..., paths: _Optional[_Iterable[_Union[Path, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., visits: _Optional[_Mapping[str, int]] = ..., stage: _Optional[int] = ..., origin_index: _Optional[int] = ..., num_origins: _Optional[int] = ...) -> None: ...
 
 class SyncRoundRequest(_message.Message):
     __slots__ = ("node_id", "stage", "fragment", "outer_step")
@@ -215,16 +221,22 @@ class SyncRoundRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., stage: _Optional[int] = ..., fragment: _Optional[int] = ..., outer_step: _Optional[int] = ...) -> None: ...
 
 class SyncRoundReply(_message.Message):
-    __slots__ = ("round_id", "participants", "ready", "retry_after_s")
+    __slots__ = ("round_id", "participants", "ready", "retry_after_s", "abandoned", "reason", "outer_step")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    ABANDONED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     participants: _containers.RepeatedCompositeFieldContainer[PeerInfo]
     ready: bool
     retry_after_s: float
-    def __init__(self, round_id: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., ready: _Optional[bool] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+    abandoned: bool
+    reason: str
+    outer_step: int
+    def __init__(self, round_id: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., ready: _Optional[bool] = ..., retry_after_s: _Optional[float] = ..., abandoned: _Optional[bool] = ..., reason: _Optional[str] = ..., outer_step: _Optional[int] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("reporter_id", "suspect_id", "reason")
@@ -273,20 +285,26 @@ class StatusRequest(_message.Message):
     def __init__(self, max_events: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "address", "stage", "state", "heartbeat_age_s", "metrics")
+    __slots__ = ("node_id", "address", "stage", "state", "heartbeat_age_s", "metrics", "throughput", "device", "has_data")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HAS_DATA_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     stage: int
     state: str
     heartbeat_age_s: float
     metrics: NodeMetrics
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., state: _Optional[str] = ..., heartbeat_age_s: _Optional[float] = ..., metrics: _Optional[_Union[NodeMetrics, _Mapping]] = ...) -> None: ...
+    throughput: float
+    device: str
+    has_data: bool
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., state: _Optional[str] = ..., heartbeat_age_s: _Optional[float] = ..., metrics: _Optional[_Union[NodeMetrics, _Mapping]] = ..., throughput: _Optional[float] = ..., device: _Optional[str] = ..., has_data: _Optional[bool] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("time", "kind", "node_id", "stage", "detail")

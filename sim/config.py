@@ -1,0 +1,192 @@
+"""Simulator configuration: a run config (the same TOML sections the coordinator
+reads) plus a ``[sim]`` table for topology, link emulation, heterogeneity and
+preemptions. Bad values raise ``ConfigError`` naming the field (``sim.origins``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocols.config import ConfigError, RunConfig, apply_overrides, build_dataclass
+
+SIGNALS = ("KILL", "TERM")
+
+
+@dataclass(kw_only=True, slots=True)
+class ScriptedPreemption:
+    """Preempt `target` once the origins reach `at_step` (or `at_s` seconds after start)."""
+
+    target: str                  # "stage:N" (every replica of stage N), "replica:N" (one replica), "origin"
+    signal: str = "KILL"
+    at_step: int = -1
+    at_s: float = -1.0
+    replace: bool = True         # start a replacement node after sim.replacement_delay_s
+
+    def __post_init__(self) -> None:
+        kind, _, arg = self.target.partition(":")
+        if kind not in ("stage", "replica", "origin") or (kind != "origin" and not arg.isdigit()):
+            raise ConfigError(f"sim.preemptions.target: expected 'stage:N', 'replica:N' or 'origin', got {self.target!r}")
+        if self.signal not in SIGNALS:
+            raise ConfigError(f"sim.preemptions.signal: must be one of {SIGNALS}, got {self.signal!r}")
+        if (self.at_step < 0) == (self.at_s < 0):
+            raise ConfigError("sim.preemptions: give exactly one of at_step or at_s")
+
+    @property
+    def stage(self) -> int | None:
+        kind, _, arg = self.target.partition(":")
+        return 0 if kind == "origin" else int(arg)
+
+    @property
+    def whole_stage(self) -> bool:
+        return self.target.startswith("stage:") or self.target == "origin"
+
+
+@dataclass(kw_only=True, slots=True)
+class SimSection:
+    origins: int = 2
+    replicas_per_stage: int = 2        # for block stages 1..S-1
+    regions: int = 1
+    intra_latency_s: float = 0.001
+    inter_latency_s: float = 0.05
+    intra_bandwidth_Bps: float = 1e9
+    inter_bandwidth_Bps: float = 5e7
+    max_slowdown: float = 1.0          # each node slows its compute by a factor in [1, max]
+    preemption_rate_per_hour: float = 0.0  # random preemptions on top of the script
+    sigkill_share: float = 0.5         # share of random preemptions that are SIGKILL (else SIGTERM notice)
+    replacement_delay_s: float = 2.0
+    max_wall_s: float = 280.0          # stop the run after this long whatever happened
+    preemptions: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"sim.{name}: {message}")
+
+        check(self.origins >= 1, "origins", "must be >= 1")
+        check(self.replicas_per_stage >= 1, "replicas_per_stage", "must be >= 1")
+        check(self.regions >= 1, "regions", "must be >= 1")
+        for name in ("intra_latency_s", "inter_latency_s"):
+            check(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("intra_bandwidth_Bps", "inter_bandwidth_Bps"):
+            check(getattr(self, name) > 0, name, "must be > 0")
+        check(self.max_slowdown >= 1.0, "max_slowdown", "must be >= 1")
+        check(self.preemption_rate_per_hour >= 0, "preemption_rate_per_hour", "must be >= 0")
+        check(0 <= self.sigkill_share <= 1, "sigkill_share", "must be in [0, 1]")
+        check(self.replacement_delay_s >= 0, "replacement_delay_s", "must be >= 0")
+        check(self.max_wall_s > 0, "max_wall_s", "must be > 0")
+        parsed = []
+        for item in self.preemptions:
+            if isinstance(item, ScriptedPreemption):
+                parsed.append(item)
+            elif isinstance(item, dict):
+                parsed.append(build_dataclass(ScriptedPreemption, item, prefix="sim.preemptions."))
+            else:
+                raise ConfigError(f"sim.preemptions: expected tables, got {item!r}")
+        self.preemptions = parsed
+
+
+@dataclass(kw_only=True, slots=True)
+class SimConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    sim: SimSection = field(default_factory=SimSection)
+
+    def __post_init__(self) -> None:
+        for p in self.sim.preemptions:
+            if p.stage is not None and p.stage >= self.run.model.stages:
+                raise ConfigError(
+                    f"sim.preemptions.target: stage {p.stage} does not exist (model.stages = {self.run.model.stages})"
+                )
+
+
+def default_sim_config() -> SimConfig:
+    """The embedded default: tiny model, stdlib corpus, 2 origins + 3 stages x 2 replicas,
+    Streaming DiLoCo with fp4 exchange, skip ratio 0.25, and scripted preemptions
+    including the loss of a whole middle stage (recovered by CheckFree)."""
+    return load_sim_config(None)
+
+
+DEFAULT_SIM_TOML = """
+[model]
+preset = "tiny"
+stages = 4
+seq_len = 128
+
+[train]
+microbatch_size = 8
+microbatches = 2
+steps = 200
+eval_every = 20
+
+[diloco]
+inner_steps = 20
+fragments = 3
+overlap = 1
+alpha = 0.5
+outer_lr = 0.7
+codec = "fp4"
+
+[skippipe]
+skip_ratio = 0.25
+planner = "skippipe"
+
+[membership]
+heartbeat_interval_s = 0.5
+lease_s = 3.0
+
+[recovery]
+method = "checkfree-plus"
+
+[sim]
+origins = 2
+replicas_per_stage = 2
+
+[[sim.preemptions]]
+target = "replica:1"
+signal = "TERM"
+at_step = 50
+
+[[sim.preemptions]]
+target = "stage:2"
+signal = "KILL"
+at_step = 100
+"""
+
+
+def load_sim_config(path: str | Path | None, overrides: list[str] | None = None) -> SimConfig:
+    """Defaults, then the TOML file (if any) on top, then ``section.key=value`` overrides."""
+    data: dict[str, Any] = tomllib.loads(DEFAULT_SIM_TOML)
+    if path is not None:
+        path = Path(path)
+        try:
+            user = tomllib.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        data = _merge(data, user)
+    sim_data = data.pop("sim", {})
+    run = RunConfig.from_dict(data)
+    sim_overrides = [o for o in overrides or [] if o.startswith("sim.")]
+    run_overrides = [o for o in overrides or [] if not o.startswith("sim.")]
+    run = apply_overrides(run, run_overrides)
+    for item in sim_overrides:
+        key, _, value = item.partition("=")
+        name = key[len("sim."):]
+        if name not in SimSection.__dataclass_fields__ or name == "preemptions":
+            raise ConfigError(f"{key}: unknown or not overridable setting")
+        sim_data = {**sim_data, name: value}
+    sim = build_dataclass(SimSection, sim_data, prefix="sim.")
+    return SimConfig(run=run, sim=sim)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

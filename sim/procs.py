@@ -1,0 +1,122 @@
+"""Child-process supervision for the simulator: no orphans, ever.
+
+Every child starts in its own session (hence its own process group), so a
+whole subtree can be signalled with ``killpg``. The supervisor kills every
+group it started on every exit path: normal return, exception, SIGINT/SIGTERM
+(handled by the caller turning them into ``KeyboardInterrupt``/``SystemExit``)
+and interpreter exit (``atexit``). Groups are tracked by pid so only our own
+processes are ever signalled.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    """One supervised OS process (the leader of its own process group)."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the child's whole process group; a group already gone is fine."""
+        try:
+            os.killpg(self.popen.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class Supervisor:
+    """Starts children in their own process groups and guarantees they die with us."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+        self._closed = False
+        atexit.register(self.kill_all)
+
+    def spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
+        log_path = self.log_dir / f"{name}.log"
+        log_file = open(log_path, "ab")
+        try:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            log_file.close()
+        child = Child(name=name, popen=popen, log_path=log_path)
+        self.children.append(child)
+        logger.debug("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
+        return child
+
+    def live(self) -> list[Child]:
+        return [c for c in self.children if c.alive()]
+
+    def stop(self, child: Child, *, graceful: bool, timeout_s: float = 5.0) -> None:
+        """SIGTERM (graceful) or SIGKILL a child's group; escalate to SIGKILL on timeout."""
+        if not child.alive():
+            return
+        child.signal_group(signal.SIGTERM if graceful else signal.SIGKILL)
+        try:
+            child.popen.wait(timeout=timeout_s if graceful else 2.0)
+        except subprocess.TimeoutExpired:
+            child.signal_group(signal.SIGKILL)
+            child.popen.wait(timeout=5.0)
+        # Reap any grandchildren left in the group.
+        child.signal_group(signal.SIGKILL)
+
+    def kill_all(self, graceful_s: float = 3.0) -> None:
+        """Terminate every group we started: SIGTERM, short grace, then SIGKILL."""
+        if self._closed:
+            return
+        self._closed = True
+        live = self.live()
+        for child in live:
+            child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + graceful_s
+        for child in live:
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                child.popen.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                pass
+        for child in self.children:
+            child.signal_group(signal.SIGKILL)
+            try:
+                child.popen.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                logger.error("process %s (pid %d) did not die", child.name, child.pid)
+        atexit.unregister(self.kill_all)
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill_all()

@@ -1,0 +1,155 @@
+"""The run report: PNG plots from a run folder's JSON lines, and an HTML page that shows them.
+
+Input records (one JSON object per line):
+- ``metrics.jsonl``: ``t`` (seconds since start), ``tokens``, ``loss``, ``val_loss``
+  (null when not evaluated), ``sync_bytes_sent``, ``activation_bytes_sent``,
+  ``live_nodes``, ``live_per_stage`` ({stage: count}).
+- ``events.jsonl``: ``t``, ``kind`` (join, death, leave, preempt, recovery, ...),
+  ``node_id``, ``stage``, ``detail``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FAILURE_KINDS = ("death", "preempt", "kill")
+RECOVERY_KINDS = ("recovery",)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("skipping a malformed line in %s", path)
+    return records
+
+
+def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        if r.get(x) is not None and r.get(y) is not None:
+            xs.append(float(r[x]))
+            ys.append(float(r[y]))
+    return xs, ys
+
+
+def make_plots(run_dir: Path) -> list[Path]:
+    """Write loss, bytes and membership plots into `run_dir`; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    events = read_jsonl(run_dir / "events.jsonl")
+    written: list[Path] = []
+
+    fig, (ax_t, ax_tok) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("loss", "-"), ("val_loss", "o-")):
+        xs, ys = _series(metrics, "t", key)
+        ax_t.plot(xs, ys, style, label=key, markersize=3)
+        xs, ys = _series(metrics, "tokens", key)
+        ax_tok.plot(xs, ys, style, label=key, markersize=3)
+    for e in events:
+        if e.get("kind") in FAILURE_KINDS:
+            ax_t.axvline(float(e["t"]), color="red", alpha=0.3, linewidth=1)
+        elif e.get("kind") in RECOVERY_KINDS:
+            ax_t.axvline(float(e["t"]), color="green", alpha=0.3, linewidth=1)
+    ax_t.set(xlabel="wall-clock (s)", ylabel="loss (nats/byte)", title="loss vs time (red: failures, green: recoveries)")
+    ax_tok.set(xlabel="tokens", ylabel="loss (nats/byte)", title="loss vs tokens")
+    ax_t.legend()
+    ax_tok.legend()
+    fig.tight_layout()
+    path = run_dir / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("sync_bytes_sent", "activation_bytes_sent"):
+        xs, ys = _series(metrics, "t", key)
+        ax.plot(xs, [y / 1e6 for y in ys], label=key)
+    ax.set(xlabel="wall-clock (s)", ylabel="MB (cumulative)", title="bytes on the wire")
+    ax.legend()
+    fig.tight_layout()
+    path = run_dir / "bytes.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    stages = sorted({int(s) for r in metrics for s in (r.get("live_per_stage") or {})})
+    for stage in stages:
+        xs = [float(r["t"]) for r in metrics if "live_per_stage" in r]
+        ys = [int((r.get("live_per_stage") or {}).get(str(stage), 0)) for r in metrics if "live_per_stage" in r]
+        ax.step(xs, ys, where="post", label=f"stage {stage}")
+    for e in events:
+        kind = e.get("kind")
+        if kind in FAILURE_KINDS:
+            ax.axvline(float(e["t"]), color="red", alpha=0.4, linestyle="--", linewidth=1)
+        elif kind in RECOVERY_KINDS:
+            ax.axvline(float(e["t"]), color="green", alpha=0.4, linestyle="--", linewidth=1)
+    ax.set(xlabel="wall-clock (s)", ylabel="live replicas", title="membership (red: failures, green: recoveries)")
+    if stages:
+        ax.legend(ncol=min(4, len(stages)))
+    fig.tight_layout()
+    path = run_dir / "membership.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def write_html(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> Path:
+    """A self-contained page: the summary table, the plots, the event log."""
+    events = read_jsonl(run_dir / "events.jsonl")
+    rows = "\n".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in summary.items()
+    )
+    images = "\n".join(f'<p><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"></p>' for p in plots)
+    event_rows = "\n".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(_fmt(e.get(k)))}</td>" for k in ("t", "kind", "node_id", "stage", "detail")
+        )
+        + "</tr>"
+        for e in events
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>lowband run report</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head>
+<body><h1>lowband run report</h1>
+<h2>Summary</h2><table>{rows}</table>
+<h2>Plots</h2>{images}
+<h2>Events</h2><table><tr><th>t (s)</th><th>kind</th><th>node</th><th>stage</th><th>detail</th></tr>
+{event_rows}</table></body></html>
+"""
+    path = run_dir / "report.html"
+    path.write_text(page)
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return ""
+    return str(value)
+
+
+def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
+    plots = make_plots(run_dir)
+    return write_html(run_dir, summary, plots)

@@ -1,0 +1,472 @@
+"""`lowband-sim run`: a whole lowband run on one machine, as real OS processes on loopback.
+
+Starts a coordinator and one node daemon per simulated machine, emulates links
+(each node delays its sends by latency + bytes/bandwidth from a per-node links
+file) and heterogeneity (per-node compute slow-down), preempts nodes on a
+script and at random (SIGKILL, or SIGTERM as a spot notice) and starts their
+replacements, shows live progress, and writes the run folder: metrics.jsonl,
+events.jsonl, summary.json, PNG plots and report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from protocols import coordinator_pb2, coordinator_pb2_grpc
+from protocols.config import ConfigError, to_toml
+from protocols.rpc import token_metadata
+from sim.config import ScriptedPreemption, SimConfig, load_sim_config
+from sim.procs import Child, Supervisor
+from sim.report import write_report
+
+logger = logging.getLogger(__name__)
+
+STATUS_TIMEOUT_S = 2.0  # a status poll that takes longer is skipped, the loop goes on
+
+
+@dataclass
+class SimNode:
+    """A simulated machine: one node daemon process and what the simulator knows of it."""
+
+    name: str
+    stage: int               # stage it asked for (the coordinator may assign another)
+    address: str
+    region: int
+    slowdown: float
+    child: Child | None = None
+    node_id: str = ""        # as the coordinator knows it (filled from status)
+    preempted: bool = False
+
+
+@dataclass
+class RunState:
+    start: float = field(default_factory=time.monotonic)
+    seen_events: set[tuple[float, str, str]] = field(default_factory=set)
+    last_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    node_stage: dict[str, int] = field(default_factory=dict)
+    initial_val_loss: float | None = None
+    final_val_loss: float | None = None
+    failures: int = 0
+    recoveries: int = 0
+    pending_replacements: list[tuple[float, int]] = field(default_factory=list)  # (due, stage)
+    fired: set[int] = field(default_factory=set)
+    last_event: str = ""
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Simulation:
+    def __init__(self, config: SimConfig, out_dir: Path, *, progress: bool = True) -> None:
+        self.config = config
+        self.out_dir = out_dir
+        self.progress = progress
+        self.rng = random.Random(config.run.seed)
+        self.sup = Supervisor(out_dir / "logs")
+        self.token = secrets.token_hex(16)
+        self.nodes: list[SimNode] = []
+        self.state = RunState()
+        self.coordinator_address = ""
+        self._counter = 0
+        self._metrics_file = open(out_dir / "metrics.jsonl", "w")
+        self._events_file = open(out_dir / "events.jsonl", "w")
+        self._channel: grpc.Channel | None = None
+        self._stub: coordinator_pb2_grpc.CoordinatorStub | None = None
+
+    # ---- processes -------------------------------------------------------------------------
+
+    def _python(self) -> list[str]:
+        return [sys.executable]
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        return env
+
+    def start_coordinator(self) -> None:
+        run_toml = self.out_dir / "run.toml"
+        run_toml.write_text(to_toml(self.config.run))
+        token_file = self.out_dir / "token"
+        token_file.write_text(self.token)
+        token_file.chmod(0o600)
+        port_file = self.out_dir / "coordinator.port"
+        port_file.unlink(missing_ok=True)
+        argv = [
+            *self._python(), "-m", "coordinator.cli", "serve",
+            "--bind", "127.0.0.1:0",
+            "--port-file", str(port_file),
+            "--run-dir", str(self.out_dir / "coordinator"),
+            "--config", str(run_toml),
+            "--token-file", str(token_file),
+        ]
+        child = self.sup.spawn("coordinator", argv, env=self._child_env())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if port_file.exists() and port_file.read_text().strip():
+                self.coordinator_address = f"127.0.0.1:{int(port_file.read_text().strip())}"
+                break
+            if not child.alive():
+                raise RuntimeError(f"coordinator exited early; see {child.log_path}")
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"coordinator did not start within 60 s; see {child.log_path}")
+        self._channel = grpc.insecure_channel(self.coordinator_address)
+        self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
+        logger.info("coordinator listening on %s", self.coordinator_address)
+
+    def _links_for(self, node: SimNode) -> dict[str, Any]:
+        sim = self.config.sim
+        peers = {}
+        for other in self.nodes:
+            same = other.region == node.region
+            peers[other.address] = {
+                "latency_s": sim.intra_latency_s if same else sim.inter_latency_s,
+                "bandwidth_Bps": sim.intra_bandwidth_Bps if same else sim.inter_bandwidth_Bps,
+            }
+        return {"peers": peers, "default": {"latency_s": sim.intra_latency_s, "bandwidth_Bps": sim.intra_bandwidth_Bps}}
+
+    def add_node(self, stage: int) -> SimNode:
+        sim = self.config.sim
+        self._counter += 1
+        name = f"{'origin' if stage == 0 else 'stage' + str(stage)}-{self._counter}"
+        node = SimNode(
+            name=name,
+            stage=stage,
+            address=f"127.0.0.1:{free_port()}",
+            region=self._counter % sim.regions,
+            slowdown=1.0 + self.rng.random() * (sim.max_slowdown - 1.0),
+        )
+        self.nodes.append(node)
+        return node
+
+    def launch(self, node: SimNode) -> None:
+        links_file = self.out_dir / "links" / f"{node.name}.json"
+        links_file.parent.mkdir(exist_ok=True)
+        # Rewrite every node's links file: a replacement is a new peer for everyone.
+        for other in self.nodes:
+            (self.out_dir / "links" / f"{other.name}.json").write_text(json.dumps(self._links_for(other)))
+        argv = [
+            *self._python(), "-m", "node.cli",
+            "--coordinator", self.coordinator_address,
+            "--token-file", str(self.out_dir / "token"),
+            "--listen", node.address,
+            "--node-id", node.name,
+            "--preferred-stage", str(node.stage),
+            "--slowdown", f"{node.slowdown:.3f}",
+            "--links-file", str(links_file),
+            "--log-json", str(self.out_dir / "nodes" / f"{node.name}.jsonl"),
+        ]
+        (self.out_dir / "nodes").mkdir(exist_ok=True)
+        node.child = self.sup.spawn(node.name, argv, env=self._child_env())
+        self.event("launch", node.name, node.stage, f"pid {node.child.pid}, slowdown {node.slowdown:.2f}")
+
+    def start_nodes(self) -> None:
+        sim = self.config.sim
+        for _ in range(sim.origins):
+            self.add_node(0)
+        for stage in range(1, self.config.run.model.stages):
+            for _ in range(sim.replicas_per_stage):
+                self.add_node(stage)
+        for node in list(self.nodes):
+            self.launch(node)
+
+    # ---- monitoring ---------------------------------------------------------------------------
+
+    def event(self, kind: str, node_id: str, stage: int, detail: str = "", t: float | None = None) -> None:
+        record = {"t": round(self.state.elapsed() if t is None else t, 3), "kind": kind, "node_id": node_id,
+                  "stage": stage, "detail": detail}
+        self._events_file.write(json.dumps(record) + "\n")
+        self._events_file.flush()
+        if kind in ("death", "preempt"):
+            self.state.failures += kind == "preempt"
+        if kind == "recovery":
+            self.state.recoveries += 1
+        self.state.last_event = f"{kind} {node_id} (stage {stage})"
+        logger.debug("event %s", record)
+
+    def poll(self) -> coordinator_pb2.StatusReply | None:
+        assert self._stub is not None
+        try:
+            return self._stub.Status(coordinator_pb2.StatusRequest(max_events=200),
+                                     metadata=token_metadata(self.token), timeout=STATUS_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            logger.debug("status poll failed: %s", exc)
+            return None
+
+    def record(self, status: coordinator_pb2.StatusReply) -> dict[str, Any]:
+        st = self.state
+        wall_offset = time.time() - st.elapsed()
+        for ev in status.events:
+            key = (round(ev.time, 3), ev.kind, ev.node_id)
+            if key in st.seen_events:
+                continue
+            st.seen_events.add(key)
+            if ev.kind in ("join", "death", "leave", "recovery", "stage_change", "recovery_planned"):
+                self.event(ev.kind, ev.node_id, ev.stage, ev.detail, t=max(0.0, ev.time - wall_offset))
+        live_per_stage: dict[str, int] = {}
+        for n in status.nodes:
+            m = n.metrics
+            st.node_stage[n.node_id] = n.stage
+            prev = st.last_metrics.get(n.node_id, {})
+            st.last_metrics[n.node_id] = {
+                "stage": n.stage, "step": max(m.step, prev.get("step", 0)), "loss": m.loss or prev.get("loss"),
+                "val_loss": m.val_loss or prev.get("val_loss"),
+                "tokens": max(m.tokens, prev.get("tokens", 0)),
+                "sync_bytes_sent": max(m.sync_bytes_sent, prev.get("sync_bytes_sent", 0)),
+                "activation_bytes_sent": max(m.activation_bytes_sent, prev.get("activation_bytes_sent", 0)),
+                "alive": n.state == "alive",
+            }
+            if n.state == "alive":
+                live_per_stage[str(n.stage)] = live_per_stage.get(str(n.stage), 0) + 1
+        origins = [m for m in st.last_metrics.values() if m["stage"] == 0]
+        live_origins = [m for m in origins if m["alive"]] or origins
+        losses = [m["loss"] for m in live_origins if m.get("loss")]
+        vals = [m["val_loss"] for m in live_origins if m.get("val_loss")]
+        val_loss = sum(vals) / len(vals) if vals else None
+        if val_loss is not None:
+            if st.initial_val_loss is None:
+                st.initial_val_loss = val_loss
+            st.final_val_loss = val_loss
+        rec = {
+            "t": round(st.elapsed(), 3),
+            "step": min((m["step"] for m in live_origins), default=0),
+            "tokens": sum(m["tokens"] for m in origins),
+            "loss": sum(losses) / len(losses) if losses else None,
+            "val_loss": val_loss,
+            "sync_bytes_sent": sum(m["sync_bytes_sent"] for m in st.last_metrics.values()),
+            "activation_bytes_sent": sum(m["activation_bytes_sent"] for m in st.last_metrics.values()),
+            "live_nodes": sum(live_per_stage.values()),
+            "live_per_stage": live_per_stage,
+            "outer_step": status.outer_step,
+            "epoch": status.epoch,
+        }
+        self._metrics_file.write(json.dumps(rec) + "\n")
+        self._metrics_file.flush()
+        return rec
+
+    def show(self, rec: dict[str, Any]) -> None:
+        if not self.progress:
+            return
+        elapsed = max(rec["t"], 1e-9)
+        loss = f"{rec['loss']:.3f}" if rec["loss"] is not None else "-"
+        val = f"{rec['val_loss']:.3f}" if rec["val_loss"] is not None else "-"
+        line = (f"\r[{rec['t']:6.1f}s] step {rec['step']:4d}/{self.config.run.train.steps} loss {loss} val {val} "
+                f"tok/s {rec['tokens'] / elapsed:7.0f} sync {rec['sync_bytes_sent'] / 1e6:6.2f}MB "
+                f"act {rec['activation_bytes_sent'] / 1e6:7.1f}MB live {rec['live_nodes']} | {self.state.last_event}")
+        sys.stderr.write(line[:160].ljust(160))
+        sys.stderr.flush()
+
+    # ---- preemptions --------------------------------------------------------------------------
+
+    def _live_nodes_of(self, stage: int) -> list[SimNode]:
+        out = []
+        for n in self.nodes:
+            if n.child is None or not n.child.alive() or n.preempted:
+                continue
+            assigned = self.state.node_stage.get(n.name, n.stage)
+            if assigned == stage:
+                out.append(n)
+        return out
+
+    def preempt(self, node: SimNode, sig: str, replace: bool, why: str) -> None:
+        assert node.child is not None
+        node.preempted = True
+        stage = self.state.node_stage.get(node.name, node.stage)
+        node.child.signal_group(signal.SIGKILL if sig == "KILL" else signal.SIGTERM)
+        self.event("preempt", node.name, stage, f"SIG{sig} ({why})")
+        if replace:
+            self.state.pending_replacements.append((self.state.elapsed() + self.config.sim.replacement_delay_s, stage))
+
+    def apply_script(self, rec: dict[str, Any]) -> None:
+        for index, p in enumerate(self.config.sim.preemptions):
+            if index in self.state.fired:
+                continue
+            due = (p.at_step >= 0 and rec["step"] >= p.at_step) or (p.at_s >= 0 and rec["t"] >= p.at_s)
+            if not due:
+                continue
+            self.state.fired.add(index)
+            self._fire(p)
+
+    def _fire(self, p: ScriptedPreemption) -> None:
+        stage = p.stage if p.stage is not None else 0
+        victims = self._live_nodes_of(stage)
+        if not p.whole_stage:
+            victims = victims[:1]
+        if not victims:
+            logger.warning("scripted preemption %s found no live node", p.target)
+            return
+        for node in victims:
+            self.preempt(node, p.signal, p.replace, f"script {p.target}")
+
+    def random_preemptions(self, dt: float) -> None:
+        rate = self.config.sim.preemption_rate_per_hour
+        if rate <= 0:
+            return
+        live = [n for n in self.nodes if n.child is not None and n.child.alive() and not n.preempted]
+        if not live or self.rng.random() >= 1 - math.exp(-rate * dt / 3600.0):
+            return
+        node = self.rng.choice(live)
+        sig = "KILL" if self.rng.random() < self.config.sim.sigkill_share else "TERM"
+        self.preempt(node, sig, True, "random")
+
+    def start_replacements(self) -> None:
+        now = self.state.elapsed()
+        due = [r for r in self.state.pending_replacements if r[0] <= now]
+        self.state.pending_replacements = [r for r in self.state.pending_replacements if r[0] > now]
+        for _, stage in due:
+            node = self.add_node(stage)
+            self.launch(node)
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def finished(self, rec: dict[str, Any]) -> bool:
+        origins_alive = [n for n in self.nodes if n.stage == 0 and n.child is not None and n.child.alive()]
+        if rec["step"] >= self.config.run.train.steps:
+            return True
+        return not origins_alive and not any(stage == 0 for _, stage in self.state.pending_replacements)
+
+    def run(self) -> dict[str, Any]:
+        self.start_coordinator()
+        self.start_nodes()
+        rec: dict[str, Any] = {"step": 0, "t": 0.0, "tokens": 0, "sync_bytes_sent": 0, "activation_bytes_sent": 0}
+        last = time.monotonic()
+        while self.state.elapsed() < self.config.sim.max_wall_s:
+            time.sleep(0.5)
+            status = self.poll()
+            now = time.monotonic()
+            if status is not None:
+                rec = self.record(status)
+                self.show(rec)
+                self.apply_script(rec)
+                if self.finished(rec):
+                    break
+            self.random_preemptions(now - last)
+            self.start_replacements()
+            last = now
+        else:
+            logger.warning("stopping: sim.max_wall_s = %.0f s reached", self.config.sim.max_wall_s)
+        if self.progress:
+            sys.stderr.write("\n")
+        return self.summarize(rec)
+
+    def summarize(self, rec: dict[str, Any]) -> dict[str, Any]:
+        st = self.state
+        steps = max(rec.get("step", 0), 0)
+        return {
+            "initial_val_loss": st.initial_val_loss,
+            "final_val_loss": st.final_val_loss,
+            "tokens": rec.get("tokens", 0),
+            "wall_s": round(st.elapsed(), 2),
+            "steps": steps,
+            "sync_bytes_sent": rec.get("sync_bytes_sent", 0),
+            "activation_bytes_sent": rec.get("activation_bytes_sent", 0),
+            "bytes_allreduce_equivalent": allreduce_equivalent_bytes(self.config, steps),
+            "failures": st.failures,
+            "recoveries": st.recoveries,
+            "nodes_started": len(self.nodes),
+        }
+
+    def close(self) -> None:
+        # Graceful first (nodes leave), then the supervisor makes sure nothing survives.
+        for node in self.nodes:
+            if node.child is not None and node.child.alive():
+                node.child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(n.child and n.child.alive() for n in self.nodes):
+            time.sleep(0.1)
+        self.sup.kill_all()
+        if self._channel is not None:
+            self._channel.close()
+        self._metrics_file.close()
+        self._events_file.close()
+
+
+def allreduce_equivalent_bytes(config: SimConfig, steps: int) -> int:
+    """Bytes a ring all-reduce of fp32 gradients among each stage's replicas would send every step.
+
+    A ring all-reduce of B bytes among r peers sends 2(r-1)/r·B per peer, 2(r-1)·B in all.
+    """
+    from node.model import ModelConfig, build_stage
+
+    model_cfg = ModelConfig.from_preset(config.run.model.preset)
+    num_stages = config.run.model.stages
+    total = 0
+    for stage in range(num_stages):
+        replicas = config.sim.origins if stage == 0 else config.sim.replicas_per_stage
+        if replicas < 2:
+            continue
+        params = sum(p.numel() for p in build_stage(model_cfg, stage, num_stages).parameters())
+        total += 2 * (replicas - 1) * params * 4
+    return int(total * steps)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("run", help="run a whole lowband training job as local processes",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="sim TOML: run sections ([model], [train], [diloco], ...) plus [sim]")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a setting, e.g. --set train.steps=100 --set sim.origins=3")
+    p.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
+    p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
+    p.add_argument("--out", default="runs/sim", help="run folder (default: runs/sim)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress line")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    try:
+        config = load_sim_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"lowband-sim run: bad config: {exc}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sim = Simulation(config, out_dir, progress=not args.no_progress)
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    interrupted = False
+    summary: dict[str, Any] = {}
+    try:
+        summary = sim.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        logger.warning("interrupted: stopping every process")
+    finally:
+        sim.close()
+        signal.signal(signal.SIGTERM, previous)
+    if interrupted:
+        return 130
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    report = write_report(out_dir, summary)
+    print(json.dumps(summary, indent=2))
+    print(f"report: {report}", file=sys.stderr)
+    return 0
