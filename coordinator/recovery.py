@@ -34,7 +34,7 @@ Methods, in the order they are tried:
     always says why in ``notes``.
 
 A rebuilt stage (every method but ``replica-copy``) starts a fresh inner
-optimizer at ``lr_scale`` × the learning rate (paper: 1.1) and joins the next
+optimizer at ``lr_scale`` times the learning rate (paper: 1.1) and joins the next
 outer sync with its rebuilt weights as θ_global.
 
 Two adjacent stages lost (a needed neighbour is itself dead): the plan reaches

@@ -1,0 +1,57 @@
+"""The simulator's config: defaults as documented, overrides, and errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocols.config import ConfigError
+from sim.config import load_sim_config
+
+
+def test_default_is_the_documented_embedded_run() -> None:
+    cfg = load_sim_config(None)
+    assert cfg.run.model.preset == "tiny"
+    assert cfg.sim.origins == 2 and cfg.sim.replicas_per_stage == 2 and cfg.run.model.stages == 4
+    assert cfg.run.diloco.codec == "fp4"
+    assert cfg.run.skippipe.skip_ratio == 0.25
+    assert any(p.whole_stage and p.stage not in (0, 1, cfg.run.model.stages - 1) for p in cfg.sim.preemptions)
+
+
+def test_file_and_overrides_layer_on_defaults(tmp_path) -> None:
+    path = tmp_path / "sim.toml"
+    path.write_text("[train]\nsteps = 42\n[sim]\norigins = 3\n")
+    cfg = load_sim_config(path, ["sim.replicas_per_stage=1", "diloco.inner_steps=7"])
+    assert cfg.run.train.steps == 42
+    assert cfg.sim.origins == 3 and cfg.sim.replicas_per_stage == 1
+    assert cfg.run.diloco.inner_steps == 7
+    assert cfg.run.model.preset == "tiny"  # untouched defaults survive
+
+
+@pytest.mark.parametrize(
+    ("toml", "overrides", "names"),
+    [
+        ("[sim]\norigins = 0\n", [], "sim.origins"),
+        ("[sim]\nbogus = 1\n", [], "sim.bogus"),
+        ("[train]\nsteps = 'many'\n", [], "train.steps"),
+        ("", ["sim.max_slowdown=0.5"], "sim.max_slowdown"),
+        ("", ["diloco.codec=fp3"], "diloco.codec"),
+        ("[[sim.preemptions]]\ntarget = 'stage:9'\nat_step = 1\n", [], "sim.preemptions.target"),
+        ("[[sim.preemptions]]\ntarget = 'stage:1'\n", [], "sim.preemptions"),
+        ("[[sim.preemptions]]\ntarget = 'stage:1'\nat_step = 3\nsignal = 'HUP'\n", [], "sim.preemptions.signal"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, toml: str, overrides: list[str], names: str) -> None:
+    path = tmp_path / "sim.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        load_sim_config(path, overrides)
+    assert names in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_sim_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sim\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_sim_config(bad)
