@@ -393,7 +393,7 @@ def recovery_order(dead: Sequence[int], num_stages: int, live_stages: Sequence[i
     Greedy: next is the dead stage whose plan sources are most complete (stage
     0 needs stage 1 or S-1; an edge needs its partner; an intermediate stage
     needs both neighbours), then the one with more live direct neighbours, then
-    the lowest index. The coordinator plans one, waits for its success report
+    the one nearest a stage that survived, then the lowest index. The coordinator plans one, waits for its success report
     (the rebuilt node then counts as live), and plans the next.
     """
     pending = sorted(set(dead))
@@ -401,8 +401,9 @@ def recovery_order(dead: Sequence[int], num_stages: int, live_stages: Sequence[i
         if not 0 <= s < num_stages:
             raise RecoveryError(f"dead stage {s} is outside 0..{num_stages - 1}")
     up = set(live_stages) - set(pending)
+    originally_up = sorted(up)
 
-    def score(s: int) -> tuple[int, int, int]:
+    def score(s: int) -> tuple[int, int, int, int]:
         if s == 0:
             complete = int(1 in up or (num_stages - 1) in up)
         elif is_edge(s, num_stages):
@@ -411,7 +412,9 @@ def recovery_order(dead: Sequence[int], num_stages: int, live_stages: Sequence[i
         else:
             complete = int((s - 1) in up and (s + 1) in up)
         neighbours = sum(1 for n in (s - 1, s + 1) if 1 <= n <= num_stages - 1 and n in up)
-        return (complete, neighbours, -s)
+        # Grow outwards from what survived: a stage near a surviving one first.
+        distance = min((abs(s - u) for u in originally_up), default=num_stages)
+        return (complete, neighbours, -distance, -s)
 
     order: list[int] = []
     while pending:

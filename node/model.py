@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protocols.config import ModelSection
+
 # ---------------------------------------------------------------------------
 # Configuration
 
@@ -81,6 +83,12 @@ class ModelConfig:
 
     def num_params(self) -> int:
         return self.n_layers * self.block_params() + self.bookend_params()
+
+
+def model_config_for(section: ModelSection) -> ModelConfig:
+    """The preset named by a run's ``[model]`` section, with room for its ``seq_len``."""
+    preset = ModelConfig.from_preset(section.preset)
+    return ModelConfig.from_preset(section.preset, max_seq_len=max(preset.max_seq_len, section.seq_len))
 
 
 # Block counts are chosen so that common stage counts split evenly:

@@ -21,13 +21,16 @@ class ConfigError(ValueError):
 
 
 CODECS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp4")
-PLANNERS = ("full", "random", "skippipe")
+PLANNERS = ("full", "random", "skippipe", "skippipe-unaware")  # coordinator.planner.PLANNERS
 RECOVERY_METHODS = ("checkfree", "checkfree-plus", "random-reinit", "none")
 
 
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {message}")
+
+
+MODEL_PRESETS = ("tiny", "small", "124m", "500m", "1.5b")   # defined in node/model.py
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,6 +40,7 @@ class ModelSection:
     seq_len: int = 128
 
     def __post_init__(self) -> None:
+        _check(self.preset in MODEL_PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose one of {MODEL_PRESETS}")
         _check(self.stages >= 2, "model.stages", f"must be >= 2 (stage 0 plus at least one block stage), got {self.stages}")
         _check(self.seq_len >= 2, "model.seq_len", f"must be >= 2, got {self.seq_len}")
 
@@ -58,6 +62,8 @@ class TrainSection:
     activation_codec: str = "bf16"
     hop_timeout_s: float = 10.0
     data: str = ""                    # empty: the embedded standard-library corpus
+    data_max_bytes: int = 8 << 20     # cap on tokens loaded from any source; 0 = no cap
+    val_fraction: float = 0.05        # held-out share (by file for directories and the default corpus)
 
     def __post_init__(self) -> None:
         _check(self.microbatch_size >= 1, "train.microbatch_size", "must be >= 1")
@@ -73,6 +79,8 @@ class TrainSection:
         _check(self.eval_batches >= 1, "train.eval_batches", "must be >= 1")
         _check(self.activation_codec in CODECS, "train.activation_codec", f"must be one of {CODECS}")
         _check(self.hop_timeout_s > 0, "train.hop_timeout_s", "must be > 0")
+        _check(self.data_max_bytes >= 0, "train.data_max_bytes", "must be >= 0 (0 = no cap)")
+        _check(0 < self.val_fraction < 1, "train.val_fraction", "must be in (0, 1)")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -16,7 +16,7 @@ class NodeAck(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class MicrobatchHeader(_message.Message):
-    __slots__ = ("run_id", "iteration", "microbatch", "origin_id", "stages", "node_ids", "hop", "epoch")
+    __slots__ = ("run_id", "iteration", "microbatch", "origin_id", "stages", "node_ids", "hop", "epoch", "evaluate")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class MicrobatchHeader(_message.Message):
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     HOP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     iteration: int
     microbatch: int
@@ -33,7 +34,8 @@ class MicrobatchHeader(_message.Message):
     node_ids: _containers.RepeatedScalarFieldContainer[str]
     hop: int
     epoch: int
-    def __init__(self, run_id: _Optional[str] = ..., iteration: _Optional[int] = ..., microbatch: _Optional[int] = ..., origin_id: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., node_ids: _Optional[_Iterable[str]] = ..., hop: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    evaluate: bool
+    def __init__(self, run_id: _Optional[str] = ..., iteration: _Optional[int] = ..., microbatch: _Optional[int] = ..., origin_id: _Optional[str] = ..., stages: _Optional[_Iterable[int]] = ..., node_ids: _Optional[_Iterable[str]] = ..., hop: _Optional[int] = ..., epoch: _Optional[int] = ..., evaluate: _Optional[bool] = ...) -> None: ...
 
 class MicrobatchChunk(_message.Message):
     __slots__ = ("header", "chunk")
@@ -58,7 +60,7 @@ class AbandonRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., iteration: _Optional[int] = ..., microbatch: _Optional[int] = ..., origin_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ShardHeader(_message.Message):
-    __slots__ = ("round_id", "stage", "fragment", "shard_index", "num_shards", "sender_id", "outer_step")
+    __slots__ = ("round_id", "stage", "fragment", "shard_index", "num_shards", "sender_id", "outer_step", "abstain", "total_numel")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +68,8 @@ class ShardHeader(_message.Message):
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    ABSTAIN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NUMEL_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     stage: int
     fragment: int
@@ -73,17 +77,21 @@ class ShardHeader(_message.Message):
     num_shards: int
     sender_id: str
     outer_step: int
-    def __init__(self, round_id: _Optional[int] = ..., stage: _Optional[int] = ..., fragment: _Optional[int] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., sender_id: _Optional[str] = ..., outer_step: _Optional[int] = ...) -> None: ...
+    abstain: bool
+    total_numel: int
+    def __init__(self, round_id: _Optional[int] = ..., stage: _Optional[int] = ..., fragment: _Optional[int] = ..., shard_index: _Optional[int] = ..., num_shards: _Optional[int] = ..., sender_id: _Optional[str] = ..., outer_step: _Optional[int] = ..., abstain: _Optional[bool] = ..., total_numel: _Optional[int] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
-    __slots__ = ("header", "chunk", "contributors")
+    __slots__ = ("header", "chunk", "contributors", "refused")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     header: ShardHeader
     chunk: _tensor_pb2.TensorChunk
     contributors: int
-    def __init__(self, header: _Optional[_Union[ShardHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., contributors: _Optional[int] = ...) -> None: ...
+    refused: str
+    def __init__(self, header: _Optional[_Union[ShardHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., contributors: _Optional[int] = ..., refused: _Optional[str] = ...) -> None: ...
 
 class StateRequest(_message.Message):
     __slots__ = ("stage", "parts", "requester_id")

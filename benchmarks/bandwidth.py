@@ -1,0 +1,398 @@
+"""Bytes on the wire vs loss: data-parallel, DiLoCo, Streaming DiLoCo (fp4), hivemind backend.
+
+Same tiny model, same tokens, same data and the same number of replicas for every
+mode, in one process. Each replica trains a full copy of the model on its own
+disjoint shard of the training split (``Corpus.train_shard``) with the inner AdamW
+and schedule of node/optim.py; every mode sees the same total batch per step
+(replicas x batch sequences) and the same number of steps.
+
+Modes:
+- ``ddp``: one model; each step, the replicas' fp32 gradients are averaged (here:
+  the loss on the concatenated batch, which is the same mean).
+- ``diloco``: H inner steps, then the whole model's pseudo-gradient is averaged in
+  fp32 (P=1, no overlap, alpha 0, outer lr 0.7).
+- ``streaming``: P strided fragments with offsets spread over H, overlap tau=1,
+  alpha 0.5, outer lr 0.4, fp4 codec.
+- ``hivemind``: the streaming outer loop averaged through hivemind's
+  DecentralizedAverager (hivemind has no 4-bit codec: 8-bit uniform quantization).
+
+How bytes are counted (the same rule for every mode): bytes a replica puts on the
+wire for averaging, summed over replicas.
+- grpc modes (diloco, streaming): the serialized size (protobuf ``ByteSize``) of
+  every ReduceShard message actually sent over loopback gRPC: parts sent by each
+  replica to the other shard owners, and averaged shards each owner sends back.
+  That is reduce-scatter + all-gather: 2(n-1)/n x the encoded fragment per replica.
+- ddp: no messages are sent in this single-process stand-in; it is charged what a
+  ring all-reduce of the fp32 gradient sends: 2(n-1)/n x 4 bytes x parameters per
+  replica per step (no framing: a lower bound, which favours ddp).
+- hivemind: the serialized compressed tensor hivemind sends, times 2(n-1)/n per
+  replica (hivemind's butterfly all-reduce is also reduce-scatter + all-gather).
+HTTP/2 and libp2p framing are not counted anywhere.
+
+``peak_step_bytes`` is the most bytes (all replicas) started in a single step.
+``val_loss`` is the mean over replicas of each replica's local model on the fixed
+validation batches (ddp: its one model) after the last step; no extra exchange.
+
+    python benchmarks/bandwidth.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from node.averager import ChannelPool, ShardReducer, allreduce_mean
+from node.data import BatchIterator, load_corpus, val_batches
+from node.diloco import StreamingDiLoCo, SyncJob
+from node.model import ModelConfig, Transformer
+from node.optim import build_inner_optimizer, lr_at, set_lr
+from protocols import node_pb2_grpc
+from protocols.config import DilocoSection, TrainSection
+from protocols.rpc import TokenAuthInterceptor, grpc_options
+
+logger = logging.getLogger("bandwidth")
+TOKEN = "bandwidth-benchmark"
+MODES = ("ddp", "diloco", "streaming", "hivemind")
+
+
+@dataclass
+class Setup:
+    replicas: int
+    steps: int
+    batch: int
+    seq_len: int
+    train: TrainSection
+    model: ModelConfig
+    seed: int
+    eval_batches: int
+
+
+@dataclass
+class Replica:
+    model: Transformer
+    opt: torch.optim.Optimizer
+    batches: BatchIterator
+    diloco: StreamingDiLoCo | None = None
+
+
+@dataclass
+class ModeResult:
+    bytes_sent: int = 0
+    peak_step_bytes: int = 0
+    val_loss: float = 0.0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        out = {"bytes_sent": self.bytes_sent, "peak_step_bytes": self.peak_step_bytes,
+               "val_loss": round(self.val_loss, 5), "seconds": round(self.seconds, 1)}
+        out.update(self.extra)
+        return out
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def make_replicas(setup: Setup, corpus: Any, init: Transformer) -> list[Replica]:
+    reps = []
+    for i in range(setup.replicas):
+        model = copy.deepcopy(init)
+        reps.append(Replica(
+            model=model,
+            opt=build_inner_optimizer(model.parameters(), setup.train),
+            batches=BatchIterator(corpus.train_shard(i, setup.replicas), setup.batch, setup.seq_len,
+                                  seed=setup.seed + i),
+        ))
+    return reps
+
+
+def inner_step(rep: Replica, lr: float, grad_clip: float) -> float:
+    inputs, targets = next(rep.batches)
+    set_lr(rep.opt, lr)
+    rep.opt.zero_grad(set_to_none=True)
+    loss = rep.model.loss(inputs, targets)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(rep.model.parameters(), grad_clip)
+    rep.opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate(models: list[Transformer], val: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    losses = []
+    for model in models:
+        model.eval()
+        losses.append(sum(float(model.loss(x, y)) for x, y in val) / len(val))
+        model.train()
+    return sum(losses) / len(losses)
+
+
+# --------------------------------------------------------------------------- ddp
+
+
+def run_ddp(setup: Setup, corpus: Any, init: Transformer, val: list) -> ModeResult:
+    reps = make_replicas(setup, corpus, init)
+    model = reps[0].model
+    opt = reps[0].opt
+    n = setup.replicas
+    numel = sum(p.numel() for p in model.parameters())
+    per_step = n * int(2 * (n - 1) / n * 4 * numel)   # ring all-reduce of fp32 grads, all replicas
+    for step in range(setup.steps):
+        parts = [next(r.batches) for r in reps]
+        inputs = torch.cat([p[0] for p in parts])
+        targets = torch.cat([p[1] for p in parts])
+        set_lr(opt, lr_at(step, setup.train))
+        opt.zero_grad(set_to_none=True)
+        model.loss(inputs, targets).backward()   # mean over all replicas' sequences = averaged gradient
+        if setup.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), setup.train.grad_clip)
+        opt.step()
+    return ModeResult(bytes_sent=per_step * setup.steps, peak_step_bytes=per_step, val_loss=evaluate([model], val))
+
+
+# --------------------------------------------------------------------------- exchangers
+
+
+class _ReduceOnlyServicer(node_pb2_grpc.NodeServicer):
+    def __init__(self, reducer: ShardReducer) -> None:
+        self.reducer = reducer
+
+    async def ReduceShard(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for reply in self.reducer.handle(request_iterator, context):
+            yield reply
+
+
+class GrpcExchanger:
+    """One ReduceShard server per replica on loopback; averages a step's jobs with allreduce_mean."""
+
+    def __init__(self, n: int, cfg: DilocoSection) -> None:
+        self.n = n
+        self.cfg = cfg
+        self.reducers = [ShardReducer(timeout_s=cfg.peer_timeout_s, node_id=f"r{i}") for i in range(n)]
+        self.pools = [ChannelPool(TOKEN) for _ in range(n)]
+        self.servers: list[grpc.aio.Server] = []
+        self.peers: list[str] = []
+
+    async def start(self) -> None:
+        for reducer in self.reducers:
+            server = grpc.aio.server(interceptors=[TokenAuthInterceptor(TOKEN)], options=grpc_options())
+            node_pb2_grpc.add_NodeServicer_to_server(_ReduceOnlyServicer(reducer), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            self.servers.append(server)
+            self.peers.append(f"127.0.0.1:{port}")
+
+    async def exchange(self, jobs: list[SyncJob]) -> tuple[list[tuple[torch.Tensor | None, Any]], int]:
+        before = sum(r.bytes_sent for r in self.reducers)
+        results = await asyncio.gather(*(
+            allreduce_mean(self.peers, i, job.delta, round_id=job.step, codec=self.cfg.codec,
+                           timeout_s=self.cfg.peer_timeout_s, reducer=self.reducers[i], channels=self.pools[i],
+                           fragment=job.fragment, outer_step=job.outer_step, sender_id=f"r{i}",
+                           contribute=job.finite)
+            for i, job in enumerate(jobs)))
+        sent = sum(stats.bytes_sent for _, stats in results) + sum(r.bytes_sent for r in self.reducers) - before
+        return [(avg, stats.valid) for avg, stats in results], sent
+
+    async def close(self) -> None:
+        for pool in self.pools:
+            await pool.close()
+        for server in self.servers:
+            await server.stop(0)
+
+
+class HivemindExchanger:
+    """One hivemind DHT + per-fragment DecentralizedAverager per replica."""
+
+    def __init__(self, n: int, cfg: DilocoSection, fragment_numels: list[int]) -> None:
+        from node.hivemind_backend import HivemindAverager  # optional dependency, imported only for this mode
+
+        self.cfg = cfg
+        self.averagers: list[Any] = []
+        first = HivemindAverager(fragment_numels, run_id="bw", stage=0, codec=cfg.codec, target_group_size=n,
+                                 min_group_size=n)
+        self.averagers.append(first)
+        for _ in range(n - 1):
+            self.averagers.append(HivemindAverager(fragment_numels, run_id="bw", stage=0, codec=cfg.codec,
+                                                   target_group_size=n, min_group_size=n,
+                                                   initial_peers=first.maddrs))
+
+    async def start(self) -> None:
+        return None
+
+    async def exchange(self, jobs: list[SyncJob]) -> tuple[list[tuple[torch.Tensor | None, Any]], int]:
+        results = await asyncio.gather(*(
+            a.average_async(job.fragment, job.delta, timeout_s=4 * self.cfg.peer_timeout_s, contribute=job.finite)
+            for a, job in zip(self.averagers, jobs, strict=True)))
+        return [(avg, None) for avg, _ in results], sum(stats.bytes_sent for _, stats in results)
+
+    async def close(self) -> None:
+        for a in self.averagers:
+            await asyncio.to_thread(a.shutdown)
+
+
+# --------------------------------------------------------------------------- outer loop
+
+
+async def run_outer(setup: Setup, corpus: Any, init: Transformer, val: list, cfg: DilocoSection,
+                    make_exchanger: Callable[[list[Replica]], Any]) -> ModeResult:
+    reps = make_replicas(setup, corpus, init)
+    for rep in reps:
+        rep.diloco = StreamingDiLoCo(rep.model, cfg)
+    exchanger = make_exchanger(reps)
+    await exchanger.start()
+    result = ModeResult()
+    step_bytes: dict[int, int] = {}
+    in_flight: dict[int, tuple[list[SyncJob], asyncio.Task]] = {}
+    failed = 0
+
+    def train_all(step: int) -> None:
+        lr = lr_at(step - 1, setup.train)
+        for rep in reps:
+            inner_step(rep, lr, setup.train.grad_clip)
+
+    async def finish(started: int) -> None:
+        nonlocal failed
+        jobs, task = in_flight.pop(started)
+        results, sent = await task
+        step_bytes[started] = sent
+        for rep, job, (avg, valid) in zip(reps, jobs, results, strict=True):
+            failed += avg is None
+            rep.diloco.finish_sync(job, avg, valid)
+
+    try:
+        for step in range(1, setup.steps + 1):
+            # the exchange started last step runs on the event loop while this step computes
+            await asyncio.to_thread(train_all, step)
+            jobs = [rep.diloco.begin_sync(step) for rep in reps]
+            if jobs[0] is not None:
+                in_flight[step] = (jobs, asyncio.ensure_future(exchanger.exchange(jobs)))  # type: ignore[arg-type]
+            for started in sorted(s for s in in_flight if s + cfg.overlap <= step):
+                await finish(started)
+        for started in sorted(in_flight):
+            await finish(started)
+    finally:
+        await exchanger.close()
+    result.bytes_sent = sum(step_bytes.values())
+    result.peak_step_bytes = max(step_bytes.values(), default=0)
+    result.val_loss = evaluate([r.model for r in reps], val)
+    result.extra = {"syncs": len(step_bytes), "failed_exchanges": failed,
+                    "fragment_numels": [sum(reps[0].diloco.params[n].numel() for n in f)
+                                        for f in reps[0].diloco.fragments]}
+    return result
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per replica per step")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--ffn", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=4e-3, help="inner AdamW lr (ddp uses the same)")
+    parser.add_argument("--ddp-lr", type=float, default=None, help="ddp lr (default: --lr)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--inner-steps", type=int, default=30, help="H")
+    parser.add_argument("--fragments", type=int, default=3, help="P (streaming)")
+    parser.add_argument("--diloco-outer-lr", type=float, default=0.7)
+    parser.add_argument("--streaming-outer-lr", type=float, default=0.4)
+    parser.add_argument("--streaming-codec", default="fp4")
+    parser.add_argument("--hivemind-codec", default="int8")
+    parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--data-bytes", type=int, default=4 << 20)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+
+    train = TrainSection(lr=args.lr, warmup_steps=args.warmup, steps=args.steps, microbatch_size=args.batch,
+                         microbatches=1)
+    model_cfg = ModelConfig.from_preset("tiny", dim=args.dim, n_layers=args.layers, ffn_hidden=args.ffn,
+                                        max_seq_len=max(args.seq_len, 64))
+    setup = Setup(replicas=args.replicas, steps=args.steps, batch=args.batch, seq_len=args.seq_len, train=train,
+                  model=model_cfg, seed=args.seed, eval_batches=args.eval_batches)
+    corpus = load_corpus(seed=args.seed, max_bytes=args.data_bytes)
+    val = val_batches(corpus, 16, args.seq_len, args.eval_batches)
+    torch.manual_seed(args.seed)
+    init = Transformer(model_cfg, seed=args.seed)
+    h = args.inner_steps
+    diloco_cfg = DilocoSection(inner_steps=h, fragments=1, overlap=0, alpha=0.0, outer_lr=args.diloco_outer_lr,
+                               outer_momentum=0.9, codec="fp32", peer_timeout_s=30.0)
+    streaming_cfg = DilocoSection(inner_steps=h, fragments=args.fragments, overlap=1, alpha=0.5,
+                                  outer_lr=args.streaming_outer_lr, outer_momentum=0.9, codec=args.streaming_codec,
+                                  peer_timeout_s=30.0)
+    hivemind_cfg = dataclasses.replace(streaming_cfg, codec=args.hivemind_codec, backend="hivemind")
+
+    results: dict[str, ModeResult] = {}
+    for mode in modes:
+        started = time.monotonic()
+        if mode == "ddp":
+            ddp_setup = dataclasses.replace(setup, train=dataclasses.replace(train, lr=args.ddp_lr or args.lr))
+            res = run_ddp(ddp_setup, corpus, init, val)
+        elif mode == "diloco":
+            res = asyncio.run(run_outer(setup, corpus, init, val, diloco_cfg,
+                                        lambda reps: GrpcExchanger(args.replicas, diloco_cfg)))
+        elif mode == "streaming":
+            res = asyncio.run(run_outer(setup, corpus, init, val, streaming_cfg,
+                                        lambda reps: GrpcExchanger(args.replicas, streaming_cfg)))
+        else:
+            res = asyncio.run(run_outer(
+                setup, corpus, init, val, hivemind_cfg,
+                lambda reps: HivemindExchanger(args.replicas, hivemind_cfg,
+                                               [sum(reps[0].diloco.params[n].numel() for n in f)
+                                                for f in reps[0].diloco.fragments])))
+        res.seconds = time.monotonic() - started
+        results[mode] = res
+        logger.info("%s: %s", mode, res.as_json())
+
+    out: dict[str, Any] = {
+        "modes": {m: r.as_json() for m, r in results.items()},
+        "setup": {"replicas": args.replicas, "steps": args.steps, "batch_per_replica": args.batch,
+                  "seq_len": args.seq_len, "params": sum(p.numel() for p in init.parameters()),
+                  "inner_steps": h, "fragments": args.fragments, "lr": args.lr,
+                  "ddp_lr": args.ddp_lr or args.lr, "streaming_codec": args.streaming_codec,
+                  "hivemind_codec": args.hivemind_codec},
+    }
+    if "ddp" in results and "streaming" in results:
+        ddp, streaming = results["ddp"], results["streaming"]
+        out["streaming_bytes_reduction"] = round(ddp.bytes_sent / max(1, streaming.bytes_sent), 2)
+        out["streaming_loss_gap"] = round(streaming.val_loss / ddp.val_loss - 1, 5)
+    if "diloco" in results and "streaming" in results:
+        out["streaming_peak_reduction_vs_diloco"] = round(
+            results["diloco"].peak_step_bytes / max(1, results["streaming"].peak_step_bytes), 2)
+    if "ddp" in results and "diloco" in results:
+        out["diloco_loss_gap"] = round(results["diloco"].val_loss / results["ddp"].val_loss - 1, 5)
+    if not all(math.isfinite(r.val_loss) for r in results.values()):
+        logger.error("a mode diverged (non-finite validation loss)")
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

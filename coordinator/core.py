@@ -1,0 +1,542 @@
+"""The coordinator's state and every operation on it, without gRPC.
+
+`Coordinator` holds membership (leases on an injectable clock), stage
+assignment, the current path plan, sync rounds, the link matrix and events, and
+persists what must survive a restart through `Store`. Each public method takes
+a request message and returns the reply message, raising `InvalidRequest`,
+`UnknownNode` or `Conflict` on bad input *before* changing anything; the
+servicer in server.py only maps those to gRPC status codes.
+
+Instructions reach nodes in heartbeat replies, highest priority first:
+REJOIN (the coordinator does not know the node as live), a pending
+CHANGE_STAGE (repeated until the node reports the plan done with
+ReportRecovery; nodes dedupe by plan_id), RELOAD_SCHEDULE (the node's epoch is
+not the current one), else NONE.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from coordinator import validate
+from coordinator.assignment import Move, NodeView, choose_stage, rebalance
+from coordinator.errors import Conflict, UnknownNode
+from coordinator.planning import PlanInputs, compute_plan
+from coordinator.recovery import NodeRef, RecoveryError, plan_recovery
+from coordinator.rounds import FormedRound, SyncRounds
+from coordinator.schedule import Plan, PlannedPath
+from coordinator.store import EventRecord, MemberRecord, Store
+from protocols import coordinator_pb2 as pb
+from protocols.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+ALIVE, DEAD, LEFT, RECOVERING = "alive", "dead", "left", "recovering"
+LIVE_STATES = frozenset((ALIVE, RECOVERING))
+FRESH = "fresh"
+DEFAULT_STATUS_EVENTS = 50
+Kind = pb.Instruction.Kind
+
+
+@dataclass(slots=True, eq=False)
+class Member:
+    node_id: str
+    address: str
+    device: str
+    memory_bytes: int
+    throughput: float
+    version: str
+    has_data: bool
+    stage: int
+    state: str
+    joined_at: float                 # wall clock, for humans
+    last_seen: float                 # coordinator clock, for the lease
+    metrics: pb.NodeMetrics = field(default_factory=pb.NodeMetrics)
+    registered: bool = True          # False after a restart until the node joins again
+    pending: pb.Instruction | None = None
+    plan_id: int = 0                 # recovery plan the node is executing (0: none)
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    def view(self) -> NodeView:
+        return NodeView(self.node_id, self.stage, self.throughput, self.has_data)
+
+    def ref(self) -> NodeRef:
+        return NodeRef(self.node_id, self.address, self.throughput)
+
+    def peer(self) -> pb.PeerInfo:
+        return pb.PeerInfo(node_id=self.node_id, address=self.address, stage=self.stage)
+
+    def record(self) -> MemberRecord:
+        return MemberRecord(self.node_id, self.address, self.device, self.memory_bytes, self.throughput,
+                            self.version, self.has_data, self.stage, self.state, self.joined_at,
+                            self.metrics.SerializeToString())
+
+
+class Coordinator:
+    """Membership, assignment, schedule and sync rounds of one run. Use from one thread/event loop."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        store: Store | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        max_events: int = 1000,
+    ) -> None:
+        self.config = config
+        self.num_stages = config.model.stages
+        self._store = store
+        self._clock = clock
+        self._wall = wall_clock
+        ms = config.membership
+        self.lease_s = ms.lease_s
+        self.rounds = SyncRounds(ms.sync_join_window_s, ms.min_sync_participants, ms.sync_timeout_s, clock)
+        self.members: dict[str, Member] = {}
+        self.events: deque[EventRecord] = deque(maxlen=max_events)
+        self.epoch = 1
+        self._links: dict[tuple[str, str], tuple[float, float]] = {}
+        self._plan_cache: tuple[int, Plan] | None = None
+        self._peers: tuple[int, list[pb.PeerInfo]] | None = None
+        self._replies: tuple[int, pb.HeartbeatReply, pb.HeartbeatReply] | None = None
+        self._dirty: set[str] = set()
+        self._trained = False
+        self._next_plan_id = 1
+        self._config_json = config.to_json()
+        self._rejoin = pb.HeartbeatReply(instruction=pb.Instruction(kind=Kind.REJOIN))
+        if store is not None:
+            self._load(store)
+
+    # -- persistence ------------------------------------------------------------
+    def _load(self, store: Store) -> None:
+        now = self._clock()
+        for rec in store.load_members():
+            metrics = pb.NodeMetrics()
+            if rec.metrics:
+                metrics.ParseFromString(rec.metrics)
+            # Live nodes get a fresh lease to re-register; until then their heartbeats get REJOIN.
+            self.members[rec.node_id] = Member(
+                rec.node_id, rec.address, rec.device, rec.memory_bytes, rec.throughput, rec.version,
+                rec.has_data, rec.stage, rec.state, rec.joined_at, now, metrics, registered=False)
+            self._trained = self._trained or metrics.step > 0
+        self.events.extend(store.recent_events(self.events.maxlen or 1000))
+        self.rounds.restore([FormedRound(*row) for row in store.load_rounds()])
+        self.epoch = int(store.get_meta("epoch") or 0) + 1
+        self._next_plan_id = int(store.get_meta("next_plan_id") or 1)
+        self._trained = self._trained or store.get_meta("trained") == "1"
+        store.set_meta("epoch", str(self.epoch))
+        if self.members:
+            live = sum(m.live for m in self.members.values())
+            logger.info("resumed from %s: %d members (%d live), epoch %d", store.path, len(self.members), live,
+                        self.epoch)
+            self._event("restart", "", -1, f"resumed with {live} live members; waiting for them to re-register")
+
+    def _persist(self, member: Member) -> None:
+        if self._store is not None:
+            self._store.upsert_member(member.record())
+        self._dirty.discard(member.node_id)
+
+    def flush_metrics(self) -> int:
+        """Write the metrics that changed since the last flush in one transaction; returns how many."""
+        if not self._dirty:
+            return 0
+        batch = [(i, self.members[i].metrics.SerializeToString()) for i in self._dirty if i in self.members]
+        self._dirty.clear()
+        if self._store is not None and batch:
+            self._store.save_metrics(batch)
+        return len(batch)
+
+    def close(self) -> None:
+        self.flush_metrics()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # -- helpers ------------------------------------------------------------------
+    def _event(self, kind: str, node_id: str, stage: int, detail: str = "") -> None:
+        event = EventRecord(self._wall(), kind, node_id, stage, detail)
+        self.events.append(event)
+        if self._store is not None:
+            self._store.add_event(event)
+        logger.info("event %s node=%s stage=%d epoch=%d %s", kind, node_id or "-", stage, self.epoch, detail)
+
+    def _bump_epoch(self) -> None:
+        self.epoch += 1
+        self._plan_cache = None
+        self._peers = None
+        if self._store is not None:
+            self._store.set_meta("epoch", str(self.epoch))
+
+    def _member(self, node_id: str, live: bool = True) -> Member:
+        m = self.members.get(node_id)
+        if m is None:
+            raise UnknownNode(f"unknown node id {node_id!r}: join first")
+        if live and not m.live:
+            raise UnknownNode(f"node {node_id!r} is {m.state}: join again")
+        return m
+
+    def live_members(self) -> list[Member]:
+        return [m for m in self.members.values() if m.live]
+
+    def coverage(self) -> dict[int, int]:
+        """Live replicas per stage (every stage listed)."""
+        cov = dict.fromkeys(range(self.num_stages), 0)
+        for m in self.members.values():
+            if m.state in LIVE_STATES:
+                cov[m.stage] += 1
+        return cov
+
+    def _origins(self) -> dict[str, int]:
+        """Data-shard index of each live origin (stage-0 node), dense, in order of first join.
+
+        Join order (persisted) keeps indices stable as origins are added; they
+        shift only when an earlier origin goes away.
+        """
+        origins = sorted((m for m in self.members.values() if m.stage == 0 and m.state in LIVE_STATES),
+                         key=lambda m: (m.joined_at, m.node_id))
+        return {m.node_id: i for i, m in enumerate(origins)}
+
+    def _grad_norms(self) -> dict[int, float]:
+        sums: dict[int, list[float]] = {}
+        for m in self.members.values():
+            if m.state == ALIVE and m.metrics.grad_norm > 0:
+                sums.setdefault(m.stage, []).append(m.metrics.grad_norm)
+        return {s: sum(v) / len(v) for s, v in sums.items()}
+
+    def _new_plan_id(self) -> int:
+        plan_id = self._next_plan_id
+        self._next_plan_id += 1
+        if self._store is not None:
+            self._store.set_meta("next_plan_id", str(self._next_plan_id))
+        return plan_id
+
+    def _recovery_plan(self, stage: int, node: Member) -> pb.RecoveryPlan | None:
+        """How `node` (a joiner or a node moved in) obtains the weights of `stage`.
+
+        At the start of a run (no node has trained yet) it is "fresh"; otherwise
+        the CheckFree helper (coordinator/recovery.py `plan_recovery`) picks
+        replica-copy when the stage has a live replica, else a CheckFree rebuild.
+        None when recovery.method is "none" and the stage was wiped.
+        """
+        if not self._trained:
+            return pb.RecoveryPlan(stage=stage, method=FRESH, lr_scale=1.0, plan_id=self._new_plan_id())
+        live: dict[int, list[NodeRef]] = {}
+        for m in self.members.values():
+            # Only fully healthy nodes are sources: a recovering node has no weights to give yet.
+            if m.state == ALIVE and m.node_id != node.node_id:
+                live.setdefault(m.stage, []).append(m.ref())
+        try:
+            plan = plan_recovery(stage, self.num_stages, live, candidates=[node.ref()],
+                                 grad_norms=self._grad_norms(), lr_scale=self.config.recovery.lr_scale,
+                                 epsilon=self.config.recovery.epsilon, mode=self.config.recovery.method,
+                                 allow_move=False)
+        except RecoveryError as exc:
+            logger.warning("no recovery plan for stage %d: %s", stage, exc)
+            return None
+        msg = pb.RecoveryPlan(stage=stage, method=plan.method, lr_scale=plan.lr_scale, plan_id=self._new_plan_id())
+        for node_id, address, src_stage, weight in plan.peers():
+            msg.sources.add(node_id=node_id, address=address, stage=src_stage)
+            msg.weights.append(weight)
+        return msg
+
+    def _apply_moves(self, moves: Iterable[Move]) -> None:
+        for move in moves:
+            m = self.members[move.node_id]
+            plan = self._recovery_plan(move.to_stage, m)
+            if plan is None:
+                continue
+            m.stage = move.to_stage
+            m.state = ALIVE if plan.method == FRESH else RECOVERING
+            m.plan_id = plan.plan_id
+            m.pending = pb.Instruction(kind=Kind.CHANGE_STAGE, stage=move.to_stage, recovery=plan)
+            self._persist(m)
+            self._event("move", m.node_id, move.to_stage,
+                        f"from stage {move.from_stage} via {plan.method} (plan {plan.plan_id})")
+
+    def _rebalance(self) -> None:
+        if not self.config.membership.rebalance:
+            return
+        if min(self.coverage().values()) >= self.config.membership.min_replicas:
+            return  # nothing to fix (the common case on a join)
+        moves = rebalance(self.live_members(), self.num_stages, self.config.membership.min_replicas)
+        self._apply_moves(moves)
+
+    # -- membership ---------------------------------------------------------------
+    def join(self, req: pb.JoinRequest) -> pb.JoinReply:
+        validate.join(req, self.num_stages)
+        now = self._clock()
+        old = self.members.get(req.node_id) if req.node_id else None
+        node_id = req.node_id or self._new_node_id()
+        member = Member(node_id, req.address, req.device, req.memory_bytes, req.throughput, req.version,
+                        req.has_data, -1, ALIVE, old.joined_at if old else self._wall(), now,
+                        old.metrics if old else pb.NodeMetrics())
+        instruction = pb.Instruction(kind=Kind.NONE)
+        if req.stage >= 0:
+            # Re-registration: the node holds this stage's weights, so the assignment holds.
+            member.stage = req.stage
+            stale = old is not None and not old.live
+            peers_alive = any(m.state == ALIVE and m.stage == req.stage and m.node_id != node_id
+                              for m in self.members.values())
+            if stale and peers_alive and self._trained:
+                plan = self._recovery_plan(req.stage, member)  # its weights are old: copy a live replica
+                if plan is not None:
+                    instruction = pb.Instruction(kind=Kind.RECOVER, stage=req.stage, recovery=plan)
+            kind = "rejoin"
+        else:
+            others = [m for m in self.members.values() if m.state in LIVE_STATES and m.node_id != node_id]
+            member.stage = choose_stage(others, member, self.num_stages,
+                                        self.config.membership.min_replicas, req.preferred_stage)
+            plan = self._recovery_plan(member.stage, member)
+            if plan is not None:
+                instruction = pb.Instruction(kind=Kind.RECOVER, stage=member.stage, recovery=plan)
+            kind = "join" if old is None else "rejoin"
+        if instruction.kind == Kind.RECOVER:
+            member.plan_id = instruction.recovery.plan_id
+            if instruction.recovery.method != FRESH:
+                member.state = RECOVERING
+        self.members[node_id] = member
+        self._persist(member)
+        self._bump_epoch()
+        detail = f"{req.address} {req.device} throughput={req.throughput:g}"
+        if instruction.kind == Kind.RECOVER:
+            detail += f" via {instruction.recovery.method}"
+        self._event(kind, node_id, member.stage, detail)
+        self._rebalance()
+        if member.pending is not None:  # the re-balance moved the joiner itself
+            instruction = member.pending
+        origins = self._origins()
+        return pb.JoinReply(
+            node_id=node_id, stage=member.stage, run_config_json=self._config_json, epoch=self.epoch,
+            heartbeat_interval_s=self.config.membership.heartbeat_interval_s, lease_s=self.lease_s,
+            origin_index=origins.get(node_id, -1), num_origins=len(origins), instruction=instruction)
+
+    def _new_node_id(self) -> str:
+        while True:
+            node_id = "n-" + uuid.uuid4().hex[:12]
+            if node_id not in self.members:
+                return node_id
+
+    def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        """Renew the lease and take the metrics; the hot path (thousands per second)."""
+        validate.heartbeat(req)
+        m = self.members.get(req.node_id)
+        if m is None or not m.registered or m.state not in LIVE_STATES:
+            return self._rejoin
+        m.last_seen = self._clock()
+        m.metrics = req.metrics
+        self._dirty.add(m.node_id)
+        if not self._trained and req.metrics.step > 0:
+            self._trained = True
+            if self._store is not None:
+                self._store.set_meta("trained", "1")
+        if m.pending is not None:
+            return pb.HeartbeatReply(epoch=self.epoch, instruction=m.pending)
+        cached = self._replies
+        if cached is None or cached[0] != self.epoch:
+            cached = self._replies = (
+                self.epoch,
+                pb.HeartbeatReply(epoch=self.epoch, instruction=pb.Instruction(kind=Kind.NONE)),
+                pb.HeartbeatReply(epoch=self.epoch, instruction=pb.Instruction(kind=Kind.RELOAD_SCHEDULE)),
+            )
+        return cached[1] if req.epoch == self.epoch else cached[2]
+
+    def leave(self, req: pb.LeaveRequest) -> pb.LeaveReply:
+        validate.leave(req)
+        m = self._member(req.node_id, live=False)
+        if m.live:
+            self._drop(m, LEFT, req.reason or "graceful leave")
+        return pb.LeaveReply(ok=True)
+
+    def _drop(self, m: Member, state: str, detail: str, replan: bool = True) -> None:
+        m.state = state
+        m.pending = None
+        m.plan_id = 0
+        self._persist(m)
+        self._event("death" if state == DEAD else "leave", m.node_id, m.stage, detail)
+        if replan:
+            self._bump_epoch()
+            self._rebalance()
+
+    def expire_leases(self) -> list[str]:
+        """Mark every node whose lease ran out dead, then re-plan once; returns their ids.
+
+        All at once, so a re-balance never moves a node that is itself about to be declared dead.
+        """
+        deadline = self._clock() - self.lease_s
+        expired = [m for m in self.members.values() if m.live and m.last_seen < deadline]
+        for m in expired:
+            why = "lease expired" if m.registered else "did not re-register after a coordinator restart"
+            self._drop(m, DEAD, why, replan=False)
+        if expired:
+            self._bump_epoch()
+            self._rebalance()
+        return [m.node_id for m in expired]
+
+    def report_failure(self, req: pb.FailureReport) -> pb.Ack:
+        """A peer could not reach `suspect`. Declared dead at once only if its heartbeats are late too."""
+        validate.failure(req)
+        self._member(req.reporter_id)
+        suspect = self._member(req.suspect_id, live=False)
+        if not suspect.live:
+            return pb.Ack(ok=True, message=f"{req.suspect_id} is already {suspect.state}")
+        late = self._clock() - suspect.last_seen > 2 * self.config.membership.heartbeat_interval_s
+        self._event("suspect", suspect.node_id, suspect.stage, f"reported by {req.reporter_id}: {req.reason}")
+        if late:
+            self._drop(suspect, DEAD, f"reported by {req.reporter_id} and heartbeat late")
+            return pb.Ack(ok=True, message=f"{req.suspect_id} declared dead")
+        return pb.Ack(ok=True, message=f"{req.suspect_id} still heartbeating; not declared dead")
+
+    def report_recovery(self, req: pb.RecoveryReport) -> pb.Ack:
+        validate.recovery(req)
+        m = self._member(req.node_id)
+        if m.plan_id != req.plan_id:
+            raise UnknownNode(f"node {req.node_id!r} has no recovery plan {req.plan_id} "
+                              f"(current: {m.plan_id or 'none'})")
+        m.pending = None
+        m.plan_id = 0
+        if req.success:
+            m.state = ALIVE
+            self._event("recovery", m.node_id, m.stage, f"plan {req.plan_id} done {req.message}".strip())
+        else:
+            # It holds whatever weights it has; keep it in the pipeline rather than leave a hole.
+            m.state = ALIVE
+            self._event("recovery-failed", m.node_id, m.stage, f"plan {req.plan_id}: {req.message}")
+        self._persist(m)
+        self._bump_epoch()
+        return pb.Ack(ok=True)
+
+    def report_links(self, req: pb.LinkReport) -> pb.Ack:
+        validate.links(req)
+        self._member(req.node_id)
+        for i, link in enumerate(req.links):
+            if link.peer_id not in self.members:
+                raise UnknownNode(f"links[{i}].peer_id {link.peer_id!r} is not a known node")
+        for link in req.links:
+            self._links[(req.node_id, link.peer_id)] = (link.rtt_s, link.bandwidth_bytes_per_s)
+        return pb.Ack(ok=True, message=f"{len(req.links)} links recorded")
+
+    def link_matrix(self) -> dict[tuple[str, str], tuple[float, float]]:
+        """(from, to) -> (rtt seconds, bandwidth bytes/s) as last reported."""
+        return dict(self._links)
+
+    # -- schedule -----------------------------------------------------------------
+    def plan_inputs(self) -> PlanInputs:
+        """Snapshot of what the planner needs: routable nodes and the measured link matrix.
+
+        A recovering node carries traffic only if its stage has no healthy replica.
+        """
+        routable = [m for m in self.members.values() if m.state == ALIVE]
+        covered = {m.stage for m in routable}
+        routable += [m for m in self.members.values() if m.state == RECOVERING and m.stage not in covered]
+        routable.sort(key=lambda m: (m.stage, m.node_id))
+        routable_ids = {m.node_id for m in routable}
+        links = tuple((a, b, rtt, bw) for (a, b), (rtt, bw) in self._links.items()
+                      if a in routable_ids and b in routable_ids)
+        return PlanInputs(self.epoch, self.config, tuple((m.node_id, m.stage, m.throughput) for m in routable), links)
+
+    def _plan(self) -> Plan:
+        """The one call site of the path planner (coordinator/planner.py via planning.compute_plan)."""
+        return compute_plan(self.plan_inputs())
+
+    def plan_stale(self) -> bool:
+        return self._plan_cache is None or self._plan_cache[0] != self.epoch
+
+    def install_plan(self, epoch: int, plan: Plan) -> bool:
+        """Adopt a plan computed elsewhere (a worker thread) if it is still for the current epoch."""
+        if epoch != self.epoch:
+            return False
+        self._plan_cache = (epoch, plan)
+        self._log_plan(plan)
+        return True
+
+    def current_plan(self) -> Plan:
+        if self.plan_stale():
+            started = time.perf_counter()
+            plan = self._plan()
+            self._plan_cache = (self.epoch, plan)
+            self._log_plan(plan, time.perf_counter() - started)
+        assert self._plan_cache is not None
+        return self._plan_cache[1]
+
+    def _log_plan(self, plan: Plan, seconds: float | None = None) -> None:
+        took = f" in {1000 * seconds:.1f} ms" if seconds is not None else ""
+        logger.info("planned epoch %d (%s): %d origins, %d paths%s", self.epoch, self.config.skippipe.planner,
+                    len(plan.paths), sum(len(p) for p in plan.paths.values()), took)
+        if not plan.paths:
+            logger.warning("no paths in epoch %d: coverage %s", self.epoch, self.coverage())
+
+    def _peer_list(self) -> list[pb.PeerInfo]:
+        if self._peers is None or self._peers[0] != self.epoch:
+            self._peers = (self.epoch, [m.peer() for m in self.members.values() if m.live])
+        return self._peers[1]
+
+    def schedule(self, req: pb.ScheduleRequest) -> pb.ScheduleReply:
+        validate.node_id(req.node_id)
+        m = self._member(req.node_id)
+        plan = self.current_plan()
+        origins = self._origins()
+        reply = pb.ScheduleReply(epoch=self.epoch, stage=m.stage, origin_index=origins.get(m.node_id, -1),
+                                 num_origins=len(origins))
+        for path in plan.paths.get(m.node_id, []):
+            reply.paths.append(_path_msg(path))
+        reply.peers.extend(self._peer_list())
+        for origin, count in plan.visits.get(m.node_id, {}).items():
+            reply.visits[origin] = count
+        return reply
+
+    # -- sync rounds ----------------------------------------------------------------
+    def sync_round(self, req: pb.SyncRoundRequest) -> pb.SyncRoundReply:
+        validate.sync_round(req, self.num_stages, self.config.diloco.fragments)
+        m = self._member(req.node_id)
+        if m.stage != req.stage:
+            raise Conflict(f"node {req.node_id!r} hosts stage {m.stage}, not stage {req.stage}")
+        if m.state != ALIVE:
+            raise Conflict(f"node {req.node_id!r} is {m.state}: it joins sync rounds once it holds the weights")
+        healthy = [x.node_id for x in self.members.values() if x.state == ALIVE and x.stage == req.stage]
+        status = self.rounds.request(req.node_id, req.stage, req.fragment, req.outer_step, healthy)
+        for formed in self.rounds.formed:
+            if self._store is not None:
+                self._store.save_round(formed.stage, formed.fragment, formed.round_id, formed.outer_step,
+                                       formed.participants)
+            self._event("sync-round", "", formed.stage,
+                        f"fragment {formed.fragment} round {formed.round_id} outer step {formed.outer_step}: "
+                        f"{len(formed.participants)} participants")
+        self.rounds.formed.clear()
+        reply = pb.SyncRoundReply(round_id=status.round_id, ready=status.ready, retry_after_s=status.retry_after_s,
+                                  abandoned=status.abandoned, reason=status.reason, outer_step=status.outer_step)
+        for node_id in status.participants:
+            p = self.members.get(node_id)
+            reply.participants.add(node_id=node_id, address=p.address if p else "",
+                                   stage=p.stage if p else req.stage)
+        return reply
+
+    # -- status ---------------------------------------------------------------------
+    def outer_step(self) -> int:
+        reported = max((m.metrics.outer_step for m in self.members.values() if m.live), default=0)
+        return max(reported, self.rounds.max_outer_step(), 0)
+
+    def status(self, req: pb.StatusRequest) -> pb.StatusReply:
+        validate.status(req)
+        now = self._clock()
+        reply = pb.StatusReply(epoch=self.epoch, outer_step=self.outer_step(), run_config_json=self._config_json)
+        for m in self.members.values():
+            reply.nodes.add(node_id=m.node_id, address=m.address, stage=m.stage, state=m.state,
+                            heartbeat_age_s=max(0.0, now - m.last_seen), metrics=m.metrics,
+                            throughput=m.throughput, device=m.device, has_data=m.has_data)
+        for stage, count in self.coverage().items():
+            reply.stage_coverage[stage] = count
+        limit = req.max_events or DEFAULT_STATUS_EVENTS
+        for e in list(self.events)[-limit:]:
+            reply.events.add(time=e.time, kind=e.kind, node_id=e.node_id, stage=e.stage, detail=e.detail)
+        return reply
+
+
+def _path_msg(path: PlannedPath) -> pb.Path:
+    return pb.Path(microbatch=path.microbatch, stages=path.stages, node_ids=path.node_ids)

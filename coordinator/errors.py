@@ -1,0 +1,17 @@
+"""Typed request errors of the coordinator core, each mapped to one gRPC status by the servicer."""
+
+from __future__ import annotations
+
+from protocols.errors import ValidationError
+
+
+class InvalidRequest(ValidationError):
+    """A field is missing, malformed, oversized or out of range (INVALID_ARGUMENT)."""
+
+
+class UnknownNode(LookupError):
+    """A node id (or plan id) the coordinator does not know (NOT_FOUND)."""
+
+
+class Conflict(RuntimeError):
+    """The request is well formed but contradicts current state, e.g. the wrong stage (FAILED_PRECONDITION)."""

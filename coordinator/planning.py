@@ -1,0 +1,103 @@
+"""From membership to a path plan: snapshot the inputs, call the SkipPipe planner, fall back if it cannot.
+
+`PlanInputs` is an immutable snapshot taken on the event loop; `compute_plan`
+is pure, so the server runs it in a worker thread (a large SkipPipe search
+must not stall heartbeats). The planner is coordinator/planner.py
+`plan_paths`; if it raises PlanError (e.g. a stage has no replica, or a
+memory cap cannot be met) the full-pipeline fallback in schedule.py is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.paths import NodeSpec, PlanError, PlanRequest, Topology
+from coordinator.planner import plan_paths
+from coordinator.schedule import Plan, PlannedPath, count_visits, full_pipeline_paths
+from protocols.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+# Model width per preset, only to estimate activation bytes per hop for the cost model
+# (the coordinator does not import node/). A wrong guess changes plan quality, never correctness.
+_PRESET_DIM = {"tiny": 128, "small": 256, "124m": 768, "500m": 1280, "1.5b": 2304}
+_CODEC_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5, "fp4": 0.5}
+DEFAULT_ONE_WAY_LATENCY_S = 0.005
+DEFAULT_BANDWIDTH_BPS = 125e6   # 1 Gbit/s, until nodes report their links
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInputs:
+    epoch: int
+    config: RunConfig
+    nodes: tuple[tuple[str, int, float], ...]                   # (node_id, stage, throughput), routable only
+    links: tuple[tuple[str, str, float, float], ...] = ()        # (from, to, rtt_s, bandwidth B/s)
+
+
+def activation_bytes(config: RunConfig) -> float:
+    dim = _PRESET_DIM.get(config.model.preset, 768)
+    return config.train.microbatch_size * config.model.seq_len * dim * _CODEC_BYTES.get(
+        config.train.activation_codec, 2.0)
+
+
+def topology(inputs: PlanInputs) -> Topology:
+    """Live nodes and the measured link matrix; unmeasured links get the median of measured ones."""
+    index = {node_id: i for i, (node_id, _, _) in enumerate(inputs.nodes)}
+    n = len(index)
+    mb = inputs.config.train.microbatch_size
+    specs = [NodeSpec(node_id, stage, mb / max(tp, 1e-9)) for node_id, stage, tp in inputs.nodes]
+    known = [(index[a], index[b], rtt / 2.0, bw) for a, b, rtt, bw in inputs.links if a in index and b in index]
+    lat_default = statistics.median([x[2] for x in known]) if known else DEFAULT_ONE_WAY_LATENCY_S
+    bws = [x[3] for x in known if x[3] > 0]
+    bw_default = statistics.median(bws) if bws else DEFAULT_BANDWIDTH_BPS
+    latency = np.full((n, n), lat_default)
+    bandwidth = np.full((n, n), bw_default)
+    # A one-sided measurement stands for both directions; a measurement of the direction itself wins.
+    for directed in (False, True):
+        for i, j, lat, bw in known:
+            a, b = (i, j) if directed else (j, i)
+            latency[a, b] = lat
+            if bw > 0:
+                bandwidth[a, b] = bw
+    np.fill_diagonal(latency, 0.0)
+    return Topology(nodes=specs, latency_s=latency, bandwidth_Bps=bandwidth)
+
+
+def compute_plan(inputs: PlanInputs) -> Plan:
+    """Every origin's paths for this epoch (pure; safe to run in a worker thread)."""
+    cfg = inputs.config
+    num_stages = cfg.model.stages
+    stages = {stage for _, stage, _ in inputs.nodes}
+    if not inputs.nodes or any(s not in stages for s in range(num_stages)):
+        return Plan()
+    try:
+        request = PlanRequest.from_section(
+            topology(inputs), cfg.skippipe, num_stages=num_stages,
+            microbatches_per_origin=cfg.train.microbatches, activation_bytes=activation_bytes(cfg),
+            seed=cfg.seed + inputs.epoch,
+            swap_edges=cfg.recovery.swap_edges and cfg.recovery.method == "checkfree-plus" and num_stages >= 4)
+        planned = plan_paths(request, cfg.skippipe.planner)
+    except PlanError as exc:
+        logger.warning("planner %r failed for epoch %d (%s): using full-pipeline paths",
+                       cfg.skippipe.planner, inputs.epoch, exc)
+        return fallback_plan(inputs)
+    paths: dict[str, list[PlannedPath]] = {}
+    for p in planned:
+        paths.setdefault(p.origin_id, []).append(PlannedPath(p.microbatch, tuple(p.stages), tuple(p.node_ids)))
+    return Plan(paths=paths, visits=count_visits(paths))
+
+
+def fallback_plan(inputs: PlanInputs) -> Plan:
+    cfg = inputs.config
+    replicas: dict[int, list[str]] = {}
+    for node_id, stage, _ in inputs.nodes:
+        replicas.setdefault(stage, []).append(node_id)
+    throughput = {node_id: tp for node_id, _, tp in inputs.nodes}
+    rtt = {(a, b): r for a, b, r, _ in inputs.links}
+    paths = full_pipeline_paths(sorted(replicas.get(0, [])), replicas, throughput, cfg.model.stages,
+                                cfg.train.microbatches, rtt, cfg.train.microbatch_size)
+    return Plan(paths=paths, visits=count_visits(paths))

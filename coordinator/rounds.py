@@ -1,0 +1,158 @@
+"""Sync-round quorum per (stage, fragment): who averages together at an outer step (pure).
+
+Replicas of a stage call in when they reach an outer step; the round forms
+when it can, and every caller polls (non-blocking) until it has. A round forms:
+
+- at once when every healthy replica of the stage has asked;
+- at once (fast path) when every participant of the previous round that is
+  still healthy is back, and there are at least the minimum;
+- after the join window, with whoever has asked, if at least the minimum;
+- never, if the minimum is still not reached at the timeout: the round is
+  abandoned and callers skip this sync and keep training.
+
+Round ids are monotonic per (stage, fragment); participants are sorted by node
+id so every caller sees the same order (shard j is reduced by participant j).
+A caller that asks after its round formed without it gets the formed round
+(and sees it is not a participant). The clock is injected so tests can drive it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+Key = tuple[int, int]  # (stage, fragment)
+
+
+@dataclass(frozen=True, slots=True)
+class RoundStatus:
+    """The answer to one poll."""
+
+    round_id: int
+    outer_step: int
+    ready: bool
+    participants: tuple[str, ...] = ()
+    retry_after_s: float = 0.0
+    abandoned: bool = False
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class _Round:
+    round_id: int
+    outer_step: int
+    opened_at: float
+    askers: list[str] = field(default_factory=list)
+    participants: tuple[str, ...] | None = None
+    abandoned: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FormedRound:
+    """A formed round, as persisted so a restarted coordinator answers late pollers the same way."""
+
+    stage: int
+    fragment: int
+    round_id: int
+    outer_step: int
+    participants: tuple[str, ...]
+
+
+class SyncRounds:
+    """Round state for every (stage, fragment); plain class, injectable clock."""
+
+    def __init__(
+        self,
+        join_window_s: float,
+        min_participants: int,
+        timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        keep: int = 8,
+    ) -> None:
+        self.join_window_s = join_window_s
+        self.min_participants = min_participants
+        self.timeout_s = max(timeout_s, join_window_s)
+        self._clock = clock
+        self._keep = keep
+        self._rounds: dict[Key, dict[int, _Round]] = {}   # by outer step
+        self._next_id: dict[Key, int] = {}
+        self._max_step: dict[Key, int] = {}
+        self._last_formed: dict[Key, tuple[str, ...]] = {}
+        self.formed: list[FormedRound] = []                # newly formed, drained by the caller
+
+    def restore(self, rounds: Collection[FormedRound]) -> None:
+        """Resume after a restart from the last formed round of each key."""
+        for r in rounds:
+            key = (r.stage, r.fragment)
+            self._next_id[key] = max(self._next_id.get(key, 0), r.round_id + 1)
+            self._max_step[key] = max(self._max_step.get(key, -1), r.outer_step)
+            self._last_formed[key] = r.participants
+            self._rounds.setdefault(key, {})[r.outer_step] = _Round(
+                r.round_id, r.outer_step, self._clock(), list(r.participants), r.participants)
+
+    def max_outer_step(self) -> int:
+        """The highest outer step any formed round completes (-1 before the first)."""
+        steps = [r.outer_step for rounds in self._rounds.values() for r in rounds.values()
+                 if r.participants is not None]
+        return max(steps, default=-1)
+
+    def request(
+        self, node_id: str, stage: int, fragment: int, outer_step: int, healthy: Collection[str]
+    ) -> RoundStatus:
+        """One poll by `node_id` (a healthy replica of `stage`) for the round completing `outer_step`.
+
+        `healthy` is the set of healthy replicas of the stage right now.
+        """
+        key = (stage, fragment)
+        rounds = self._rounds.setdefault(key, {})
+        r = rounds.get(outer_step)
+        if r is None:
+            latest = self._max_step.get(key, -1)
+            if outer_step < latest:
+                return RoundStatus(0, outer_step, ready=False, abandoned=True,
+                                   reason=f"stale outer step {outer_step}: stage {stage} fragment "
+                                          f"{fragment} is already at outer step {latest}")
+            round_id = self._next_id.get(key, 1)
+            self._next_id[key] = round_id + 1
+            self._max_step[key] = max(latest, outer_step)
+            r = _Round(round_id, outer_step, self._clock())
+            rounds[outer_step] = r
+            self._trim(rounds)
+        if r.participants is None and not r.abandoned and node_id not in r.askers:
+            r.askers.append(node_id)
+        if r.participants is None and not r.abandoned:
+            self._evaluate(key, r, healthy)
+        return self._status(r)
+
+    def _evaluate(self, key: Key, r: _Round, healthy: Collection[str]) -> None:
+        now = self._clock()
+        healthy_set = set(healthy)
+        present = [a for a in r.askers if a in healthy_set]
+        enough = len(present) >= self.min_participants
+        previous = [p for p in self._last_formed.get(key, ()) if p in healthy_set]
+        everyone = bool(present) and healthy_set <= set(present)
+        fast = bool(previous) and set(previous) <= set(present)
+        waited = now - r.opened_at
+        if enough and (everyone or fast or waited >= self.join_window_s):
+            r.participants = tuple(sorted(present))
+            self._last_formed[key] = r.participants
+            self.formed.append(FormedRound(key[0], key[1], r.round_id, r.outer_step, r.participants))
+        elif waited >= self.timeout_s:
+            r.abandoned = (f"quorum not reached: {len(present)} of at least {self.min_participants} "
+                           f"participants within {self.timeout_s:g} s")
+
+    def _status(self, r: _Round) -> RoundStatus:
+        if r.abandoned:
+            return RoundStatus(r.round_id, r.outer_step, ready=False, abandoned=True, reason=r.abandoned)
+        if r.participants is not None:
+            return RoundStatus(r.round_id, r.outer_step, ready=True, participants=r.participants)
+        remaining = self.join_window_s - (self._clock() - r.opened_at)
+        if remaining <= 0:  # past the window but short of the minimum: wait toward the timeout
+            remaining = self.timeout_s - (self._clock() - r.opened_at)
+        retry = max(0.02, min(remaining, self.join_window_s / 10.0, 0.25))
+        return RoundStatus(r.round_id, r.outer_step, ready=False, retry_after_s=retry)
+
+    def _trim(self, rounds: dict[int, _Round]) -> None:
+        while len(rounds) > self._keep:
+            del rounds[min(rounds)]

@@ -1,0 +1,183 @@
+"""The coordinator's gRPC server: a thin servicer over `Coordinator`, plus lease and flush loops.
+
+In-process use (tests, the simulator)::
+
+    server = await start_coordinator(config, run_dir, token)       # port 0 by default
+    ... connect to f"127.0.0.1:{server.port}" ...
+    await server.stop()
+
+The standard gRPC health service (grpc.health.v1) is registered and exempt
+from the run token, so generic probes work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator.core import Coordinator
+from coordinator.errors import Conflict, InvalidRequest, UnknownNode
+from coordinator.store import Store
+from protocols import coordinator_pb2 as pb
+from protocols import coordinator_pb2_grpc as pb_grpc
+from protocols.config import ConfigError, RunConfig
+from protocols.rpc import TokenAuthInterceptor, grpc_options
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "lowband.Coordinator"
+METRICS_FLUSH_S = 2.0
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Maps each RPC to one `Coordinator` method and its typed errors to gRPC status codes."""
+
+    def __init__(self, core: Coordinator) -> None:
+        self.core = core
+
+    async def _call(self, method: Callable[[Any], Any], request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return method(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except UnknownNode as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]) if exc.args else "not found")
+        except Conflict as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
+        # Hot path: skip the generic wrapper's extra coroutine.
+        try:
+            return self.core.heartbeat(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        return await self._call(self.core.join, request, context)
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        return await self._call(self.core.leave, request, context)
+
+    async def GetSchedule(self, request: pb.ScheduleRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleReply:
+        return await self._call(self.core.schedule, request, context)
+
+    async def JoinSyncRound(self, request: pb.SyncRoundRequest,
+                            context: grpc.aio.ServicerContext) -> pb.SyncRoundReply:
+        return await self._call(self.core.sync_round, request, context)
+
+    async def ReportFailure(self, request: pb.FailureReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        return await self._call(self.core.report_failure, request, context)
+
+    async def ReportLinks(self, request: pb.LinkReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        return await self._call(self.core.report_links, request, context)
+
+    async def ReportRecovery(self, request: pb.RecoveryReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        return await self._call(self.core.report_recovery, request, context)
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        return await self._call(self.core.status, request, context)
+
+
+def resolve_config(store: Store, config: RunConfig) -> RunConfig:
+    """The run's config: the one stored in the run directory wins, so a restart resumes the same run."""
+    stored = store.get_meta("run_config")
+    if stored is None:
+        store.set_meta("run_config", config.to_json())
+        return config
+    resumed = RunConfig.from_json(stored)
+    if resumed.to_json() != config.to_json():
+        logger.warning("run directory holds a different run config; resuming with the stored one")
+    return resumed
+
+
+class CoordinatorServer:
+    """A running coordinator: gRPC server, lease sweeper and metrics flusher."""
+
+    def __init__(self, server: grpc.aio.Server, core: Coordinator, health_servicer: Any, host: str,
+                 port: int) -> None:
+        self.server = server
+        self.core = core
+        self.port = port
+        self.address = f"{host}:{port}"
+        self._health = health_servicer
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
+
+    def _start_loops(self) -> None:
+        ms = self.core.config.membership
+        sweep = max(0.02, min(ms.heartbeat_interval_s, ms.lease_s / 5.0))
+        self._tasks = [asyncio.create_task(self._every(sweep, self.core.expire_leases), name="lease-sweeper"),
+                       asyncio.create_task(self._every(METRICS_FLUSH_S, self.core.flush_metrics), name="flush")]
+
+    async def _every(self, period: float, fn: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                fn()
+            except Exception:  # a bug here must not stop leases from expiring forever
+                logger.exception("periodic %s failed", getattr(fn, "__name__", fn))
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop serving (in-flight calls get `grace` seconds), flush metrics and close SQLite."""
+        if self._stopped:
+            return
+        self._stopped = True
+        with contextlib.suppress(Exception):
+            await self._health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(grace)
+        self.core.close()
+        logger.info("coordinator on %s stopped", self.address)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_coordinator(
+    config: RunConfig,
+    run_dir: str | Path,
+    token: str,
+    bind: str = "127.0.0.1:0",
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> CoordinatorServer:
+    """Start a coordinator on `bind` (port 0 picks a free port), resuming from `run_dir` if it holds state."""
+    store = Store(run_dir)
+    try:
+        config = resolve_config(store, config)
+    except ConfigError:
+        store.close()
+        raise
+    core = Coordinator(config, store, clock=clock)
+    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=grpc_options())
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(core), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    host = bind.rpartition(":")[0] or "127.0.0.1"
+    try:
+        port = server.add_insecure_port(bind)
+    except RuntimeError as exc:
+        core.close()
+        raise OSError(f"cannot bind {bind}: {exc}") from exc
+    if port == 0:
+        core.close()
+        raise OSError(f"cannot bind {bind}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    running = CoordinatorServer(server, core, health_servicer, host, port)
+    running._start_loops()
+    logger.info("coordinator listening on %s (run dir %s, epoch %d)", running.address, run_dir, core.epoch)
+    return running

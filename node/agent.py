@@ -1,0 +1,405 @@
+"""The pipeline agent: routes microbatches along their paths and drives origins' iterations.
+
+Push model (DESIGN.md): an origin embeds a microbatch and pushes it (Forward
+RPC) to the node at hop 1; each node computes and pushes to the next hop; the
+last hop is the origin again, which applies head and loss and starts the
+backward (Backward RPC) along the path in reverse; the origin's embedding
+backward completes the microbatch. Labels never leave the origin.
+
+An RPC is acknowledged as soon as its tensor arrived and validated; the compute
+and the push onward run as a task. When a push fails (unreachable or slow next
+hop, refusal) the node abandons the microbatch, tells its origin and reports
+the hop to the coordinator; the origin tells every node of the path, so nobody
+waits for it, and its iteration completes with the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from node.runtime import MicrobatchKey, StageError, StageRuntime
+from node.transport import Transport
+from protocols import coordinator_pb2, node_pb2, tensor_pb2
+from protocols.codec import decode, encode
+from protocols.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+FailureCallback = Callable[[str, str], Awaitable[None]]
+EventCallback = Callable[..., None]
+
+
+@dataclass(frozen=True, slots=True)
+class PathSpec:
+    """One microbatch's route: the stage and the node at each hop (origin first and last)."""
+
+    microbatch: int
+    stages: tuple[int, ...]
+    node_ids: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Schedule:
+    """What a node needs from GetSchedule: its paths (origins), peers' addresses, visits per iteration."""
+
+    epoch: int = 0
+    paths: list[PathSpec] = field(default_factory=list)
+    addresses: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, int] = field(default_factory=dict)
+    visits: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_reply(cls, reply: coordinator_pb2.ScheduleReply) -> Schedule:
+        return cls(
+            epoch=reply.epoch,
+            paths=[PathSpec(p.microbatch, tuple(p.stages), tuple(p.node_ids)) for p in reply.paths],
+            addresses={p.node_id: p.address for p in reply.peers},
+            stages={p.node_id: p.stage for p in reply.peers},
+            visits=dict(reply.visits),
+        )
+
+    def expected(self, is_origin: bool) -> int:
+        """Microbatches that pass through this node per iteration (an origin: its own)."""
+        if is_origin:
+            return len(self.paths)
+        return sum(self.visits.values())
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An origin's microbatch in flight."""
+
+    path: PathSpec
+    targets: torch.Tensor
+    future: asyncio.Future[float | None]
+    evaluate: bool
+    loss: float | None = None
+
+
+@dataclass(slots=True)
+class IterationResult:
+    iteration: int
+    losses: list[float]
+    abandoned: int
+    tokens: int
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else math.nan
+
+
+class PipelineAgent:
+    """Routing and compute glue between the servicer, the stage runtime and the transport."""
+
+    def __init__(
+        self,
+        node_id: str,
+        run_id: str,
+        runtime: StageRuntime,
+        transport: Transport,
+        *,
+        dim: int,
+        max_seq_len: int,
+        codec: str = "bf16",
+        hop_timeout_s: float = 10.0,
+        on_failure: FailureCallback | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.run_id = run_id
+        self.runtime = runtime
+        self.transport = transport
+        self.dim = dim
+        self.max_seq_len = max_seq_len
+        self.codec = codec
+        self.hop_timeout_s = hop_timeout_s
+        self.on_failure = on_failure
+        self.on_event = on_event
+        self.schedule = Schedule()
+        self.microbatches_done = 0
+        self.microbatches_abandoned = 0
+        self._pending: dict[MicrobatchKey, _Pending] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._eval_counter = 0
+
+    @property
+    def stage(self) -> int:
+        return self.runtime.stage
+
+    @property
+    def is_origin(self) -> bool:
+        return self.runtime.stage == 0
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Adopt a new schedule; the open iteration's expected count follows it."""
+        self.schedule = schedule
+        self.runtime.set_expected(schedule.expected(self.is_origin))
+        self._spawn(self.runtime.recheck())
+
+    def _event(self, kind: str, **fields: object) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, **fields)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("microbatch task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Cancel in-flight work (shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_result(None)
+
+    # ------------------------------------------------------------------ receiving
+
+    def _validate_header(self, header: node_pb2.MicrobatchHeader, backward: bool) -> None:
+        n = len(header.stages)
+        if header.run_id != self.run_id:
+            raise ValidationError(f"microbatch of run {header.run_id!r}; this node trains {self.run_id!r}")
+        if n < 2 or len(header.node_ids) != n:
+            raise ValidationError(f"path has {n} stages and {len(header.node_ids)} nodes; need equal and >= 2")
+        if header.stages[0] != 0 or header.stages[-1] != 0:
+            raise ValidationError("path must start and end at stage 0")
+        if header.node_ids[0] != header.origin_id or header.node_ids[-1] != header.origin_id:
+            raise ValidationError("path must start and end at its origin")
+        lo, hi = (0, n - 2) if backward else (1, n - 1)
+        if not lo <= header.hop <= hi:
+            raise ValidationError(f"hop {header.hop} out of range [{lo}, {hi}] for a {'backward' if backward else 'forward'}")
+        if header.node_ids[header.hop] != self.node_id:
+            raise ValidationError(f"hop {header.hop} is node {header.node_ids[header.hop]!r}, not {self.node_id!r}")
+        if header.stages[header.hop] != self.stage:
+            raise ValidationError(f"hop {header.hop} is stage {header.stages[header.hop]}; this node holds {self.stage}")
+        if header.iteration < 0:
+            raise ValidationError(f"negative iteration {header.iteration}")
+        at_origin = header.hop in (0, n - 1)
+        if at_origin and header.origin_id != self.node_id:
+            raise ValidationError("only the origin handles hop 0 and the last hop")
+        if backward and not self.runtime.holds(self._key(header)):
+            raise ValidationError(f"no activations kept here for microbatch {self._key(header)}")
+        if at_origin:
+            key = self._key(header)
+            pending = self._pending.get(key)
+            if pending is None:
+                raise ValidationError(f"no microbatch {key} in flight at this origin")
+            if list(pending.path.node_ids) != list(header.node_ids):
+                raise ValidationError("path does not match the microbatch this origin sent")
+
+    def _key(self, header: node_pb2.MicrobatchHeader) -> MicrobatchKey:
+        return MicrobatchKey(header.origin_id, header.iteration, header.microbatch)
+
+    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor, *, backward: bool) -> None:
+        """Validate and decode an arriving activation (or gradient); process it as a task.
+
+        Raises ValidationError for a bad header or tensor; nothing changes then.
+        """
+        self._validate_header(header, backward)
+        h = decode(tensor, max_numel=64 * 1024 * 1024, require_finite=True)
+        if h.ndim != 3 or h.shape[-1] != self.dim or not 1 <= h.shape[1] <= self.max_seq_len:
+            raise ValidationError(f"activation of shape {list(h.shape)}; expected (B, T<={self.max_seq_len}, {self.dim})")
+        h = h.float()
+        self._spawn(self._process(header, h, backward))
+
+    async def _process(self, header: node_pb2.MicrobatchHeader, h: torch.Tensor, backward: bool) -> None:
+        key = self._key(header)
+        last = len(header.stages) - 1
+        try:
+            if not backward and header.hop < last:           # a block stage's forward
+                out = await self.runtime.forward(None if header.evaluate else key, h)
+                await self._push(header, header.hop + 1, out, backward=False)
+            elif not backward:                                # back at the origin: head and loss
+                pending = self._pending[key]
+                if pending.evaluate:
+                    loss, _ = await self.runtime.head(None, h, pending.targets)
+                    self._resolve(key, loss)
+                    return
+                loss, grad = await self.runtime.head(key, h, pending.targets)
+                pending.loss = loss
+                assert grad is not None
+                await self._push(header, last - 1, grad, backward=True)
+            elif header.hop > 0:                              # a block stage's backward
+                grad_in = await self.runtime.backward(key, h)
+                self.microbatches_done += 1
+                assert grad_in is not None
+                await self._push(header, header.hop - 1, grad_in, backward=True)
+            else:                                             # the origin's embedding backward
+                await self.runtime.backward(key, h)
+                self.microbatches_done += 1
+                pending = self._pending.get(key)
+                self._resolve(key, pending.loss if pending else None)
+        except (StageError, KeyError) as exc:
+            await self._give_up(header, f"stage {self.stage}: {exc}", suspect=None)
+
+    # ------------------------------------------------------------------ sending and failures
+
+    async def _push(self, header: node_pb2.MicrobatchHeader, hop: int, tensor: torch.Tensor, *, backward: bool) -> None:
+        out = node_pb2.MicrobatchHeader()
+        out.CopyFrom(header)
+        out.hop = hop
+        node_id = header.node_ids[hop]
+        address = self.schedule.addresses.get(node_id)
+        if address is None:
+            await self._give_up(header, f"no address for node {node_id}", suspect=None)
+            return
+        msg = encode(tensor, self.codec, compress=False)
+        try:
+            ack = await self.transport.send_microbatch(address, backward, out, msg, timeout_s=self.hop_timeout_s,
+                                                       node_id=node_id)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   grpc.StatusCode.CANCELLED)
+            await self._give_up(header, f"{'backward' if backward else 'forward'} to {node_id} failed: "
+                                        f"{code.name}: {exc.details()}", suspect=node_id if unreachable else None)
+            return
+        if not ack.ok:
+            await self._give_up(header, f"{node_id} refused: {ack.message}", suspect=None)
+
+    async def _give_up(self, header: node_pb2.MicrobatchHeader, reason: str, suspect: str | None) -> None:
+        key = self._key(header)
+        logger.warning("node %s abandons microbatch %s: %s", self.node_id, key, reason)
+        self._event("abandon", origin=key.origin_id, iteration=key.iteration, microbatch=key.microbatch,
+                    reason=reason, suspect=suspect or "")
+        if suspect and self.on_failure is not None:
+            self._spawn(self.on_failure(suspect, reason))
+        if header.origin_id == self.node_id:
+            await self._abandon_as_origin(key, reason)
+            return
+        if not header.evaluate:
+            await self.runtime.abandon(key)
+        address = self.schedule.addresses.get(header.origin_id)
+        if address is None:
+            return
+        request = node_pb2.AbandonRequest(run_id=self.run_id, iteration=key.iteration, microbatch=key.microbatch,
+                                          origin_id=key.origin_id, reason=reason)
+        try:
+            await self.transport.abandon(address, request, timeout_s=self.hop_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("cannot tell origin %s about abandoned %s: %s", header.origin_id, key, exc.code().name)
+            if self.on_failure is not None and exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                               grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._spawn(self.on_failure(header.origin_id, f"abandon notice failed: {exc.code().name}"))
+
+    async def _abandon_as_origin(self, key: MicrobatchKey, reason: str) -> None:
+        pending = self._pending.get(key)
+        if pending is None or pending.future.done():
+            return
+        self.microbatches_abandoned += 1
+        if not pending.evaluate:
+            await self.runtime.abandon(key)   # before resolving: the iteration closes with its last microbatch
+        self._resolve(key, None)
+        if pending.evaluate:
+            return
+        request = node_pb2.AbandonRequest(run_id=self.run_id, iteration=key.iteration, microbatch=key.microbatch,
+                                          origin_id=key.origin_id, reason=reason)
+        for node_id in set(pending.path.node_ids) - {self.node_id}:
+            address = self.schedule.addresses.get(node_id)
+            if address is not None:
+                self._spawn(self._notify_abandon(address, request))
+
+    async def _notify_abandon(self, address: str, request: node_pb2.AbandonRequest) -> None:
+        try:
+            await self.transport.abandon(address, request, timeout_s=min(self.hop_timeout_s, 5.0))
+        except grpc.aio.AioRpcError as exc:
+            logger.debug("abandon notice to %s failed: %s", address, exc.code().name)
+
+    async def on_abandon(self, request: node_pb2.AbandonRequest) -> bool:
+        """A peer (or the origin) gave up a microbatch: drop it here so nobody waits for it."""
+        if request.run_id != self.run_id:
+            raise ValidationError(f"abandon for run {request.run_id!r}; this node trains {self.run_id!r}")
+        key = MicrobatchKey(request.origin_id, request.iteration, request.microbatch)
+        if request.origin_id == self.node_id:
+            if key not in self._pending:
+                return False
+            await self._abandon_as_origin(key, request.reason)
+            return True
+        if request.microbatch < 0:   # evaluation microbatches keep nothing
+            return False
+        return await self.runtime.abandon(key)
+
+    def _resolve(self, key: MicrobatchKey, loss: float | None) -> None:
+        pending = self._pending.get(key)
+        if pending is not None and not pending.future.done():
+            pending.future.set_result(loss)
+
+    # ------------------------------------------------------------------ origin
+
+    def microbatch_timeout_s(self, path: PathSpec) -> float:
+        """A microbatch crosses 2(len-1) hops; each may wait a hop timeout (and stage gating)."""
+        return self.hop_timeout_s * 2 * len(path.stages) + self.runtime.iteration_timeout_s
+
+    async def run_microbatch(self, iteration: int, path: PathSpec, tokens: torch.Tensor, targets: torch.Tensor,
+                             *, evaluate: bool = False) -> float | None:
+        """Send one microbatch along ``path``; its loss, or None when it was abandoned."""
+        if not self.is_origin:
+            raise StageError("only an origin (stage 0) runs microbatches")
+        if evaluate:
+            self._eval_counter += 1
+            mb = -self._eval_counter
+        else:
+            mb = path.microbatch
+        key = MicrobatchKey(self.node_id, iteration, mb)
+        future: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+        self._pending[key] = _Pending(path, targets, future, evaluate)
+        header = node_pb2.MicrobatchHeader(run_id=self.run_id, iteration=iteration, microbatch=mb,
+                                           origin_id=self.node_id, stages=list(path.stages),
+                                           node_ids=list(path.node_ids), hop=0, epoch=self.schedule.epoch,
+                                           evaluate=evaluate)
+        try:
+            try:
+                h = await self.runtime.embed(None if evaluate else key, tokens)
+            except StageError as exc:
+                await self._give_up(header, str(exc), suspect=None)
+                return None
+            self._spawn(self._push(header, 1, h, backward=False))
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), timeout=self.microbatch_timeout_s(path))
+            except TimeoutError:
+                await self._give_up(header, "microbatch timed out", suspect=None)
+                return None
+        finally:
+            self._pending.pop(key, None)
+
+    async def run_iteration(self, iteration: int, batches: list[tuple[torch.Tensor, torch.Tensor]]
+                            ) -> IterationResult:
+        """Run this origin's microbatches of one iteration concurrently; returns when all finished."""
+        start = time.perf_counter()
+        paths = list(self.schedule.paths)
+        if len(batches) < len(paths):
+            raise ValueError(f"{len(paths)} paths but {len(batches)} batches")
+        results = await asyncio.gather(*(self.run_microbatch(iteration, p, *b) for p, b in zip(paths, batches, strict=False)))
+        # Every microbatch is done or abandoned, so the runtime has stepped; be sure it did.
+        while self.runtime.iteration <= iteration:
+            await self.runtime.close_iteration(forced=True)
+        losses = [r for r in results if r is not None]
+        tokens = sum(int(b[0].numel()) for b, r in zip(batches, results, strict=False) if r is not None)
+        return IterationResult(iteration, losses, len(results) - len(losses), tokens, time.perf_counter() - start)
+
+    async def evaluate(self, iteration: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean validation loss over ``batches``, sent along this origin's paths (nothing trained)."""
+        paths = list(self.schedule.paths)
+        if not paths:
+            return math.nan
+        results = await asyncio.gather(*(
+            self.run_microbatch(iteration, paths[i % len(paths)], x, y, evaluate=True)
+            for i, (x, y) in enumerate(batches)
+        ))
+        losses = [r for r in results if r is not None]
+        return sum(losses) / len(losses) if losses else math.nan

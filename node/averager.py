@@ -1,0 +1,479 @@
+"""Peer-to-peer averaging of a flat pseudo-gradient over the Node service's ReduceShard RPC.
+
+Reduce-scatter and all-gather in one bidirectional call per (caller, shard): the
+round's participants come as an ordered list (from the coordinator); the flat
+fragment is cut into ``len(peers)`` contiguous shards (``averaging.shard_bounds``)
+and participant j owns shard j. Every participant streams its codec-encoded part
+of shard j to participant j and reads the averaged shard back on the same stream;
+its own shard goes straight into its local ``ShardReducer``.
+
+Failure is data, never a hang:
+- an owner averages the parts that arrived within ``timeout_s`` of the first one
+  (a dead or slow participant just does not count), then answers everybody,
+  late callers included, from the same encoded reply, so all replicas apply
+  identical numbers;
+- a part that is malformed, has the wrong size or holds NaN/inf is refused with
+  INVALID_ARGUMENT (ValidationError) and dropped; norm outliers are dropped when
+  ``reject_norm_ratio > 0`` (``averaging.robust_mean``);
+- a caller whose owner is dead or refuses loses that shard: ``allreduce_mean``
+  returns its own values there and marks the shard in ``stats.valid``, and
+  ``StreamingDiLoCo.finish_sync(job, avg, stats.valid)`` leaves those elements
+  untouched. Every live caller of a dead owner loses the same shard, so θ_global
+  stays identical. (Known gap: an owner dying *while* answering may have answered
+  only some callers; those replicas then differ on that shard until one fetches
+  state from another.)
+
+Bytes are counted as serialized protobuf messages (``ByteSize``) of what each side
+sends: requests by callers (``stats.bytes_sent``), replies by owners
+(``ShardReducer.bytes_sent``); HTTP/2 framing is not included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from node.averaging import robust_mean, shard_bounds
+from protocols import node_pb2, node_pb2_grpc, tensor_pb2
+from protocols.chunking import DEFAULT_CHUNK_BYTES, ChunkAssembler, iter_chunks
+from protocols.codec import CODECS, DEFAULT_MAX_NUMEL, decode, encode
+from protocols.errors import ValidationError
+from protocols.rpc import grpc_options, token_metadata
+
+logger = logging.getLogger(__name__)
+
+MAX_SHARDS = 4096                  # participants per round; far above any real stage group
+MAX_OPEN_ROUNDS = 256              # shard rounds a reducer holds at once (memory bound)
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+              grpc.StatusCode.CANCELLED)
+
+
+# ---------------------------------------------------------------------------
+# server side
+
+
+@dataclass(slots=True)
+class _Round:
+    key: tuple[int, int, int, int]          # (round_id, stage, fragment, shard_index)
+    num_shards: int
+    total_numel: int
+    shard_numel: int
+    created: float
+    codec: str | None = None
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    arrived: set[str] = field(default_factory=set)        # parts, abstentions and refused parts
+    refused: dict[str, str] = field(default_factory=dict)  # sender -> why its part was not averaged
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    finalizing: bool = False
+    result: torch.Tensor | None = None                    # exactly what the reply decodes to
+    result_msg: tensor_pb2.Tensor | None = None
+    contributors: int = 0
+    finished: float = 0.0
+
+
+@dataclass(slots=True)
+class ShardResult:
+    """The owner's answer for one shard (mean None: nobody valid contributed)."""
+
+    mean: torch.Tensor | None
+    contributors: int
+
+
+class ShardReducer:
+    """Owner side of ReduceShard: collects the parts of the shards this node owns.
+
+    ``timeout_s`` is how long an owner waits for stragglers after a shard's first
+    part arrived; callers use a longer call deadline (see ``allreduce_mean``).
+    Results stay ``ttl_s`` for late callers, then are dropped.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 10.0,
+        reject_norm_ratio: float = 0.0,
+        max_numel: int = DEFAULT_MAX_NUMEL,
+        ttl_s: float | None = None,
+        node_id: str = "",
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.reject_norm_ratio = reject_norm_ratio
+        self.max_numel = max_numel
+        self.ttl_s = ttl_s if ttl_s is not None else 4 * timeout_s + 30.0
+        self.node_id = node_id
+        self._rounds: dict[tuple[int, int, int, int], _Round] = {}
+        self.bytes_sent = 0                  # replies (what this owner put on the wire)
+        self.bytes_received = 0
+        self.rejected: list[tuple[tuple[int, int, int, int], str, str]] = []   # (key, sender, why)
+
+    # -- rounds ---------------------------------------------------------------
+
+    def _gc(self, now: float) -> None:
+        stale = [k for k, r in self._rounds.items()
+                 if (r.done.is_set() and now - r.finished > self.ttl_s) or now - r.created > 2 * self.ttl_s]
+        for key in stale:
+            del self._rounds[key]
+
+    def _round_for(self, header: node_pb2.ShardHeader) -> _Round:
+        if not 1 <= header.num_shards <= MAX_SHARDS:
+            raise ValidationError(f"num_shards {header.num_shards} out of range [1, {MAX_SHARDS}]")
+        if not 0 <= header.shard_index < header.num_shards:
+            raise ValidationError(f"shard_index {header.shard_index} out of range for {header.num_shards} shards")
+        if header.total_numel > self.max_numel:
+            raise ValidationError(f"fragment of {header.total_numel} elements exceeds the bound {self.max_numel}")
+        if not header.sender_id:
+            raise ValidationError("ShardHeader.sender_id is empty")
+        key = (header.round_id, header.stage, header.fragment, header.shard_index)
+        now = time.monotonic()
+        self._gc(now)
+        rnd = self._rounds.get(key)
+        if rnd is None:
+            if len(self._rounds) >= MAX_OPEN_ROUNDS:
+                raise ValidationError(f"too many open averaging rounds ({MAX_OPEN_ROUNDS})")
+            start, end = shard_bounds(header.total_numel, header.num_shards)[header.shard_index]
+            rnd = _Round(key=key, num_shards=header.num_shards, total_numel=header.total_numel,
+                         shard_numel=end - start, created=now)
+            self._rounds[key] = rnd
+        elif (rnd.num_shards, rnd.total_numel) != (header.num_shards, header.total_numel):
+            raise ValidationError(
+                f"round {key}: header says {header.num_shards} shards of a {header.total_numel}-element fragment, "
+                f"the round has {rnd.num_shards} of {rnd.total_numel}")
+        return rnd
+
+    def _add(self, rnd: _Round, sender: str, part: torch.Tensor | None, codec: str | None) -> None:
+        if sender in rnd.arrived:  # a retry racing its first attempt: the first one stands
+            return
+        rnd.arrived.add(sender)
+        if part is not None and not rnd.done.is_set():
+            rnd.parts[sender] = part
+            if rnd.codec is None:
+                rnd.codec = codec
+
+    def _refuse(self, rnd: _Round, sender: str, why: str) -> None:
+        rnd.arrived.add(sender)
+        rnd.refused[sender] = why
+        self.rejected.append((rnd.key, sender, why))
+
+    async def _finalize(self, rnd: _Round) -> None:
+        """Average what arrived (once), encode the reply, wake every waiter."""
+        if rnd.finalizing:
+            await rnd.done.wait()
+            return
+        rnd.finalizing = True
+        senders = sorted(rnd.parts)              # deterministic order, so the fp32 sum is too
+        parts = [rnd.parts[s] for s in senders]
+        codec = rnd.codec or "fp32"
+
+        def reduce() -> tuple[torch.Tensor | None, tensor_pb2.Tensor | None, int, list[int]]:
+            res = robust_mean(parts, reject_norm_ratio=self.reject_norm_ratio)
+            if res.mean is None:
+                return None, None, 0, res.rejected_norm
+            msg = encode(res.mean, codec)
+            # the owner applies exactly what its callers decode
+            return decode(msg), msg, res.contributors, res.rejected_norm
+
+        try:
+            mean, msg, contributors, outliers = await asyncio.to_thread(reduce)
+        except Exception:  # never leave waiters hanging on a bug
+            logger.exception("round %s: reduction failed", rnd.key)
+            mean, msg, contributors, outliers = None, None, 0, []
+        for i in outliers:
+            self._refuse(rnd, senders[i], "update norm above reject_norm_ratio x the round's median")
+            logger.warning("round %s: dropped %s's part as a norm outlier", rnd.key, senders[i])
+        rnd.result, rnd.result_msg, rnd.contributors = mean, msg, contributors
+        rnd.parts.clear()
+        rnd.finished = time.monotonic()
+        rnd.done.set()
+        logger.debug("round %s reduced: %d contributors of %d", rnd.key, contributors, rnd.num_shards)
+
+    async def _wait(self, rnd: _Round) -> None:
+        if not rnd.done.is_set() and len(rnd.arrived) >= rnd.num_shards:
+            await self._finalize(rnd)
+        remaining = rnd.created + self.timeout_s - time.monotonic()
+        if not rnd.done.is_set():
+            try:
+                await asyncio.wait_for(rnd.done.wait(), max(0.0, remaining))
+            except TimeoutError:
+                await self._finalize(rnd)
+
+    # -- local part (the owner's own) --------------------------------------------
+
+    async def reduce_local(
+        self, header: node_pb2.ShardHeader, part: torch.Tensor | None, codec: str
+    ) -> ShardResult:
+        """Contribute the owner's own part of its shard (None: abstain) and wait for the mean.
+
+        The part goes through the codec like a remote part would, so the owner
+        gets no precision advantage and every part is treated alike.
+        """
+        rnd = self._round_for(header)
+        if part is not None and not rnd.done.is_set():
+            flat = part.detach().to(torch.float32).reshape(-1)
+            if flat.numel() != rnd.shard_numel:
+                raise ValueError(f"local part has {flat.numel()} elements, shard needs {rnd.shard_numel}")
+            try:
+                part = await asyncio.to_thread(lambda: decode(encode(flat, codec), require_finite=True))
+            except ValidationError as exc:  # still wait for the mean: this replica must apply it too
+                logger.warning("round %s: own part not averaged: %s", rnd.key, exc)
+                part = None
+        self._add(rnd, header.sender_id, part, codec)
+        await self._wait(rnd)
+        return ShardResult(rnd.result, rnd.contributors)
+
+    # -- remote parts -------------------------------------------------------------
+
+    async def handle(
+        self, request_iterator: AsyncIterator[node_pb2.ShardChunk], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.ShardChunk]:
+        """ReduceShard: read one part (or an abstention), answer with the averaged shard.
+
+        An async generator: the servicer does ``async for reply in reducer.handle(...)``.
+        """
+        stream = request_iterator.__aiter__()
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), self.timeout_s)
+        except (StopAsyncIteration, TimeoutError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ReduceShard: no header within the timeout")
+            return
+        self.bytes_received += first.ByteSize()
+        if not first.HasField("header"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ReduceShard: first message carries no header")
+            return
+        header = first.header
+        try:
+            rnd = self._round_for(header)
+        except ValidationError as exc:
+            logger.warning("ReduceShard from %r refused: %s", header.sender_id, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid argument: {exc}")
+            return
+        sender = header.sender_id
+        if sender in rnd.arrived:
+            pass  # a retry after a broken call: answer it, the first attempt's part (if any) stands
+        elif header.abstain:
+            self._add(rnd, sender, None, None)
+        else:
+            try:
+                part, codec = await self._read_part(first, stream, rnd)
+                self._add(rnd, sender, part, codec)
+            except (ValidationError, TimeoutError) as exc:
+                # drop the part but still answer: the sender must apply the same mean as everybody
+                why = str(exc) or "part not received within the timeout"
+                if sender not in rnd.arrived:
+                    self._refuse(rnd, sender, why)
+                logger.warning("round %s: refused part from %r: %s", rnd.key, sender, why)
+        await self._wait(rnd)
+        reply_header = node_pb2.ShardHeader(
+            round_id=header.round_id, stage=header.stage, fragment=header.fragment,
+            shard_index=header.shard_index, num_shards=rnd.num_shards, sender_id=self.node_id,
+            outer_step=header.outer_step, total_numel=rnd.total_numel)
+        refused = rnd.refused.get(sender, "")
+        if rnd.result_msg is None:
+            reply = node_pb2.ShardChunk(header=reply_header, contributors=0, refused=refused)
+            self.bytes_sent += reply.ByteSize()
+            yield reply
+            return
+        for i, chunk in enumerate(iter_chunks(rnd.result_msg, DEFAULT_CHUNK_BYTES)):
+            first_reply = i == 0
+            reply = node_pb2.ShardChunk(header=reply_header if first_reply else None, chunk=chunk,
+                                        contributors=rnd.contributors, refused=refused if first_reply else "")
+            self.bytes_sent += reply.ByteSize()
+            yield reply
+
+    async def _read_part(
+        self, first: node_pb2.ShardChunk, stream: AsyncIterator[node_pb2.ShardChunk], rnd: _Round
+    ) -> tuple[torch.Tensor, str]:
+        # fp32 plus generous framing bounds any honest codec's message for this shard
+        assembler = ChunkAssembler(max_bytes=8 * rnd.shard_numel + 65536)
+        deadline = time.monotonic() + self.timeout_s
+        message = first
+        while not assembler.add(message.chunk):
+            try:
+                message = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration as exc:
+                raise ValidationError("stream ended before the part was complete") from exc
+            self.bytes_received += message.ByteSize()
+        msg = assembler.finish()
+        if msg.codec not in CODECS:
+            raise ValidationError(f"unknown codec {msg.codec!r}")
+        part = await asyncio.to_thread(
+            decode, msg, max_numel=self.max_numel, expected_shape=(rnd.shard_numel,), require_finite=True)
+        return part.to(torch.float32), msg.codec
+
+
+# ---------------------------------------------------------------------------
+# client side
+
+
+class ChannelPool:
+    """One grpc.aio channel per peer address, reused across rounds."""
+
+    def __init__(self, token: str = "") -> None:
+        self.token = token
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> node_pb2_grpc.NodeStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=grpc_options())
+            self._channels[address] = channel
+        return node_pb2_grpc.NodeStub(channel)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
+
+
+@dataclass(slots=True)
+class AllReduceStats:
+    """What one participant saw in one round (for logs, metrics and the benchmark)."""
+
+    bytes_sent: int = 0                     # requests this participant sent (replies count at owners)
+    bytes_received: int = 0
+    lost_shards: list[int] = field(default_factory=list)
+    contributors: list[int] = field(default_factory=list)   # per shard; 0 where lost
+    errors: dict[int, str] = field(default_factory=dict)
+    refused: dict[int, str] = field(default_factory=dict)   # shard -> why the owner dropped our part
+    seconds: float = 0.0
+    valid: torch.Tensor | None = None       # flat bool: False where the shard was lost
+
+
+async def allreduce_mean(
+    peers: Sequence[str],
+    my_index: int,
+    flat_tensor: torch.Tensor,
+    *,
+    round_id: int,
+    codec: str,
+    timeout_s: float,
+    reducer: ShardReducer,
+    channels: ChannelPool,
+    stage: int = 0,
+    fragment: int = 0,
+    outer_step: int = 0,
+    sender_id: str | None = None,
+    contribute: bool = True,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_attempts: int = 3,
+    encoder: Callable[[torch.Tensor, str], tensor_pb2.Tensor] = encode,
+) -> tuple[torch.Tensor, AllReduceStats]:
+    """Average `flat_tensor` with the other participants; returns (mean fp32, stats).
+
+    `peers` is the round's ordered participant addresses (same list on every
+    participant); `peers[my_index]` is this node, whose shard is reduced by
+    `reducer`. `timeout_s` is the per-peer budget: an owner waits that long for
+    stragglers, and each call's deadline is twice it (wait, then reduce and reply).
+    With ``contribute=False`` this node sends no values but still gets the mean;
+    a non-finite `flat_tensor` is never sent (it abstains instead). `encoder`
+    turns a shard into its wire message (e.g. ``encode`` with error feedback). Lost shards hold this node's own values and are False in
+    ``stats.valid``. Never raises for a peer's failure.
+    """
+    n = len(peers)
+    if not 0 <= my_index < n:
+        raise ValueError(f"my_index {my_index} out of range for {n} peers")
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}")
+    sender = sender_id or peers[my_index]
+    started = time.monotonic()
+    flat = flat_tensor.detach().to(torch.float32).reshape(-1)
+    if contribute and not bool(torch.isfinite(flat).all()):
+        logger.warning("round %d fragment %d: non-finite pseudo-gradient, abstaining", round_id, fragment)
+        contribute = False
+    bounds = shard_bounds(flat.numel(), n)
+    stats = AllReduceStats(contributors=[0] * n)
+    metadata = token_metadata(channels.token) if channels.token else None
+
+    def header(j: int) -> node_pb2.ShardHeader:
+        return node_pb2.ShardHeader(round_id=round_id, stage=stage, fragment=fragment, shard_index=j,
+                                    num_shards=n, sender_id=sender, outer_step=outer_step,
+                                    abstain=not contribute, total_numel=flat.numel())
+
+    async def remote(j: int) -> torch.Tensor | None:
+        start, end = bounds[j]
+        if contribute:
+            msg = await asyncio.to_thread(encoder, flat[start:end].clone(), codec)
+            requests = [node_pb2.ShardChunk(header=header(j) if i == 0 else None, chunk=chunk)
+                        for i, chunk in enumerate(iter_chunks(msg, chunk_bytes))]
+        else:
+            requests = [node_pb2.ShardChunk(header=header(j))]
+        deadline = time.monotonic() + 2 * timeout_s
+        for attempt in range(max_attempts):
+            stats.bytes_sent += sum(r.ByteSize() for r in requests)
+            try:
+                return await exchange(j, requests, deadline)
+            except grpc.aio.AioRpcError as exc:
+                # a transient break is retried: the owner answers a repeated sender without
+                # counting it twice, so a retry cannot skew the mean
+                if exc.code() not in _RETRYABLE or attempt + 1 == max_attempts:
+                    raise
+                backoff = 0.05 * 2**attempt
+                if time.monotonic() + backoff >= deadline:
+                    raise
+                logger.info("round %d shard %d: retrying %s after %s", round_id, j, peers[j], exc.code().name)
+                await asyncio.sleep(backoff)
+        return None
+
+    async def exchange(j: int, requests: list[node_pb2.ShardChunk], deadline: float) -> torch.Tensor | None:
+        start, end = bounds[j]
+        remaining = max(0.001, deadline - time.monotonic())
+        call = channels.stub(peers[j]).ReduceShard(iter(requests), timeout=remaining, metadata=metadata)
+        assembler = ChunkAssembler(max_bytes=8 * (end - start) + 65536)
+        async for reply in call:
+            stats.bytes_received += reply.ByteSize()
+            if reply.refused:
+                stats.refused[j] = reply.refused
+                logger.warning("round %d shard %d: owner %s dropped our part: %s", round_id, j, peers[j],
+                               reply.refused)
+            stats.contributors[j] = reply.contributors
+            if reply.contributors == 0:
+                return None
+            if assembler.add(reply.chunk):
+                break
+        result_msg = assembler.finish()
+        out = await asyncio.to_thread(decode, result_msg, expected_shape=(end - start,), require_finite=True)
+        return out.to(torch.float32)
+
+    async def local(j: int) -> torch.Tensor | None:
+        start, end = bounds[j]
+        res = await reducer.reduce_local(header(j), flat[start:end] if contribute else None, codec)
+        stats.contributors[j] = res.contributors
+        return res.mean
+
+    async def one(j: int) -> torch.Tensor | None:
+        try:
+            return await (local(j) if j == my_index else remote(j))
+        except grpc.aio.AioRpcError as exc:
+            stats.errors[j] = f"{exc.code().name}: {exc.details()}"
+        except (ValidationError, TimeoutError, ValueError) as exc:
+            stats.errors[j] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a peer's failure must never take the round down
+            logger.exception("round %d shard %d: unexpected error", round_id, j)
+            stats.errors[j] = f"{type(exc).__name__}: {exc}"
+        return None
+
+    results = await asyncio.gather(*(one(j) for j in range(n)))
+    out = flat.clone()
+    valid = torch.ones(flat.numel(), dtype=torch.bool)
+    for j, res in enumerate(results):
+        start, end = bounds[j]
+        if res is None:
+            if end > start:
+                stats.lost_shards.append(j)
+                valid[start:end] = False
+                stats.contributors[j] = 0
+            continue
+        out[start:end] = res
+    stats.valid = valid
+    stats.seconds = time.monotonic() - started
+    if stats.lost_shards:
+        logger.warning("round %d stage %d fragment %d: lost shards %s (%s)", round_id, stage, fragment,
+                       stats.lost_shards, stats.errors)
+    return out, stats

@@ -1,0 +1,69 @@
+"""`lowband-node`: run one node of a lowband training run.
+
+    lowband-node --coordinator HOST:PORT [--token-file F] [--listen HOST:PORT] [--device auto] [--data PATH]
+
+Simulator flags: ``--slowdown F`` (compute slow-down factor), ``--links-file F``
+(JSON per-peer latency_s/bandwidth_Bps emulation), ``--node-id``,
+``--preferred-stage``, ``--log-json F`` (events and metrics as JSON lines).
+The run token comes from --token-file or the LOWBAND_TOKEN environment variable.
+Exit codes: 0 after a clean leave (SIGTERM/SIGINT, run finished, SHUTDOWN),
+2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from node.daemon import NodeOptions, run_node
+from protocols.rpc import load_token
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowband-node", description=__doc__.splitlines()[0])
+    parser.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    parser.add_argument("--token-file", help="file holding the run token (default: $LOWBAND_TOKEN)")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for the node service (port 0: any)")
+    parser.add_argument("--advertise", default="", help="HOST:PORT peers should dial (default: listen host)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--data", default="", help="training data path (overrides train.data for this node)")
+    parser.add_argument("--no-data", action="store_true", help="never serve as an origin (stage 0)")
+    parser.add_argument("--node-id", default="", help="node id to register with (default: assigned)")
+    parser.add_argument("--preferred-stage", type=int, default=-1, help="stage to host if the coordinator agrees")
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="emulate a slower device: sleep (F-1) x compute time after each computation")
+    parser.add_argument("--links-file", default="", help="JSON with per-peer latency_s and bandwidth_Bps")
+    parser.add_argument("--log-json", default="", help="append events and metrics as JSON lines to this file")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.slowdown < 1.0:
+        parser.error("--slowdown must be >= 1")
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    try:
+        token = load_token(args.token_file)
+    except ValueError as exc:
+        parser.error(str(exc))
+    options = NodeOptions(coordinator=args.coordinator, token=token, listen=args.listen, advertise=args.advertise,
+                          device=args.device, data=args.data, node_id=args.node_id,
+                          preferred_stage=args.preferred_stage, has_data=not args.no_data,
+                          slowdown=args.slowdown, links_file=args.links_file, log_json=args.log_json,
+                          torch_threads=args.threads)
+    try:
+        return run_node(options)
+    except ValueError as exc:
+        print(f"lowband-node: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

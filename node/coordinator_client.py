@@ -1,0 +1,136 @@
+"""The node's side of the coordinator: join, heartbeat, leave, schedule, reports, sync rounds.
+
+Every call has an explicit timeout (``rpc_timeout_s``, 5 s by default: the
+coordinator answers in milliseconds, so anything slower is a problem worth
+retrying). Calls that must eventually succeed (join, schedule) retry with
+exponential backoff, capped, for as long as the node runs; a coordinator that
+is down never stops the node from serving its peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from protocols import coordinator_pb2 as pb
+from protocols import coordinator_pb2_grpc as pb_grpc
+from protocols.rpc import grpc_options, token_metadata
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
+
+
+class Backoff:
+    """Exponential backoff with jitter: initial, x2 per failure, capped; reset on success."""
+
+    def __init__(self, initial_s: float = 0.2, max_s: float = 5.0) -> None:
+        if initial_s <= 0 or max_s < initial_s:
+            raise ValueError("backoff needs 0 < initial_s <= max_s")
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.max_s, self.initial_s * (2 ** self.failures))
+        self.failures += 1
+        return delay * (0.75 + 0.5 * random.random())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class CoordinatorClient:
+    """A channel to the coordinator carrying the run token."""
+
+    def __init__(self, address: str, token: str, *, rpc_timeout_s: float = 5.0,
+                 backoff_initial_s: float = 0.2, backoff_max_s: float = 5.0) -> None:
+        self.address = address
+        self.rpc_timeout_s = rpc_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.metadata = token_metadata(token)
+        self._channel = grpc.aio.insecure_channel(address, options=grpc_options())
+        self.stub = pb_grpc.CoordinatorStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    async def call(self, method: Callable[..., Awaitable[R]], request: Any, *, timeout_s: float | None = None) -> R:
+        """One attempt; raises grpc.aio.AioRpcError."""
+        return await method(request, timeout=timeout_s or self.rpc_timeout_s, metadata=self.metadata)
+
+    async def call_retrying(self, method: Callable[..., Awaitable[R]], request: Any, *,
+                            stop: asyncio.Event | None = None, what: str = "call") -> R | None:
+        """Retry retryable failures with capped exponential backoff until success or ``stop`` is set.
+
+        Returns None when stopped; non-retryable errors (bad token, invalid request) raise.
+        """
+        backoff = Backoff(self.backoff_initial_s, self.backoff_max_s)
+        while stop is None or not stop.is_set():
+            try:
+                return await self.call(method, request)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                delay = backoff.next_delay()
+                logger.warning("coordinator %s: %s failed (%s); retrying in %.1f s", self.address, what,
+                               exc.code().name, delay)
+            if stop is None:
+                await asyncio.sleep(delay)
+            else:
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+        return None
+
+    async def join(self, request: pb.JoinRequest, stop: asyncio.Event | None = None) -> pb.JoinReply | None:
+        return await self.call_retrying(self.stub.Join, request, stop=stop, what="join")
+
+    async def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        return await self.call(self.stub.Heartbeat, request)
+
+    async def leave(self, node_id: str, reason: str, timeout_s: float = 2.0) -> bool:
+        """Best effort: a leaving node does not wait long for a coordinator that is down."""
+        try:
+            await self.call(self.stub.Leave, pb.LeaveRequest(node_id=node_id, reason=reason), timeout_s=timeout_s)
+            return True
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("leave not acknowledged: %s", exc.code().name)
+            return False
+
+    async def schedule(self, node_id: str, stop: asyncio.Event | None = None) -> pb.ScheduleReply | None:
+        return await self.call_retrying(self.stub.GetSchedule, pb.ScheduleRequest(node_id=node_id), stop=stop,
+                                        what="schedule")
+
+    async def report_failure(self, reporter_id: str, suspect_id: str, reason: str) -> None:
+        try:
+            await self.call(self.stub.ReportFailure,
+                            pb.FailureReport(reporter_id=reporter_id, suspect_id=suspect_id, reason=reason[:500]))
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("failure report about %s not delivered: %s", suspect_id, exc.code().name)
+
+    async def report_recovery(self, node_id: str, plan_id: int, success: bool, message: str = "") -> None:
+        try:
+            await self.call(self.stub.ReportRecovery, pb.RecoveryReport(node_id=node_id, plan_id=plan_id,
+                                                                        success=success, message=message[:500]))
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("recovery report for plan %d not delivered: %s", plan_id, exc.code().name)
+
+    async def join_sync_round(self, request: pb.SyncRoundRequest) -> pb.SyncRoundReply:
+        return await self.call(self.stub.JoinSyncRound, request)
+
+    async def report_links(self, request: pb.LinkReport) -> None:
+        try:
+            await self.call(self.stub.ReportLinks, request)
+        except grpc.aio.AioRpcError as exc:
+            logger.debug("link report not delivered: %s", exc.code().name)

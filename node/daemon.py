@@ -1,0 +1,560 @@
+"""The node process: measure, join, hold a stage, serve and train, heartbeat, leave.
+
+Lifecycle (DESIGN.md, Node daemon): start the gRPC server; measure compute
+speed on a short run of one block; join the coordinator (retrying with capped
+exponential backoff); obtain the stage's weights as the coordinator's plan says
+(``fresh`` from the run seed so all replicas start equal, ``replica-copy`` from
+a live replica over GetState, or a CheckFree rebuild); fetch the schedule;
+then serve microbatches, drive iterations when an origin (stage 0), heartbeat
+metrics, and follow instructions (reload the schedule, change stage, rejoin,
+shut down). SIGTERM (the spot-preemption notice) and SIGINT leave cleanly and
+exit 0. The run ends for a node after ``train.steps`` iterations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from node.agent import PipelineAgent, Schedule
+from node.checkfree import load_rebuilt, rebuild_stage
+from node.coordinator_client import Backoff, CoordinatorClient
+from node.data import load_run_corpus, origin_batches, run_val_batches, split_microbatches
+from node.model import ModelConfig, build_stage, model_config_for
+from node.optim import build_inner_optimizer, lr_at
+from node.runtime import StageRuntime, StepResult
+from node.service import NodeServicer, StateSnapshot, fetch_state, start_server
+from node.transport import LinkTable, Transport
+from protocols import coordinator_pb2 as pb
+from protocols.config import RunConfig, apply_overrides
+from protocols.errors import ValidationError
+from protocols.rpc import install_uvloop
+
+logger = logging.getLogger(__name__)
+
+Kind = pb.Instruction.Kind
+VERSION = "0.1.0"
+LEAVE_TIMEOUT_S = 2.0        # a preempted node has ~seconds; do not wait long for the coordinator
+STATE_TIMEOUT_S = 60.0       # copying a stage from a replica (large models take a while)
+DRAIN_TIMEOUT_S = 5.0        # let the last pushes of the final iteration go out before exiting
+
+
+@dataclass(kw_only=True, slots=True)
+class NodeOptions:
+    """Everything the command line sets; the run config itself comes from the coordinator."""
+
+    coordinator: str
+    token: str
+    listen: str = "127.0.0.1:0"
+    advertise: str = ""           # address peers dial; default: listen host and bound port
+    device: str = "cpu"
+    data: str = ""                # overrides train.data for this node's corpus
+    node_id: str = ""
+    preferred_stage: int = -1
+    has_data: bool = True
+    slowdown: float = 1.0
+    links_file: str = ""
+    log_json: str = ""
+    torch_threads: int = 1
+
+
+class EventLog:
+    """JSON lines of events and metrics (the simulator reads them); each record names node, stage, step."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", buffering=1) if path else None
+        self.context: dict[str, Any] = {}
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if self._file is None:
+            return
+        record = {"time": time.time(), "kind": kind, **self.context, **fields}
+        self._file.write(json.dumps(record, default=str) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def measure_throughput(device: torch.device, slowdown: float = 1.0, reps: int = 3) -> float:
+    """Samples/s of forward+backward through one tiny block: a relative speed for stage assignment."""
+    cfg = ModelConfig.from_preset("tiny")
+    stage = build_stage(cfg, 1, cfg.n_layers + 1, seed=0).to(device)   # one block per stage
+    x = torch.randn(4, 64, cfg.dim, device=device)
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-6)   # warms up torch.optim's lazy imports too
+    stage(x).sum().backward()
+    optimizer.step()
+    start = time.perf_counter()
+    for _ in range(reps):
+        stage(x).sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) * slowdown
+    return max(1e-3, reps * x.shape[0] / elapsed)
+
+
+class NodeDaemon:
+    """One node process. ``await NodeDaemon(options).run()`` returns the exit code."""
+
+    def __init__(self, options: NodeOptions) -> None:
+        self.opts = options
+        self.device = resolve_device(options.device)
+        self.node_id = options.node_id
+        self.config: RunConfig | None = None
+        self.model_cfg: ModelConfig | None = None
+        self.agent: PipelineAgent | None = None
+        self.epoch = 0
+        self.origin_index = -1
+        self.num_origins = 0
+        self.events = EventLog(options.log_json)
+        self.links = LinkTable(options.links_file) if options.links_file else None
+        self.transport = Transport(options.token, links=self.links)
+        self.servicer = NodeServicer(options.node_id)
+        self.client = CoordinatorClient(options.coordinator, options.token)
+        self.stop_event = asyncio.Event()
+        self.exit_reason = ""
+        self.address = ""
+        self._server: grpc.aio.Server | None = None
+        self._stage_lock = asyncio.Lock()
+        self._schedule_lock = asyncio.Lock()
+        self._schedule_changed = asyncio.Event()
+        self._handled_plans: set[int] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._watchdog: asyncio.Task[None] | None = None
+        # metrics
+        self.loss = math.nan
+        self.val_loss = math.nan
+        self.tokens = 0
+        self.train_started = 0.0
+        self._batches: Any = None
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._no_origin_since: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        torch.set_num_threads(max(1, self.opts.torch_threads))
+        try:
+            self._server, port = await start_server(self.servicer, self.opts.listen, self.opts.token)
+            self.address = self.opts.advertise or f"{self.opts.listen.rpartition(':')[0] or '127.0.0.1'}:{port}"
+            self.events.write("start", address=self.address, pid=os.getpid(), device=str(self.device))
+            throughput = await asyncio.to_thread(measure_throughput, self.device, self.opts.slowdown)
+            logger.info("node listening on %s; throughput %.1f samples/s", self.address, throughput)
+            reply = await self._join(throughput, stage=-1)
+            if reply is None:
+                return 0
+            # Heartbeats first: building the stage may take a while and the lease is short.
+            self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
+            await self._after_join(reply)
+            self._tasks.append(asyncio.create_task(self._train_loop(), name="train"))
+            await self.stop_event.wait()
+        finally:
+            await self._shutdown()
+        return 0
+
+    def _on_signal(self, sig: int) -> None:
+        logger.info("signal %s: leaving", signal.Signals(sig).name)
+        self.exit_reason = f"signal {signal.Signals(sig).name}"
+        self.stop_event.set()
+
+    def stop(self, reason: str) -> None:
+        if not self.stop_event.is_set():
+            logger.info("node %s stopping: %s", self.node_id, reason)
+            self.exit_reason = reason
+            self.stop_event.set()
+
+    async def _shutdown(self) -> None:
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self.node_id:
+            left = await self.client.leave(self.node_id, self.exit_reason or "shutdown", timeout_s=LEAVE_TIMEOUT_S)
+            self.events.write("leave", reason=self.exit_reason, acknowledged=left)
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent.runtime.shutdown()
+        if self._server is not None:
+            await self._server.stop(0.5)
+        await self.transport.close()
+        await self.client.close()
+        self.events.close()
+
+    # ------------------------------------------------------------------ coordinator
+
+    async def _join(self, throughput: float, stage: int) -> pb.JoinReply | None:
+        request = pb.JoinRequest(node_id=self.node_id, address=self.address, device=str(self.device),
+                                 memory_bytes=0, throughput=throughput, version=VERSION, stage=stage,
+                                 has_data=self.opts.has_data, preferred_stage=self.opts.preferred_stage)
+        self._throughput = throughput
+        reply = await self.client.join(request, stop=self.stop_event)
+        if reply is None:
+            return None
+        self.node_id = reply.node_id
+        self.servicer.node_id = reply.node_id
+        self.epoch = reply.epoch
+        self.origin_index, self.num_origins = reply.origin_index, reply.num_origins
+        if self.config is None:
+            config = RunConfig.from_json(reply.run_config_json)
+            self.config = config
+            self.model_cfg = model_config_for(config.model)
+            self.heartbeat_s = reply.heartbeat_interval_s or config.membership.heartbeat_interval_s
+            self.lease_s = reply.lease_s or config.membership.lease_s
+            logger.info("joined as %s, stage %d; run config %s", reply.node_id, reply.stage, config.to_json())
+        self.events.context = {"node_id": self.node_id}
+        self.events.write("join", stage=reply.stage, epoch=reply.epoch, instruction=Kind.Name(reply.instruction.kind))
+        return reply
+
+    async def _after_join(self, reply: pb.JoinReply) -> None:
+        """Hold the stage the join reply names (obtaining weights as instructed), then fetch the schedule."""
+        instruction = reply.instruction
+        if instruction.kind in (Kind.RECOVER, Kind.CHANGE_STAGE):
+            await self._hold(instruction.stage, instruction.recovery)
+        elif self.agent is None or self.agent.stage != reply.stage:
+            await self._hold(reply.stage, None)
+        await self._reload_schedule()
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.config is not None
+        backoff = Backoff(self.heartbeat_s, max(self.heartbeat_s, min(5.0, self.lease_s)))
+        while not self.stop_event.is_set():
+            delay = self.heartbeat_s
+            try:
+                reply = await self.client.heartbeat(pb.HeartbeatRequest(node_id=self.node_id, metrics=self.metrics(),
+                                                                        epoch=self.epoch))
+                backoff.reset()
+                await self._follow(reply)
+            except grpc.aio.AioRpcError as exc:
+                delay = backoff.next_delay()
+                logger.warning("heartbeat failed (%s); next try in %.1f s", exc.code().name, delay)
+            self.events.write("metrics", **self.metrics_dict())
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def _follow(self, reply: pb.HeartbeatReply) -> None:
+        kind = reply.instruction.kind
+        if kind == Kind.SHUTDOWN:
+            self.stop("coordinator said SHUTDOWN")
+        elif kind == Kind.REJOIN:
+            logger.info("coordinator does not know this node as live: rejoining")
+            stage = self.agent.stage if self.agent is not None else -1
+            rejoined = await self._join(self._throughput, stage=stage)
+            if rejoined is not None:
+                self._spawn(self._after_join(rejoined))
+        elif kind in (Kind.CHANGE_STAGE, Kind.RECOVER):
+            plan = reply.instruction.recovery
+            if plan.plan_id not in self._handled_plans:
+                self._handled_plans.add(plan.plan_id)
+                self._spawn(self._change_stage(reply.instruction.stage, plan))
+        elif kind == Kind.RELOAD_SCHEDULE or reply.epoch != self.epoch:
+            await self._reload_schedule()
+
+    def _spawn(self, coro: Any) -> None:
+        """Run slow work (stage changes) beside the heartbeat, so the lease never lapses meanwhile."""
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _change_stage(self, stage: int, plan: pb.RecoveryPlan) -> None:
+        await self._hold(stage, plan)
+        await self._reload_schedule()
+
+    async def _reload_schedule(self) -> None:
+        async with self._schedule_lock:
+            try:
+                reply = await self.client.schedule(self.node_id, stop=self.stop_event)
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("schedule refused (%s): %s", exc.code().name, exc.details())
+                return
+            if reply is None:
+                return
+            schedule = Schedule.from_reply(reply)
+            self.epoch = reply.epoch
+            if reply.num_origins:
+                self.origin_index, self.num_origins = reply.origin_index, reply.num_origins
+            if self.agent is not None:
+                self.agent.set_schedule(schedule)
+            self.events.write("schedule", epoch=reply.epoch, paths=len(schedule.paths),
+                              expected=schedule.expected(self.agent is not None and self.agent.is_origin),
+                              peers=len(schedule.addresses))
+            self._schedule_changed.set()
+
+    async def _report_failure(self, suspect: str, reason: str) -> None:
+        self.events.write("failure", suspect=suspect, reason=reason)
+        await self.client.report_failure(self.node_id, suspect, reason)
+
+    # ------------------------------------------------------------------ holding a stage
+
+    async def _hold(self, stage: int, plan: pb.RecoveryPlan | None) -> None:
+        """Build stage ``stage``, obtain its weights per ``plan`` and start serving it."""
+        assert self.config is not None and self.model_cfg is not None
+        async with self._stage_lock:
+            config, cfg = self.config, self.model_cfg
+            method = plan.method if plan is not None and plan.method else "fresh"
+            if plan is not None:
+                self._handled_plans.add(plan.plan_id)
+            old = self.agent
+            if old is not None:
+                self.servicer.agent = None
+                self.agent = None
+                await old.close()
+                old.runtime.shutdown()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            module = await asyncio.to_thread(build_stage, cfg, stage, config.model.stages, config.seed)
+            iteration, lr_scale, ok, message = 0, 1.0, True, ""
+            if method != "fresh":
+                try:
+                    iteration, lr_scale = await self._obtain(module, stage, method, plan)
+                except (grpc.aio.AioRpcError, ValidationError, ValueError) as exc:
+                    ok = False
+                    message = f"{method} failed: {exc}"
+                    logger.error("stage %d: %s; keeping fresh weights", stage, message)
+            module = module.to(self.device)
+            optimizer = await asyncio.to_thread(build_inner_optimizer, module.parameters(), config.train, lr_scale)
+            train = config.train
+            runtime = StageRuntime(module, stage, optimizer, grad_clip=train.grad_clip,
+                                   lr_fn=lambda it: lr_at(it, train), iteration=iteration,
+                                   iteration_timeout_s=3 * train.hop_timeout_s, slowdown=self.opts.slowdown,
+                                   on_step=self._on_step, device=self.device)
+            runtime.adopt_next_iteration = method != "fresh"
+            agent = PipelineAgent(self.node_id, config.run_id, runtime, self.transport, dim=cfg.dim,
+                                  max_seq_len=cfg.max_seq_len, codec=train.activation_codec,
+                                  hop_timeout_s=train.hop_timeout_s, on_failure=self._report_failure,
+                                  on_event=self._agent_event)
+            self.agent = agent
+            self.servicer.stage = stage
+            self.servicer.state_provider = self._state
+            self.servicer.agent = agent
+            self._watchdog = asyncio.create_task(runtime.watchdog(), name="watchdog")
+            self.events.context = {"node_id": self.node_id, "stage": stage}
+            self.events.write("stage", method=method, iteration=iteration, ok=ok, message=message)
+            logger.info("node %s holds stage %d (%s, iteration %d)", self.node_id, stage, method, iteration)
+        if plan is not None and plan.plan_id:
+            await self.client.report_recovery(self.node_id, plan.plan_id, ok, message)
+
+    async def _obtain(self, module: torch.nn.Module, stage: int, method: str, plan: pb.RecoveryPlan
+                      ) -> tuple[int, float]:
+        """Fetch the plan's sources over GetState and load the result; returns (iteration, lr scale)."""
+        part = "bookend" if method == "bookend-copy" else "local"
+        states: dict[int, dict[str, torch.Tensor]] = {}
+        weights: dict[int, float] = {}
+        iteration = 0
+        for i, source in enumerate(plan.sources):
+            snapshot = await fetch_state(self.transport.stub(source.address), source.stage, [part], self.node_id,
+                                         metadata=self.transport.metadata, timeout_s=STATE_TIMEOUT_S)
+            if part not in snapshot.parts:
+                raise ValidationError(f"source {source.node_id} sent no {part!r} state")
+            states[source.stage] = snapshot.parts[part]
+            weights[source.stage] = plan.weights[i] if i < len(plan.weights) else 1.0
+            iteration = max(iteration, snapshot.inner_step)
+        if method == "replica-copy":
+            if not states:
+                raise ValidationError("replica-copy plan names no source")
+            state = next(iter(states.values()))
+            lr_scale = 1.0
+        else:
+            state = rebuild_stage(method, states, weights)
+            lr_scale = plan.lr_scale or self.config.recovery.lr_scale  # type: ignore[union-attr]
+        load_rebuilt(module, state)
+        return iteration, lr_scale
+
+    async def _state(self, stage: int, parts: list[str]) -> StateSnapshot:
+        agent = self.agent
+        if agent is None or agent.stage != stage:
+            raise ValidationError(f"this node does not hold stage {stage}")
+        snapshot = StateSnapshot(inner_step=agent.runtime.iteration, grad_norm=agent.runtime.last_grad_norm)
+        for part in parts:
+            if part == "local":
+                snapshot.parts["local"] = await agent.runtime.state()
+            else:
+                raise ValidationError(f"state part {part!r} is not available on this node")
+        return snapshot
+
+    # ------------------------------------------------------------------ training
+
+    def _on_step(self, result: StepResult) -> None:
+        self.events.write("step", step=result.iteration + 1, microbatches=result.microbatches,
+                          abandoned=result.abandoned, grad_norm=result.grad_norm, lr=result.lr,
+                          forced=result.forced, applied=result.applied)
+
+    def _agent_event(self, kind: str, **fields: Any) -> None:
+        self.events.write(kind, **fields)
+
+    async def _train_loop(self) -> None:
+        assert self.config is not None
+        steps = self.config.train.steps
+        while not self.stop_event.is_set():
+            agent = self.agent
+            if agent is None:
+                await asyncio.sleep(0.1)
+                continue
+            if agent.runtime.iteration >= steps:
+                if agent.is_origin:
+                    await self._evaluate(agent, agent.runtime.iteration)
+                else:   # serve the origins' final evaluation until they leave
+                    await self._linger(agent)
+                await self._drain(agent)
+                self.stop(f"finished {steps} iterations")
+                return
+            if agent.is_origin:
+                if not agent.schedule.paths:
+                    await self._wait_schedule(1.0)
+                    continue
+                await self._origin_iteration(agent)
+            else:
+                if self._origins_gone(agent):
+                    await self._drain(agent)
+                    self.stop("no origin left in the run")
+                    return
+                await asyncio.sleep(0.2)
+
+    def _origins_gone(self, agent: PipelineAgent) -> bool:
+        """A stage node with no origin in its schedule for a few leases after training began is done."""
+        has_origin = any(s == 0 for s in agent.schedule.stages.values())
+        if has_origin or (self.train_started == 0.0 and agent.runtime.iteration == 0):
+            self._no_origin_since = None
+            return False
+        now = time.monotonic()
+        if self._no_origin_since is None:
+            self._no_origin_since = now
+        return now - self._no_origin_since > 3 * self.lease_s
+
+    async def _linger(self, agent: PipelineAgent) -> None:
+        """Wait (bounded) until no origin is left in the schedule."""
+        assert self.config is not None
+        deadline = time.monotonic() + max(3 * self.lease_s, 2 * self.config.train.hop_timeout_s)
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            if not any(s == 0 for s in agent.schedule.stages.values()):
+                return
+            await self._wait_schedule(0.5)
+
+    async def _wait_schedule(self, timeout_s: float) -> None:
+        self._schedule_changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._schedule_changed.wait(), timeout=timeout_s)
+
+    async def _drain(self, agent: PipelineAgent) -> None:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while agent._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def _data(self) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]:
+        assert self.config is not None
+        config = self.config
+        if self.opts.data:
+            config = apply_overrides(config, [f"train.data={self.opts.data}"])
+        corpus = load_run_corpus(config)
+        index, count = max(0, self.origin_index), max(1, self.num_origins)
+        batches = origin_batches(config, corpus, index, count)
+        val = []
+        for x, y in run_val_batches(config, corpus):
+            val.extend(split_microbatches(x, y, config.train.microbatch_size))
+        return batches, val
+
+    async def _origin_iteration(self, agent: PipelineAgent) -> None:
+        assert self.config is not None
+        train = self.config.train
+        if self._batches is None:
+            self._batches, self._val = await asyncio.to_thread(self._data)
+            for _ in range(agent.runtime.iteration):   # a late origin resumes the data order where the run is
+                next(self._batches)
+            self.train_started = time.monotonic()
+            self._tokens_at_start = self.tokens
+            await self._evaluate(agent, agent.runtime.iteration)
+        iteration = agent.runtime.iteration
+        x, y = next(self._batches)
+        microbatches = split_microbatches(x, y, train.microbatch_size)
+        result = await agent.run_iteration(iteration, microbatches)
+        self.tokens += result.tokens
+        if result.losses:
+            self.loss = result.loss
+        self.events.write("iteration", step=iteration + 1, loss=result.loss if result.losses else None,
+                          abandoned=result.abandoned, tokens=self.tokens, seconds=result.seconds)
+        done = iteration + 1
+        if done % train.eval_every == 0 and done < train.steps:
+            await self._evaluate(agent, done)
+
+    async def _evaluate(self, agent: PipelineAgent, iteration: int) -> None:
+        if not self._val or not agent.schedule.paths:
+            return
+        value = await agent.evaluate(iteration, self._val)
+        if math.isfinite(value):
+            self.val_loss = value
+        self.events.write("eval", step=iteration, val_loss=value)
+        logger.info("node %s step %d: val loss %.4f", self.node_id, iteration, value)
+
+    # ------------------------------------------------------------------ metrics
+
+    def metrics(self) -> pb.NodeMetrics:
+        agent = self.agent
+        elapsed = time.monotonic() - self.train_started if self.train_started else 0.0
+        tokens = self.tokens - getattr(self, "_tokens_at_start", 0)
+        return pb.NodeMetrics(
+            step=agent.runtime.iteration if agent else 0,
+            loss=self.loss if math.isfinite(self.loss) else 0.0,
+            tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
+            bytes_sent=self.transport.bytes_sent,
+            bytes_received=self.servicer.bytes_received,
+            grad_norm=agent.runtime.last_grad_norm if agent else 0.0,
+            activation_bytes_sent=self.transport.activation_bytes_sent,
+            val_loss=self.val_loss if math.isfinite(self.val_loss) else 0.0,
+            tokens=self.tokens,
+        )
+
+    def metrics_dict(self) -> dict[str, Any]:
+        m = self.metrics()
+        return {"step": m.step, "loss": m.loss, "tokens_per_s": m.tokens_per_s, "bytes_sent": m.bytes_sent,
+                "bytes_received": m.bytes_received, "grad_norm": m.grad_norm,
+                "activation_bytes_sent": m.activation_bytes_sent, "val_loss": m.val_loss, "tokens": m.tokens}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (tests and the simulator pick listen addresses up front)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_node(options: NodeOptions) -> int:
+    """Run a node daemon to completion in a fresh event loop (uvloop where available)."""
+    install_uvloop()
+
+    async def main() -> int:   # grpc.aio channels must be created inside the running loop
+        return await NodeDaemon(options).run()
+
+    return asyncio.run(main())
+
+
+__all__ = ["EventLog", "NodeDaemon", "NodeOptions", "free_port", "measure_throughput", "run_node"]

@@ -1,0 +1,354 @@
+"""Data: a byte tokenizer, the corpus (default or user-supplied), and batch iterators.
+
+Default corpus: the Python standard library's own ``.py`` files, present on
+every machine with no download. Files are listed in sorted order, shuffled with
+the run seed, split into train/validation *by file*, and read until a byte cap
+(8 MiB by default) so loading stays well under a second. Machines with a
+different Python version see a different standard library; use ``--data`` when
+nodes must train on identical bytes across versions.
+
+User data (``path``):
+- a text file, or a directory of text files (read recursively in sorted order,
+  hidden entries skipped, files that look binary skipped): bytes are tokens;
+- ``NAME.bin``: raw little-endian **uint16** token ids (the nanoGPT format);
+  ``NAME.u8.bin``: raw **uint8** token ids;
+- ``NAME.npy``: a 1-D integer array of token ids.
+Token files are read through a numpy memmap. Every id must lie in
+``[0, vocab_size)``. Text and token files are split train/validation by
+keeping the last ``val_fraction`` of tokens for validation; directories split
+by file.
+
+Anything missing, empty, unreadable or out of vocabulary raises ``DataError``
+with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from protocols.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 8 << 20
+DEFAULT_VAL_FRACTION = 0.05
+_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+
+
+class DataError(ValueError):
+    """The training data cannot be used (missing, empty, unreadable, out of vocabulary)."""
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are the tokens: vocabulary 256, no training, no files."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        return bytes(int(v) for v in values).decode("utf-8", errors="replace")
+
+
+@dataclass(slots=True)
+class Corpus:
+    train: torch.Tensor   # 1-D token ids (uint8 when vocab_size <= 256)
+    val: torch.Tensor
+    source: str           # what was loaded, for logs and summaries
+
+    def train_shard(self, origin_index: int, num_origins: int) -> torch.Tensor:
+        """The contiguous slice of ``train`` owned by one origin; shards are disjoint and cover it."""
+        if num_origins < 1 or not 0 <= origin_index < num_origins:
+            raise DataError(f"origin index {origin_index} out of range for {num_origins} origins")
+        n = self.train.numel()
+        return self.train[origin_index * n // num_origins : (origin_index + 1) * n // num_origins]
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def load_corpus(
+    path: str | Path | None = None,
+    seed: int = 0,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    vocab_size: int = 256,
+) -> Corpus:
+    """Load the default corpus (``path`` None or empty) or the user's data.
+
+    ``max_bytes`` caps the tokens kept from any source (0 = no cap).
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if max_bytes < 0:
+        raise DataError(f"max_bytes must be >= 0 (0 = no cap), got {max_bytes}")
+    if path is None or str(path) == "":
+        return _stdlib_corpus(seed, max_bytes, val_fraction)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    if path.is_dir():
+        return _directory_corpus(path, max_bytes, val_fraction)
+    name = path.name.lower()
+    if name.endswith(".u8.bin"):
+        tokens = _token_file(path, np.uint8, vocab_size, max_bytes)
+    elif name.endswith(".bin"):
+        tokens = _token_file(path, np.uint16, vocab_size, max_bytes)
+    elif name.endswith(".npy"):
+        tokens = _npy_file(path, vocab_size, max_bytes)
+    else:
+        data = _read_bytes(path)
+        if not data:
+            raise DataError(f"data file is empty: {path}")
+        tokens = _bytes_tensor(data[:max_bytes] if max_bytes else data)
+    return _split_tail(tokens, val_fraction, str(path))
+
+
+def _stdlib_corpus(seed: int, max_bytes: int, val_fraction: float) -> Corpus:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        files.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    random.Random(seed).shuffle(files)
+    if not files:
+        raise DataError(f"no .py files found in the standard library at {root}; pass --data PATH")
+    corpus = _split_files(files, max_bytes, val_fraction, f"python-stdlib:{root}", skip_errors=True)
+    log.info("default corpus: %d train / %d val bytes from %s", corpus.train.numel(), corpus.val.numel(), root)
+    return corpus
+
+
+def _directory_corpus(root: Path, max_bytes: int, val_fraction: float) -> Corpus:
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(Path(dirpath, f) for f in filenames if not f.startswith("."))
+    files.sort(key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise DataError(f"data directory has no files: {root}")
+    return _split_files(files, max_bytes, val_fraction, str(root), skip_errors=False)
+
+
+def _split_files(
+    files: list[Path], max_bytes: int, val_fraction: float, source: str, *, skip_errors: bool
+) -> Corpus:
+    """Every k-th file goes to validation (k = 1/val_fraction) until each side reaches its share of the cap."""
+    every = max(2, round(1 / val_fraction))
+    cap = max_bytes or float("inf")
+    val_cap, train_cap = cap * val_fraction, cap * (1 - val_fraction)
+    train_parts: list[bytes] = []
+    val_parts: list[bytes] = []
+    train_bytes = val_bytes = 0
+    skipped = 0
+    for i, file in enumerate(files):
+        to_val = i % every == 0 and len(files) > 1
+        if (to_val and val_bytes >= val_cap) or (not to_val and train_bytes >= train_cap):
+            if train_bytes >= train_cap and val_bytes >= val_cap:
+                break
+            continue
+        try:
+            data = _read_bytes(file)
+        except DataError:
+            if skip_errors:
+                skipped += 1
+                continue
+            raise
+        if not data or b"\x00" in data[:8192]:   # empty or binary: not text
+            skipped += 1
+            continue
+        if to_val:
+            data = data[: int(val_cap - val_bytes)] if max_bytes else data
+            val_parts.append(data)
+            val_bytes += len(data)
+        else:
+            data = data[: int(train_cap - train_bytes)] if max_bytes else data
+            train_parts.append(data)
+            train_bytes += len(data)
+    if skipped:
+        log.info("skipped %d empty, binary or unreadable files under %s", skipped, source)
+    if not train_parts and not val_parts:
+        raise DataError(f"no readable, non-empty text files in {source}")
+    if not train_parts or not val_parts:
+        # Too few files to split by file: fall back to a split by tokens.
+        return _split_tail(_bytes_tensor(b"".join(train_parts + val_parts)), val_fraction, source)
+    return Corpus(_bytes_tensor(b"".join(train_parts)), _bytes_tensor(b"".join(val_parts)), source)
+
+
+def _split_tail(tokens: torch.Tensor, val_fraction: float, source: str) -> Corpus:
+    n_val = max(1, int(tokens.numel() * val_fraction))
+    if tokens.numel() - n_val < 2:
+        raise DataError(f"{source}: only {tokens.numel()} tokens, too few to split into train and validation")
+    return Corpus(tokens[:-n_val].clone(), tokens[-n_val:].clone(), source)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from exc
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+def _token_file(path: Path, dtype: Any, vocab_size: int, max_tokens: int) -> torch.Tensor:
+    itemsize = np.dtype(dtype).itemsize
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"cannot read token file {path}: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise DataError(f"token file is empty: {path}")
+    if size % itemsize:
+        raise DataError(
+            f"token file {path} has {size} bytes, not a multiple of {itemsize}: "
+            f"'.bin' holds uint16 ids, '.u8.bin' holds uint8 ids"
+        )
+    try:
+        ids = np.memmap(path, dtype=dtype, mode="r")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read token file {path}: {exc}") from exc
+    return _checked_ids(ids, path, vocab_size, max_tokens)
+
+
+def _npy_file(path: Path, vocab_size: int, max_tokens: int) -> torch.Tensor:
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read .npy token file {path}: {exc}") from exc
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1:
+        raise DataError(f".npy token file {path} must hold a 1-D array, got shape {getattr(ids, 'shape', None)}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(f".npy token file {path} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.size == 0:
+        raise DataError(f".npy token file is empty: {path}")
+    return _checked_ids(ids, path, vocab_size, max_tokens)
+
+
+def _checked_ids(ids: np.ndarray, path: Path, vocab_size: int, max_tokens: int) -> torch.Tensor:
+    if max_tokens:
+        ids = ids[:max_tokens]
+    chunk = 1 << 24
+    for start in range(0, ids.size, chunk):   # bounded memory over huge memmaps
+        part = ids[start : start + chunk]
+        lo, hi = int(part.min()), int(part.max())
+        if lo < 0 or hi >= vocab_size:
+            raise DataError(
+                f"token file {path} holds id {hi if hi >= vocab_size else lo}, outside the vocabulary "
+                f"[0, {vocab_size}) of the model"
+            )
+    out_dtype = np.uint8 if vocab_size <= 256 else np.int32
+    return torch.from_numpy(np.ascontiguousarray(ids, dtype=out_dtype))
+
+
+# ---------------------------------------------------------------------------
+# Batches
+
+
+class BatchIterator:
+    """Endless, deterministic random windows of ``seq_len + 1`` tokens -> (inputs, targets) int64 [B, T].
+
+    The same (tokens, batch_size, seq_len, seed) always yields the same batches;
+    ``state_dict``/``load_state_dict`` resume the stream exactly.
+    """
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int) -> None:
+        if tokens.ndim != 1:
+            raise DataError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+        if batch_size < 1 or seq_len < 1:
+            raise DataError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+        if tokens.numel() < seq_len + 1:
+            raise DataError(f"only {tokens.numel()} tokens, need at least seq_len + 1 = {seq_len + 1}")
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches_drawn = 0
+        self._offsets = torch.arange(seq_len + 1)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        high = self.tokens.numel() - self.seq_len   # exclusive bound for a window start
+        starts = torch.randint(0, high, (self.batch_size,), generator=self.generator)
+        windows = self.tokens[starts[:, None] + self._offsets].long()   # (B, T+1)
+        self.batches_drawn += 1
+        return windows[:, :-1], windows[:, 1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "batches_drawn": self.batches_drawn, "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["rng"])
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def val_batches(corpus: Corpus, batch_size: int, seq_len: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` fixed validation batches: windows evenly spaced over the validation split."""
+    val = corpus.val
+    if val.numel() < seq_len + 1:
+        raise DataError(f"validation split has {val.numel()} tokens, need at least seq_len + 1 = {seq_len + 1}")
+    starts = torch.linspace(0, val.numel() - seq_len - 1, n * batch_size).long()
+    windows = val[starts[:, None] + torch.arange(seq_len + 1)].long()   # (n*B, T+1)
+    return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
+
+
+# ---------------------------------------------------------------------------
+# The run's data order, shared by the reference trainer and every origin
+
+
+def load_run_corpus(config: RunConfig) -> Corpus:
+    """The corpus every process of a run loads: ``train.data`` (or the default) with the run seed."""
+    train = config.train
+    return load_corpus(
+        train.data or None, seed=config.seed, max_bytes=train.data_max_bytes, val_fraction=train.val_fraction
+    )
+
+
+def origin_batches(config: RunConfig, corpus: Corpus, origin_index: int, num_origins: int) -> BatchIterator:
+    """The iteration batches of one origin (stage-0 node).
+
+    Each iteration draws one batch of ``train.microbatches * train.microbatch_size``
+    sequences of ``model.seq_len`` tokens from
+    ``BatchIterator(corpus.train_shard(origin_index, num_origins), ..., seed=config.seed + origin_index)``;
+    microbatch j is rows ``[j * microbatch_size, (j + 1) * microbatch_size)``
+    (see ``split_microbatches``). The single-process reference is origin 0 of 1.
+    """
+    train = config.train
+    return BatchIterator(
+        corpus.train_shard(origin_index, num_origins),
+        batch_size=train.microbatches * train.microbatch_size,
+        seq_len=config.model.seq_len,
+        seed=config.seed + origin_index,
+    )
+
+
+def split_microbatches(
+    inputs: torch.Tensor, targets: torch.Tensor, microbatch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Cut an iteration batch into its microbatches, in order."""
+    return list(zip(inputs.split(microbatch_size), targets.split(microbatch_size), strict=True))
+
+
+def run_val_batches(config: RunConfig, corpus: Corpus) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The run's fixed validation set: ``train.eval_batches`` batches of one iteration's size."""
+    train = config.train
+    return val_batches(corpus, train.microbatches * train.microbatch_size, config.model.seq_len, train.eval_batches)

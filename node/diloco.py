@@ -1,0 +1,400 @@
+"""Streaming DiLoCo among the replicas of one stage: fragments, schedule, outer optimizer.
+
+Pure: no networking, no threads. The daemon (or a test, or a benchmark) drives it:
+
+    diloco = StreamingDiLoCo(stage_module, cfg.diloco)
+    for step in 1..:                      # `step` = number of committed inner steps
+        inner_optimizer.step()
+        for job in diloco.due_merges(step):          # exchanges started `overlap` steps ago
+            diloco.finish_sync(job, averaged_delta_of(job))
+        job = diloco.begin_sync(step)                # the fragment due now, if any
+        if job: start averaging job.delta in the background
+
+Conventions (the DiLoCo papers; the sign is the classic bug):
+- θ_global is an fp32 copy every replica of the stage agrees on.
+- pseudo-gradient Δ = θ_global_old - θ_local (so a descent step of the outer
+  SGD, θ_global ← θ_global - lr·Δ, moves θ_global *towards* the local weights).
+- outer optimizer: SGD, Nesterov momentum (PyTorch form: b ← μ·b + Δ;
+  θ ← θ - lr·(Δ + μ·b)), one momentum buffer per parameter, kept per fragment.
+- merge of fragment p, `overlap` (τ) steps after its exchange began:
+  θ_local ← alpha·θ_local + (1-alpha)·θ_global_new. With τ > 0 the local weights have
+  moved on during the exchange; the merge keeps that progress (alpha) while pulling
+  towards the agreed point. alpha = 0, τ = 0, P = 1 is classic DiLoCo.
+
+Fragment rule (``fragment_of_params``): a parameter under ``blocks.{j}.`` belongs to
+fragment ``j mod P``; every other parameter (stage 0's embedding, final norm and
+head) goes, in sorted name order, to the fragment holding the fewest elements so far
+(ties: lowest index). The rule reads only names and shapes, so replicas agree.
+
+Schedule (``fragment_due``): fragment p syncs after committed step t when t > 0 and
+(t - offset_p) mod H == 0, offset_p = p·H // P. Offsets are distinct (P ≤ H), so at
+most one fragment is due per step and each fragment syncs once every H steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from protocols.config import DilocoSection
+
+logger = logging.getLogger(__name__)
+
+_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------
+# fragments and schedule
+
+
+def fragment_of_params(named_params: Iterable[tuple[str, torch.Tensor]], fragments: int) -> list[list[str]]:
+    """Split parameter names into `fragments` lists (see the module docstring for the rule)."""
+    if fragments < 1:
+        raise ValueError(f"fragments must be >= 1, got {fragments}")
+    items = list(named_params)
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate parameter names")
+    out: list[list[str]] = [[] for _ in range(fragments)]
+    sizes = [0] * fragments
+    others: list[tuple[str, int]] = []
+    for name, tensor in items:
+        match = _BLOCK_RE.search(name)
+        if match:
+            p = int(match.group(1)) % fragments
+            out[p].append(name)
+            sizes[p] += tensor.numel()
+        else:
+            others.append((name, tensor.numel()))
+    for name, numel in sorted(others):
+        p = min(range(fragments), key=lambda k: (sizes[k], k))
+        out[p].append(name)
+        sizes[p] += numel
+    order = {n: i for i, n in enumerate(names)}
+    return [sorted(frag, key=order.__getitem__) for frag in out]
+
+
+def fragment_offsets(cfg: DilocoSection) -> list[int]:
+    """Step offset of each fragment within the H-step cycle: p·H // P."""
+    return [p * cfg.inner_steps // cfg.fragments for p in range(cfg.fragments)]
+
+
+def fragment_due(step: int, cfg: DilocoSection) -> int | None:
+    """The fragment whose exchange starts after committed inner step `step`, if any."""
+    if step <= 0:
+        return None
+    h = cfg.inner_steps
+    for p, offset in enumerate(fragment_offsets(cfg)):
+        if (step - offset) % h == 0:
+            return p
+    return None
+
+
+# ---------------------------------------------------------------------------
+# outer optimizer
+
+
+class OuterOptimizer:
+    """SGD with Nesterov momentum on θ_global, fp32, one state per fragment.
+
+    ``step`` takes an optional per-parameter boolean mask: elements outside it
+    (a shard lost in the exchange) keep their θ_global and momentum unchanged, so
+    every replica that lost the same shard stays identical.
+    """
+
+    def __init__(self, lr: float, momentum: float = 0.9, *, nesterov: bool = True) -> None:
+        if lr <= 0:
+            raise ValueError(f"outer lr must be > 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"outer momentum must be in [0, 1), got {momentum}")
+        self.lr = lr
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.buffers: dict[int, dict[str, torch.Tensor]] = {}
+        self.steps: dict[int, int] = {}
+
+    @torch.no_grad()
+    def step(
+        self,
+        fragment: int,
+        params: Mapping[str, torch.Tensor],
+        grads: Mapping[str, torch.Tensor],
+        masks: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """In place: params[name] (fp32) -= lr * nesterov_update(grads[name])."""
+        bufs = self.buffers.setdefault(fragment, {})
+        mu = self.momentum
+        for name, grad in grads.items():
+            param = params[name]
+            g = grad.to(torch.float32)
+            buf = bufs.get(name)
+            new_buf = g.clone() if buf is None else buf * mu + g
+            update = g + mu * new_buf if self.nesterov else new_buf
+            new_param = param - self.lr * update
+            mask = None if masks is None else masks.get(name)
+            if mask is not None:
+                new_buf = torch.where(mask, new_buf, buf if buf is not None else torch.zeros_like(new_buf))
+                new_param = torch.where(mask, new_param, param)
+            bufs[name] = new_buf
+            param.copy_(new_param)
+        self.steps[fragment] = self.steps.get(fragment, 0) + 1
+
+
+# ---------------------------------------------------------------------------
+# streaming state machine
+
+
+@dataclass(slots=True)
+class SyncJob:
+    """One fragment exchange: the pseudo-gradient snapshot and when to merge its result."""
+
+    fragment: int
+    step: int                      # committed inner step that triggered it
+    merge_step: int                # step + overlap: when finish_sync is due
+    outer_step: int                # this fragment's outer-step index (same on every replica)
+    names: list[str]
+    shapes: list[torch.Size]
+    delta: torch.Tensor            # flat fp32 Δ = θ_global - θ_local at `step`
+    finite: bool                   # False: Δ is non-finite, the replica must not contribute it
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return int(self.delta.numel())
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split a flat tensor laid out like `delta` back into per-parameter tensors."""
+        if flat.numel() != self.delta.numel():
+            raise ValueError(f"flat tensor has {flat.numel()} elements, fragment has {self.delta.numel()}")
+        out: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            n = shape.numel()
+            out[name] = flat[offset : offset + n].view(shape)
+            offset += n
+        return out
+
+
+class StreamingDiLoCo:
+    """θ_global, the outer optimizer and the fragment schedule for one replica of a stage.
+
+    Not thread-safe by design: call every method from the thread that runs the
+    inner steps, between steps (begin_sync only reads; finish_sync writes weights).
+    The exchange itself (averager or hivemind backend) works on ``job.delta``, a
+    detached copy, so it can run in the background.
+    """
+
+    def __init__(self, module: nn.Module, cfg: DilocoSection) -> None:
+        self.cfg = cfg
+        self.module = module
+        self.params: dict[str, nn.Parameter] = dict(module.named_parameters())
+        self.fragments = fragment_of_params(self.params.items(), cfg.fragments)
+        self.global_params: dict[str, torch.Tensor] = {
+            n: p.detach().to(torch.float32, copy=True) for n, p in self.params.items()
+        }
+        self.outer = OuterOptimizer(cfg.outer_lr, cfg.outer_momentum)
+        self.pending: list[SyncJob] = []
+
+    # -- Δ ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def pseudo_gradient(self, fragment: int) -> dict[str, torch.Tensor]:
+        """Δ = θ_global - θ_local (fp32) for every parameter of `fragment`."""
+        return {n: self.global_params[n] - self.params[n].detach().float() for n in self.fragments[fragment]}
+
+    def begin_sync(self, step: int) -> SyncJob | None:
+        """Snapshot Δ of the fragment due after committed step `step` (None if none is due)."""
+        fragment = fragment_due(step, self.cfg)
+        if fragment is None or not self.fragments[fragment]:
+            return None
+        delta = self.pseudo_gradient(fragment)
+        names = list(delta)
+        flat = torch.cat([delta[n].reshape(-1) for n in names]) if names else torch.zeros(0)
+        finite = bool(torch.isfinite(flat).all())
+        if not finite:
+            logger.warning("non-finite pseudo-gradient for fragment %d at step %d: not contributing", fragment,
+                           step)
+            flat = torch.zeros_like(flat)
+        job = SyncJob(
+            fragment=fragment,
+            step=step,
+            merge_step=step + self.cfg.overlap,
+            outer_step=self.outer.steps.get(fragment, 0),
+            names=names,
+            shapes=[delta[n].shape for n in names],
+            delta=flat,
+            finite=finite,
+        )
+        self.pending.append(job)
+        return job
+
+    def due_merges(self, step: int) -> list[SyncJob]:
+        """Pending jobs whose merge step has come (for the caller to finish, oldest first)."""
+        return [j for j in self.pending if j.merge_step <= step]
+
+    @torch.no_grad()
+    def finish_sync(
+        self,
+        job: SyncJob,
+        averaged_delta: torch.Tensor | None,
+        valid: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Outer step on θ_global with the averaged Δ, then merge into θ_local.
+
+        `averaged_delta` is flat like ``job.delta`` (None: the whole exchange failed,
+        nothing changes). `valid` is an optional flat bool mask of the elements
+        whose average arrived; others (a lost shard) are left untouched in
+        θ_global, the momentum and θ_local. Non-finite averaged elements are
+        treated as lost. A replica whose own Δ was non-finite resets the fragment
+        to θ_global_new instead of merging (its local weights are broken).
+        """
+        if job in self.pending:
+            self.pending.remove(job)
+        stats: dict[str, Any] = {"fragment": job.fragment, "step": job.step, "applied": 0}
+        if averaged_delta is None:
+            logger.warning("fragment %d sync from step %d failed: keeping θ_global", job.fragment, job.step)
+            return stats
+        flat = averaged_delta.detach().to(torch.float32).reshape(-1)
+        if flat.numel() != job.numel:
+            raise ValueError(f"averaged Δ has {flat.numel()} elements, fragment {job.fragment} has {job.numel}")
+        mask = torch.isfinite(flat)
+        if valid is not None:
+            mask &= valid.reshape(-1).to(torch.bool)
+        flat = torch.where(mask, flat, torch.zeros_like(flat))
+        full = bool(mask.all())
+        grads = job.unflatten(flat)
+        masks = None if full else job.unflatten(mask)
+        self.outer.step(job.fragment, self.global_params, grads, masks)
+        alpha = self.cfg.alpha if job.finite else 0.0
+        for name in job.names:
+            local = self.params[name]
+            if alpha == 0.0:  # not 0·θ_local: a broken (NaN) local must not leak into the merge
+                merged = self.global_params[name].clone()
+            else:
+                merged = alpha * local.detach().float() + (1.0 - alpha) * self.global_params[name]
+            if masks is not None:
+                merged = torch.where(masks[name], merged, local.detach().float())
+            local.copy_(merged.to(local.dtype))
+        stats["applied"] = int(mask.sum())
+        stats["delta_norm"] = float(torch.linalg.vector_norm(flat))
+        return stats
+
+    # -- state for replicas and newcomers --------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """θ_global and the outer state (copies): what a newcomer needs before contributing."""
+        return {
+            "version": STATE_VERSION,
+            "fragments": [list(f) for f in self.fragments],
+            "global": {n: t.clone() for n, t in self.global_params.items()},
+            "momentum": {p: {n: t.clone() for n, t in bufs.items()} for p, bufs in self.outer.buffers.items()},
+            "outer_steps": dict(self.outer.steps),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any], *, reset_local: bool = True) -> None:
+        """Adopt another replica's θ_global and outer state (validated; nothing changes on error).
+
+        `reset_local` also sets the local weights to θ_global, which is what a
+        newcomer does so its first Δ measures only its own progress.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported DiLoCo state version {state.get('version')!r}")
+        if [list(f) for f in state.get("fragments", [])] != self.fragments:
+            raise ValueError("DiLoCo state has a different fragment layout (diloco.fragments or model differ)")
+        glob = state["global"]
+        if set(glob) != set(self.global_params):
+            raise ValueError("DiLoCo state has different parameter names")
+        owner = {n: p for p, frag in enumerate(self.fragments) for n in frag}
+        for name, t in glob.items():
+            _check_tensor(t, self.global_params[name].shape, f"global {name}")
+        momentum: dict[int, dict[str, torch.Tensor]] = {}
+        for p, bufs in state.get("momentum", {}).items():
+            p = int(p)
+            for name, t in bufs.items():
+                if owner.get(name) != p:
+                    raise ValueError(f"momentum {name} is not in fragment {p}")
+                _check_tensor(t, self.global_params[name].shape, f"momentum {name}")
+            momentum[p] = {n: t.detach().to(torch.float32, copy=True) for n, t in bufs.items()}
+        steps = {int(p): int(s) for p, s in state.get("outer_steps", {}).items()}
+        if any(p < 0 or p >= len(self.fragments) or s < 0 for p, s in steps.items()):
+            raise ValueError("DiLoCo state has out-of-range outer steps")
+        for name, t in glob.items():
+            self.global_params[name].copy_(t)
+        self.outer.buffers = momentum
+        self.outer.steps = steps
+        self.pending.clear()
+        if reset_local:
+            for name, p in self.params.items():
+                p.copy_(self.global_params[name].to(p.dtype))
+
+
+def _check_tensor(t: Any, shape: torch.Size, what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what}: expected a tensor")
+    if t.shape != shape:
+        raise ValueError(f"{what}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what}: non-finite values")
+
+
+def state_to_items(state: Mapping[str, Any]) -> list[tuple[str, str, torch.Tensor]]:
+    """Flatten a DiLoCo state_dict into (part, name, fp32 tensor) for GetState streaming.
+
+    Parts: "global" (name = parameter), "outer" (name = "{fragment}/{parameter}"
+    for momentum, "steps" for the per-fragment outer steps as a float tensor).
+    """
+    items: list[tuple[str, str, torch.Tensor]] = [("global", n, t) for n, t in state["global"].items()]
+    for p, bufs in sorted(state["momentum"].items()):
+        items.extend(("outer", f"{p}/{n}", t) for n, t in bufs.items())
+    num = len(state["fragments"])
+    steps = torch.tensor([float(state["outer_steps"].get(p, 0)) for p in range(num)], dtype=torch.float32)
+    items.append(("outer", "steps", steps))
+    return items
+
+
+def state_from_items(items: Iterable[tuple[str, str, torch.Tensor]], fragments: list[list[str]]) -> dict[str, Any]:
+    """Inverse of ``state_to_items`` (the layout comes from the receiver's own fragments)."""
+    state: dict[str, Any] = {
+        "version": STATE_VERSION,
+        "fragments": [list(f) for f in fragments],
+        "global": {},
+        "momentum": {},
+        "outer_steps": {},
+    }
+    for part, name, t in items:
+        if part == "global":
+            state["global"][name] = t
+        elif part == "outer" and name == "steps":
+            if t.dim() != 1 or t.numel() != len(fragments):
+                raise ValueError(f"outer steps: expected {len(fragments)} values, got shape {tuple(t.shape)}")
+            state["outer_steps"] = {p: int(v) for p, v in enumerate(t.tolist()) if v > 0}
+        elif part == "outer" and "/" in name:
+            p_text, param = name.split("/", 1)
+            if not p_text.isdigit():
+                raise ValueError(f"outer state name {name!r}: expected '<fragment>/<parameter>'")
+            state["momentum"].setdefault(int(p_text), {})[param] = t
+        else:
+            raise ValueError(f"unknown DiLoCo state item {part!r}/{name!r}")
+    return state
+
+
+def state_to_parts(state: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """``state_to_items`` grouped as {part: {name: tensor}} (the GetState snapshot layout)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for part, name, t in state_to_items(state):
+        parts.setdefault(part, {})[name] = t
+    return parts
+
+
+def state_from_parts(parts: Mapping[str, Mapping[str, torch.Tensor]], fragments: list[list[str]]) -> dict[str, Any]:
+    """Inverse of ``state_to_parts``; parts other than "global" and "outer" are ignored."""
+    items = [(part, name, t) for part in ("global", "outer") for name, t in parts.get(part, {}).items()]
+    return state_from_items(items, fragments)

@@ -1,0 +1,451 @@
+"""The stage runtime: forward/backward of single microbatches and the inner step.
+
+No networking here. A ``StageRuntime`` owns one stage module and its inner
+optimizer. Every torch call runs on one worker thread (a single-thread
+executor), so the autograd state of the stage is only ever touched by one
+thread and the event loop stays free for gRPC. Bookkeeping (which microbatch
+of which iteration is open, done or abandoned) lives on the event loop.
+
+Iteration rule (DESIGN.md): the stage takes its inner step once every
+microbatch scheduled through it in the iteration has finished backward or been
+abandoned, never mid-microbatch. Its gradient for a parameter is the mean over
+the microbatches that actually contributed a gradient to it. Every wait is
+bounded: an iteration that makes no progress for ``iteration_timeout_s`` is
+closed with what it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class StageError(Exception):
+    """A microbatch cannot be processed here (stale iteration, unknown microbatch, bad shape)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MicrobatchKey:
+    """Identifies one microbatch of one origin's iteration across the whole run."""
+
+    origin_id: str
+    iteration: int
+    microbatch: int
+
+
+@dataclass(slots=True)
+class _Saved:
+    """What backward needs: the input leaf (None for the embedding) and the output with its graph."""
+
+    inputs: torch.Tensor | None
+    outputs: torch.Tensor
+
+
+@dataclass(slots=True)
+class StepResult:
+    """One inner step, for metrics and event logs."""
+
+    iteration: int
+    microbatches: int          # microbatches whose backward finished here
+    abandoned: int
+    grad_norm: float
+    lr: float
+    forced: bool               # closed by timeout rather than by completion
+    applied: bool              # False when there was no (finite) gradient
+
+
+@dataclass(slots=True)
+class _Iteration:
+    started: set[MicrobatchKey] = field(default_factory=set)
+    done: set[MicrobatchKey] = field(default_factory=set)
+    abandoned: set[MicrobatchKey] = field(default_factory=set)
+
+    def closed(self) -> int:
+        return len(self.done | self.abandoned)
+
+
+class StageRuntime:
+    """One stage's module, inner optimizer and microbatch bookkeeping.
+
+    ``expected`` is how many microbatches pass through this stage per
+    iteration (the sum of the schedule's visits; an origin's own path count).
+    ``lr_fn(iteration)`` sets the learning rate before each step.
+    ``slowdown`` > 1 emulates a slower device by sleeping (slowdown-1) x compute time.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        stage: int,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        grad_clip: float = 0.0,
+        lr_fn: Callable[[int], float] | None = None,
+        expected: int = 1,
+        iteration: int = 0,
+        iteration_timeout_s: float = 30.0,
+        slowdown: float = 1.0,
+        on_step: Callable[[StepResult], None] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if slowdown < 1.0:
+            raise ValueError(f"slowdown must be >= 1, got {slowdown}")
+        self.module = module
+        self.stage = stage
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.lr_fn = lr_fn
+        self.expected = max(1, expected)
+        self.iteration = iteration
+        self.iteration_timeout_s = iteration_timeout_s
+        self.slowdown = slowdown
+        self.on_step = on_step
+        self.device = torch.device(device)
+        self.adopt_next_iteration = False   # a late joiner takes the iteration of its first microbatch
+        self.last_grad_norm = 0.0
+        self.steps_applied = 0
+        self.compute_s = 0.0
+        self.param_names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        self._grad_sum: list[torch.Tensor | None] = [None] * len(self._params)
+        self._grad_count = [0] * len(self._params)
+        self._touched: dict[MicrobatchKey, set[int]] = {}   # worker thread only
+        self._saved: dict[MicrobatchKey, _Saved] = {}       # worker thread only
+        self._iters: dict[int, _Iteration] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{stage}")
+        self._cond: asyncio.Condition | None = None
+        self._close_lock: asyncio.Lock | None = None
+        self._last_progress = time.monotonic()
+        self._closed_executor = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def cond(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    @property
+    def close_lock(self) -> asyncio.Lock:
+        if self._close_lock is None:
+            self._close_lock = asyncio.Lock()
+        return self._close_lock
+
+    async def run(self, fn: Callable[..., T], *args: Any, slow: bool = True) -> T:
+        """Run ``fn`` on the stage's worker thread (the only thread that touches its autograd state)."""
+        loop = asyncio.get_running_loop()
+
+        def timed() -> T:
+            start = time.perf_counter()
+            result = fn(*args)
+            elapsed = time.perf_counter() - start
+            self.compute_s += elapsed
+            if slow and self.slowdown > 1.0:
+                time.sleep((self.slowdown - 1.0) * elapsed)
+            return result
+
+        return await loop.run_in_executor(self._executor, timed)
+
+    def shutdown(self) -> None:
+        if not self._closed_executor:
+            self._closed_executor = True
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _iter(self, iteration: int) -> _Iteration:
+        it = self._iters.get(iteration)
+        if it is None:
+            it = self._iters[iteration] = _Iteration()
+        return it
+
+    def _progress(self) -> None:
+        self._last_progress = time.monotonic()
+
+    def pending(self) -> int:
+        """Microbatches of the open iteration not yet done or abandoned (for status and tests)."""
+        return self.expected - self._iter(self.iteration).closed()
+
+    def holds(self, key: MicrobatchKey) -> bool:
+        """Whether activations are kept for ``key`` (dict membership is atomic, so safe from the loop)."""
+        return key in self._saved
+
+    def open_activity(self) -> bool:
+        it = self._iters.get(self.iteration)
+        return it is not None and bool(it.started or it.done or it.abandoned)
+
+    # ------------------------------------------------------------------ admission
+
+    async def admit(self, key: MicrobatchKey) -> None:
+        """Let a microbatch start here: wait (bounded) until its iteration is the open one."""
+        if self.adopt_next_iteration:
+            self.adopt_next_iteration = False
+            if key.iteration > self.iteration:
+                logger.info("stage %d adopts iteration %d (was %d)", self.stage, key.iteration, self.iteration)
+                self._iters.clear()
+                self.iteration = key.iteration
+        if key.iteration < self.iteration:
+            raise StageError(f"microbatch {key} is for iteration {key.iteration}, already closed "
+                             f"(open iteration {self.iteration})")
+        if key in self._iter(key.iteration).abandoned:
+            raise StageError(f"microbatch {key} was abandoned")
+        async with self.cond:
+            while key.iteration > self.iteration:
+                remaining = self._last_progress + self.iteration_timeout_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self.cond.wait(), timeout=remaining)
+                except TimeoutError:
+                    pass
+        # No progress for too long: close the waiting iterations with what they have.
+        while key.iteration > self.iteration:
+            await self.close_iteration(forced=True)
+        if key.iteration < self.iteration:
+            raise StageError(f"microbatch {key} arrived after its iteration closed")
+        self._iter(key.iteration).started.add(key)
+        self._progress()
+
+    # ------------------------------------------------------------------ compute (worker thread)
+
+    def _accumulate(self, key: MicrobatchKey, grads: tuple[torch.Tensor | None, ...]) -> None:
+        touched = self._touched.setdefault(key, set())
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if self._grad_sum[i] is None:
+                self._grad_sum[i] = g.detach().clone()
+            else:
+                self._grad_sum[i].add_(g)
+            if i not in touched:   # count each microbatch once per parameter, however often it passes
+                touched.add(i)
+                self._grad_count[i] += 1
+
+    def _forward_sync(self, key: MicrobatchKey | None, h_in: torch.Tensor) -> torch.Tensor:
+        h_in = h_in.to(self.device)
+        if key is None:   # evaluation: nothing kept
+            with torch.no_grad():
+                return self.module(h_in)
+        x = h_in.detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = self.module(x)
+        self._saved[key] = _Saved(x, y)
+        return y.detach()
+
+    def _embed_sync(self, key: MicrobatchKey | None, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        if key is None:
+            with torch.no_grad():
+                return self.module.embed_tokens(tokens)
+        with torch.enable_grad():
+            h = self.module.embed_tokens(tokens)
+        self._saved[key] = _Saved(None, h)
+        return h.detach()
+
+    def _backward_sync(self, key: MicrobatchKey, grad_out: torch.Tensor) -> torch.Tensor | None:
+        saved = self._saved.pop(key, None)
+        if saved is None:
+            raise StageError(f"no saved activations for microbatch {key} (abandoned or never seen)")
+        if grad_out.shape != saved.outputs.shape:
+            raise StageError(f"gradient shape {tuple(grad_out.shape)} does not match the output "
+                             f"{tuple(saved.outputs.shape)} of microbatch {key}")
+        inputs = [saved.inputs] if saved.inputs is not None else []
+        grads = torch.autograd.grad(
+            saved.outputs, inputs + self._params, grad_out.to(saved.outputs.device, saved.outputs.dtype),
+            allow_unused=True,
+        )
+        self._accumulate(key, grads[len(inputs):])
+        return grads[0] if inputs else None
+
+    def _head_sync(self, key: MicrobatchKey | None, h: torch.Tensor, targets: torch.Tensor
+                   ) -> tuple[float, torch.Tensor | None]:
+        h, targets = h.to(self.device), targets.to(self.device)
+        if key is None:
+            with torch.no_grad():
+                return float(self.module.loss(h, targets)), None
+        x = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.module.loss(x, targets)
+        grads = torch.autograd.grad(loss, [x, *self._params], allow_unused=True)
+        self._accumulate(key, grads[1:])
+        return float(loss.detach()), grads[0]
+
+    def _drop_sync(self, keys: list[MicrobatchKey]) -> None:
+        for key in keys:
+            self._saved.pop(key, None)
+
+    def _step_sync(self, iteration: int, done: int, abandoned: int, forced: bool) -> StepResult:
+        have = [i for i, c in enumerate(self._grad_count) if c > 0 and self._grad_sum[i] is not None]
+        lr = self.lr_fn(iteration) if self.lr_fn is not None else float("nan")
+        grad_norm = 0.0
+        applied = False
+        if have and self.optimizer is not None:
+            for i, p in enumerate(self._params):
+                g = self._grad_sum[i]
+                p.grad = g.div_(self._grad_count[i]) if (g is not None and self._grad_count[i] > 0) else None
+            with_grad = [self._params[i] for i in have]
+            max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+            if math.isfinite(grad_norm):
+                if self.lr_fn is not None:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                self.optimizer.step()
+                applied = True
+            else:
+                logger.warning("stage %d iteration %d: non-finite gradient norm, step skipped",
+                               self.stage, iteration)
+            for p in self._params:
+                p.grad = None
+        self._grad_sum = [None] * len(self._params)
+        self._grad_count = [0] * len(self._params)
+        self._touched.clear()
+        for key in [k for k in self._saved if k.iteration <= iteration]:
+            del self._saved[key]
+        if applied:
+            self.steps_applied += 1
+            self.last_grad_norm = grad_norm
+        return StepResult(iteration, done, abandoned, grad_norm, lr, forced, applied)
+
+    # ------------------------------------------------------------------ async API (event loop)
+
+    async def forward(self, key: MicrobatchKey | None, h_in: torch.Tensor) -> torch.Tensor:
+        """Block-stage forward; keeps the graph for backward. ``key=None``: evaluation, nothing kept."""
+        if key is not None:
+            await self.admit(key)
+        return await self.run(self._forward_sync, key, h_in)
+
+    async def embed(self, key: MicrobatchKey | None, tokens: torch.Tensor) -> torch.Tensor:
+        """Origin: embed a microbatch's tokens (hop 0)."""
+        if key is not None:
+            await self.admit(key)
+        return await self.run(self._embed_sync, key, tokens)
+
+    async def head(self, key: MicrobatchKey | None, h: torch.Tensor, targets: torch.Tensor
+                   ) -> tuple[float, torch.Tensor | None]:
+        """Origin: head + loss of a returning microbatch and its backward through the head.
+
+        Returns the loss and the gradient for the last block stage (None when evaluating).
+        """
+        if key is not None:
+            self._check_open(key)
+        result = await self.run(self._head_sync, key, h, targets)
+        if key is not None:
+            self._progress()
+        return result
+
+    async def backward(self, key: MicrobatchKey, grad_out: torch.Tensor) -> torch.Tensor | None:
+        """Backward of a microbatch's forward here; returns the gradient for the previous hop.
+
+        On an origin this is the embedding backward (returns None) and completes the microbatch.
+        """
+        self._check_open(key)
+        grad_in = await self.run(self._backward_sync, key, grad_out)
+        await self.finish(key)
+        return grad_in
+
+    def _check_open(self, key: MicrobatchKey) -> None:
+        if key.iteration != self.iteration:
+            raise StageError(f"microbatch {key} belongs to iteration {key.iteration}; open iteration "
+                             f"is {self.iteration}")
+        if key in self._iter(key.iteration).abandoned:
+            raise StageError(f"microbatch {key} was abandoned")
+
+    async def finish(self, key: MicrobatchKey) -> None:
+        """Mark a microbatch's backward here as done; steps when the iteration is complete."""
+        it = self._iter(key.iteration)
+        it.done.add(key)
+        self._progress()
+        await self._maybe_close()
+
+    async def abandon(self, key: MicrobatchKey) -> bool:
+        """Give up a microbatch here: drop what is kept for it; it counts as closed for its iteration.
+
+        Returns False when the microbatch was already finished or its iteration closed.
+        """
+        if key.iteration < self.iteration:
+            return False
+        it = self._iter(key.iteration)
+        if key in it.done or key in it.abandoned:
+            return False
+        it.abandoned.add(key)
+        await self.run(self._drop_sync, [key], slow=False)
+        self._progress()
+        await self._maybe_close()
+        return True
+
+    def set_expected(self, expected: int) -> None:
+        """Microbatches per iteration changed (new schedule); takes effect at the open iteration."""
+        self.expected = max(1, expected)
+
+    async def recheck(self) -> None:
+        """Close the open iteration if a new ``expected`` makes it complete."""
+        await self._maybe_close()
+
+    async def _maybe_close(self) -> None:
+        while self._iter(self.iteration).closed() >= self.expected:
+            await self.close_iteration(forced=False)
+
+    async def close_iteration(self, *, forced: bool) -> StepResult | None:
+        """Take the inner step of the open iteration and open the next one."""
+        async with self.close_lock:
+            iteration = self.iteration
+            it = self._iter(iteration)
+            if not forced and it.closed() < self.expected:
+                return None   # someone else closed it meanwhile
+            if forced:
+                stale = sorted((it.started - it.done - it.abandoned), key=lambda k: k.microbatch)
+                logger.warning("stage %d closes iteration %d by timeout: %d done, %d abandoned, %d unfinished",
+                               self.stage, iteration, len(it.done), len(it.abandoned), len(stale))
+            result = await self.run(self._step_sync, iteration, len(it.done), len(it.abandoned), forced)
+            self._iters.pop(iteration, None)
+            self.iteration = iteration + 1
+            self._progress()
+        async with self.cond:
+            self.cond.notify_all()
+        if self.on_step is not None:
+            self.on_step(result)
+        return result
+
+    async def watchdog(self, poll_s: float = 0.5) -> None:
+        """Close an iteration that started but has made no progress for ``iteration_timeout_s``."""
+        while True:
+            await asyncio.sleep(poll_s)
+            idle = time.monotonic() - self._last_progress
+            if self.open_activity() and idle > self.iteration_timeout_s:
+                await self.close_iteration(forced=True)
+
+    # ------------------------------------------------------------------ state
+
+    def _state_sync(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().clone() for name, t in self.module.state_dict().items()}
+
+    async def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the stage's weights, taken between microbatches on the worker thread."""
+        return await self.run(self._state_sync, slow=False)
+
+    def _load_sync(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.module.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        unknown = sorted(set(tensors) - set(own))
+        if missing or unknown:
+            raise StageError(f"state does not match the stage: missing {missing[:3]}, unknown {unknown[:3]}")
+        for name, t in tensors.items():
+            if t.shape != own[name].shape:
+                raise StageError(f"state tensor {name} has shape {tuple(t.shape)}, expected {tuple(own[name].shape)}")
+        self.module.load_state_dict(tensors)
+
+    async def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        await self.run(self._load_sync, tensors, slow=False)

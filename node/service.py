@@ -1,0 +1,189 @@
+"""The node's gRPC service: receives microbatches, abandons, state requests and pings.
+
+The servicer validates and reassembles what arrives, then hands it to the
+``PipelineAgent`` (routing and compute) or to the DiLoCo ``ShardReducer``
+(ReduceShard). A peer's malformed message is refused with INVALID_ARGUMENT and
+changes nothing; a call that arrives before the node holds a stage gets
+UNAVAILABLE so the sender treats it like an unreachable hop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import grpc
+import torch
+
+from protocols import node_pb2, node_pb2_grpc, tensor_pb2
+from protocols.chunking import ChunkAssembler, chunk_tensor, reassemble_async
+from protocols.codec import decode, encode
+from protocols.errors import ValidationError, abort_invalid
+from protocols.rpc import TokenAuthInterceptor, grpc_options
+
+if TYPE_CHECKING:
+    from node.agent import PipelineAgent
+
+logger = logging.getLogger(__name__)
+
+MAX_ACTIVATION_BYTES = 512 * 1024 * 1024   # hard cap on one reassembled tensor
+
+
+class ShardReducerLike(Protocol):
+    def handle(self, request_iterator: AsyncIterator[node_pb2.ShardChunk],
+               context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.ShardChunk]: ...
+
+
+@dataclass(slots=True)
+class StateSnapshot:
+    """What GetState streams: tensors per part, and the counters that travel with them."""
+
+    parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    inner_step: int = 0
+    outer_step: int = 0
+    grad_norm: float = 0.0
+
+
+StateProvider = Callable[[int, list[str]], Awaitable[StateSnapshot]]
+
+
+async def receive_microbatch(request_iterator: AsyncIterator[node_pb2.MicrobatchChunk], max_bytes: int
+                             ) -> tuple[node_pb2.MicrobatchHeader, tensor_pb2.Tensor, int]:
+    """Header, reassembled Tensor message and bytes received of one microbatch stream."""
+    header: node_pb2.MicrobatchHeader | None = None
+    received = 0
+
+    async def chunks() -> AsyncIterator[tensor_pb2.TensorChunk]:
+        nonlocal header, received
+        async for message in request_iterator:
+            if header is None:
+                if not message.HasField("header"):
+                    raise ValidationError("the first message of a microbatch stream must carry its header")
+                header = message.header
+            received += len(message.chunk.data)
+            yield message.chunk
+
+    tensor = await reassemble_async(chunks(), max_bytes)
+    if header is None:
+        raise ValidationError("empty microbatch stream")
+    return header, tensor, received
+
+
+class NodeServicer(node_pb2_grpc.NodeServicer):
+    """Node RPCs; ``agent`` is attached once the node holds a stage."""
+
+    def __init__(self, node_id: str = "", *, max_tensor_bytes: int = MAX_ACTIVATION_BYTES) -> None:
+        self.node_id = node_id
+        self.stage = -1
+        self.agent: PipelineAgent | None = None
+        self.shard_reducer: ShardReducerLike | None = None
+        self.state_provider: StateProvider | None = None
+        self.max_tensor_bytes = max_tensor_bytes
+        self.bytes_received = 0
+        self.state_chunk_bytes = 4 * 1024 * 1024
+
+    async def _require_agent(self, context: grpc.aio.ServicerContext) -> PipelineAgent:
+        if self.agent is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node holds no stage yet")
+        assert self.agent is not None
+        return self.agent
+
+    async def _microbatch(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
+                          context: grpc.aio.ServicerContext, backward: bool) -> node_pb2.NodeAck:
+        agent = await self._require_agent(context)
+        try:
+            header, tensor, received = await receive_microbatch(request_iterator, self.max_tensor_bytes)
+            self.bytes_received += received
+            await agent.accept(header, tensor, backward=backward)
+        except ValidationError as exc:
+            await abort_invalid(context, exc)
+        return node_pb2.NodeAck(ok=True)
+
+    async def Forward(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
+                      context: grpc.aio.ServicerContext) -> node_pb2.NodeAck:
+        return await self._microbatch(request_iterator, context, backward=False)
+
+    async def Backward(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
+                       context: grpc.aio.ServicerContext) -> node_pb2.NodeAck:
+        return await self._microbatch(request_iterator, context, backward=True)
+
+    async def Abandon(self, request: node_pb2.AbandonRequest,
+                      context: grpc.aio.ServicerContext) -> node_pb2.NodeAck:
+        agent = await self._require_agent(context)
+        self.bytes_received += request.ByteSize()
+        try:
+            changed = await agent.on_abandon(request)
+        except ValidationError as exc:
+            await abort_invalid(context, exc)
+        return node_pb2.NodeAck(ok=True, message="abandoned" if changed else "nothing to abandon")
+
+    async def ReduceShard(self, request_iterator: AsyncIterator[node_pb2.ShardChunk],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.ShardChunk]:
+        if self.shard_reducer is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not average")
+        assert self.shard_reducer is not None
+        async for reply in self.shard_reducer.handle(request_iterator, context):
+            yield reply
+
+    async def GetState(self, request: node_pb2.StateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.StateChunk]:
+        if self.state_provider is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node holds no stage yet")
+        assert self.state_provider is not None
+        parts = list(request.parts) or ["local"]
+        if request.stage != self.stage:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"node holds stage {self.stage}, not {request.stage}")
+        try:
+            snapshot = await self.state_provider(request.stage, parts)
+        except ValidationError as exc:
+            await abort_invalid(context, exc)
+        for part, tensors in snapshot.parts.items():
+            for name, tensor in tensors.items():
+                msg = encode(tensor.detach().float().contiguous(), "fp32", compress=False)
+                for chunk in chunk_tensor(msg, chunk_bytes=self.state_chunk_bytes):
+                    yield node_pb2.StateChunk(part=part, name=name, chunk=chunk,
+                                              inner_step=snapshot.inner_step, outer_step=snapshot.outer_step,
+                                              grad_norm=snapshot.grad_norm)
+
+    async def Ping(self, request: node_pb2.PingRequest, context: grpc.aio.ServicerContext) -> node_pb2.PingReply:
+        self.bytes_received += request.ByteSize()
+        return node_pb2.PingReply(sent_at=request.sent_at, node_id=self.node_id, stage=self.stage)
+
+
+async def fetch_state(stub: node_pb2_grpc.NodeStub, stage: int, parts: list[str], requester_id: str, *,
+                      metadata: Any, timeout_s: float, max_bytes: int = MAX_ACTIVATION_BYTES
+                      ) -> StateSnapshot:
+    """Client side of GetState: every tensor of the requested parts, reassembled and decoded."""
+    snapshot = StateSnapshot()
+    assembler: ChunkAssembler | None = None
+    current: tuple[str, str] | None = None
+    call = stub.GetState(node_pb2.StateRequest(stage=stage, parts=parts, requester_id=requester_id),
+                         timeout=timeout_s, metadata=metadata)
+    async for message in call:
+        if message.chunk.seq == 0:
+            assembler = ChunkAssembler(max_bytes)
+            current = (message.part, message.name)
+        if assembler is None or current != (message.part, message.name):
+            raise ValidationError("state stream out of order")
+        assembler.add(message.chunk)
+        snapshot.inner_step, snapshot.outer_step = message.inner_step, message.outer_step
+        snapshot.grad_norm = message.grad_norm
+        if message.chunk.seq + 1 == message.chunk.num_chunks:
+            tensor = decode(assembler.finish(), require_finite=True)
+            snapshot.parts.setdefault(current[0], {})[current[1]] = tensor
+            assembler, current = None, None
+    return snapshot
+
+
+async def start_server(servicer: NodeServicer, listen: str, token: str) -> tuple[grpc.aio.Server, int]:
+    """Start the node's gRPC server (token-checked) on ``listen``; returns it and the bound port."""
+    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=grpc_options())
+    node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    return server, port

@@ -1,0 +1,72 @@
+"""In-process pipeline clusters for node tests: real gRPC servers on port 0, one event loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from torch import nn
+
+from node.agent import PathSpec, PipelineAgent, Schedule
+from node.runtime import StageRuntime
+from node.service import NodeServicer, start_server
+from node.transport import LinkTable, Transport
+
+TOKEN = "test-token"
+RUN_ID = "test-run"
+
+
+@dataclass
+class LocalNode:
+    node_id: str
+    stage: int
+    runtime: StageRuntime
+    agent: PipelineAgent
+    servicer: NodeServicer
+    server: grpc.aio.Server
+    address: str
+    transport: Transport
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        await self.agent.close()
+        await self.server.stop(None)
+        await self.transport.close()
+        self.runtime.shutdown()
+
+
+async def start_node(node_id: str, stage: int, module: nn.Module, *, dim: int, max_seq_len: int,
+                     optimizer: torch.optim.Optimizer | None = None, codec: str = "fp32",
+                     hop_timeout_s: float = 3.0, iteration_timeout_s: float = 5.0,
+                     links: LinkTable | None = None) -> LocalNode:
+    if optimizer is None:
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    runtime = StageRuntime(module, stage, optimizer, iteration_timeout_s=iteration_timeout_s)
+    servicer = NodeServicer(node_id)
+    servicer.stage = stage
+    server, port = await start_server(servicer, "127.0.0.1:0", TOKEN)
+    transport = Transport(TOKEN, links=links)
+    failures: list[tuple[str, str]] = []
+
+    async def on_failure(suspect: str, reason: str) -> None:
+        failures.append((suspect, reason))
+
+    agent = PipelineAgent(node_id, RUN_ID, runtime, transport, dim=dim, max_seq_len=max_seq_len, codec=codec,
+                          hop_timeout_s=hop_timeout_s, on_failure=on_failure)
+    servicer.agent = agent
+    return LocalNode(node_id, stage, runtime, agent, servicer, server, f"127.0.0.1:{port}", transport, failures)
+
+
+def install_schedule(nodes: list[LocalNode], paths: dict[str, list[PathSpec]]) -> None:
+    """Give every node the same peer table, its origin paths, and the visits through it."""
+    addresses = {n.node_id: n.address for n in nodes}
+    stages = {n.node_id: n.stage for n in nodes}
+    for node in nodes:
+        visits: dict[str, int] = {}
+        for origin, plist in paths.items():
+            count = sum(1 for p in plist if node.node_id in p.node_ids[1:-1])
+            if count:
+                visits[origin] = count
+        node.agent.set_schedule(Schedule(epoch=1, paths=list(paths.get(node.node_id, [])),
+                                         addresses=addresses, stages=stages, visits=visits))

@@ -1,0 +1,112 @@
+"""Multi-process runs for node tests: a coordinator and node daemons as real processes on loopback.
+
+Every child runs in its own session (process group); ``LocalRun.close`` kills
+every group it started, so a failing test leaves no processes behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TOKEN = "node-test-token"
+
+
+class LocalRun:
+    def __init__(self, workdir: Path, overrides: list[str]) -> None:
+        self.workdir = workdir
+        self.overrides = overrides
+        self.token_file = workdir / "token"
+        self.token_file.write_text(TOKEN + "\n")
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.nodes: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+        self.address = ""
+        self._files: list[Any] = []
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["OMP_NUM_THREADS"] = "1"
+        env.pop("LOWBAND_TOKEN", None)
+        return env
+
+    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+        out = open(log, "wb")   # noqa: SIM115 - closed in close()
+        self._files.append(out)
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self._env(),
+                                start_new_session=True, cwd=self.workdir)
+
+    def start_coordinator(self, timeout_s: float = 30.0) -> str:
+        port_file = self.workdir / "coordinator.port"
+        args = [sys.executable, "-m", "coordinator.cli", "serve", "--bind", "127.0.0.1:0",
+                "--run-dir", str(self.workdir / "run"), "--token-file", str(self.token_file),
+                "--port-file", str(port_file)]
+        for item in self.overrides:
+            args += ["--set", item]
+        self.coordinator = self._spawn(args, self.workdir / "coordinator.log")
+        deadline = time.monotonic() + timeout_s
+        while not port_file.exists():
+            if self.coordinator.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("coordinator did not start:\n" + (self.workdir / "coordinator.log").read_text())
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
+        return self.address
+
+    def start_node(self, name: str, preferred_stage: int = -1, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+        log_json = self.workdir / f"{name}.jsonl"
+        args = [sys.executable, "-m", "node.cli", "--coordinator", self.address, "--token-file", str(self.token_file),
+                "--device", "cpu", "--preferred-stage", str(preferred_stage), "--log-json", str(log_json),
+                *(extra or [])]
+        proc = self._spawn(args, self.workdir / f"{name}.log")
+        self.nodes.append(proc)
+        self.logs.append(log_json)
+        return proc
+
+    def wait_nodes(self, timeout_s: float) -> list[int | None]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.nodes):
+            time.sleep(0.2)
+        return [p.poll() for p in self.nodes]
+
+    def records(self, index: int, kind: str | None = None) -> list[dict[str, Any]]:
+        path = self.logs[index]
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if kind is None or record.get("kind") == kind:
+                out.append(record)
+        return out
+
+    def tail(self, n: int = 30) -> str:
+        parts = []
+        for log in sorted(self.workdir.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-n:]
+            parts.append(f"== {log.name}\n" + "\n".join(line[:300] for line in lines))
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        procs = [*self.nodes, *([self.coordinator] if self.coordinator else [])]
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in self._files:
+            f.close()

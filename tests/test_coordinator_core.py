@@ -1,0 +1,304 @@
+"""The coordinator core without gRPC: leases on a fake clock, instructions, moves, persistence, validation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from coordinator.core import Coordinator
+from coordinator.errors import Conflict, InvalidRequest, UnknownNode
+from coordinator.store import Store
+from protocols import coordinator_pb2 as pb
+from protocols.config import RunConfig, apply_overrides
+
+Kind = pb.Instruction.Kind
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def config(*overrides: str) -> RunConfig:
+    base = ["model.stages=3", "membership.heartbeat_interval_s=0.3", "membership.lease_s=1.0",
+            "membership.sync_join_window_s=0.5", "membership.sync_timeout_s=2.0"]
+    return apply_overrides(RunConfig(), [*base, *overrides])
+
+
+def join(core: Coordinator, port: int, tp: float = 1.0, data: bool = True, **kw: object) -> pb.JoinReply:
+    req = pb.JoinRequest(address=f"127.0.0.1:{port}", device="cpu", throughput=tp, version="0.1",
+                         stage=-1, preferred_stage=-1, has_data=data)
+    for k, v in kw.items():
+        setattr(req, k, v)
+    return core.join(req)
+
+
+def beat(core: Coordinator, node_id: str, epoch: int, step: int = 0) -> pb.HeartbeatReply:
+    return core.heartbeat(pb.HeartbeatRequest(node_id=node_id, epoch=epoch,
+                                              metrics=pb.NodeMetrics(step=step, loss=2.0, tokens_per_s=10.0)))
+
+
+def test_join_assigns_stages_and_origins() -> None:
+    core = Coordinator(config(), clock=Clock())
+    replies = [join(core, 9000 + i) for i in range(4)]
+    assert [r.stage for r in replies] == [0, 1, 2, 0]
+    assert replies[0].instruction.kind == Kind.RECOVER and replies[0].instruction.recovery.method == "fresh"
+    assert RunConfig.from_json(replies[0].run_config_json).model.stages == 3
+    assert replies[0].heartbeat_interval_s == pytest.approx(0.3) and replies[0].lease_s == pytest.approx(1.0)
+    assert replies[0].origin_index == 0 and replies[0].num_origins == 1
+    assert replies[3].origin_index == 1 and replies[3].num_origins == 2  # stable: in order of joining
+    assert replies[1].origin_index == -1
+    assert len({r.node_id for r in replies}) == 4
+    assert [r.epoch for r in replies] == sorted(r.epoch for r in replies)
+
+
+def test_heartbeat_instructions_and_lease_expiry() -> None:
+    clock = Clock()
+    core = Coordinator(config(), clock=clock)
+    a, b, c = (join(core, 9000 + i) for i in range(3))
+    epoch = core.epoch
+    assert beat(core, a.node_id, a.epoch).instruction.kind == Kind.RELOAD_SCHEDULE
+    assert beat(core, a.node_id, epoch).instruction.kind == Kind.NONE
+    assert beat(core, "n-unknown", epoch).instruction.kind == Kind.REJOIN
+    clock.t += 0.8
+    beat(core, a.node_id, epoch)
+    beat(core, b.node_id, epoch)
+    clock.t += 0.5  # c's lease (1.0 s) ran out; a and b renewed
+    assert core.expire_leases() == [c.node_id]
+    assert core.epoch == epoch + 1
+    assert core.members[c.node_id].state == "dead"
+    assert any(e.kind == "death" and e.node_id == c.node_id for e in core.events)
+    assert beat(core, a.node_id, epoch).instruction.kind == Kind.RELOAD_SCHEDULE
+    assert beat(core, c.node_id, epoch).instruction.kind == Kind.REJOIN
+
+
+def test_death_moves_a_node_from_best_covered_stage_with_recovery_plan() -> None:
+    clock = Clock()
+    core = Coordinator(config("model.stages=4"), clock=clock)
+    nodes = [join(core, 9000 + i, tp=1.0 + i) for i in range(6)]  # stages 0,1,2,3 then two more
+    # start training so recoveries are real (not "fresh")
+    for r in nodes:
+        beat(core, r.node_id, core.epoch, step=5)
+    by_stage: dict[int, list[str]] = {}
+    for r in nodes:
+        by_stage.setdefault(core.members[r.node_id].stage, []).append(r.node_id)
+    lonely = next(s for s in (1, 2, 3) if len(by_stage[s]) == 1)
+    victim = by_stage[lonely][0]
+    clock.t += 0.6
+    for r in nodes:
+        if r.node_id != victim:
+            beat(core, r.node_id, core.epoch, step=6)
+    clock.t += 0.6
+    assert core.expire_leases() == [victim]
+    assert core.coverage()[lonely] == 1  # someone moved in
+    mover = next(m for m in core.members.values() if m.live and m.stage == lonely)
+    reply = beat(core, mover.node_id, core.epoch, step=7)
+    assert reply.instruction.kind == Kind.CHANGE_STAGE and reply.instruction.stage == lonely
+    plan = reply.instruction.recovery
+    assert plan.method in ("checkfree", "checkfree-plus") and plan.plan_id > 0
+    assert len(plan.sources) == len(plan.weights) >= 1
+    assert all(src.node_id != mover.node_id for src in plan.sources)
+    assert mover.state == "recovering"
+    # repeated until acknowledged, then gone
+    assert beat(core, mover.node_id, core.epoch).instruction.kind == Kind.CHANGE_STAGE
+    with pytest.raises(UnknownNode):
+        core.report_recovery(pb.RecoveryReport(node_id=mover.node_id, plan_id=plan.plan_id + 99, success=True))
+    core.report_recovery(pb.RecoveryReport(node_id=mover.node_id, plan_id=plan.plan_id, success=True))
+    assert mover.state == "alive"
+    assert beat(core, mover.node_id, core.epoch).instruction.kind == Kind.NONE
+
+
+def test_joiner_to_covered_stage_copies_a_replica_and_is_kept_out_of_paths_until_done() -> None:
+    core = Coordinator(config("train.microbatches=2"), clock=Clock())
+    first = [join(core, 9000 + i) for i in range(3)]
+    for r in first:
+        beat(core, r.node_id, core.epoch, step=3)
+    late = join(core, 9100, preferred_stage=2)
+    assert late.stage == 2
+    assert late.instruction.kind == Kind.RECOVER
+    assert late.instruction.recovery.method == "replica-copy"
+    assert [s.node_id for s in late.instruction.recovery.sources] == [first[2].node_id]
+    sched = core.schedule(pb.ScheduleRequest(node_id=first[0].node_id))
+    assert all(late.node_id not in p.node_ids for p in sched.paths)
+    core.report_recovery(pb.RecoveryReport(node_id=late.node_id, plan_id=late.instruction.recovery.plan_id,
+                                           success=True))
+    sched = core.schedule(pb.ScheduleRequest(node_id=late.node_id))
+    assert sched.stage == 2 and sched.origin_index == -1
+    assert sum(sched.visits.values()) >= 1
+
+
+def test_schedule_paths_for_origins() -> None:
+    core = Coordinator(config("train.microbatches=3"), clock=Clock())
+    nodes = [join(core, 9000 + i) for i in range(5)]  # stages 0,1,2,0,1
+    origin = nodes[0]
+    sched = core.schedule(pb.ScheduleRequest(node_id=origin.node_id))
+    assert sched.epoch == core.epoch and sched.stage == 0
+    assert len(sched.paths) == 3
+    for i, p in enumerate(sched.paths):
+        assert p.microbatch == i and list(p.stages) == [0, 1, 2, 0]
+        assert p.node_ids[0] == p.node_ids[-1] == origin.node_id
+    assert {p.node_id for p in sched.peers} == {r.node_id for r in nodes}
+    assert sched.visits[origin.node_id] == 3
+    mid = core.schedule(pb.ScheduleRequest(node_id=nodes[2].node_id))  # the only stage-2 node
+    assert not mid.paths and sum(mid.visits.values()) == 6 and len(mid.visits) == 2
+    with pytest.raises(UnknownNode):
+        core.schedule(pb.ScheduleRequest(node_id="n-nobody"))
+
+
+def test_sync_round_via_core_and_wrong_stage() -> None:
+    clock = Clock()
+    core = Coordinator(config(), clock=clock)
+    nodes = [join(core, 9000 + i) for i in range(6)]  # two replicas per stage
+    s1 = [r for r in nodes if r.stage == 1]
+    reply = core.sync_round(pb.SyncRoundRequest(node_id=s1[0].node_id, stage=1, fragment=0, outer_step=1))
+    assert not reply.ready and reply.retry_after_s > 0
+    reply = core.sync_round(pb.SyncRoundRequest(node_id=s1[1].node_id, stage=1, fragment=0, outer_step=1))
+    assert reply.ready and [p.node_id for p in reply.participants] == sorted(r.node_id for r in s1)
+    assert all(p.address.startswith("127.0.0.1:") for p in reply.participants)
+    with pytest.raises(Conflict):
+        core.sync_round(pb.SyncRoundRequest(node_id=s1[0].node_id, stage=2, fragment=0, outer_step=1))
+    with pytest.raises(InvalidRequest):
+        core.sync_round(pb.SyncRoundRequest(node_id=s1[0].node_id, stage=1, fragment=3, outer_step=1))
+    assert core.outer_step() == 1
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("address", "", "address is empty"),
+    ("address", "nohost", "host:port"),
+    ("address", "host:0", "host:port"),
+    ("address", "host:70000", "host:port"),
+    ("address", "bad host:80", "host:port"),
+    ("throughput", 0.0, "throughput must be > 0"),
+    ("throughput", -1.0, "throughput"),
+    ("throughput", math.nan, "finite"),
+    ("throughput", math.inf, "finite"),
+    ("device", "", "device is empty"),
+    ("device", "x" * 1000, "longer than"),
+    ("version", "", "version is empty"),
+    ("stage", 3, "stage 3 out of range"),
+    ("stage", -2, "out of range"),
+    ("preferred_stage", 7, "preferred_stage"),
+    ("node_id", "x" * 100, "not a valid node id"),
+    ("node_id", "bad id!", "not a valid node id"),
+])
+def test_malformed_join_rejected_and_nothing_changes(field: str, value: object, message: str) -> None:
+    core = Coordinator(config(), clock=Clock())
+    join(core, 9000)
+    before = (core.epoch, len(core.members), len(core.events))
+    with pytest.raises(InvalidRequest, match=message):
+        join(core, 9001, **{field: value})
+    assert (core.epoch, len(core.members), len(core.events)) == before
+
+
+def test_malformed_heartbeats_and_reports_rejected() -> None:
+    core = Coordinator(config(), clock=Clock())
+    a = join(core, 9000)
+    before = core.members[a.node_id].last_seen
+    for metrics in (pb.NodeMetrics(loss=math.nan), pb.NodeMetrics(tokens_per_s=-1.0),
+                    pb.NodeMetrics(step=-5), pb.NodeMetrics(grad_norm=math.inf)):
+        with pytest.raises(InvalidRequest):
+            core.heartbeat(pb.HeartbeatRequest(node_id=a.node_id, metrics=metrics))
+    with pytest.raises(InvalidRequest):
+        core.heartbeat(pb.HeartbeatRequest(node_id=""))
+    assert core.members[a.node_id].metrics.loss == 0.0 and core.members[a.node_id].last_seen == before
+    with pytest.raises(UnknownNode):
+        core.report_links(pb.LinkReport(node_id=a.node_id, links=[pb.LinkMeasurement(peer_id="n-ghost", rtt_s=0.1)]))
+    with pytest.raises(InvalidRequest):
+        core.report_links(pb.LinkReport(node_id=a.node_id, links=[pb.LinkMeasurement(peer_id=a.node_id,
+                                                                                       rtt_s=-0.1)]))
+    with pytest.raises(UnknownNode):
+        core.leave(pb.LeaveRequest(node_id="n-ghost"))
+    with pytest.raises(InvalidRequest):
+        core.report_recovery(pb.RecoveryReport(node_id=a.node_id, plan_id=0))
+    with pytest.raises(InvalidRequest):
+        core.status(pb.StatusRequest(max_events=-1))
+    assert core.link_matrix() == {}
+
+
+def test_links_feed_the_planner() -> None:
+    core = Coordinator(config("model.stages=2", "train.microbatches=4", "skippipe.planner=skippipe"), clock=Clock())
+    o = join(core, 9000)
+    near, far = join(core, 9001), join(core, 9002, preferred_stage=1)
+    assert near.stage == far.stage == 1
+    core.report_links(pb.LinkReport(node_id=o.node_id, links=[
+        pb.LinkMeasurement(peer_id=near.node_id, rtt_s=0.001, bandwidth_bytes_per_s=1e9),
+        pb.LinkMeasurement(peer_id=far.node_id, rtt_s=30.0, bandwidth_bytes_per_s=1e3)]))
+    assert core.link_matrix()[(o.node_id, far.node_id)] == (30.0, 1e3)
+    join(core, 9003, data=False, preferred_stage=1)  # membership change -> re-plan with the links
+    sched = core.schedule(pb.ScheduleRequest(node_id=o.node_id))
+    assert all(p.node_ids[1] != far.node_id for p in sched.paths)
+
+
+def test_leave_and_failure_report() -> None:
+    clock = Clock()
+    core = Coordinator(config(), clock=clock)
+    a, b, c = (join(core, 9000 + i) for i in range(3))
+    core.leave(pb.LeaveRequest(node_id=c.node_id, reason="spot preemption"))
+    assert core.members[c.node_id].state == "left"
+    ack = core.report_failure(pb.FailureReport(reporter_id=a.node_id, suspect_id=b.node_id, reason="timeout"))
+    assert core.members[b.node_id].state == "alive" and "still heartbeating" in ack.message
+    clock.t += 0.9  # b's heartbeat is now late (> 2 intervals) though its lease has not run out
+    beat(core, a.node_id, core.epoch)
+    core.report_failure(pb.FailureReport(reporter_id=a.node_id, suspect_id=b.node_id, reason="timeout"))
+    assert core.members[b.node_id].state == "dead"
+
+
+def test_restart_from_sqlite_keeps_identity_and_stage(tmp_path: Path) -> None:
+    clock = Clock()
+    core = Coordinator(config(), Store(tmp_path), clock=clock)
+    nodes = [join(core, 9000 + i) for i in range(4)]
+    for r in nodes:
+        beat(core, r.node_id, core.epoch, step=4)
+    core.sync_round(pb.SyncRoundRequest(node_id=nodes[1].node_id, stage=1, fragment=0, outer_step=3))
+    epoch = core.epoch
+    core.flush_metrics()
+    core.close()
+
+    core2 = Coordinator(config(), Store(tmp_path), clock=clock)
+    assert core2.epoch > epoch
+    assert set(core2.members) == {r.node_id for r in nodes}
+    assert core2.members[nodes[1].node_id].metrics.step == 4
+    assert core2.outer_step() == 3
+    assert beat(core2, nodes[0].node_id, epoch).instruction.kind == Kind.REJOIN
+    again = join(core2, 9000, node_id=nodes[0].node_id, stage=nodes[0].stage)
+    assert again.node_id == nodes[0].node_id and again.stage == nodes[0].stage
+    assert again.instruction.kind == Kind.NONE
+    assert beat(core2, nodes[0].node_id, again.epoch).instruction.kind == Kind.NONE
+    # the others never re-register: after a lease they are dead
+    clock.t += 1.5
+    beat(core2, nodes[0].node_id, core2.epoch)
+    assert sorted(core2.expire_leases()) == sorted(r.node_id for r in nodes[1:])
+    round_reply = core2.sync_round(pb.SyncRoundRequest(node_id=nodes[0].node_id, stage=0, fragment=0,
+                                                       outer_step=1))
+    assert round_reply.ready
+    core2.close()
+
+
+def test_skippipe_planner_paths_skip_stages() -> None:
+    core = Coordinator(config("model.stages=5", "train.microbatches=2", "skippipe.planner=skippipe",
+                              "skippipe.skip_ratio=0.5"), clock=Clock())
+    nodes = [join(core, 9000 + i) for i in range(10)]
+    origins = [r for r in nodes if r.stage == 0]
+    assert len(origins) == 2
+    for o in origins:
+        sched = core.schedule(pb.ScheduleRequest(node_id=o.node_id))
+        assert len(sched.paths) == 2
+        for p in sched.paths:
+            assert p.stages[0] == p.stages[-1] == 0 and len(p.stages) == 2 + 2  # m = round(0.5 * 4) = 2
+            assert len(p.node_ids) == len(p.stages) and p.node_ids[0] == o.node_id
+            for stage, node_id in zip(p.stages, p.node_ids, strict=True):
+                assert core.members[node_id].stage == stage
+
+
+def test_planner_failure_falls_back_to_full_pipeline() -> None:
+    # memory_cap below microbatches per origin: the SkipPipe planner refuses; paths still come back
+    core = Coordinator(config("train.microbatches=3", "skippipe.planner=skippipe", "skippipe.memory_cap=1"),
+                       clock=Clock())
+    nodes = [join(core, 9000 + i) for i in range(3)]
+    sched = core.schedule(pb.ScheduleRequest(node_id=nodes[0].node_id))
+    assert [list(p.stages) for p in sched.paths] == [[0, 1, 2, 0]] * 3

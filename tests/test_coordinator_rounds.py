@@ -1,0 +1,118 @@
+"""Sync-round quorum state machine with a fake clock: fast path, window, timeout, monotonic ids."""
+
+from __future__ import annotations
+
+from coordinator.rounds import FormedRound, SyncRounds
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(window: float = 2.0, minimum: int = 1, timeout: float = 10.0) -> tuple[SyncRounds, Clock]:
+    clock = Clock()
+    return SyncRounds(window, minimum, timeout, clock), clock
+
+
+def test_forms_at_once_when_every_healthy_replica_asked() -> None:
+    rounds, _ = make()
+    healthy = ["a", "b", "c"]
+    assert not rounds.request("b", 1, 0, 5, healthy).ready
+    assert not rounds.request("a", 1, 0, 5, healthy).ready
+    s = rounds.request("c", 1, 0, 5, healthy)
+    assert s.ready and s.participants == ("a", "b", "c") and s.outer_step == 5
+    again = rounds.request("a", 1, 0, 5, healthy)
+    assert again.ready and again.round_id == s.round_id and again.participants == s.participants
+
+
+def test_window_then_forms_with_whoever_asked() -> None:
+    rounds, clock = make(window=2.0)
+    healthy = ["a", "b", "c"]
+    s = rounds.request("a", 1, 0, 1, healthy)
+    assert not s.ready and 0 < s.retry_after_s <= 2.0
+    rounds.request("b", 1, 0, 1, healthy)
+    clock.t += 1.0
+    assert not rounds.request("a", 1, 0, 1, healthy).ready
+    clock.t += 1.01
+    s = rounds.request("a", 1, 0, 1, healthy)
+    assert s.ready and s.participants == ("a", "b")
+    late = rounds.request("c", 1, 0, 1, healthy)
+    assert late.ready and "c" not in late.participants and late.round_id == s.round_id
+
+
+def test_fast_path_when_previous_participants_are_back() -> None:
+    rounds, clock = make(window=5.0)
+    healthy = ["a", "b", "c"]
+    rounds.request("a", 2, 0, 1, healthy)
+    rounds.request("b", 2, 0, 1, healthy)
+    clock.t += 5.0
+    first = rounds.request("a", 2, 0, 1, healthy)
+    assert first.participants == ("a", "b")
+    # next outer step: a and b are back, c (never a participant) is not needed -> no waiting
+    assert not rounds.request("a", 2, 0, 2, healthy).ready
+    s = rounds.request("b", 2, 0, 2, healthy)
+    assert s.ready and s.participants == ("a", "b") and s.round_id > first.round_id
+
+
+def test_dead_previous_participant_does_not_block_fast_path() -> None:
+    rounds, _ = make(window=5.0)
+    rounds.request("a", 1, 0, 1, ["a", "b"])
+    rounds.request("b", 1, 0, 1, ["a", "b"])
+    # b died: the healthy set is just a and c; c is new
+    s = rounds.request("a", 1, 0, 2, ["a", "c"])
+    assert s.ready and s.participants == ("a",)
+
+
+def test_minimum_not_reached_waits_then_abandons_at_timeout() -> None:
+    rounds, clock = make(window=1.0, minimum=2, timeout=3.0)
+    healthy = ["a", "b"]
+    assert not rounds.request("a", 1, 0, 1, healthy).ready
+    clock.t += 1.5  # past the window, still one short
+    s = rounds.request("a", 1, 0, 1, healthy)
+    assert not s.ready and not s.abandoned and s.retry_after_s > 0
+    clock.t += 2.0  # past the timeout
+    s = rounds.request("a", 1, 0, 1, healthy)
+    assert s.abandoned and not s.ready and "quorum not reached" in s.reason
+    assert rounds.request("b", 1, 0, 1, healthy).abandoned  # the round stays abandoned
+
+
+def test_unhealthy_askers_are_not_participants() -> None:
+    rounds2, clock2 = make(window=1.0)
+    rounds2.request("a", 1, 0, 1, ["a", "b", "c"])
+    rounds2.request("b", 1, 0, 1, ["a", "b", "c"])
+    clock2.t += 1.5
+    s = rounds2.request("a", 1, 0, 1, ["a", "c"])  # b died in the meantime
+    assert s.participants == ("a",)
+
+
+def test_round_ids_monotonic_per_key_and_keys_independent() -> None:
+    rounds, _ = make()
+    ids = []
+    for step in range(1, 6):
+        ids.append(rounds.request("a", 1, 0, step, ["a"]).round_id)
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    other = rounds.request("a", 1, 1, 1, ["a"])
+    assert other.ready and other.round_id == 1
+    assert rounds.max_outer_step() == 5
+
+
+def test_stale_outer_step_is_abandoned() -> None:
+    rounds, _ = make()
+    for step in range(1, 12):  # more than the retained history
+        rounds.request("a", 1, 0, step, ["a"])
+    s = rounds.request("a", 1, 0, 1, ["a"])
+    assert s.abandoned and "stale" in s.reason
+
+
+def test_restore_continues_ids_and_answers_formed_round() -> None:
+    rounds, _ = make()
+    rounds.restore([FormedRound(1, 0, 7, 40, ("a", "b"))])
+    late = rounds.request("b", 1, 0, 40, ["a", "b"])
+    assert late.ready and late.round_id == 7 and late.participants == ("a", "b")
+    nxt = rounds.request("a", 1, 0, 41, ["a", "b"])
+    assert nxt.round_id == 8
+    assert rounds.request("a", 1, 0, 39, ["a", "b"]).abandoned

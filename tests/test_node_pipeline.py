@@ -1,0 +1,230 @@
+"""The pipeline over gRPC inside one process: numerics against a single-process reference, failures, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import grpc
+import pytest
+import torch
+from node_cluster import RUN_ID, TOKEN, LocalNode, install_schedule, start_node
+
+from node.agent import PathSpec
+from node.model import ModelConfig, init_stage
+from node.pipeline import path_loss
+from protocols import node_pb2, node_pb2_grpc
+from protocols.chunking import chunk_tensor
+from protocols.codec import encode
+from protocols.rpc import grpc_options, token_metadata
+
+torch.set_num_threads(1)
+
+CFG = ModelConfig.from_preset("tiny")
+S = 4
+B, T = 2, 16
+
+
+def _stages(seed: int = 0) -> dict[int, torch.nn.Module]:
+    return {s: init_stage(CFG, s, S, seed=seed) for s in range(S)}
+
+
+def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, CFG.vocab_size, (B, T + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+async def _cluster(stages: dict[int, torch.nn.Module], lr: float, **kw: object) -> list[LocalNode]:
+    ids = ["origin", "n1", "n2", "n3"]
+    nodes = []
+    for s, node_id in enumerate(ids):
+        module = stages[s]
+        opt = torch.optim.SGD(module.parameters(), lr=lr)
+        nodes.append(await start_node(node_id, s, module, dim=CFG.dim, max_seq_len=CFG.max_seq_len,
+                                      optimizer=opt, **kw))
+    return nodes
+
+
+def test_skip_paths_match_reference_mean_over_visits() -> None:
+    """Two microbatches, one skipping stage 2: each stage's step uses the mean over the microbatches that
+    visited it (stage 2 sees one), exactly as computed by autograd on the whole model in one process."""
+    paths = [PathSpec(0, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin")),
+             PathSpec(1, (0, 1, 3, 0), ("origin", "n1", "n3", "origin"))]
+    batches = [_batch(1), _batch(2)]
+    lr = 0.5
+
+    # Reference: per-stage gradient = mean over the visiting microbatches' gradients.
+    ref = {s: copy.deepcopy(m) for s, m in _stages().items()}
+    losses_ref = [path_loss(ref, list(p.stages), x, y) for p, (x, y) in zip(paths, batches, strict=True)]
+    grads = [torch.autograd.grad(loss, [p for s in range(S) for p in ref[s].parameters()], allow_unused=True)
+             for loss in losses_ref]
+    flat = [p for s in range(S) for p in ref[s].parameters()]
+    stage_of = [s for s in range(S) for _ in ref[s].parameters()]
+    with torch.no_grad():
+        for i, p in enumerate(flat):
+            visiting = [g[i] for g in grads if g[i] is not None]
+            if stage_of[i] == 2:
+                assert len(visiting) == 1
+            p -= lr * torch.stack(visiting).mean(0)
+
+    async def main() -> tuple[list[float | None], list[LocalNode]]:
+        nodes = await _cluster(_stages(), lr)
+        try:
+            install_schedule(nodes, {"origin": paths})
+            assert [n.runtime.expected for n in nodes] == [2, 2, 1, 2]
+            result = await asyncio.wait_for(nodes[0].agent.run_iteration(0, batches), 30)
+            # every stage stepped exactly once
+            for n in nodes:
+                for _ in range(50):
+                    if n.runtime.iteration == 1:
+                        break
+                    await asyncio.sleep(0.02)
+            return result.losses, nodes
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    losses, nodes = asyncio.run(main())
+    assert len(losses) == 2
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor([float(x.detach()) for x in losses_ref]))
+    for n in nodes:
+        assert n.runtime.iteration == 1 and n.runtime.steps_applied == 1
+        # fp32 activations, same ops: agreement to float rounding
+        for (name, p), q in zip(n.runtime.module.named_parameters(), ref[n.stage].parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"stage {n.stage} {name}")
+
+
+def test_training_iterations_match_single_process() -> None:
+    """Three iterations of the full pipeline (fp32 codec) give the losses of the same model trained in one process."""
+    paths = [PathSpec(0, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin"))]
+    lr = 0.3
+    ref = _stages()
+    opt = torch.optim.SGD([p for s in range(S) for p in ref[s].parameters()], lr=lr)
+    ref_losses = []
+    for it in range(3):
+        x, y = _batch(10)
+        loss = path_loss(ref, [0, 1, 2, 3, 0], x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+
+    async def main() -> list[float]:
+        nodes = await _cluster(_stages(), lr)
+        try:
+            install_schedule(nodes, {"origin": paths})
+            out = []
+            for it in range(3):
+                result = await asyncio.wait_for(nodes[0].agent.run_iteration(it, [_batch(10)]), 30)
+                assert result.abandoned == 0
+                out.append(result.loss)
+            return out
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    losses = asyncio.run(main())
+    assert ref_losses[2] < ref_losses[0]   # it trains
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+
+
+def test_dead_hop_abandons_without_hanging() -> None:
+    """A stage node that is gone: the origin's microbatches are abandoned, the suspect is reported,
+    every node that kept something for them closes its iteration, and nothing waits past its timeout."""
+    paths = [PathSpec(m, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin")) for m in range(2)]
+
+    async def main() -> None:
+        nodes = await _cluster(_stages(), 0.1, hop_timeout_s=2.0, iteration_timeout_s=3.0)
+        try:
+            install_schedule(nodes, {"origin": paths})
+            await nodes[2].server.stop(None)   # n2 disappears
+            start = time.monotonic()
+            result = await asyncio.wait_for(nodes[0].agent.run_iteration(0, [_batch(1), _batch(2)]), 20)
+            assert result.abandoned == 2 and result.losses == []
+            assert time.monotonic() - start < 10
+            suspects = {s for s, _ in nodes[1].failures}
+            assert suspects == {"n2"}
+            # n1 kept activations for both and was told to drop them: its iteration is closed
+            # n3 never saw them; the origin's abandon notices close its iteration as well
+            for _ in range(100):
+                if nodes[1].runtime.iteration == 1 and nodes[3].runtime.iteration == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert nodes[0].runtime.iteration == 1
+            assert nodes[1].runtime.iteration == 1
+            assert nodes[3].runtime.iteration == 1
+            assert time.monotonic() - start < 3.0   # closed by notices, not by the 3 s iteration timeout
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    asyncio.run(main())
+
+
+def test_bad_input_refused_and_changes_nothing() -> None:
+    paths = [PathSpec(0, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin"))]
+
+    async def main() -> None:
+        nodes = await _cluster(_stages(), 0.1)
+        try:
+            install_schedule(nodes, {"origin": paths})
+            target = nodes[1]
+            before = {k: v.clone() for k, v in target.runtime.module.state_dict().items()}
+            channel = grpc.aio.insecure_channel(target.address, options=grpc_options())
+            stub = node_pb2_grpc.NodeStub(channel)
+            header = node_pb2.MicrobatchHeader(run_id=RUN_ID, iteration=0, microbatch=0, origin_id="origin",
+                                               stages=[0, 1, 2, 3, 0],
+                                               node_ids=["origin", "n1", "n2", "n3", "origin"], hop=1)
+
+            def stream(h: node_pb2.MicrobatchHeader, t: torch.Tensor) -> list[node_pb2.MicrobatchChunk]:
+                chunks = chunk_tensor(encode(t, "fp32"))
+                return [node_pb2.MicrobatchChunk(header=h, chunk=chunks[0])] + [
+                    node_pb2.MicrobatchChunk(chunk=c) for c in chunks[1:]]
+
+            good = torch.randn(B, T, CFG.dim)
+            # wrong token
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Forward(iter(stream(header, good)), metadata=token_metadata("nope"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            bad_cases = []
+            wrong_node = node_pb2.MicrobatchHeader()
+            wrong_node.CopyFrom(header)
+            wrong_node.hop = 2
+            bad_cases.append(stream(wrong_node, good))                          # hop is someone else
+            bad_cases.append(stream(header, torch.randn(B, T, CFG.dim + 1)))    # wrong width
+            bad_cases.append(stream(header, torch.full((B, T, CFG.dim), float("nan"))))  # non-finite
+            wrong_run = node_pb2.MicrobatchHeader()
+            wrong_run.CopyFrom(header)
+            wrong_run.run_id = "other"
+            bad_cases.append(stream(wrong_run, good))
+            headerless = stream(header, good)
+            headerless[0].ClearField("header")
+            bad_cases.append(headerless)
+            corrupt = stream(header, good)
+            corrupt[0].chunk.data = corrupt[0].chunk.data[:-1] + b"x"
+            bad_cases.append(corrupt)
+            for case in bad_cases:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Forward(iter(case), metadata=token_metadata(TOKEN), timeout=5)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            # unknown microbatch backward: refused, still alive
+            back = node_pb2.MicrobatchHeader()
+            back.CopyFrom(header)
+            back.hop = 1
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Backward(iter(stream(back, good)), metadata=token_metadata(TOKEN), timeout=5)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            reply = await stub.Ping(node_pb2.PingRequest(sent_at=1.0), metadata=token_metadata(TOKEN), timeout=5)
+            assert reply.node_id == "n1" and reply.stage == 1
+            await channel.close()
+            after = target.runtime.module.state_dict()
+            for k, v in before.items():
+                assert torch.equal(v, after[k])
+            assert target.runtime.iteration == 0 and target.runtime.steps_applied == 0
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    asyncio.run(main())
