@@ -3,7 +3,9 @@
 Starts a real `lowband-coordinator serve` subprocess, joins N nodes from a few
 client processes (grpc.aio, many concurrent calls over a few channels each),
 then every node heartbeats in a loop (send, wait for the reply, sleep
---interval) for --duration seconds after a warm-up. Prints one JSON object:
+--interval) for --duration seconds after a warm-up, either over one
+HeartbeatStream per node (default) or with unary Heartbeat calls
+(--mode unary). Prints one JSON object:
 
     python benchmarks/coordinator.py --json
     {"nodes": 1000, "heartbeats_per_s": ..., "p99_ms": ..., ...}
@@ -63,7 +65,7 @@ def start_coordinator(run_dir: Path, stages: int) -> tuple[subprocess.Popen[byte
 
 
 async def _client(port: int, first: int, count: int, channels: int, interval: float, warmup: float,
-                  duration: float, ready: Any, go: Any) -> dict[str, Any]:
+                  duration: float, ready: Any, go: Any, mode: str) -> dict[str, Any]:
     md = token_metadata(TOKEN)
     chans = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=grpc_options()) for _ in range(channels)]
     stubs = [pb_grpc.CoordinatorStub(c) for c in chans]
@@ -89,22 +91,36 @@ async def _client(port: int, first: int, count: int, channels: int, interval: fl
     async def node(k: int, node_id: str) -> None:
         nonlocal errors
         stub = stubs[k % channels]
+        stream = stub.HeartbeatStream(metadata=md) if mode == "stream" else None
         epoch = 0
         step = 0
+        req = pb.HeartbeatRequest(node_id=node_id, metrics=pb.NodeMetrics(loss=2.0, tokens_per_s=1000.0,
+                                                                          grad_norm=0.7))
+        metrics = req.metrics
         await asyncio.sleep(max(0.0, start_at - time.time()) + interval * (k / max(1, count)))
         while True:
             t0 = time.perf_counter()
             now = time.time()
             if now >= stop_at:
+                if stream is not None:
+                    await stream.done_writing()
                 return
-            req = pb.HeartbeatRequest(node_id=node_id, epoch=epoch, metrics=pb.NodeMetrics(
-                step=step, loss=2.0, tokens_per_s=1000.0, bytes_sent=step * 1000, bytes_received=step * 900,
-                grad_norm=0.7))
+            # One request object per node, updated in place: the clients share the machine with the server.
+            req.epoch = epoch
+            metrics.step = step
+            metrics.bytes_sent = step * 1000
+            metrics.bytes_received = step * 900
             try:
-                reply = await stub.Heartbeat(req, metadata=md, timeout=10)
+                if stream is None:
+                    reply = await stub.Heartbeat(req, metadata=md, timeout=10)
+                else:
+                    await stream.write(req)
+                    reply = await stream.read()
                 epoch = reply.epoch
             except grpc.aio.AioRpcError:
                 errors += now >= measure_from
+                if stream is not None:
+                    stream = stub.HeartbeatStream(metadata=md)
                 continue
             if now >= measure_from:
                 latencies.append(time.perf_counter() - t0)
@@ -126,6 +142,9 @@ def _client_proc(args: tuple[Any, ...], out: Any) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--mode", choices=("stream", "unary"), default="stream",
+                        help="stream: one HeartbeatStream per node (what nodes should use); unary: one "
+                             "Heartbeat call per beat")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--channels", type=int, default=4, help="gRPC channels per client process")
     parser.add_argument("--interval", type=float, default=0.1, help="sleep between a node's heartbeats (s)")
@@ -149,7 +168,7 @@ def main() -> int:
             first = 0
             for count in per:
                 p = ctx.Process(target=_client_proc, args=((port, first, count, args.channels, args.interval,
-                                                            args.warmup, args.duration, ready, go), queue))
+                                                            args.warmup, args.duration, ready, go, args.mode), queue))
                 p.start()
                 procs.append(p)
                 first += count
@@ -183,6 +202,7 @@ def main() -> int:
     result = {
         "nodes": args.nodes,
         "heartbeats_per_s": round(len(lat) / args.duration, 1),
+        "mode": args.mode,
         # Server CPU per heartbeat: robust to a busy machine; 1e6 / this = heartbeats/s one core can serve.
         "server_cpu_us_per_heartbeat": round(cpu_us, 1) if cpu_us else None,
         "p50_ms": pct(0.50),

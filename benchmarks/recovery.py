@@ -1,19 +1,23 @@
 """Recovery benchmark: CheckFree / CheckFree+ against checkpointing and random re-init.
 
-One process, the tiny model cut into S pipeline stages, one replica per stage,
-so every failure loses a whole stage. Training runs for real (node/pipeline.py
-``path_loss``, one AdamW per stage, per-stage gradient clipping, as each node
-would do); the wall clock is *emulated* so that failure rates per hour mean
-something on a CPU:
+One process, the tiny model cut into S = 4 pipeline stages (2 blocks each), one
+replica per stage, so every failure loses a whole stage. Training runs for real
+(node/pipeline.py ``path_loss``, one AdamW per stage, per-stage gradient
+clipping, as each node would do); the wall clock is *emulated* so that failure
+rates per hour mean something on a CPU. Costs are in units of ``W``
+(``--weights-s``), the time to move one stage's weights over a node's link:
 
-- every iteration costs ``--iter-s`` emulated seconds (pipeline compute);
-- a failure stalls the pipeline for ``--recover-s`` (a replacement starts and
-  receives one stage of weights: from a neighbour, from storage, or, for
-  random re-init, nothing but the start-up) for every method alike;
-- ``checkpoint`` also pays ``--save-s`` every ``--save-every`` iterations
-  (stages upload to storage; the pipeline waits), and a lost stage is restored
-  from the last save: its weights and optimizer state roll back while the
-  other stages keep theirs.
+- every iteration costs ``--iter-s`` (pipeline compute and activations);
+- every failure costs ``--join-s`` (a replacement starts) plus its transfer,
+  while the pipeline waits: CheckFree pulls both neighbours (2W), CheckFree+
+  an edge copy pulls one (W), random re-init pulls nothing, and a checkpoint
+  restore pulls weights and both AdamW moments (3W);
+- ``checkpoint`` also pays 3W per save (every stage uploads weights and
+  moments; the pipeline waits), every ``--save-every`` iterations, by default
+  the Young/Daly interval ``sqrt(2 * save_s * MTBF)`` for the rate at hand,
+  the best fixed interval for that rate; a lost stage is restored from the last
+  save: its weights and optimizer state roll back while the other stages keep
+  theirs.
 
 Failures: a seeded Poisson process of ``RATE`` whole-stage losses per emulated
 hour, each hitting a stage drawn uniformly from 1..S-1 (stage 0, the data
@@ -55,19 +59,24 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+# `python benchmarks/recovery.py` puts benchmarks/ first on sys.path, where a
+# sibling script (benchmarks/coordinator.py) would shadow the coordinator package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from coordinator.paths import PlannedPath, apply_edge_swaps
-from coordinator.recovery import plan_recovery
-from node.checkfree import fresh_inner_optimizer, grad_norm, load_rebuilt, rebuild_stage
-from node.data import BatchIterator, load_corpus, val_batches
-from node.model import ModelConfig, build_stage
-from node.optim import build_inner_optimizer, lr_at, set_lr
-from node.pipeline import full_path, path_loss
-from protocols.config import RecoverySection, TrainSection
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from coordinator.recovery import plan_recovery  # noqa: E402
+from node.checkfree import fresh_inner_optimizer, grad_norm, load_rebuilt, rebuild_stage  # noqa: E402
+from node.data import BatchIterator, load_corpus, val_batches  # noqa: E402
+from node.model import ModelConfig, build_stage  # noqa: E402
+from node.optim import build_inner_optimizer, lr_at, set_lr  # noqa: E402
+from node.pipeline import full_path, path_loss  # noqa: E402
+from protocols.config import RecoverySection, TrainSection  # noqa: E402
 
 log = logging.getLogger("benchmarks.recovery")
 
@@ -77,8 +86,8 @@ RATES = (5, 10, 16)
 
 @dataclass(kw_only=True)
 class Settings:
-    stages: int = 7
-    steps: int = 400
+    stages: int = 4
+    steps: int = 300
     microbatches: int = 2
     microbatch_size: int = 4
     seq_len: int = 32
@@ -87,15 +96,29 @@ class Settings:
     eval_every: int = 10
     eval_batches: int = 4
     eval_batch_size: int = 16
-    iter_s: float = 12.0          # emulated seconds per iteration
-    recover_s: float = 60.0       # pipeline stall per failure (replacement start + one stage of weights)
-    save_every: int = 50          # checkpoint interval, iterations
-    save_s: float = 60.0          # emulated seconds per checkpoint save
+    iter_s: float = 8.0           # emulated seconds per iteration
+    weights_s: float = 30.0       # W: one stage's weights over one link
+    join_s: float = 30.0          # a replacement node starts and joins
+    state_factor: float = 3.0     # weights + two AdamW moments, in units of W
+    save_every: int = 0           # checkpoint interval in iterations; 0 = Young/Daly for the rate
     target_frac: float = 0.75
     seed: int = 0
     rates: tuple[int, ...] = RATES
     methods: tuple[str, ...] = METHODS
     recovery: RecoverySection = field(default_factory=RecoverySection)
+
+    @property
+    def save_s(self) -> float:
+        return self.state_factor * self.weights_s
+
+    def checkpoint_interval(self, rate_per_hour: float) -> int:
+        """``--save-every`` if set, else Young/Daly: sqrt(2 * save cost * mean time between failures)."""
+        if self.save_every > 0:
+            return self.save_every
+        if rate_per_hour <= 0:
+            return self.steps
+        tau_s = math.sqrt(2.0 * self.save_s * 3600.0 / rate_per_hour)
+        return max(1, round(tau_s / self.iter_s))
 
 
 @dataclass
@@ -117,22 +140,56 @@ def failure_schedule(rate_per_hour: float, horizon_s: float, num_stages: int, se
     return out
 
 
-def microbatch_paths(num_stages: int, microbatches: int, swap_edges: bool) -> list[list[int]]:
-    """The full pipeline for every microbatch; with ``swap_edges``, CheckFree+ swaps on every other one."""
-    paths = [PlannedPath("origin", m, full_path(num_stages), ["origin", *map(str, range(1, num_stages)), "origin"])
-             for m in range(microbatches)]
-    if swap_edges:
-        paths = apply_edge_swaps(paths, num_stages)
-    return [list(p.stages) for p in paths]
+def swapped_path(num_stages: int, kinds: tuple[str, ...]) -> list[int]:
+    """The full pipeline with edge pairs run out of order: front 1<->2, back S-2<->S-1."""
+    blocks = list(range(1, num_stages))
+    if "front" in kinds:
+        blocks[0], blocks[1] = blocks[1], blocks[0]
+    if "back" in kinds:
+        blocks[-2], blocks[-1] = blocks[-1], blocks[-2]
+    return [0, *blocks, 0]
+
+
+def iteration_paths(num_stages: int, microbatches: int, swap_edges: bool) -> list[list[list[int]]]:
+    """Per-iteration microbatch paths, cycled over iterations.
+
+    Without ``swap_edges``: the full pipeline for every microbatch. With it,
+    CheckFree+ out-of-order execution as coordinator/paths.py
+    ``apply_edge_swaps`` plans it (kept local here so the benchmark does not
+    follow that planner's API): every other microbatch runs its edge pairs
+    swapped; with S = 4 the two pairs share stage 2, so swapped microbatches
+    alternate front and back swaps (planned over two iterations so that both
+    kinds occur even with two microbatches); S = 3 has one pair only.
+    """
+    full = full_path(num_stages)
+    if not swap_edges or num_stages < 3:
+        return [[full] * microbatches]
+    if num_stages == 3:
+        cycle: list[tuple[str, ...]] = [("front",)]
+    elif num_stages == 4:
+        cycle = [("front",), ("back",)]
+    else:
+        cycle = [("front", "back")]
+    flat: list[list[int]] = []
+    selected = 0
+    for i in range(microbatches * len(cycle)):
+        if i % 2 == 1:
+            flat.append(swapped_path(num_stages, cycle[selected % len(cycle)]))
+            selected += 1
+        else:
+            flat.append(full)
+    return [flat[i * microbatches:(i + 1) * microbatches] for i in range(len(cycle))]
 
 
 class Run:
     """One training run under one method and one failure schedule."""
 
-    def __init__(self, method: str, settings: Settings, schedule: list[Failure], corpus: Any) -> None:
+    def __init__(self, method: str, settings: Settings, schedule: list[Failure], corpus: Any,
+                 save_every: int = 0) -> None:
         self.method = method
         self.s = settings
         self.schedule = schedule
+        self.save_every = save_every
         self.cfg = ModelConfig.from_preset("tiny")
         self.train = TrainSection(lr=settings.lr, warmup_steps=settings.warmup_steps, steps=settings.steps,
                                   microbatch_size=settings.microbatch_size, microbatches=settings.microbatches)
@@ -142,10 +199,11 @@ class Run:
         self.norms: dict[int, float] = {}
         self.batches = BatchIterator(corpus.train, settings.microbatch_size, settings.seq_len, seed=settings.seed)
         self.val = val_batches(corpus, settings.eval_batch_size, settings.seq_len, settings.eval_batches)
-        self.paths = microbatch_paths(S, settings.microbatches, swap_edges=(method == "checkfree_plus"))
+        self.paths = iteration_paths(S, settings.microbatches, swap_edges=(method == "checkfree_plus"))
         self.reinit_rng = torch.Generator().manual_seed(settings.seed + 1)
         self.saved: dict[int, tuple[dict, dict]] | None = None
         self.clock = 0.0
+        self.overhead_s = {"saves": 0.0, "recoveries": 0.0}
         self.curve: list[tuple[int, float, float]] = []     # (step, emulated s, val loss)
         self.events: list[dict[str, Any]] = []
         if method == "checkpoint":
@@ -160,7 +218,8 @@ class Run:
     def _fresh_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.reinit_rng))
 
-    def _recover(self, stage: int, step: int) -> str:
+    def _recover(self, stage: int) -> tuple[str, float]:
+        """Rebuild ``stage`` by this run's method; returns (what was done, transfer in units of W)."""
         S = self.s.stages
         module = self.stages[stage]
         if self.method == "checkpoint":
@@ -169,12 +228,12 @@ class Run:
             load_rebuilt(module, weights)
             self.opts[stage] = build_inner_optimizer(module.parameters(), self.train)
             self.opts[stage].load_state_dict(opt_state)
-            return "checkpoint-rollback"
+            return "checkpoint-rollback", self.s.state_factor
         if self.method == "random_reinit":
             fresh = build_stage(self.cfg, stage, S, seed=self._fresh_seed())
             load_rebuilt(module, fresh.state_dict())
             self.opts[stage] = build_inner_optimizer(module.parameters(), self.train)
-            return "random-reinit"
+            return "random-reinit", 0.0
         live = {s: [f"n{s}"] for s in range(S) if s != stage}
         plan = plan_recovery(stage, S, live, candidates=["spare"], grad_norms=self.norms,
                              lr_scale=self.s.recovery.lr_scale, epsilon=self.s.recovery.epsilon,
@@ -184,7 +243,7 @@ class Run:
                  if plan.method == "random-reinit" else None)
         load_rebuilt(module, rebuild_stage(plan.method, sources, plan.weights, fresh_state=fresh))
         self.opts[stage] = fresh_inner_optimizer(module.parameters(), self.train, lr_scale=plan.lr_scale)
-        return plan.method
+        return plan.method, float(len(plan.sources))
 
     # -- training -----------------------------------------------------------------------------
 
@@ -203,9 +262,10 @@ class Run:
         for opt in self.opts.values():
             set_lr(opt, lr)
             opt.zero_grad(set_to_none=True)
-        for path in self.paths:
+        paths = self.paths[step % len(self.paths)]
+        for path in paths:
             x, y = next(self.batches)
-            (path_loss(self.stages, path, x, y) / len(self.paths)).backward()
+            (path_loss(self.stages, path, x, y) / len(paths)).backward()
         for s, m in self.stages.items():
             # Each node clips and steps its own stage; the norm is what it reports for CheckFree.
             self.norms[s] = grad_norm(m)
@@ -216,26 +276,31 @@ class Run:
     def run(self) -> dict[str, Any]:
         pending = list(self.schedule)
         for step in range(self.s.steps):
+            # Failures that struck while the previous iteration (or recovery) ran.
             while pending and pending[0].time_s <= self.clock:
                 failure = pending.pop(0)
-                how = self._recover(failure.stage, step)
-                self.clock += self.s.recover_s
+                how, units = self._recover(failure.stage)
+                cost = self.s.join_s + units * self.s.weights_s
+                self.clock += cost
+                self.overhead_s["recoveries"] += cost
                 self.events.append({"step": step, "time_s": round(self.clock, 1), "stage": failure.stage,
                                     "method": how})
             self.step(step)
             self.clock += self.s.iter_s
-            if self.method == "checkpoint" and (step + 1) % self.s.save_every == 0:
+            if self.method == "checkpoint" and (step + 1) % self.save_every == 0:
                 self._save()
                 self.clock += self.s.save_s
+                self.overhead_s["saves"] += self.s.save_s
             if (step + 1) % self.s.eval_every == 0 or step + 1 == self.s.steps:
                 self.curve.append((step + 1, self.clock, self.evaluate()))
-        return {"curve": self.curve, "events": self.events}
+        return {"curve": self.curve, "events": self.events, "overhead_s": self.overhead_s}
 
 
-def time_to_target(curve: list[tuple[int, float, float]], target: float) -> float | None:
-    for _, t, loss in curve:
+def first_at_target(curve: list[tuple[int, float, float]], target: float) -> tuple[int, float] | None:
+    """(step, emulated s) of the first evaluation at or below ``target``."""
+    for step, t, loss in curve:
         if loss <= target:
-            return t
+            return step, t
     return None
 
 
@@ -245,15 +310,32 @@ def target_loss(curve: list[tuple[int, float, float]], steps: int, frac: float) 
     return min(curve, key=lambda c: abs(c[0] - want))[2]
 
 
+def summarise(out: dict[str, Any], target: float, details: bool) -> dict[str, Any]:
+    hit = first_at_target(out["curve"], target)
+    row: dict[str, Any] = {
+        "time_to_target_s": round(hit[1], 1) if hit else None,
+        "final_val_loss": round(out["curve"][-1][2], 4),
+        "step_at_target": hit[0] if hit else None,
+        "failures": len(out["events"]),
+        "emulated_s": round(out["curve"][-1][1], 1),
+        "overhead_s": {k: round(v, 1) for k, v in out["overhead_s"].items()},
+    }
+    if details:
+        row["events"] = out["events"]
+        row["curve"] = [(s, round(t, 1), round(v, 4)) for s, t, v in out["curve"]]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print the result JSON only")
+    parser.add_argument("--json", action="store_true", help="print compact JSON only (no progress log)")
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--stages", type=int, default=Settings.stages, choices=(4, 7))
     parser.add_argument("--iter-s", type=float, default=Settings.iter_s)
-    parser.add_argument("--recover-s", type=float, default=Settings.recover_s)
-    parser.add_argument("--save-every", type=int, default=Settings.save_every)
-    parser.add_argument("--save-s", type=float, default=Settings.save_s)
+    parser.add_argument("--weights-s", type=float, default=Settings.weights_s)
+    parser.add_argument("--join-s", type=float, default=Settings.join_s)
+    parser.add_argument("--save-every", type=int, default=Settings.save_every,
+                        help="checkpoint interval in iterations (0: Young/Daly for each rate)")
     parser.add_argument("--target-frac", type=float, default=Settings.target_frac)
     parser.add_argument("--seed", type=int, default=Settings.seed)
     parser.add_argument("--rates", type=int, nargs="+", default=list(RATES))
@@ -263,52 +345,47 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, stream=sys.stderr)
-    logging.getLogger("coordinator.recovery").setLevel(logging.ERROR)
-    logging.getLogger("node.checkfree").setLevel(logging.ERROR)
-    settings = Settings(stages=args.stages, steps=args.steps, iter_s=args.iter_s, recover_s=args.recover_s,
-                        save_every=args.save_every, save_s=args.save_s, target_frac=args.target_frac,
+    for noisy in ("coordinator.recovery", "node.checkfree", "node.data"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    settings = Settings(stages=args.stages, steps=args.steps, iter_s=args.iter_s, weights_s=args.weights_s,
+                        join_s=args.join_s, save_every=args.save_every, target_frac=args.target_frac,
                         seed=args.seed, rates=tuple(args.rates), methods=tuple(args.methods))
     corpus = load_corpus(seed=settings.seed)
     started = time.perf_counter()
 
     reference = Run("none", settings, [], corpus).run()
     target = target_loss(reference["curve"], settings.steps, settings.target_frac)
-    horizon = 2 * settings.steps * settings.iter_s   # long enough for the slowest method
+    if not math.isfinite(target):
+        raise SystemExit("the no-failure run diverged: no target loss")
+    # Long enough for the slowest method: failures keep arriving while it catches up.
+    horizon = 3 * settings.steps * settings.iter_s
     log.info("no-failure run: final val %.4f, target %.4f", reference["curve"][-1][2], target)
 
-    result: dict[str, Any] = {
-        "rates": {},
-        "target_val_loss": round(target, 4),
-        "no_failure": {"time_to_target_s": time_to_target(reference["curve"], target),
-                       "final_val_loss": round(reference["curve"][-1][2], 4)},
-        "settings": {"stages": settings.stages, "steps": settings.steps, "iter_s": settings.iter_s,
-                     "recover_s": settings.recover_s, "save_every": settings.save_every,
-                     "save_s": settings.save_s, "target_frac": settings.target_frac,
-                     "microbatches": settings.microbatches, "microbatch_size": settings.microbatch_size,
-                     "seq_len": settings.seq_len, "seed": settings.seed,
-                     "emulated_hours_no_failure": round(settings.steps * settings.iter_s / 3600, 3),
-                     "lr_scale": settings.recovery.lr_scale},
-    }
+    result: dict[str, Any] = {"rates": {}}
+    checkpoint_every: dict[str, int] = {}
     for rate in settings.rates:
         schedule = failure_schedule(rate, horizon, settings.stages, settings.seed)
+        save_every = settings.checkpoint_interval(rate)
+        checkpoint_every[str(rate)] = save_every
         by_method: dict[str, Any] = {}
         for method in settings.methods:
-            out = Run(method, settings, schedule, corpus).run()
-            row: dict[str, Any] = {
-                "time_to_target_s": time_to_target(out["curve"], target),
-                "final_val_loss": round(out["curve"][-1][2], 4),
-                "failures": len(out["events"]),
-                "emulated_s": round(out["curve"][-1][1], 1),
-            }
-            if args.details:
-                row["events"] = out["events"]
-                row["curve"] = [(s, round(t, 1), round(v, 4)) for s, t, v in out["curve"]]
-            by_method[method] = row
-            log.info("rate %s %s: %s", rate, method, {k: v for k, v in row.items() if k not in ("events", "curve")})
+            out = Run(method, settings, schedule, corpus, save_every=save_every).run()
+            by_method[method] = summarise(out, target, args.details)
+            log.info("rate %s %s: %s", rate, method,
+                     {k: v for k, v in by_method[method].items() if k not in ("events", "curve")})
         result["rates"][str(rate)] = by_method
+    result["target_val_loss"] = round(target, 4)
+    result["no_failure"] = summarise(reference, target, args.details)
+    result["settings"] = {
+        "model": "tiny", "stages": settings.stages, "steps": settings.steps,
+        "microbatches": settings.microbatches, "microbatch_size": settings.microbatch_size,
+        "seq_len": settings.seq_len, "seed": settings.seed, "target_frac": settings.target_frac,
+        "iter_s": settings.iter_s, "weights_s": settings.weights_s, "join_s": settings.join_s,
+        "save_s": settings.save_s, "checkpoint_every": checkpoint_every,
+        "lr_scale": settings.recovery.lr_scale, "failed_stages": f"1..{settings.stages - 1}",
+        "emulated_hours_no_failure": round(settings.steps * settings.iter_s / 3600, 3),
+    }
     result["benchmark_wall_s"] = round(time.perf_counter() - started, 1)
-    if not math.isfinite(target):
-        log.warning("target loss is not finite")
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 

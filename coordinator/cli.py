@@ -179,23 +179,26 @@ def _status(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    while True:
-        try:
-            reply = fetch_status(args.coordinator, token, max_events=max(0, min(args.events, 10_000)))
-        except grpc.RpcError as exc:
-            print(_status_error(args.coordinator, exc), file=sys.stderr)
-            return 3 if exc.code() == grpc.StatusCode.UNAUTHENTICATED else 1
-        data = status_dict(reply, args.coordinator)
-        text = json.dumps(data, sort_keys=True) if args.json else format_status(data)
-        if args.watch and not args.json and sys.stdout.isatty():
-            print("\x1b[2J\x1b[H", end="")
-        print(text, flush=True)
-        if not args.watch:
-            return 0
-        try:
-            time.sleep(args.interval)
-        except KeyboardInterrupt:
-            return 0
+    try:
+        while True:
+            try:
+                reply = fetch_status(args.coordinator, token, max_events=max(0, min(args.events, 10_000)))
+            except grpc.RpcError as exc:
+                print(_status_error(args.coordinator, exc), file=sys.stderr)
+                return 3 if exc.code() == grpc.StatusCode.UNAUTHENTICATED else 1
+            data = status_dict(reply, args.coordinator)
+            text = json.dumps(data, sort_keys=True) if args.json else format_status(data)
+            if args.watch and not args.json and sys.stdout.isatty():
+                print("\x1b[2J\x1b[H", end="")
+            print(text, flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(max(0.1, args.interval))
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `status --watch | head`: the reader went away
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ not the current one), else NONE.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -108,6 +109,7 @@ class Coordinator:
         self._replies: tuple[int, pb.HeartbeatReply, pb.HeartbeatReply] | None = None
         self._dirty: set[str] = set()
         self._trained = False
+        self._stages_seen: set[int] = set()   # stages some node has hosted (the others start "fresh")
         self._next_plan_id = 1
         self._config_json = config.to_json()
         self._rejoin = pb.HeartbeatReply(instruction=pb.Instruction(kind=Kind.REJOIN))
@@ -131,6 +133,7 @@ class Coordinator:
         self.epoch = int(store.get_meta("epoch") or 0) + 1
         self._next_plan_id = int(store.get_meta("next_plan_id") or 1)
         self._trained = self._trained or store.get_meta("trained") == "1"
+        self._stages_seen = set(json.loads(store.get_meta("stages_seen") or "[]"))
         store.set_meta("epoch", str(self.epoch))
         if self.members:
             live = sum(m.live for m in self.members.values())
@@ -139,6 +142,10 @@ class Coordinator:
             self._event("restart", "", -1, f"resumed with {live} live members; waiting for them to re-register")
 
     def _persist(self, member: Member) -> None:
+        if member.state in LIVE_STATES and member.stage not in self._stages_seen:
+            self._stages_seen.add(member.stage)
+            if self._store is not None:
+                self._store.set_meta("stages_seen", json.dumps(sorted(self._stages_seen)))
         if self._store is not None:
             self._store.upsert_member(member.record())
         self._dirty.discard(member.node_id)
@@ -168,8 +175,7 @@ class Coordinator:
         logger.info("event %s node=%s stage=%d epoch=%d %s", kind, node_id or "-", stage, self.epoch, detail)
 
     def _bump_epoch(self) -> None:
-        self.epoch += 1
-        self._plan_cache = None
+        self.epoch += 1  # the cached plan is now stale (kept: served while the next one is computed)
         self._peers = None
         if self._store is not None:
             self._store.set_meta("epoch", str(self.epoch))
@@ -220,12 +226,13 @@ class Coordinator:
     def _recovery_plan(self, stage: int, node: Member) -> pb.RecoveryPlan | None:
         """How `node` (a joiner or a node moved in) obtains the weights of `stage`.
 
-        At the start of a run (no node has trained yet) it is "fresh"; otherwise
-        the CheckFree helper (coordinator/recovery.py `plan_recovery`) picks
-        replica-copy when the stage has a live replica, else a CheckFree rebuild.
-        None when recovery.method is "none" and the stage was wiped.
+        At the start of a run (no node has trained yet), or for a stage nobody
+        has hosted before, it is "fresh" (initial weights from the run seed);
+        otherwise the CheckFree helper (coordinator/recovery.py `plan_recovery`)
+        picks replica-copy when the stage has a live replica, else a CheckFree
+        rebuild. None when recovery.method is "none" and the stage was wiped.
         """
-        if not self._trained:
+        if not self._trained or stage not in self._stages_seen:
             return pb.RecoveryPlan(stage=stage, method=FRESH, lr_scale=1.0, plan_id=self._new_plan_id())
         live: dict[int, list[NodeRef]] = {}
         for m in self.members.values():
@@ -456,6 +463,11 @@ class Coordinator:
         self._log_plan(plan)
         return True
 
+    def install_stale_plan(self, epoch: int, plan: Plan) -> None:
+        """Keep a plan for an older epoch as the best available (served with allow_stale)."""
+        if self._plan_cache is None or self._plan_cache[0] < epoch:
+            self._plan_cache = (epoch, plan)
+
     def current_plan(self) -> Plan:
         if self.plan_stale():
             started = time.perf_counter()
@@ -477,12 +489,21 @@ class Coordinator:
             self._peers = (self.epoch, [m.peer() for m in self.members.values() if m.live])
         return self._peers[1]
 
-    def schedule(self, req: pb.ScheduleRequest) -> pb.ScheduleReply:
+    def schedule(self, req: pb.ScheduleRequest, allow_stale: bool = False) -> pb.ScheduleReply:
+        """The asking node's paths, visits and peers.
+
+        With `allow_stale` (membership changing faster than plans are computed)
+        the last computed plan is served with *its* epoch, so the node sees
+        RELOAD_SCHEDULE on its next heartbeat and asks again.
+        """
         validate.node_id(req.node_id)
         m = self._member(req.node_id)
-        plan = self.current_plan()
+        if allow_stale and self._plan_cache is not None:
+            epoch, plan = self._plan_cache
+        else:
+            epoch, plan = self.epoch, self.current_plan()
         origins = self._origins()
-        reply = pb.ScheduleReply(epoch=self.epoch, stage=m.stage, origin_index=origins.get(m.node_id, -1),
+        reply = pb.ScheduleReply(epoch=epoch, stage=m.stage, origin_index=origins.get(m.node_id, -1),
                                  num_origins=len(origins))
         for path in plan.paths.get(m.node_id, []):
             reply.paths.append(_path_msg(path))

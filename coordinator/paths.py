@@ -19,7 +19,9 @@ Rules (SkipPipe, adapted to the bookend layout), for the block stages
   only) and a path makes at most ``max_swaps`` of them;
 * a forward jump skips at most ``max_jump`` stages: ``s_i - hi <= max_jump + 1``;
   the return to the origin counts as a jump to the head, which in the paper's
-  layout sits above stage ``S-1``: ``S - 1 - hi <= max_jump`` at the end;
+  layout sits above stage ``S-1``: ``S - 1 - hi <= max_jump`` at the end
+  (so a request needs ``(S-1) - m <= m * max_jump``: a path through stage 1
+  must still reach the head);
 * over one iteration every block stage is visited by the same number of
   microbatches, up to a difference of 1 (counted over all origins);
 * with ``memory_cap > 0`` no node is routed more than ``memory_cap``
@@ -40,8 +42,11 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from protocols.config import SkipPipeSection
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +180,13 @@ class PlanRequest:
         if missing:
             raise PlanError(f"no live node hosts stage(s) {missing}; every stage needs at least one replica")
         n, m, J = S - 1, self.visits, self.max_jump
-        if n - m > (m + 1) * J:
+        if n - m > m * J:
+            # A path through stage 1 must still get within max_jump of the head, so it spans at
+            # most m * (J + 1) stages; even coverage needs every stage, stage 1 included.
             raise PlanError(
-                f"skip_ratio={self.skip_ratio} with {S} stages leaves {m} of {n} block stages per path, "
-                f"which needs jumps over more than max_jump={J} stages")
+                f"skip_ratio={self.skip_ratio} with {S} stages leaves {m} of {n} block stages per path: "
+                f"too few to reach every stage with jumps over at most max_jump={J} stages "
+                f"(need (S-1) - m <= m * max_jump)")
         if self.memory_cap > 0:
             if self.microbatches_per_origin > self.memory_cap:
                 raise PlanError(f"memory_cap={self.memory_cap} is below microbatches_per_origin="
@@ -201,18 +209,18 @@ class PlanRequest:
         return len(self.topology.origins()) * self.microbatches_per_origin
 
     @classmethod
-    def from_section(cls, topology: Topology, section: object, *, num_stages: int,
-                     microbatches_per_origin: int, **overrides: object) -> PlanRequest:
-        """Build from a ``protocols.config.SkipPipeSection`` (duck-typed) plus cost fields."""
-        kwargs: dict[str, object] = {
-            "skip_ratio": section.skip_ratio,  # type: ignore[attr-defined]
-            "max_swaps": section.max_swaps,  # type: ignore[attr-defined]
-            "max_jump": section.max_jump,  # type: ignore[attr-defined]
-            "memory_cap": section.memory_cap,  # type: ignore[attr-defined]
+    def from_section(cls, topology: Topology, section: SkipPipeSection, *, num_stages: int,
+                     microbatches_per_origin: int, **overrides: Any) -> PlanRequest:
+        """Build from the run config's ``[skippipe]`` section; ``overrides`` set the other fields."""
+        kwargs: dict[str, Any] = {
+            "skip_ratio": section.skip_ratio,
+            "max_swaps": section.max_swaps,
+            "max_jump": section.max_jump,
+            "memory_cap": section.memory_cap,
         }
         kwargs.update(overrides)
         return cls(topology=topology, num_stages=num_stages,
-                   microbatches_per_origin=microbatches_per_origin, **kwargs)  # type: ignore[arg-type]
+                   microbatches_per_origin=microbatches_per_origin, **kwargs)
 
 
 @dataclass(slots=True)

@@ -90,79 +90,21 @@ def _valid(blocks: Sequence[int], S: int, m: int, max_swaps: int, J: int) -> boo
 def _balanced_sets(P: int, S: int, m: int, J: int, rng: random.Random) -> list[list[int]]:
     """P sorted stage sets of size m over 1..S-1, each stage in floor/ceil(P*m/(S-1)) of them.
 
-    Uses rotations of the balanced (Christoffel) word with m ones in n = S-1
-    places: any run of consecutive rotations covers every position equally up
-    to 1. When some rotation breaks the jump rule (very high skip ratios), falls
-    back to a weighted greedy plus exchange repair.
+    Rotations of the balanced (Christoffel) word with m ones in n = S-1 places:
+    any run of consecutive rotations covers every position equally up to 1, and
+    its zero runs have length ceil((n-m)/m) at most, which ``PlanRequest``
+    bounds by max_jump, so every rotation obeys the jump rule.
     """
     n = S - 1
-    if m == n:
-        return [list(range(1, S)) for _ in range(P)]
     word = [(j + 1) * m // n - j * m // n for j in range(n)]
     rotations = [[j + 1 for j in range(n) if word[(j + r) % n]] for r in range(n)]
-    if all(_valid(rot, S, m, 0, J) for rot in rotations):
-        start = rng.randrange(n)
-        sets = [list(rotations[(start + p) % n]) for p in range(P)]
-        rng.shuffle(sets)
-        return sets
-    return _greedy_sets(P, S, m, J, rng)
-
-
-def _greedy_sets(P: int, S: int, m: int, J: int, rng: random.Random) -> list[list[int]]:
-    n = S - 1
-    total = P * m
-    need = [0] + [total // n + (1 if s <= total % n else 0) for s in range(1, S)]
-    sets: list[list[int]] = []
-    for _ in range(P):
-        # DP: pick m stages with gaps <= J (incl. head and tail) maximising remaining need.
-        neg = -1e18
-        best = [[neg] * S for _ in range(m + 1)]
-        back = [[0] * S for _ in range(m + 1)]
-        for i in range(1, min(J + 1, n) + 1):
-            best[1][i] = need[i] + rng.random() * 1e-3
-        for c in range(2, m + 1):
-            for i in range(c, S):
-                lo = max(1, i - J - 1)
-                cand = max(range(lo, i), key=lambda j, c=c: best[c - 1][j])
-                if best[c - 1][cand] > neg:
-                    best[c][i] = best[c - 1][cand] + need[i] + rng.random() * 1e-3
-                    back[c][i] = cand
-        last = max(range(max(1, n - J), S), key=lambda i: best[m][i])
-        chosen = [last]
-        for c in range(m, 1, -1):
-            chosen.append(back[c][chosen[-1]])
-        chosen.sort()
-        for s in chosen:
-            need[s] -= 1
-        sets.append(chosen)
-    _repair_coverage(sets, S, m, J, rng)
+    bad = [rot for rot in rotations if not _valid(rot, S, m, 0, J)]
+    if bad:
+        raise PlanError(f"stage set {bad[0]} breaks the jump rule (max_jump={J})")
+    start = rng.randrange(n)
+    sets = [list(rotations[(start + p) % n]) for p in range(P)]
+    rng.shuffle(sets)
     return sets
-
-
-def _repair_coverage(sets: list[list[int]], S: int, m: int, J: int, rng: random.Random) -> None:
-    for _ in range(50 * len(sets) + 100):
-        counts = [0] * S
-        for st in sets:
-            for s in st:
-                counts[s] += 1
-        inner = counts[1:]
-        if max(inner) - min(inner) <= 1:
-            return
-        hi = max(range(1, S), key=lambda s: counts[s])
-        lo = min(range(1, S), key=lambda s: counts[s])
-        order = list(range(len(sets)))
-        rng.shuffle(order)
-        for p in order:
-            st = sets[p]
-            if hi in st and lo not in st:
-                new = sorted([s for s in st if s != hi] + [lo])
-                if _valid(new, S, m, 0, J):
-                    sets[p] = new
-                    break
-        else:
-            break
-    raise PlanError(f"cannot cover the {S - 1} block stages evenly with {m} stages per path "
-                    f"and max_jump={J}; lower the skip ratio")
 
 
 # --- internal plan state ---------------------------------------------------------------------------
@@ -225,7 +167,6 @@ def _edge_locks(ctx: _Ctx, sets: list[list[int]], rng: random.Random) -> list[tu
         return locks
     cycle = edge_swap_kinds(S, m)
     if not cycle[0]:
-        log.info("swap_edges: nothing to swap with %d stages and %d stages per path", S, m)
         return locks
     selected = [p for p in range(len(sets)) if p % 2 == 1]
     free = [p for p in range(len(sets)) if p % 2 == 0]
@@ -260,10 +201,6 @@ def _edge_locks(ctx: _Ctx, sets: list[list[int]], rng: random.Random) -> list[tu
         if swapped is not None and _valid(swapped, S, m, ctx.max_swaps, J):
             sets[p] = swapped
             locks[p] = kinds
-    got = sum(1 for lk in locks if lk)
-    if got < len(selected):
-        log.warning("swap_edges: %d of %d selected microbatches could run their edge swaps under the "
-                    "path rules", got, len(selected))
     return locks
 
 
@@ -675,4 +612,9 @@ def plan_paths(request: PlanRequest, planner: str = "skippipe") -> list[PlannedP
     plan = PLANNERS[planner](ctx, rng)
     paths = ctx.to_paths(plan)
     validate_plan(paths, request)
+    if request.swap_edges:
+        got = sum(1 for lk in plan.locked if lk)
+        if got < ctx.P // 2:
+            log.warning("swap_edges: only %d of %d selected microbatches can run their edge swaps under the "
+                        "path rules (%d stages, %d per path)", got, ctx.P // 2, ctx.S, ctx.m)
     return paths

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.core import Coordinator
 from coordinator.errors import Conflict, InvalidRequest, UnknownNode
+from coordinator.planning import compute_plan
+from coordinator.schedule import Plan
 from coordinator.store import Store
 from protocols import coordinator_pb2 as pb
 from protocols import coordinator_pb2_grpc as pb_grpc
@@ -42,6 +45,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def __init__(self, core: Coordinator) -> None:
         self.core = core
+        self._planning: tuple[int, asyncio.Future[Plan]] | None = None
+
+    async def _ensure_plan(self) -> None:
+        """Plan the current epoch in a worker thread (a SkipPipe search must not stall heartbeats).
+
+        Concurrent callers share one computation per epoch. If membership keeps
+        changing while planning, stop after a few rounds; the caller then gets
+        the last plan with its (older) epoch and asks again after its next
+        heartbeat says RELOAD_SCHEDULE.
+        """
+        for _ in range(3):
+            if not self.core.plan_stale():
+                return
+            epoch = self.core.epoch
+            if self._planning is None or self._planning[0] != epoch:
+                inputs = self.core.plan_inputs()
+                self._planning = (epoch, asyncio.ensure_future(asyncio.to_thread(compute_plan, inputs)))
+            plan = await self._planning[1]
+            if not self.core.install_plan(epoch, plan) and self.core.plan_stale():
+                self.core.install_stale_plan(epoch, plan)
 
     async def _call(self, method: Callable[[Any], Any], request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -60,6 +83,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+    async def HeartbeatStream(self, request_iterator: AsyncIterator[pb.HeartbeatRequest],
+                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.HeartbeatReply]:
+        heartbeat = self.core.heartbeat
+        async for request in request_iterator:
+            try:
+                reply = heartbeat(request)
+            except InvalidRequest as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            yield reply
+
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         return await self._call(self.core.join, request, context)
 
@@ -67,7 +100,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return await self._call(self.core.leave, request, context)
 
     async def GetSchedule(self, request: pb.ScheduleRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleReply:
-        return await self._call(self.core.schedule, request, context)
+        if request.node_id in self.core.members:  # only known nodes may trigger planning work
+            await self._ensure_plan()
+        return await self._call(functools.partial(self.core.schedule, allow_stale=True), request, context)
 
     async def JoinSyncRound(self, request: pb.SyncRoundRequest,
                             context: grpc.aio.ServicerContext) -> pb.SyncRoundReply:

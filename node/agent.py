@@ -113,6 +113,7 @@ class PipelineAgent:
         hop_timeout_s: float = 10.0,
         on_failure: FailureCallback | None = None,
         on_event: EventCallback | None = None,
+        refresh_schedule: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.node_id = node_id
         self.run_id = run_id
@@ -124,12 +125,14 @@ class PipelineAgent:
         self.hop_timeout_s = hop_timeout_s
         self.on_failure = on_failure
         self.on_event = on_event
+        self.refresh_schedule = refresh_schedule
         self.schedule = Schedule()
         self.microbatches_done = 0
         self.microbatches_abandoned = 0
         self._pending: dict[MicrobatchKey, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._eval_counter = 0
+        self.catch_up_to = 0
 
     @property
     def stage(self) -> int:
@@ -148,6 +151,14 @@ class PipelineAgent:
     def _event(self, kind: str, **fields: object) -> None:
         if self.on_event is not None:
             self.on_event(kind, **fields)
+
+    async def address_of(self, node_id: str) -> str | None:
+        """A peer's address; an unknown peer (our schedule is older than the sender's) refreshes it once."""
+        address = self.schedule.addresses.get(node_id)
+        if address is None and self.refresh_schedule is not None:
+            await self.refresh_schedule()
+            address = self.schedule.addresses.get(node_id)
+        return address
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -244,8 +255,11 @@ class PipelineAgent:
                 self.microbatches_done += 1
                 pending = self._pending.get(key)
                 self._resolve(key, pending.loss if pending else None)
-        except (StageError, KeyError) as exc:
-            await self._give_up(header, f"stage {self.stage}: {exc}", suspect=None)
+        except StageError as exc:
+            await self._give_up(header, f"stage {self.stage}: {exc}", suspect=None,
+                                open_iteration=exc.open_iteration)
+        except KeyError as exc:
+            await self._give_up(header, f"stage {self.stage}: unknown microbatch {exc}", suspect=None)
 
     # ------------------------------------------------------------------ sending and failures
 
@@ -254,7 +268,7 @@ class PipelineAgent:
         out.CopyFrom(header)
         out.hop = hop
         node_id = header.node_ids[hop]
-        address = self.schedule.addresses.get(node_id)
+        address = await self.address_of(node_id)
         if address is None:
             await self._give_up(header, f"no address for node {node_id}", suspect=None)
             return
@@ -272,7 +286,8 @@ class PipelineAgent:
         if not ack.ok:
             await self._give_up(header, f"{node_id} refused: {ack.message}", suspect=None)
 
-    async def _give_up(self, header: node_pb2.MicrobatchHeader, reason: str, suspect: str | None) -> None:
+    async def _give_up(self, header: node_pb2.MicrobatchHeader, reason: str, suspect: str | None,
+                       open_iteration: int = 0) -> None:
         key = self._key(header)
         logger.warning("node %s abandons microbatch %s: %s", self.node_id, key, reason)
         self._event("abandon", origin=key.origin_id, iteration=key.iteration, microbatch=key.microbatch,
@@ -280,15 +295,16 @@ class PipelineAgent:
         if suspect and self.on_failure is not None:
             self._spawn(self.on_failure(suspect, reason))
         if header.origin_id == self.node_id:
+            self.note_open_iteration(open_iteration)
             await self._abandon_as_origin(key, reason)
             return
         if not header.evaluate:
             await self.runtime.abandon(key)
-        address = self.schedule.addresses.get(header.origin_id)
+        address = await self.address_of(header.origin_id)
         if address is None:
             return
         request = node_pb2.AbandonRequest(run_id=self.run_id, iteration=key.iteration, microbatch=key.microbatch,
-                                          origin_id=key.origin_id, reason=reason)
+                                          origin_id=key.origin_id, reason=reason, open_iteration=open_iteration)
         try:
             await self.transport.abandon(address, request, timeout_s=self.hop_timeout_s)
         except grpc.aio.AioRpcError as exc:
@@ -326,6 +342,7 @@ class PipelineAgent:
             raise ValidationError(f"abandon for run {request.run_id!r}; this node trains {self.run_id!r}")
         key = MicrobatchKey(request.origin_id, request.iteration, request.microbatch)
         if request.origin_id == self.node_id:
+            self.note_open_iteration(request.open_iteration)
             if key not in self._pending:
                 return False
             await self._abandon_as_origin(key, request.reason)
@@ -334,6 +351,11 @@ class PipelineAgent:
             return False
         return await self.runtime.abandon(key)
 
+    def note_open_iteration(self, iteration: int) -> None:
+        """A stage refused our microbatch as stale: the run is at ``iteration``; catch up before the next one."""
+        if iteration > self.runtime.iteration:
+            self.catch_up_to = max(self.catch_up_to, iteration)
+
     def _resolve(self, key: MicrobatchKey, loss: float | None) -> None:
         pending = self._pending.get(key)
         if pending is not None and not pending.future.done():
@@ -341,9 +363,11 @@ class PipelineAgent:
 
     # ------------------------------------------------------------------ origin
 
-    def microbatch_timeout_s(self, path: PathSpec) -> float:
-        """A microbatch crosses 2(len-1) hops; each may wait a hop timeout (and stage gating)."""
-        return self.hop_timeout_s * 2 * len(path.stages) + self.runtime.iteration_timeout_s
+    def microbatch_timeout_s(self, path: PathSpec, evaluate: bool = False) -> float:
+        """How long an origin waits for a microbatch: each of its hops (forward, and backward when
+        training) may take up to a hop timeout before the hop itself gives up and tells us."""
+        hops = len(path.stages) - 1
+        return self.hop_timeout_s * (hops if evaluate else 2 * hops)
 
     async def run_microbatch(self, iteration: int, path: PathSpec, tokens: torch.Tensor, targets: torch.Tensor,
                              *, evaluate: bool = False) -> float | None:
@@ -370,7 +394,7 @@ class PipelineAgent:
                 return None
             self._spawn(self._push(header, 1, h, backward=False))
             try:
-                return await asyncio.wait_for(asyncio.shield(future), timeout=self.microbatch_timeout_s(path))
+                return await asyncio.wait_for(asyncio.shield(future), timeout=self.microbatch_timeout_s(path, evaluate))
             except TimeoutError:
                 await self._give_up(header, "microbatch timed out", suspect=None)
                 return None

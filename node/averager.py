@@ -40,9 +40,11 @@ import grpc
 import torch
 
 from node.averaging import robust_mean, shard_bounds
+from node.diloco import SyncJob
 from protocols import node_pb2, node_pb2_grpc, tensor_pb2
 from protocols.chunking import DEFAULT_CHUNK_BYTES, ChunkAssembler, iter_chunks
 from protocols.codec import CODECS, DEFAULT_MAX_NUMEL, decode, encode
+from protocols.config import DilocoSection
 from protocols.errors import ValidationError
 from protocols.rpc import grpc_options, token_metadata
 
@@ -113,6 +115,11 @@ class ShardReducer:
         self.bytes_sent = 0                  # replies (what this owner put on the wire)
         self.bytes_received = 0
         self.rejected: list[tuple[tuple[int, int, int, int], str, str]] = []   # (key, sender, why)
+
+    @classmethod
+    def from_config(cls, cfg: DilocoSection, node_id: str = "") -> ShardReducer:
+        """A reducer with the run's [diloco] peer timeout and outlier rule."""
+        return cls(timeout_s=cfg.peer_timeout_s, reject_norm_ratio=cfg.reject_norm_ratio, node_id=node_id)
 
     # -- rounds ---------------------------------------------------------------
 
@@ -477,3 +484,27 @@ async def allreduce_mean(
         logger.warning("round %d stage %d fragment %d: lost shards %s (%s)", round_id, stage, fragment,
                        stats.lost_shards, stats.errors)
     return out, stats
+
+
+async def average_job(
+    job: SyncJob,
+    peers: Sequence[str],
+    my_index: int,
+    *,
+    round_id: int,
+    cfg: DilocoSection,
+    reducer: ShardReducer,
+    channels: ChannelPool,
+    stage: int,
+    node_id: str,
+) -> tuple[torch.Tensor, AllReduceStats]:
+    """``allreduce_mean`` for a ``StreamingDiLoCo`` job, with the run's [diloco] settings.
+
+    The daemon starts this as a task after ``begin_sync`` and, ``cfg.overlap`` steps
+    later, hands the result to ``diloco.finish_sync(job, mean, stats.valid)`` from its
+    training thread.
+    """
+    return await allreduce_mean(
+        peers, my_index, job.delta, round_id=round_id, codec=cfg.codec, timeout_s=cfg.peer_timeout_s,
+        reducer=reducer, channels=channels, stage=stage, fragment=job.fragment, outer_step=job.outer_step,
+        sender_id=node_id, contribute=job.finite)

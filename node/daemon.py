@@ -151,6 +151,8 @@ class NodeDaemon:
         self._batches: Any = None
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._no_origin_since: float | None = None
+        self._last_refresh = 0.0
+        self._schedule_changed_at = time.monotonic()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -274,7 +276,10 @@ class NodeDaemon:
                 self._spawn(self._after_join(rejoined))
         elif kind in (Kind.CHANGE_STAGE, Kind.RECOVER):
             plan = reply.instruction.recovery
-            if plan.plan_id not in self._handled_plans:
+            assert self.config is not None
+            if self.agent is not None and self.agent.runtime.iteration >= self.config.train.steps:
+                self.stop("run finished; not moving to another stage")
+            elif plan.plan_id not in self._handled_plans:
                 self._handled_plans.add(plan.plan_id)
                 self._spawn(self._change_stage(reply.instruction.stage, plan))
         elif kind == Kind.RELOAD_SCHEDULE or reply.epoch != self.epoch:
@@ -290,8 +295,14 @@ class NodeDaemon:
         await self._hold(stage, plan)
         await self._reload_schedule()
 
+    async def _refresh_for_unknown_peer(self) -> None:
+        """A microbatch names a node we do not know yet: our schedule is older than the sender's."""
+        if time.monotonic() - self._last_refresh > 0.2:   # many microbatches at once: one reload
+            await self._reload_schedule()
+
     async def _reload_schedule(self) -> None:
         async with self._schedule_lock:
+            self._last_refresh = time.monotonic()
             try:
                 reply = await self.client.schedule(self.node_id, stop=self.stop_event)
             except grpc.aio.AioRpcError as exc:
@@ -300,6 +311,8 @@ class NodeDaemon:
             if reply is None:
                 return
             schedule = Schedule.from_reply(reply)
+            if reply.epoch != self.epoch:
+                self._schedule_changed_at = time.monotonic()
             self.epoch = reply.epoch
             if reply.num_origins:
                 self.origin_index, self.num_origins = reply.origin_index, reply.num_origins
@@ -325,6 +338,7 @@ class NodeDaemon:
             if plan is not None:
                 self._handled_plans.add(plan.plan_id)
             old = self.agent
+            previous_iteration = old.runtime.iteration if old is not None else 0
             if old is not None:
                 self.servicer.agent = None
                 self.agent = None
@@ -341,6 +355,9 @@ class NodeDaemon:
                     ok = False
                     message = f"{method} failed: {exc}"
                     logger.error("stage %d: %s; keeping fresh weights", stage, message)
+            # A moved node keeps the run's iteration even when the copy failed (and adopts the
+            # iteration of its first microbatch anyway).
+            iteration = max(iteration, previous_iteration)
             module = module.to(self.device)
             optimizer = await asyncio.to_thread(build_inner_optimizer, module.parameters(), config.train, lr_scale)
             train = config.train
@@ -348,11 +365,11 @@ class NodeDaemon:
                                    lr_fn=lambda it: lr_at(it, train), iteration=iteration,
                                    iteration_timeout_s=3 * train.hop_timeout_s, slowdown=self.opts.slowdown,
                                    on_step=self._on_step, device=self.device)
-            runtime.adopt_next_iteration = method != "fresh"
+            runtime.adopt_next_iteration = method != "fresh" or previous_iteration > 0
             agent = PipelineAgent(self.node_id, config.run_id, runtime, self.transport, dim=cfg.dim,
                                   max_seq_len=cfg.max_seq_len, codec=train.activation_codec,
                                   hop_timeout_s=train.hop_timeout_s, on_failure=self._report_failure,
-                                  on_event=self._agent_event)
+                                  on_event=self._agent_event, refresh_schedule=self._refresh_for_unknown_peer)
             self.agent = agent
             self.servicer.stage = stage
             self.servicer.state_provider = self._state
@@ -429,8 +446,8 @@ class NodeDaemon:
                 self.stop(f"finished {steps} iterations")
                 return
             if agent.is_origin:
-                if not agent.schedule.paths:
-                    await self._wait_schedule(1.0)
+                if not agent.schedule.paths or not self._settled():
+                    await self._wait_schedule(0.5)
                     continue
                 await self._origin_iteration(agent)
             else:
@@ -439,6 +456,13 @@ class NodeDaemon:
                     self.stop("no origin left in the run")
                     return
                 await asyncio.sleep(0.2)
+
+    def _settled(self) -> bool:
+        """Before its first iteration an origin waits until membership has not changed for two
+        heartbeats, so the nodes joining at the start of a run all hold the same schedule."""
+        if self._batches is not None:
+            return True
+        return time.monotonic() - self._schedule_changed_at > 2 * self.heartbeat_s
 
     def _origins_gone(self, agent: PipelineAgent) -> bool:
         """A stage node with no origin in its schedule for a few leases after training began is done."""
@@ -493,7 +517,15 @@ class NodeDaemon:
             self.train_started = time.monotonic()
             self._tokens_at_start = self.tokens
             await self._evaluate(agent, agent.runtime.iteration)
+        if agent.catch_up_to > agent.runtime.iteration:   # we fell behind the run (late joiner)
+            skip = agent.catch_up_to - agent.runtime.iteration
+            logger.info("origin %s catches up %d iterations to %d", self.node_id, skip, agent.catch_up_to)
+            agent.runtime.jump_to(agent.catch_up_to)
+            for _ in range(skip):
+                next(self._batches)
         iteration = agent.runtime.iteration
+        if iteration >= train.steps:
+            return
         x, y = next(self._batches)
         microbatches = split_microbatches(x, y, train.microbatch_size)
         result = await agent.run_iteration(iteration, microbatches)

@@ -154,9 +154,9 @@ def _split_files(
     train_parts: list[bytes] = []
     val_parts: list[bytes] = []
     train_bytes = val_bytes = 0
-    skipped = 0
-    for i, file in enumerate(files):
-        to_val = i % every == 0 and len(files) > 1
+    skipped = accepted = 0
+    for file in files:
+        to_val = accepted % every == 0 and len(files) > 1
         if (to_val and val_bytes >= val_cap) or (not to_val and train_bytes >= train_cap):
             if train_bytes >= train_cap and val_bytes >= val_cap:
                 break
@@ -171,6 +171,7 @@ def _split_files(
         if not data or b"\x00" in data[:8192]:   # empty or binary: not text
             skipped += 1
             continue
+        accepted += 1
         if to_val:
             data = data[: int(val_cap - val_bytes)] if max_bytes else data
             val_parts.append(data)
@@ -254,7 +255,7 @@ def _checked_ids(ids: np.ndarray, path: Path, vocab_size: int, max_tokens: int) 
                 f"[0, {vocab_size}) of the model"
             )
     out_dtype = np.uint8 if vocab_size <= 256 else np.int32
-    return torch.from_numpy(np.ascontiguousarray(ids, dtype=out_dtype))
+    return torch.from_numpy(np.array(ids, dtype=out_dtype, copy=True))   # copy: never alias the file
 
 
 # ---------------------------------------------------------------------------

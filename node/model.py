@@ -137,11 +137,16 @@ class Rotary(nn.Module):
             raise ValueError(f"sequence length {seq_len} exceeds the model's max_seq_len {self.max_seq_len}")
         key = (seq_len, device)
         if key not in self._cache:
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
-            angles_TH = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # (T, hd/2)
-            angles_TD = torch.cat([angles_TH, angles_TH], dim=-1)                           # (T, hd)
-            self._cache[key] = (angles_TD.cos().float().to(device), angles_TD.sin().float().to(device))
+            # Plain tensors even when first called under inference_mode, so later training can use them.
+            with torch.inference_mode(False):
+                self._cache[key] = self._tables(seq_len, device)
         return self._cache[key]
+
+    def _tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        angles_TH = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)  # (T, hd/2)
+        angles_TD = torch.cat([angles_TH, angles_TH], dim=-1)                           # (T, hd)
+        return angles_TD.cos().float().to(device), angles_TD.sin().float().to(device)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,10 @@ T = TypeVar("T")
 class StageError(Exception):
     """A microbatch cannot be processed here (stale iteration, unknown microbatch, bad shape)."""
 
+    def __init__(self, message: str, open_iteration: int = 0) -> None:
+        super().__init__(message)
+        self.open_iteration = open_iteration   # set when refused as stale: where this stage is
+
 
 @dataclass(frozen=True, slots=True)
 class MicrobatchKey:
@@ -178,6 +182,18 @@ class StageRuntime:
         """Microbatches of the open iteration not yet done or abandoned (for status and tests)."""
         return self.expected - self._iter(self.iteration).closed()
 
+    def jump_to(self, iteration: int) -> None:
+        """Skip ahead to ``iteration`` (only when the open iteration has no activity: nothing is lost)."""
+        if iteration <= self.iteration:
+            return
+        if self.open_activity():
+            raise StageError(f"cannot skip iteration {self.iteration}: it has microbatches in flight")
+        logger.info("stage %d skips from iteration %d to %d", self.stage, self.iteration, iteration)
+        for it in [i for i in self._iters if i < iteration]:
+            del self._iters[it]
+        self.iteration = iteration
+        self._progress()
+
     def holds(self, key: MicrobatchKey) -> bool:
         """Whether activations are kept for ``key`` (dict membership is atomic, so safe from the loop)."""
         return key in self._saved
@@ -194,13 +210,17 @@ class StageRuntime:
             self.adopt_next_iteration = False
             if key.iteration > self.iteration:
                 logger.info("stage %d adopts iteration %d (was %d)", self.stage, key.iteration, self.iteration)
-                self._iters.clear()
+                self._iters = {i: v for i, v in self._iters.items() if i >= key.iteration}
                 self.iteration = key.iteration
         if key.iteration < self.iteration:
             raise StageError(f"microbatch {key} is for iteration {key.iteration}, already closed "
-                             f"(open iteration {self.iteration})")
+                             f"(open iteration {self.iteration})", open_iteration=self.iteration)
         if key in self._iter(key.iteration).abandoned:
             raise StageError(f"microbatch {key} was abandoned")
+        if key.iteration > self.iteration and not self.open_activity():
+            # Nothing has happened in the open iteration (paths repeat every iteration, so an origin
+            # that is already further did not skip us): skipping it loses no gradient.
+            self.jump_to(key.iteration)
         async with self.cond:
             while key.iteration > self.iteration:
                 remaining = self._last_progress + self.iteration_timeout_s - time.monotonic()
@@ -214,7 +234,8 @@ class StageRuntime:
         while key.iteration > self.iteration:
             await self.close_iteration(forced=True)
         if key.iteration < self.iteration:
-            raise StageError(f"microbatch {key} arrived after its iteration closed")
+            raise StageError(f"microbatch {key} arrived after its iteration closed",
+                             open_iteration=self.iteration)
         self._iter(key.iteration).started.add(key)
         self._progress()
 

@@ -9,13 +9,16 @@ ValidationError. Messages stay well under ``protocols.rpc.MAX_MESSAGE_BYTES``.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator, Sequence
 from typing import Any
 
+import torch
 from google.protobuf.message import DecodeError
 
 from protocols import tensor_pb2
+from protocols.codec import DEFAULT_MAX_NUMEL, decode
 from protocols.errors import ValidationError
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -58,8 +61,8 @@ class ChunkAssembler:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._parts: list[bytes] = []
-        self._received = 0
+        self._buf = bytearray()  # grows with what arrived, never with what was announced
+        self._count = 0
         self._num_chunks = 0
         self._total = 0
         self._checksum = 0
@@ -68,11 +71,11 @@ class ChunkAssembler:
     @property
     def complete(self) -> bool:
         """True once every announced chunk has arrived."""
-        return self._num_chunks > 0 and len(self._parts) == self._num_chunks
+        return self._num_chunks > 0 and self._count == self._num_chunks
 
     @property
     def received_bytes(self) -> int:
-        return self._received
+        return len(self._buf)
 
     def add(self, chunk: tensor_pb2.TensorChunk) -> bool:
         """Take the next chunk; returns True when it was the last one."""
@@ -80,7 +83,7 @@ class ChunkAssembler:
             raise ValidationError(f"expected a lowband.TensorChunk, got {type(chunk).__name__}")
         if self._finished or self.complete:
             raise ValidationError(f"chunk {chunk.seq} arrived after the stream's last chunk")
-        seq = len(self._parts)
+        seq = self._count
         if seq == 0:
             if chunk.seq != 0:
                 raise ValidationError(f"stream starts at chunk {chunk.seq}, expected 0")
@@ -102,10 +105,10 @@ class ChunkAssembler:
         data = chunk.data
         if not data and self._total > 0:
             raise ValidationError(f"chunk {seq} is empty")
-        if self._received + len(data) > self._total:
+        if len(self._buf) + len(data) > self._total:
             raise ValidationError(f"chunks exceed the announced {self._total} bytes")
-        self._parts.append(data)
-        self._received += len(data)
+        self._buf += data
+        self._count += 1
         return self.complete
 
     def finish(self) -> tensor_pb2.Tensor:
@@ -113,11 +116,10 @@ class ChunkAssembler:
         if self._finished:
             raise ValidationError("assembler already finished")
         if not self.complete:
-            raise ValidationError(f"stream ended after {len(self._parts)} of {self._num_chunks or '?'} chunks")
-        if self._received != self._total:
-            raise ValidationError(f"stream carried {self._received} bytes; {self._total} were announced")
-        data = b"".join(self._parts)
-        self._parts = []
+            raise ValidationError(f"stream ended after {self._count} of {self._num_chunks or '?'} chunks")
+        if len(self._buf) != self._total:
+            raise ValidationError(f"stream carried {len(self._buf)} bytes; {self._total} were announced")
+        data, self._buf = self._buf, bytearray()
         self._finished = True
         if zlib.crc32(data) != self._checksum:
             raise ValidationError("stream checksum mismatch: data corrupted")
@@ -149,6 +151,21 @@ async def reassemble_async(
     return assembler.finish()  # raises: the stream ended early
 
 
+async def receive_tensor(
+    chunks: AsyncIterable[Any],
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    *,
+    get_chunk: Callable[[Any], tensor_pb2.TensorChunk] | None = None,
+    max_numel: int = DEFAULT_MAX_NUMEL,
+    expected_shape: Sequence[int] | None = None,
+    require_finite: bool = False,
+) -> torch.Tensor:
+    """Reassemble and decode one tensor; decoding runs in a worker thread, off the event loop."""
+    msg = await reassemble_async(chunks, max_bytes, get_chunk=get_chunk)
+    return await asyncio.to_thread(decode, msg, max_numel=max_numel, expected_shape=expected_shape,
+                                   require_finite=require_finite)
+
+
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_BYTES",
@@ -156,4 +173,5 @@ __all__ = [
     "chunk_tensor",
     "iter_chunks",
     "reassemble_async",
+    "receive_tensor",
 ]

@@ -84,13 +84,17 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+# We wrap immutable `bytes` from protobuf without copying and only ever read them; set
+# once at import (catch_warnings is not thread-safe) and only for warnings raised here.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=__name__)
+
+
 def _frombuffer(buf: bytes, dtype: torch.dtype) -> torch.Tensor:
     """Zero-copy read-only view of `buf`; callers never write into it."""
     if len(buf) == 0:
         return torch.empty(0, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": we only read
-        return torch.frombuffer(buf, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype)
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protocols import tensor_pb2 as protocols_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protocols/node.proto\x12\x07lowband\x1a\x16protocols/tensor.proto\"&\n\x07NodeAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xac\x01\n\x10MicrobatchHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x03\x12\x12\n\nmicrobatch\x18\x03 \x01(\x05\x12\x11\n\torigin_id\x18\x04 \x01(\t\x12\x0e\n\x06stages\x18\x05 \x03(\x05\x12\x10\n\x08node_ids\x18\x06 \x03(\t\x12\x0b\n\x03hop\x18\x07 \x01(\x05\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x10\n\x08\x65valuate\x18\t \x01(\x08\"a\n\x0fMicrobatchChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.lowband.MicrobatchHeader\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.lowband.TensorChunk\"j\n\x0e\x41\x62\x61ndonRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x03\x12\x12\n\nmicrobatch\x18\x03 \x01(\x05\x12\x11\n\torigin_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xb6\x01\n\x0bShardHeader\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x10\n\x08\x66ragment\x18\x03 \x01(\x05\x12\x13\n\x0bshard_index\x18\x04 \x01(\x05\x12\x12\n\nnum_shards\x18\x05 \x01(\x05\x12\x11\n\tsender_id\x18\x06 \x01(\t\x12\x12\n\nouter_step\x18\x07 \x01(\x03\x12\x0f\n\x07\x61\x62stain\x18\x08 \x01(\x08\x12\x13\n\x0btotal_numel\x18\t \x01(\x04\"~\n\nShardChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.lowband.ShardHeader\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.lowband.TensorChunk\x12\x14\n\x0c\x63ontributors\x18\x03 \x01(\x05\x12\x0f\n\x07refused\x18\x04 \x01(\t\"B\n\x0cStateRequest\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\r\n\x05parts\x18\x02 \x03(\t\x12\x14\n\x0crequester_id\x18\x03 \x01(\t\"\x88\x01\n\nStateChunk\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x14.lowband.TensorChunk\x12\x12\n\ninner_step\x18\x04 \x01(\x03\x12\x12\n\nouter_step\x18\x05 \x01(\x03\x12\x11\n\tgrad_norm\x18\x06 \x01(\x01\"/\n\x0bPingRequest\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\x12\x0f\n\x07padding\x18\x02 \x01(\x0c\"<\n\tPingReply\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x32\xd8\x02\n\x04Node\x12\x37\n\x07\x46orward\x12\x18.lowband.MicrobatchChunk\x1a\x10.lowband.NodeAck(\x01\x12\x38\n\x08\x42\x61\x63kward\x12\x18.lowband.MicrobatchChunk\x1a\x10.lowband.NodeAck(\x01\x12\x34\n\x07\x41\x62\x61ndon\x12\x17.lowband.AbandonRequest\x1a\x10.lowband.NodeAck\x12;\n\x0bReduceShard\x12\x13.lowband.ShardChunk\x1a\x13.lowband.ShardChunk(\x01\x30\x01\x12\x38\n\x08GetState\x12\x15.lowband.StateRequest\x1a\x13.lowband.StateChunk0\x01\x12\x30\n\x04Ping\x12\x14.lowband.PingRequest\x1a\x12.lowband.PingReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protocols/node.proto\x12\x07lowband\x1a\x16protocols/tensor.proto\"&\n\x07NodeAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xac\x01\n\x10MicrobatchHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x03\x12\x12\n\nmicrobatch\x18\x03 \x01(\x05\x12\x11\n\torigin_id\x18\x04 \x01(\t\x12\x0e\n\x06stages\x18\x05 \x03(\x05\x12\x10\n\x08node_ids\x18\x06 \x03(\t\x12\x0b\n\x03hop\x18\x07 \x01(\x05\x12\r\n\x05\x65poch\x18\x08 \x01(\x04\x12\x10\n\x08\x65valuate\x18\t \x01(\x08\"a\n\x0fMicrobatchChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.lowband.MicrobatchHeader\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.lowband.TensorChunk\"\x82\x01\n\x0e\x41\x62\x61ndonRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x03\x12\x12\n\nmicrobatch\x18\x03 \x01(\x05\x12\x11\n\torigin_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x16\n\x0eopen_iteration\x18\x06 \x01(\x03\"\xb6\x01\n\x0bShardHeader\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x10\n\x08\x66ragment\x18\x03 \x01(\x05\x12\x13\n\x0bshard_index\x18\x04 \x01(\x05\x12\x12\n\nnum_shards\x18\x05 \x01(\x05\x12\x11\n\tsender_id\x18\x06 \x01(\t\x12\x12\n\nouter_step\x18\x07 \x01(\x03\x12\x0f\n\x07\x61\x62stain\x18\x08 \x01(\x08\x12\x13\n\x0btotal_numel\x18\t \x01(\x04\"~\n\nShardChunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x14.lowband.ShardHeader\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.lowband.TensorChunk\x12\x14\n\x0c\x63ontributors\x18\x03 \x01(\x05\x12\x0f\n\x07refused\x18\x04 \x01(\t\"B\n\x0cStateRequest\x12\r\n\x05stage\x18\x01 \x01(\x05\x12\r\n\x05parts\x18\x02 \x03(\t\x12\x14\n\x0crequester_id\x18\x03 \x01(\t\"\x88\x01\n\nStateChunk\x12\x0c\n\x04part\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x14.lowband.TensorChunk\x12\x12\n\ninner_step\x18\x04 \x01(\x03\x12\x12\n\nouter_step\x18\x05 \x01(\x03\x12\x11\n\tgrad_norm\x18\x06 \x01(\x01\"/\n\x0bPingRequest\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\x12\x0f\n\x07padding\x18\x02 \x01(\x0c\"<\n\tPingReply\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x32\xd8\x02\n\x04Node\x12\x37\n\x07\x46orward\x12\x18.lowband.MicrobatchChunk\x1a\x10.lowband.NodeAck(\x01\x12\x38\n\x08\x42\x61\x63kward\x12\x18.lowband.MicrobatchChunk\x1a\x10.lowband.NodeAck(\x01\x12\x34\n\x07\x41\x62\x61ndon\x12\x17.lowband.AbandonRequest\x1a\x10.lowband.NodeAck\x12;\n\x0bReduceShard\x12\x13.lowband.ShardChunk\x1a\x13.lowband.ShardChunk(\x01\x30\x01\x12\x38\n\x08GetState\x12\x15.lowband.StateRequest\x1a\x13.lowband.StateChunk0\x01\x12\x30\n\x04Ping\x12\x14.lowband.PingRequest\x1a\x12.lowband.PingReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,20 +38,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MICROBATCHHEADER']._serialized_end=270
   _globals['_MICROBATCHCHUNK']._serialized_start=272
   _globals['_MICROBATCHCHUNK']._serialized_end=369
-  _globals['_ABANDONREQUEST']._serialized_start=371
-  _globals['_ABANDONREQUEST']._serialized_end=477
-  _globals['_SHARDHEADER']._serialized_start=480
-  _globals['_SHARDHEADER']._serialized_end=662
-  _globals['_SHARDCHUNK']._serialized_start=664
-  _globals['_SHARDCHUNK']._serialized_end=790
-  _globals['_STATEREQUEST']._serialized_start=792
-  _globals['_STATEREQUEST']._serialized_end=858
-  _globals['_STATECHUNK']._serialized_start=861
-  _globals['_STATECHUNK']._serialized_end=997
-  _globals['_PINGREQUEST']._serialized_start=999
-  _globals['_PINGREQUEST']._serialized_end=1046
-  _globals['_PINGREPLY']._serialized_start=1048
-  _globals['_PINGREPLY']._serialized_end=1108
-  _globals['_NODE']._serialized_start=1111
-  _globals['_NODE']._serialized_end=1455
+  _globals['_ABANDONREQUEST']._serialized_start=372
+  _globals['_ABANDONREQUEST']._serialized_end=502
+  _globals['_SHARDHEADER']._serialized_start=505
+  _globals['_SHARDHEADER']._serialized_end=687
+  _globals['_SHARDCHUNK']._serialized_start=689
+  _globals['_SHARDCHUNK']._serialized_end=815
+  _globals['_STATEREQUEST']._serialized_start=817
+  _globals['_STATEREQUEST']._serialized_end=883
+  _globals['_STATECHUNK']._serialized_start=886
+  _globals['_STATECHUNK']._serialized_end=1022
+  _globals['_PINGREQUEST']._serialized_start=1024
+  _globals['_PINGREQUEST']._serialized_end=1071
+  _globals['_PINGREPLY']._serialized_start=1073
+  _globals['_PINGREPLY']._serialized_end=1133
+  _globals['_NODE']._serialized_start=1136
+  _globals['_NODE']._serialized_end=1480
 # @@protoc_insertion_point(module_scope)

@@ -46,18 +46,20 @@ class MicrobatchChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[MicrobatchHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class AbandonRequest(_message.Message):
-    __slots__ = ("run_id", "iteration", "microbatch", "origin_id", "reason")
+    __slots__ = ("run_id", "iteration", "microbatch", "origin_id", "reason", "open_iteration")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    OPEN_ITERATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     iteration: int
     microbatch: int
     origin_id: str
     reason: str
-    def __init__(self, run_id: _Optional[str] = ..., iteration: _Optional[int] = ..., microbatch: _Optional[int] = ..., origin_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    open_iteration: int
+    def __init__(self, run_id: _Optional[str] = ..., iteration: _Optional[int] = ..., microbatch: _Optional[int] = ..., origin_id: _Optional[str] = ..., reason: _Optional[str] = ..., open_iteration: _Optional[int] = ...) -> None: ...
 
 class ShardHeader(_message.Message):
     __slots__ = ("round_id", "stage", "fragment", "shard_index", "num_shards", "sender_id", "outer_step", "abstain", "total_numel")

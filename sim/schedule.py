@@ -45,6 +45,8 @@ def register(subparsers: Any) -> None:
                    help="forward seconds per layer per microbatch (base GPU)")
     p.add_argument("--planners", default=",".join(DEFAULT_PLANNERS),
                    help=f"comma-separated, from {', '.join((*PLANNERS, 'skippipe-noskip'))}")
+    p.add_argument("--search-evals", type=int, default=None,
+                   help="skippipe local-search simulator runs (default: sized to the problem)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -63,14 +65,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         topology=topo, num_stages=args.stages, skip_ratio=args.skip,
         microbatches_per_origin=args.microbatches, memory_cap=args.memory_cap,
         layers_per_stage=args.layers / (args.stages - 1), activation_bytes=args.activation_mib * 2**20,
-        seed=args.seed, swap_edges=args.swap_edges)
+        seed=args.seed, swap_edges=args.swap_edges, search_evals=args.search_evals)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
-        req, planner = request, name
-        if name == "skippipe-noskip":
-            req, planner = dataclasses.replace(request, skip_ratio=0.0), "skippipe"
+        noskip = name == "skippipe-noskip"
         start = time.perf_counter()
-        paths = plan_paths(req, planner)
+        try:
+            req = dataclasses.replace(request, skip_ratio=0.0) if noskip else request
+            paths = plan_paths(req, "skippipe" if noskip else name)
+        except PlanError as exc:  # e.g. a memory cap that only the skipping planners can meet
+            results[name] = {"error": str(exc)}
+            log.warning("%s: %s", name, exc)
+            continue
         plan_s = time.perf_counter() - start
         sim = simulate(paths, req)
         coverage = stage_coverage(paths, args.stages)
@@ -87,10 +93,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "visits_per_path": request.visits, "seed": args.seed, "swap_edges": args.swap_edges,
         "planners": results,
     }
+    ok = {name for name, res in results.items() if "error" not in res}
     for base in ("full", "random"):
-        if "skippipe" in results and base in results:
+        if {"skippipe", base} <= ok:
             out[f"skippipe_vs_{base}"] = round(results["skippipe"]["iteration_s"] / results[base]["iteration_s"], 4)
-    if "skippipe" in results:
+    if "skippipe" in ok:
         out["plan_s"] = results["skippipe"]["plan_s"]
     return out
 
@@ -110,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     full = out["planners"].get("full", {}).get("iteration_s")
     print(f"{'planner':<18}{'iteration s':>12}{'vs full':>9}{'plan s':>9}")
     for name, res in out["planners"].items():
+        if "error" in res:
+            print(f"{name:<18}  cannot plan: {res['error']}")
+            continue
         ratio = f"{res['iteration_s'] / full:.3f}" if full else "-"
         print(f"{name:<18}{res['iteration_s']:>12.2f}{ratio:>9}{res['plan_s']:>9.2f}")
     return 0

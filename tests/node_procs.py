@@ -37,7 +37,7 @@ class LocalRun:
         return env
 
     def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        out = open(log, "wb")   # noqa: SIM115 - closed in close()
+        out = open(log, "wb")   # closed in close()
         self._files.append(out)
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self._env(),
                                 start_new_session=True, cwd=self.workdir)

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from protocols import tensor_pb2
-from protocols.chunking import ChunkAssembler, chunk_tensor, iter_chunks, reassemble_async
+from protocols.chunking import ChunkAssembler, chunk_tensor, iter_chunks, reassemble_async, receive_tensor
 from protocols.codec import decode, encode
 from protocols.errors import ValidationError, invalid_argument_on_validation_error
 
 torch.set_num_threads(1)
+# protocols.codec filters this at import (it wraps immutable protobuf bytes read-only); pytest resets filters
+pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
 
 def _tensor(n: int = 50_000) -> tensor_pb2.Tensor:
@@ -173,6 +175,21 @@ def test_reassemble_async_returns_at_last_chunk_and_unwraps() -> None:
             await reassemble_async(_aiter(chunks[:-1]))
         with pytest.raises(ValidationError, match="starts"):
             await reassemble_async(_aiter(chunks[1:]))
+
+    asyncio.run(scenario())
+
+
+def test_receive_tensor_decodes_with_bounds() -> None:
+    x = torch.randn(30, 40)
+    chunks = chunk_tensor(encode(x, "int8"), 1000)
+
+    async def scenario() -> None:
+        y = await receive_tensor(_aiter(chunks), expected_shape=(30, 40), require_finite=True)
+        assert y.shape == (30, 40) and (y - x).abs().max() < 0.05
+        with pytest.raises(ValidationError, match="bound"):
+            await receive_tensor(_aiter(chunks), max_numel=100)
+        with pytest.raises(ValidationError, match="expected"):
+            await receive_tensor(_aiter(chunks), expected_shape=(40, 30))
 
     asyncio.run(scenario())
 

@@ -15,6 +15,8 @@ from protocols.codec import CODECS, ErrorFeedback, decode, encode, relative_erro
 from protocols.errors import ValidationError, abort_invalid, invalid_argument_on_validation_error
 
 torch.set_num_threads(1)
+# protocols.codec filters this at import (it wraps immutable protobuf bytes read-only); pytest resets filters
+pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
 # Relative L2 error bounds on standard-normal data, block 256. Derivations:
 # int8 step absmax/127 with absmax ~3 sigma -> ~0.7%; fp8 e4m3 has 3 mantissa bits -> ~2.5%;
@@ -88,6 +90,15 @@ def test_zstd_skipped_when_it_does_not_shrink() -> None:
     torch.testing.assert_close(decode(msg), x, rtol=0, atol=0, equal_nan=True)
 
 
+def test_zstd_skipped_when_saving_is_below_threshold() -> None:
+    # int8 codes of Gaussian data save only ~7% under zstd: not worth the CPU time.
+    msg = encode(_normal(1 << 17), "int8", compress=True)
+    assert msg.compression == ""
+    raw = encode(_normal(1 << 17), "int4", compress=True)  # 4-bit codes of Gaussian data save ~18%
+    assert raw.compression == "zstd"
+    assert len(raw.payload) <= (1 - codec.ZSTD_MIN_SAVING) * raw.raw_size
+
+
 def test_block_scales_isolate_outliers() -> None:
     x = _normal(256 * 64)
     x[5] = 1e4  # one outlier ruins only its own block
@@ -156,6 +167,15 @@ def test_error_feedback_drops_residual_on_shape_change_and_reset() -> None:
     assert "k" not in ef
     with pytest.raises(ValueError, match="key"):
         encode(_normal(4), "int8", error_feedback=ef)
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8", "fp4"])
+def test_encode_accepts_non_contiguous_and_grad_tensors(name: str) -> None:
+    base = _normal(64 * 48).reshape(64, 48).requires_grad_(True)
+    x = base.t()[::2]  # non-contiguous view of a leaf that requires grad
+    y = decode(encode(x, name, block_size=32))
+    assert y.shape == x.shape and not y.requires_grad
+    assert relative_error(x, y) <= ERROR_BOUNDS[name] * 1.6
 
 
 def test_encode_rejects_bad_arguments() -> None:

@@ -27,6 +27,8 @@ from protocols.codec import CODECS, decode, encode, relative_error
 from protocols.errors import ValidationError
 
 torch.set_num_threads(1)
+# protocols.codec filters this at import (it wraps immutable protobuf bytes read-only); pytest resets filters
+pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
 
 MAX_NUMEL = 1 << 14
 MAX_STREAM_BYTES = 1 << 17

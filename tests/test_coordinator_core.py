@@ -302,3 +302,25 @@ def test_planner_failure_falls_back_to_full_pipeline() -> None:
     nodes = [join(core, 9000 + i) for i in range(3)]
     sched = core.schedule(pb.ScheduleRequest(node_id=nodes[0].node_id))
     assert [list(p.stages) for p in sched.paths] == [[0, 1, 2, 0]] * 3
+
+
+def test_never_hosted_stage_starts_fresh_even_after_training_began() -> None:
+    core = Coordinator(config(), clock=Clock())
+    a, b = join(core, 9000), join(core, 9001)
+    beat(core, a.node_id, core.epoch, step=10)
+    c = join(core, 9002)
+    assert c.stage == 2 and c.instruction.recovery.method == "fresh"
+    assert core.members[c.node_id].state == "alive"
+    d = join(core, 9003, preferred_stage=1)
+    assert d.instruction.recovery.method == "replica-copy"
+    assert [s.node_id for s in d.instruction.recovery.sources] == [b.node_id]
+
+
+def test_origin_indices_stable_as_origins_join() -> None:
+    core = Coordinator(config(), clock=Clock())
+    first = [join(core, 9000 + i) for i in range(6)]  # origins: first[0], first[3]
+    later = join(core, 9100, preferred_stage=0)
+    indices = {r.node_id: core.schedule(pb.ScheduleRequest(node_id=r.node_id)).origin_index
+               for r in (first[0], first[3], later)}
+    assert indices == {first[0].node_id: 0, first[3].node_id: 1, later.node_id: 2}
+    assert core.schedule(pb.ScheduleRequest(node_id=later.node_id)).num_origins == 3

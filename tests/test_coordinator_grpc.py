@@ -1,6 +1,6 @@
 """The coordinator over real gRPC on loopback with many concurrent clients (no mocks).
 
-Short leases (0.3 s heartbeat, 1 s lease) keep these fast.
+Short leases (0.3 s heartbeat, 1.5 s lease) keep these fast while leaving margin on a busy machine.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ INTERVAL = 0.3
 
 
 def config(*overrides: str) -> RunConfig:
-    base = ["model.stages=3", f"membership.heartbeat_interval_s={INTERVAL}", "membership.lease_s=1.0",
+    base = ["model.stages=3", f"membership.heartbeat_interval_s={INTERVAL}", "membership.lease_s=1.5",
             "membership.sync_join_window_s=0.5", "membership.sync_timeout_s=1.5"]
     return apply_overrides(RunConfig(), [*base, *overrides])
 
@@ -141,12 +141,12 @@ def test_many_clients_lease_expiry_and_reload(tmp_path: Path) -> None:
             states = {x.node_id: x.state for x in s.nodes}
             return all(states[v.node_id] == "dead" for v in victims)
 
-        await wait_for(dead, timeout=3.0)
+        await wait_for(dead, timeout=5.0)
         st = await status(stubs[0])
         assert st.epoch > epoch_before
         assert sum(st.stage_coverage.values()) == 21
         alive = [x for x in st.nodes if x.state == "alive"]
-        assert len(alive) == 21 and all(x.heartbeat_age_s < 1.0 for x in alive)
+        assert len(alive) == 21 and all(x.heartbeat_age_s < 1.5 for x in alive)
         assert all(x.metrics.tokens_per_s > 0 for x in alive)
         assert sum(e.kind == "death" for e in st.events) == 3
         await asyncio.sleep(2 * INTERVAL + 0.1)  # every survivor heartbeats again and sees the new epoch
@@ -177,7 +177,7 @@ def test_rebalance_when_a_node_dies_and_when_one_joins(tmp_path: Path) -> None:
         async def moved() -> bool:
             return any(i.kind == Kind.CHANGE_STAGE for n in (nodes[0], nodes[3]) for i in n.instructions)
 
-        await wait_for(moved, timeout=3.0)
+        await wait_for(moved, timeout=5.0)
         mover = next(n for n in (nodes[0], nodes[3]) if any(i.kind == Kind.CHANGE_STAGE for i in n.instructions))
         change = next(i for i in mover.instructions if i.kind == Kind.CHANGE_STAGE)
         assert change.stage == 2
@@ -237,7 +237,7 @@ def test_sync_round_quorum_and_timeout(tmp_path: Path) -> None:
         t0 = asyncio.get_running_loop().time()
         got2 = await asyncio.gather(poll(replicas[0], 2), poll(replicas[1], 2))
         waited = asyncio.get_running_loop().time() - t0
-        assert got2[0].round_id > got[0].round_id and 0.4 <= waited < 1.4
+        assert got2[0].round_id > got[0].round_id and 0.4 <= waited < 2.5
         assert len(got2[0].participants) == 2
         late = await poll(replicas[2], 2)
         assert late.ready and replicas[2].node_id not in [p.node_id for p in late.participants]
@@ -327,5 +327,84 @@ def test_malformed_requests_get_clear_errors_and_change_nothing(tmp_path: Path) 
         assert after.nodes[0].metrics.loss == 0.0
         # the server is still fine
         assert (await good.beat()).instruction.kind == Kind.NONE
+
+    run(body, tmp_path)
+
+
+def test_schedule_over_grpc_is_consistent_across_nodes(tmp_path: Path) -> None:
+    cfg = config("model.stages=4", "train.microbatches=3", "skippipe.planner=skippipe", "skippipe.skip_ratio=0.34")
+
+    async def body(server: CoordinatorServer, stubs: list[pb_grpc.CoordinatorStub]) -> None:
+        nodes = [Node(stubs[i % 3], 9000 + i, tp=1.0 + i % 3) for i in range(12)]
+        await asyncio.gather(*(n.join() for n in nodes))
+        replies = await asyncio.gather(*(n.stub.GetSchedule(pb.ScheduleRequest(node_id=n.node_id), metadata=MD,
+                                                            timeout=10) for n in nodes))
+        epoch = replies[0].epoch
+        assert all(r.epoch == epoch for r in replies)
+        stage_of = {n.node_id: n.stage for n in nodes}
+        paths = [(n.node_id, p) for n, r in zip(nodes, replies, strict=True) for p in r.paths]
+        origins = [n for n in nodes if n.stage == 0]
+        assert len(paths) == 3 * len(origins)
+        assert sorted(r.origin_index for n, r in zip(nodes, replies, strict=True) if n.stage == 0) == \
+            list(range(len(origins)))
+        expected_visits: dict[str, dict[str, int]] = {}
+        for origin, p in paths:
+            assert p.node_ids[0] == p.node_ids[-1] == origin
+            assert len(p.stages) == 2 + 2  # m = round(0.66 * 3) = 2 block stages
+            assert [stage_of[i] for i in p.node_ids] == list(p.stages)
+            for node_id in set(p.node_ids):
+                expected_visits.setdefault(node_id, {}).setdefault(origin, 0)
+                expected_visits[node_id][origin] += 1
+        for n, r in zip(nodes, replies, strict=True):
+            assert dict(r.visits) == expected_visits.get(n.node_id, {})
+            assert {p.node_id for p in r.peers} == {x.node_id for x in nodes}
+            assert r.stage == n.stage
+
+    run(body, tmp_path, cfg)
+
+
+def test_heartbeat_stream_renews_leases_and_carries_instructions(tmp_path: Path) -> None:
+    async def body(server: CoordinatorServer, stubs: list[pb_grpc.CoordinatorStub]) -> None:
+        nodes = [Node(stubs[i % 3], 9000 + i) for i in range(6)]
+        for n in nodes:
+            await n.join()
+        streams = {n.node_id: n.stub.HeartbeatStream(metadata=MD) for n in nodes}
+
+        async def beat(n: Node) -> pb.HeartbeatReply:
+            call = streams[n.node_id]
+            await call.write(pb.HeartbeatRequest(node_id=n.node_id, epoch=n.epoch,
+                                                 metrics=pb.NodeMetrics(step=1, tokens_per_s=5.0)))
+            reply = await call.read()
+            n.epoch = reply.epoch
+            return reply
+
+        first = await asyncio.gather(*(beat(n) for n in nodes))
+        assert [r.instruction.kind for r in first[:5]] == [Kind.RELOAD_SCHEDULE] * 5  # joined in earlier epochs
+        assert first[5].instruction.kind == Kind.NONE
+        # keep five alive over their streams for longer than a lease; the sixth goes quiet
+        for _ in range(7):
+            await asyncio.gather(*(beat(n) for n in nodes[:5]))
+            await asyncio.sleep(INTERVAL)
+        st = await status(stubs[0])
+        states = {x.node_id: x.state for x in st.nodes}
+        assert [states[n.node_id] for n in nodes] == ["alive"] * 5 + ["dead"]
+        assert all(x.metrics.tokens_per_s == 5.0 for x in st.nodes if x.state == "alive")
+        replies = await asyncio.gather(*(beat(n) for n in nodes))
+        assert replies[5].instruction.kind == Kind.REJOIN
+        # a malformed message ends that stream with INVALID_ARGUMENT; the others carry on
+        bad = streams[nodes[0].node_id]
+        await bad.write(pb.HeartbeatRequest(node_id=nodes[0].node_id, metrics=pb.NodeMetrics(loss=math.nan)))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await bad.read()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (await beat(nodes[1])).instruction.kind == Kind.NONE
+        # a stream without the token is refused
+        unauth = stubs[0].HeartbeatStream(metadata=token_metadata("wrong"))
+        with pytest.raises(grpc.aio.AioRpcError):  # refused at once: the write or the read fails
+            await unauth.write(pb.HeartbeatRequest(node_id=nodes[1].node_id))
+            await unauth.read()
+        assert await unauth.code() == grpc.StatusCode.UNAUTHENTICATED
+        for n in nodes[1:]:
+            await streams[n.node_id].done_writing()
 
     run(body, tmp_path)

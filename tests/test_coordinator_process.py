@@ -78,7 +78,7 @@ def _beat(stub: pb_grpc.CoordinatorStub, node_id: str, epoch: int, step: int) ->
 
 def test_sigkill_and_restart_resumes_identities_and_stages(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    with coordinator(run_dir) as (proc, port):
+    with coordinator(run_dir, "membership.lease_s=10") as (proc, port):
         channel, stub = _stub(port)
         nodes = [_join(stub, 9000 + i) for i in range(5)]
         stages = {r.node_id: r.stage for r in nodes}
@@ -92,7 +92,7 @@ def test_sigkill_and_restart_resumes_identities_and_stages(tmp_path: Path) -> No
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
-    with coordinator(run_dir) as (proc, port):
+    with coordinator(run_dir, "membership.lease_s=10") as (proc, port):
         channel, stub = _stub(port)
         # unknown to the restarted process until they re-register: heartbeats say REJOIN
         assert _beat(stub, nodes[0].node_id, epoch, step=8).instruction.kind == Kind.REJOIN
@@ -134,7 +134,8 @@ def _status_cli(port: int, *args: str, env: dict[str, str] | None = None) -> sub
 
 
 def test_status_cli_against_live_coordinator(tmp_path: Path) -> None:
-    with coordinator(tmp_path / "run") as (_proc, port):
+    # a long lease: each CLI run takes a second or more on a busy machine and nobody heartbeats meanwhile
+    with coordinator(tmp_path / "run", "membership.lease_s=60") as (_proc, port):
         channel, stub = _stub(port)
         nodes = [_join(stub, 9000 + i) for i in range(4)]
         for r in nodes[:3]:

@@ -131,3 +131,11 @@ def test_global_rng_seeding_is_reproducible() -> None:
     torch.manual_seed(3)
     b = build_stage(TINY, 1, 4)
     torch.testing.assert_close(a.state_dict(), b.state_dict(), atol=0, rtol=0)
+
+
+def test_inference_mode_then_training_works(tokens: torch.Tensor) -> None:
+    model = Transformer(TINY, seed=1)
+    with torch.inference_mode():
+        model(tokens)   # fills the rotary cache inside inference mode
+    model(tokens).sum().backward()
+    assert model.blocks[0].attn.wq.weight.grad is not None

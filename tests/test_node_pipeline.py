@@ -103,7 +103,7 @@ def test_training_iterations_match_single_process() -> None:
     ref = _stages()
     opt = torch.optim.SGD([p for s in range(S) for p in ref[s].parameters()], lr=lr)
     ref_losses = []
-    for it in range(3):
+    for _ in range(3):
         x, y = _batch(10)
         loss = path_loss(ref, [0, 1, 2, 3, 0], x, y)
         opt.zero_grad()

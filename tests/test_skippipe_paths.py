@@ -125,8 +125,12 @@ def test_plan_request_rejects_infeasible_settings() -> None:
         with pytest.raises(PlanError, match=reason):
             PlanRequest(topology=topo, **kwargs)
     wide = line_topology([0, *range(1, 10)])
-    with pytest.raises(PlanError, match="needs jumps over more than max_jump=0"):
+    with pytest.raises(PlanError, match="max_jump=0"):
         PlanRequest(topology=wide, num_stages=10, skip_ratio=0.5, max_jump=0)
+    # one stage per path out of 4 with max_jump=2: only stages 2 and 3 could ever be visited
+    with pytest.raises(PlanError, match=r"too few to reach every stage"):
+        PlanRequest(topology=line_topology([0, 1, 2, 3, 4]), num_stages=5, skip_ratio=0.75, max_jump=2)
+    PlanRequest(topology=line_topology([0, 1, 2, 3, 4]), num_stages=5, skip_ratio=0.75, max_jump=3)
     two = line_topology([0, 0, 1, 2, 3])
     with pytest.raises(PlanError, match="stage 1 has 1 replica"):
         PlanRequest(topology=two, num_stages=4, microbatches_per_origin=2, memory_cap=3)
@@ -184,3 +188,13 @@ def test_validate_plan_enforces_memory_cap() -> None:
     crowded = [spread[0], PlannedPath("n1", 0, [0, 1, 0], ["n1", "n2", "n1"])]
     with pytest.raises(PlanError, match="node 'n2' is routed 2 microbatches, above memory_cap=1"):
         validate_plan(crowded, req)
+
+
+def test_request_from_config_section() -> None:
+    from protocols.config import RunConfig
+
+    cfg = RunConfig.from_dict({"skippipe": {"skip_ratio": 0.33, "max_jump": 2, "max_swaps": 1, "memory_cap": 5}})
+    topo = line_topology([0, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5])
+    req = PlanRequest.from_section(topo, cfg.skippipe, num_stages=6, microbatches_per_origin=2, seed=9)
+    assert (req.skip_ratio, req.max_jump, req.max_swaps, req.memory_cap, req.seed) == (0.33, 2, 1, 5, 9)
+    assert req.visits == 3 and req.num_paths == 2

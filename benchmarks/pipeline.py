@@ -1,0 +1,278 @@
+"""Pipeline data-plane benchmark: cost of one hop, and pipeline throughput against the reference.
+
+    python benchmarks/pipeline.py --json
+
+- ``hop_ms``: one activation hop on loopback as the node does it: encode (the
+  activation codec, bf16 by default), chunk, gRPC stream to a node process, reassemble,
+  decode and validate there, acknowledge. The activation is sized so that 1 MiB goes on
+  the wire. Median over repetitions.
+- ``raw_socket_ms``: the same bytes over a plain TCP socket to a process that reads them
+  and answers one byte (the floor any transport pays on this machine, in Python).
+- ``hop_overhead_ratio`` = hop_ms / raw_socket_ms (target <= 2.0).
+- ``pipeline_tokens_per_s``: a 4-node pipeline (1 origin + 3 stage nodes, separate
+  processes, plus a coordinator) training the same model; ``reference_tokens_per_s``:
+  the single-process reference on the same config. On a machine with fewer cores than
+  processes the pipeline cannot win; the number shows the overhead of distributing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from node.service import NodeServicer, receive_microbatch, start_server  # noqa: E402
+from node.transport import Transport  # noqa: E402
+from protocols import node_pb2  # noqa: E402
+from protocols.codec import decode, encode  # noqa: E402
+from protocols.rpc import install_uvloop  # noqa: E402
+
+TOKEN = "bench-token"
+WIRE_BYTES = 1 << 20
+
+
+# ----------------------------------------------------------------------------- hop
+
+
+class _SinkAgent:
+    """Does what PipelineAgent.accept does with an arriving tensor (decode, validate), then drops it."""
+
+    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: Any, *, backward: bool) -> None:
+        h = decode(tensor, require_finite=True)
+        assert h.ndim == 3
+
+
+def _grpc_server(port_queue: Any, stop_event: Any) -> None:
+    torch.set_num_threads(1)
+    install_uvloop()
+
+    async def main() -> None:
+        servicer = NodeServicer("sink")
+        servicer.agent = _SinkAgent()  # type: ignore[assignment]
+        server, port = await start_server(servicer, "127.0.0.1:0", TOKEN)
+        port_queue.put(port)
+        while not stop_event.is_set():
+            await asyncio.sleep(0.1)
+        await server.stop(None)
+
+    asyncio.run(main())
+
+
+def _raw_server(port_queue: Any) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port_queue.put(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    while True:
+        head = conn.recv(8, socket.MSG_WAITALL)
+        if len(head) < 8:
+            return
+        (n,) = struct.unpack("<Q", head)
+        got = 0
+        while got < n:
+            got += conn.recv_into(view[got:n])
+        conn.sendall(b"k")
+
+
+def _activation(codec: str) -> torch.Tensor:
+    per_elem = {"fp32": 4, "bf16": 2, "fp16": 2}[codec]
+    numel = WIRE_BYTES // per_elem
+    dim = 512
+    return torch.randn(4, numel // (4 * dim), dim)
+
+
+def measure_hop(reps: int, codec: str) -> float:
+    ctx = mp.get_context("spawn")
+    ports, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_grpc_server, args=(ports, stop), daemon=True)
+    proc.start()
+    try:
+        port = ports.get(timeout=60)
+        activation = _activation(codec)
+
+        async def client() -> list[float]:
+            transport = Transport(TOKEN)
+            header = node_pb2.MicrobatchHeader(run_id="bench", iteration=0, microbatch=0, origin_id="o",
+                                               stages=[0, 1, 0], node_ids=["o", "sink", "o"], hop=1)
+            address = f"127.0.0.1:{port}"
+            times = []
+            for i in range(reps + 5):
+                start = time.perf_counter()
+                msg = encode(activation, codec, compress=False)
+                ack = await transport.send_microbatch(address, False, header, msg, timeout_s=30)
+                elapsed = time.perf_counter() - start
+                assert ack.ok
+                if i >= 5:
+                    times.append(elapsed)
+            await transport.close()
+            return times
+
+        install_uvloop()
+        times = asyncio.run(client())
+        return 1000 * statistics.median(times)
+    finally:
+        stop.set()
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def measure_raw(reps: int) -> float:
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    proc = ctx.Process(target=_raw_server, args=(ports,), daemon=True)
+    proc.start()
+    try:
+        port = ports.get(timeout=60)
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        payload = os.urandom(WIRE_BYTES)
+        head = struct.pack("<Q", len(payload))
+        times = []
+        for i in range(reps + 5):
+            start = time.perf_counter()
+            sock.sendall(head)
+            sock.sendall(payload)
+            assert sock.recv(1) == b"k"
+            if i >= 5:
+                times.append(time.perf_counter() - start)
+        sock.close()
+        return 1000 * statistics.median(times)
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+def _overrides(steps: int) -> list[str]:
+    return ["model.stages=4", "model.seq_len=128", "train.microbatch_size=8", "train.microbatches=4",
+            f"train.steps={steps}", "train.eval_every=100000", "train.eval_batches=1",
+            "train.hop_timeout_s=30", "membership.heartbeat_interval_s=0.5", "membership.lease_s=10"]
+
+
+def reference_tokens_per_s(steps: int) -> float:
+    from node.data import load_run_corpus, split_microbatches
+    from node.model import Transformer, lm_loss, model_config_for
+    from node.optim import build_inner_optimizer, lr_at, set_lr
+    from node.reference import reference_batches
+    from protocols.config import RunConfig, apply_overrides
+
+    config = apply_overrides(RunConfig(), _overrides(steps))
+    corpus = load_run_corpus(config)
+    batches = reference_batches(config, corpus)
+    model = Transformer(model_config_for(config.model), seed=config.seed)
+    opt = build_inner_optimizer(model.parameters(), config.train)
+    tokens, start = 0, 0.0
+    for step, (x, y) in zip(range(steps), batches, strict=False):
+        if step == 2:   # skip warm-up steps, as for the pipeline
+            start, tokens = time.perf_counter(), 0
+        set_lr(opt, lr_at(step, config.train))
+        opt.zero_grad(set_to_none=True)
+        # same work as the pipeline: microbatches accumulated into one step
+        for xm, ym in split_microbatches(x, y, config.train.microbatch_size):
+            (lm_loss(model(xm), ym) / config.train.microbatches).backward()
+        opt.step()
+        tokens += x.numel()
+    return tokens / (time.perf_counter() - start)
+
+
+def pipeline_tokens_per_s(steps: int) -> float:
+    work = Path(tempfile.mkdtemp(prefix="lowband-bench-"))
+    (work / "token").write_text(TOKEN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(args: list[str], name: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, stdout=open(work / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, cwd=work)
+        procs.append(proc)
+        return proc
+
+    try:
+        args = [sys.executable, "-m", "coordinator.cli", "serve", "--bind", "127.0.0.1:0", "--run-dir",
+                str(work / "run"), "--token-file", str(work / "token"), "--port-file", str(work / "port")]
+        for item in _overrides(steps):
+            args += ["--set", item]
+        spawn(args, "coordinator")
+        deadline = time.monotonic() + 60
+        while not (work / "port").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("coordinator did not start")
+            time.sleep(0.05)
+        address = f"127.0.0.1:{(work / 'port').read_text().strip()}"
+        nodes = []
+        for stage in range(4):
+            nodes.append(spawn([sys.executable, "-m", "node.cli", "--coordinator", address, "--token-file",
+                                str(work / "token"), "--device", "cpu", "--preferred-stage", str(stage),
+                                "--log-json", str(work / f"node{stage}.jsonl"), "--log-level", "WARNING"],
+                               f"node{stage}"))
+        deadline = time.monotonic() + 600
+        while any(p.poll() is None for p in nodes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        records = [json.loads(line) for line in (work / "node0.jsonl").read_text().splitlines()]
+        its = [r for r in records if r["kind"] == "iteration"]
+        if len(its) < 4:
+            raise RuntimeError(f"pipeline ran {len(its)} iterations; logs in {work}")
+        first, last = its[1], its[-1]   # from the end of iteration 2: warm-up excluded
+        return (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--reps", type=int, default=50, help="hops to time")
+    parser.add_argument("--codec", default="bf16", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--steps", type=int, default=12, help="training iterations for the throughput runs")
+    parser.add_argument("--skip-pipeline", action="store_true", help="only the hop measurement")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    grpc_ms = measure_hop(args.reps, args.codec)
+    raw_ms = measure_raw(args.reps)
+    result: dict[str, Any] = {"hop_ms": round(grpc_ms, 3), "raw_socket_ms": round(raw_ms, 3),
+                              "hop_overhead_ratio": round(grpc_ms / raw_ms, 2)}
+    if not args.skip_pipeline:
+        result["pipeline_tokens_per_s"] = round(pipeline_tokens_per_s(args.steps), 1)
+        result["reference_tokens_per_s"] = round(reference_tokens_per_s(args.steps), 1)
+    result.update({"wire_bytes": WIRE_BYTES, "codec": args.codec, "grpc": grpc.__version__,
+                   "cpus": os.cpu_count()})
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Does training with SkipPipe paths (skip ratio k) converge like the full pipeline?
+
+Two in-process runs of the staged tiny model (``sim.skiptrain.train_skip``)
+on the same tokens: the same number of iterations over the same batches in the
+same order (``node.reference`` data order), the same initial weights, the same
+schedule. The only difference is the paths:
+
+* full: ``k = 0`` with the ``full`` planner, every microbatch ``[0, 1, ..., S-1, 0]``;
+* skip: ``k = 0.25`` with the ``skippipe`` planner (uniform topology, one node
+  per stage), each microbatch visiting ``m = round((1-k)(S-1))`` block stages
+  (half rounded up), with the planner's adjacent swaps.
+
+Both are validated on the **full path** over the held-out split (the skip run
+is never scored along the paths it trained on). Reported:
+
+* ``gap = skip_val_loss / full_val_loss - 1`` (relative excess validation loss,
+  in nats per token, of the skip-trained model; 0.03 means 3% higher loss);
+* ``half_*``: perplexity of each model run with half its block stages
+  (``node.evaluate``, strided choice) and the perplexity ratio to its full path.
+
+Stage count: the tiny preset has 6 blocks, so S - 1 must divide 6. With
+S = 7 (one block per stage), k = 0.25 keeps m = round(4.5) = 5 of 6 stages per
+path (actual skip 1/6); with S = 4 (two blocks per stage) m = round(2.25) = 2
+of 3 (actual skip 1/3). ``--stages`` picks; the default is S = 7, where
+k = 0.25 is closest to the requested ratio and swaps exchange single blocks.
+
+Run: ``python benchmarks/skip_convergence.py --json`` (about 2-4 minutes on one
+busy CPU core; one torch thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# `python benchmarks/skip_convergence.py` puts benchmarks/ first on sys.path, where a
+# sibling script (benchmarks/coordinator.py) would shadow the coordinator package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import torch  # noqa: E402
+
+from node.data import load_run_corpus, run_val_batches  # noqa: E402
+from node.evaluate import evaluate_subsets  # noqa: E402
+from protocols.config import RunConfig, apply_overrides  # noqa: E402
+from sim.skiptrain import train_skip  # noqa: E402
+
+TARGET_GAP = 0.03
+
+
+def base_config(args: argparse.Namespace) -> RunConfig:
+    return apply_overrides(RunConfig(), [
+        f"seed={args.seed}",
+        "model.preset=tiny", f"model.stages={args.stages}", f"model.seq_len={args.seq_len}",
+        f"train.steps={args.steps}", f"train.warmup_steps={args.warmup}", f"train.lr={args.lr}",
+        f"train.microbatches={args.microbatches}", f"train.microbatch_size={args.microbatch_size}",
+        "train.eval_every=1000000", f"train.eval_batches={args.eval_batches}",
+        f"train.data_max_bytes={args.data_bytes}",
+    ])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    base = base_config(args)
+    runs = {
+        "full": apply_overrides(base, ["skippipe.skip_ratio=0.0", "skippipe.planner=full"]),
+        "skip": apply_overrides(base, [f"skippipe.skip_ratio={args.skip}", "skippipe.planner=skippipe"]),
+    }
+    corpus = load_run_corpus(base)
+    val = run_val_batches(base, corpus)
+    out: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    for name, config in runs.items():
+        start = time.perf_counter()
+        result = train_skip(config, eval_every=0)
+        s = result.summary
+        half = evaluate_subsets(result.stages, val)
+        out[f"{name}_val_loss"] = s["final_val_loss"]
+        extras[name] = {
+            "wall_s": round(time.perf_counter() - start, 1),
+            "initial_val_loss": s["initial_val_loss"],
+            "final_train_loss": s["final_train_loss"],
+            "perplexity": math.exp(s["final_val_loss"]),
+            "half_stages": half["subset"]["stages"],
+            "half_perplexity": half["subset"]["perplexity"],
+            "half_perplexity_ratio": half["perplexity_ratio"],
+            "block_compute_fraction": s["block_compute_fraction"],
+            "paths": s["paths"],
+            "path_val_loss": s.get("path_val_loss"),
+        }
+    gap = out["skip_val_loss"] / out["full_val_loss"] - 1.0
+    return {
+        "full_val_loss": out["full_val_loss"],
+        "skip_val_loss": out["skip_val_loss"],
+        "gap": gap,
+        "target_gap": TARGET_GAP,
+        "meets_target": gap <= TARGET_GAP,
+        "full_half_perplexity_ratio": extras["full"]["half_perplexity_ratio"],
+        "skip_half_perplexity_ratio": extras["skip"]["half_perplexity_ratio"],
+        "setup": {
+            "preset": "tiny", "stages": args.stages, "skip_ratio": args.skip,
+            "stages_per_path": len(extras["skip"]["paths"][0]) - 2, "steps": args.steps,
+            "tokens": args.steps * args.microbatches * args.microbatch_size * args.seq_len,
+            "microbatches": args.microbatches, "microbatch_size": args.microbatch_size,
+            "seq_len": args.seq_len, "lr": args.lr, "warmup_steps": args.warmup, "seed": args.seed,
+            "eval_tokens": args.eval_batches * args.microbatches * args.microbatch_size * args.seq_len,
+            "gap_definition": "skip_val_loss / full_val_loss - 1, both on the full path, held-out split",
+        },
+        "runs": extras,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stages", type=int, default=7, help="S including stage 0; S-1 must divide 6 (tiny)")
+    p.add_argument("--skip", type=float, default=0.25, help="skip ratio of the skip run")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--microbatches", type=int, default=4, help="microbatches (paths) per iteration")
+    p.add_argument("--microbatch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--data-bytes", type=int, default=2 << 20, help="corpus cap in bytes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+    args = p.parse_args(argv)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"full path val loss {result['full_val_loss']:.4f}, skip-trained (k={args.skip}) "
+              f"{result['skip_val_loss']:.4f}: gap {result['gap']:+.2%} (target <= {TARGET_GAP:.0%})")
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
