@@ -289,7 +289,13 @@ async def run_outer(setup: Setup, corpus: Any, init: Transformer, val: list, cfg
     result.bytes_sent = sum(step_bytes.values())
     result.peak_step_bytes = max(step_bytes.values(), default=0)
     result.val_loss = evaluate([r.model for r in reps], val)
-    result.extra = {"syncs": len(step_bytes), "failed_exchanges": failed,
+    # for information: θ_global itself (stale by up to H steps per fragment in streaming mode)
+    global_model = copy.deepcopy(reps[0].model)
+    with torch.no_grad():
+        for name, p in global_model.named_parameters():
+            p.copy_(reps[0].diloco.global_params[name])
+    val_global = evaluate([global_model], val)
+    result.extra = {"syncs": len(step_bytes), "failed_exchanges": failed, "val_loss_global": round(val_global, 5),
                     "fragment_numels": [sum(reps[0].diloco.params[n].numel() for n in f)
                                         for f in reps[0].diloco.fragments]}
     return result

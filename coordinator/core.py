@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from coordinator import validate
-from coordinator.assignment import Move, NodeView, choose_stage, rebalance
+from coordinator.assignment import Move, choose_stage, rebalance
 from coordinator.errors import Conflict, UnknownNode
 from coordinator.planning import PlanInputs, compute_plan
 from coordinator.recovery import NodeRef, RecoveryError, plan_recovery
@@ -65,9 +65,6 @@ class Member:
     @property
     def live(self) -> bool:
         return self.state in LIVE_STATES
-
-    def view(self) -> NodeView:
-        return NodeView(self.node_id, self.stage, self.throughput, self.has_data)
 
     def ref(self) -> NodeRef:
         return NodeRef(self.node_id, self.address, self.throughput)
@@ -366,7 +363,8 @@ class Coordinator:
         m.pending = None
         m.plan_id = 0
         self._persist(m)
-        self._event("death" if state == DEAD else "leave", m.node_id, m.stage, detail)
+        self._event("death" if state == DEAD else "leave", m.node_id, m.stage,
+                    f"{detail} (step {m.metrics.step}, outer step {m.metrics.outer_step})")
         if replan:
             self._bump_epoch()
             self._rebalance()

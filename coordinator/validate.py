@@ -118,6 +118,8 @@ def links(req: pb.LinkReport) -> None:
         raise InvalidRequest(f"links: at most {MAX_LINKS} measurements per report, got {len(req.links)}")
     for i, link in enumerate(req.links):
         node_id(link.peer_id, f"links[{i}].peer_id")
+        if link.peer_id == req.node_id:
+            raise InvalidRequest(f"links[{i}].peer_id is the reporting node itself")
         number(link.rtt_s, f"links[{i}].rtt_s")
         number(link.bandwidth_bytes_per_s, f"links[{i}].bandwidth_bytes_per_s")
 

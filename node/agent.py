@@ -37,6 +37,13 @@ FailureCallback = Callable[[str, str], Awaitable[None]]
 EventCallback = Callable[..., None]
 
 
+def check_finite(t: torch.Tensor) -> None:
+    """Refuse NaN/inf. One reduction first (NaN and inf propagate through a sum; ~20x cheaper than
+    an elementwise isfinite on CPU); the full check only when the sum is not finite (it may overflow)."""
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        raise ValidationError("tensor contains non-finite values")
+
+
 @dataclass(frozen=True, slots=True)
 class PathSpec:
     """One microbatch's route: the stage and the node at each hop (origin first and last)."""
@@ -222,7 +229,8 @@ class PipelineAgent:
         Raises ValidationError for a bad header or tensor; nothing changes then.
         """
         self._validate_header(header, backward)
-        h = decode(tensor, max_numel=64 * 1024 * 1024, require_finite=True)
+        h = decode(tensor, max_numel=64 * 1024 * 1024)
+        check_finite(h)
         if h.ndim != 3 or h.shape[-1] != self.dim or not 1 <= h.shape[1] <= self.max_seq_len:
             raise ValidationError(f"activation of shape {list(h.shape)}; expected (B, T<={self.max_seq_len}, {self.dim})")
         h = h.float()

@@ -5,10 +5,11 @@ Pure: no networking, no threads. The daemon (or a test, or a benchmark) drives i
     diloco = StreamingDiLoCo(stage_module, cfg.diloco)
     for step in 1..:                      # `step` = number of committed inner steps
         inner_optimizer.step()
-        for job in diloco.due_merges(step):          # exchanges started `overlap` steps ago
-            diloco.finish_sync(job, averaged_delta_of(job))
         job = diloco.begin_sync(step)                # the fragment due now, if any
-        if job: start averaging job.delta in the background
+        if job: start averaging job.delta in the background (node.averager.average_job)
+        for job in diloco.due_merges(step):          # started `overlap` steps ago (0: this step)
+            mean, stats = result of its exchange
+            diloco.finish_sync(job, mean, stats.valid)
 
 Conventions (the DiLoCo papers; the sign is the classic bug):
 - θ_global is an fp32 copy every replica of the stage agrees on.

@@ -115,14 +115,23 @@ def export_transformer(
 
 def _read(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ExportError(f"model file not found: {path}") from None
+        with path.open("rb") as f:
+            magic = f.read(4)
     except IsADirectoryError:
         raise ExportError(f"{path} is a directory without {MODEL_FILE}") from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:
+    except OSError as exc:
+        raise ExportError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    if magic != b"PK\x03\x04":   # torch.save writes a zip archive
+        raise ExportError(f"{path} is not a model file (empty, or not written by torch.save)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ExportError(
+            f"{path} holds objects other than tensors and plain data; refused (exports never do)"
+        ) from None
+    except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ExportError(f"cannot read model file {path} (corrupt or not a torch file): {reason}") from None
+        raise ExportError(f"cannot read model file {path} (corrupt or truncated?): {reason}") from None
 
 
 def _config_from_dict(data: Any, path: Path) -> ModelConfig:
@@ -203,7 +212,8 @@ def _load_baseline(state: Mapping[str, Any], path: Path, num_stages: int | None)
         parts = split_model(model, stages_n)
     except ValueError as exc:
         raise ExportError(f"{path}: {exc}") from None
-    meta = {"source": "baseline", "preset": run.model.preset, "final_val_loss": summary.get("final_val_loss")}
+    meta = {"source": "baseline", "preset": run.model.preset, "seed": run.seed,
+            "final_val_loss": summary.get("final_val_loss")}
     return ExportedModel(config, stages_n, {s: m.eval() for s, m in enumerate(parts)}, meta, str(path))
 
 

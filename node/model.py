@@ -96,9 +96,10 @@ def model_config_for(section: ModelSection) -> ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # ~0.9M parameters: tests and CPU runs.
     "tiny": ModelConfig(dim=128, n_layers=6, n_heads=4, ffn_hidden=192, max_seq_len=512),
-    # ~9.5M parameters: laptop-scale experiments.
+    # ~9.6M parameters: laptop-scale experiments.
     "small": ModelConfig(dim=256, n_layers=12, n_heads=8, ffn_hidden=688, max_seq_len=1024),
-    # The papers' sizes (byte vocabulary, so almost every parameter is in blocks).
+    # The papers' sizes (byte vocabulary, so almost every parameter is in blocks):
+    # 127.8M, 476.5M and 1.53B parameters; 18 or 24 blocks.
     "124m": ModelConfig(dim=768, n_layers=18, n_heads=12, ffn_hidden=2048, max_seq_len=1024),
     "500m": ModelConfig(dim=1280, n_layers=24, n_heads=20, ffn_hidden=3456, max_seq_len=2048),
     "1.5b": ModelConfig(dim=2304, n_layers=24, n_heads=18, ffn_hidden=6144, max_seq_len=2048),

@@ -208,9 +208,13 @@ def test_malformed_heartbeats_and_reports_rejected() -> None:
     assert core.members[a.node_id].metrics.loss == 0.0 and core.members[a.node_id].last_seen == before
     with pytest.raises(UnknownNode):
         core.report_links(pb.LinkReport(node_id=a.node_id, links=[pb.LinkMeasurement(peer_id="n-ghost", rtt_s=0.1)]))
+    b = join(core, 9001)
     with pytest.raises(InvalidRequest):
-        core.report_links(pb.LinkReport(node_id=a.node_id, links=[pb.LinkMeasurement(peer_id=a.node_id,
+        core.report_links(pb.LinkReport(node_id=a.node_id, links=[pb.LinkMeasurement(peer_id=b.node_id,
                                                                                        rtt_s=-0.1)]))
+    with pytest.raises(InvalidRequest, match="itself"):
+        core.report_links(pb.LinkReport(node_id=a.node_id, links=[pb.LinkMeasurement(peer_id=a.node_id,
+                                                                                       rtt_s=0.1)]))
     with pytest.raises(UnknownNode):
         core.leave(pb.LeaveRequest(node_id="n-ghost"))
     with pytest.raises(InvalidRequest):
@@ -324,3 +328,16 @@ def test_origin_indices_stable_as_origins_join() -> None:
                for r in (first[0], first[3], later)}
     assert indices == {first[0].node_id: 0, first[3].node_id: 1, later.node_id: 2}
     assert core.schedule(pb.ScheduleRequest(node_id=later.node_id)).num_origins == 3
+
+
+def test_stale_plan_served_with_its_own_epoch_while_membership_churns() -> None:
+    core = Coordinator(config(), clock=Clock())
+    nodes = [join(core, 9000 + i) for i in range(3)]
+    fresh = core.schedule(pb.ScheduleRequest(node_id=nodes[0].node_id))
+    assert fresh.epoch == core.epoch and len(fresh.paths) == 2
+    join(core, 9100)  # epoch moves on; no plan for it yet
+    stale = core.schedule(pb.ScheduleRequest(node_id=nodes[0].node_id), allow_stale=True)
+    assert stale.epoch == fresh.epoch < core.epoch  # the node will see RELOAD_SCHEDULE and ask again
+    assert beat(core, nodes[0].node_id, stale.epoch).instruction.kind == Kind.RELOAD_SCHEDULE
+    current = core.schedule(pb.ScheduleRequest(node_id=nodes[0].node_id))
+    assert current.epoch == core.epoch

@@ -307,7 +307,7 @@ def test_malformed_requests_get_clear_errors_and_change_nothing(tmp_path: Path) 
             (stub.JoinSyncRound(pb.SyncRoundRequest(node_id=good.node_id, stage=2), metadata=MD, timeout=5),
              grpc.StatusCode.FAILED_PRECONDITION),
             (stub.ReportLinks(pb.LinkReport(node_id=good.node_id, links=[
-                pb.LinkMeasurement(peer_id=good.node_id, rtt_s=math.nan)]), metadata=MD, timeout=5), inv),
+                pb.LinkMeasurement(peer_id="n-other", rtt_s=math.nan)]), metadata=MD, timeout=5), inv),
             (stub.ReportLinks(pb.LinkReport(node_id=good.node_id, links=[
                 pb.LinkMeasurement(peer_id="n-ghost", rtt_s=0.1)]), metadata=MD, timeout=5), nf),
             (stub.ReportFailure(pb.FailureReport(reporter_id=good.node_id, suspect_id="n-ghost"),

@@ -19,6 +19,7 @@ from node.model import (
     split_model,
 )
 from node.pipeline import full_path, path_loss, run_path
+from protocols.config import MODEL_PRESETS
 
 torch.set_num_threads(1)
 
@@ -44,6 +45,12 @@ def test_tiny_preset_size_and_unknown_preset() -> None:
     with pytest.raises(ValueError, match=r"unknown model preset 'huge'.*tiny"):
         ModelConfig.from_preset("huge")
     assert ModelConfig.from_preset("tiny", max_seq_len=64).max_seq_len == 64
+
+
+def test_preset_names_and_sizes() -> None:
+    assert tuple(PRESETS) == MODEL_PRESETS   # the config validates names without importing node
+    for name, expected in (("124m", 124e6), ("500m", 500e6), ("1.5b", 1.5e9)):
+        assert abs(PRESETS[name].num_params() / expected - 1) < 0.1, name
 
 
 @pytest.mark.parametrize("num_stages", [2, 3, 4, 7])
