@@ -61,6 +61,7 @@ class Member:
     registered: bool = True          # False after a restart until the node joins again
     pending: pb.Instruction | None = None
     plan_id: int = 0                 # recovery plan the node is executing (0: none)
+    plan_method: str = ""            # that plan's method, for the event log
 
     @property
     def live(self) -> bool:
@@ -259,6 +260,7 @@ class Coordinator:
             m.stage = move.to_stage
             m.state = ALIVE if plan.method == FRESH else RECOVERING
             m.plan_id = plan.plan_id
+            m.plan_method = plan.method
             m.pending = pb.Instruction(kind=Kind.CHANGE_STAGE, stage=move.to_stage, recovery=plan)
             self._persist(m)
             self._event("move", m.node_id, move.to_stage,
@@ -303,6 +305,7 @@ class Coordinator:
             kind = "join" if old is None else "rejoin"
         if instruction.kind == Kind.RECOVER:
             member.plan_id = instruction.recovery.plan_id
+            member.plan_method = instruction.recovery.method
             if instruction.recovery.method != FRESH:
                 member.state = RECOVERING
         self.members[node_id] = member
@@ -408,7 +411,10 @@ class Coordinator:
         m.plan_id = 0
         if req.success:
             m.state = ALIVE
-            self._event("recovery", m.node_id, m.stage, f"plan {req.plan_id} done {req.message}".strip())
+            # A fresh start from the run seed is not a recovery: log it as "ready".
+            kind = "ready" if m.plan_method == FRESH else "recovery"
+            detail = f"{m.plan_method or 'plan'} (plan {req.plan_id}) done {req.message}".strip()
+            self._event(kind, m.node_id, m.stage, detail)
         else:
             # It holds whatever weights it has; keep it in the pipeline rather than leave a hole.
             m.state = ALIVE

@@ -177,6 +177,8 @@ class Simulation:
             "--links-file", str(links_file),
             "--log-json", str(self.out_dir / "nodes" / f"{node.name}.jsonl"),
         ]
+        if node.stage != 0:
+            argv.append("--no-data")  # only origins hold data; the others never become stage 0
         (self.out_dir / "nodes").mkdir(exist_ok=True)
         node.child = self.sup.spawn(node.name, argv, env=self._child_env())
         self.event("launch", node.name, node.stage, f"pid {node.child.pid}, slowdown {node.slowdown:.2f}")

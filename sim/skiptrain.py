@@ -29,7 +29,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,33 @@ def _clip(params: list[nn.Parameter], max_norm: float) -> float:
         return 0.0
     limit = max_norm if max_norm > 0 else float("inf")
     return float(torch.nn.utils.clip_grad_norm_(with_grad, limit))
+
+
+def backward_iteration(
+    stages: Mapping[int, nn.Module] | Sequence[nn.Module],
+    plan: Sequence[Sequence[int]],
+    microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[list[float], Counter[int]]:
+    """Forward and backward every microbatch along its path (microbatch j takes ``plan[j % len(plan)]``).
+
+    Leaves in each stage's ``.grad`` the mean of the gradients of the
+    microbatches that visited it (what a stage node averages before its inner
+    step); returns the microbatch losses and each stage's visit count.
+    """
+    counts: Counter[int] = Counter()
+    losses: list[float] = []
+    for j, (x, y) in enumerate(microbatches):
+        path = plan[j % len(plan)]
+        loss = path_loss(stages, path, x, y)
+        loss.backward()   # .grad accumulates the sum over the visiting microbatches
+        losses.append(float(loss.detach()))
+        counts.update(set(path))
+    items = stages.items() if isinstance(stages, Mapping) else enumerate(stages)
+    for s, module in items:
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.div_(counts[s])
+    return losses, counts
 
 
 def train_skip(
@@ -144,20 +171,8 @@ def train_skip(
         if replan_every and step and step % replan_every == 0:
             plan = make_plan(step // replan_every)
         inputs, targets = next(batches)
-        counts: Counter[int] = Counter()
-        losses = []
-        for j, (x, y) in enumerate(split_microbatches(inputs, targets, train.microbatch_size)):
-            path = plan[j % len(plan)]
-            loss = path_loss(stages, path, x, y)
-            loss.backward()   # accumulates the sum over visiting microbatches in .grad
-            losses.append(float(loss.detach()))
-            counts.update(set(path))
+        losses, counts = backward_iteration(stages, plan, split_microbatches(inputs, targets, train.microbatch_size))
         visits.update(counts)
-        # Each stage's gradient: the mean over the microbatches that visited it.
-        for s, module in stages.items():
-            for p in module.parameters():
-                if p.grad is not None:
-                    p.grad.div_(counts[s])
         lr = lr_at(step, train)
         if clip == "global":
             _clip([p for m in stages.values() for p in m.parameters()], train.grad_clip)

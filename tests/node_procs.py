@@ -42,9 +42,9 @@ class LocalRun:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self._env(),
                                 start_new_session=True, cwd=self.workdir)
 
-    def start_coordinator(self, timeout_s: float = 30.0) -> str:
+    def start_coordinator(self, timeout_s: float = 30.0, bind: str = "127.0.0.1:0") -> str:
         port_file = self.workdir / "coordinator.port"
-        args = [sys.executable, "-m", "coordinator.cli", "serve", "--bind", "127.0.0.1:0",
+        args = [sys.executable, "-m", "coordinator.cli", "serve", "--bind", bind,
                 "--run-dir", str(self.workdir / "run"), "--token-file", str(self.token_file),
                 "--port-file", str(port_file)]
         for item in self.overrides:

@@ -1,0 +1,48 @@
+"""The node daemon as a process: waits out a coordinator that is not up yet, leaves cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from node_procs import LocalRun
+
+from node.coordinator_client import Backoff
+from node.daemon import free_port
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    backoff = Backoff(0.1, 1.0)
+    delays = [backoff.next_delay() for _ in range(8)]
+    assert delays[0] <= 0.125 and delays[1] > delays[0] * 1.1   # doubles (with +-25% jitter)
+    assert max(delays) <= 1.25 and delays[-1] >= 0.75           # capped at max_s (+-25%)
+    backoff.reset()
+    assert backoff.next_delay() <= 0.125
+
+
+def test_node_waits_for_coordinator_then_leaves_on_sigterm(tmp_path: Path) -> None:
+    run = LocalRun(tmp_path, ["model.stages=2", "membership.heartbeat_interval_s=0.5", "membership.lease_s=5"])
+    try:
+        port = free_port()
+        run.address = f"127.0.0.1:{port}"
+        node = run.start_node("node", preferred_stage=0)
+        log = tmp_path / "node.log"
+        deadline = time.monotonic() + 60
+        while "retrying" not in log.read_text():   # no coordinator yet: the node retries, does not exit
+            assert time.monotonic() < deadline and node.poll() is None, run.tail()
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert node.poll() is None, run.tail()
+        run.start_coordinator(bind=f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 60
+        while not run.records(0, "schedule"):
+            assert time.monotonic() < deadline and node.poll() is None, run.tail()
+            time.sleep(0.1)
+        node.send_signal(signal.SIGTERM)
+        assert run.wait_nodes(timeout_s=15) == [0], run.tail()
+        leave = run.records(0, "leave")
+        assert leave and leave[0]["acknowledged"] is True and "SIGTERM" in leave[0]["reason"]
+        assert "event leave" in (tmp_path / "coordinator.log").read_text()
+    finally:
+        run.close()
