@@ -182,7 +182,7 @@ class GrpcExchanger:
     def __init__(self, n: int, cfg: DilocoSection) -> None:
         self.n = n
         self.cfg = cfg
-        self.reducers = [ShardReducer(timeout_s=cfg.peer_timeout_s, node_id=f"r{i}") for i in range(n)]
+        self.reducers = [ShardReducer.from_config(cfg, node_id=f"r{i}") for i in range(n)]
         self.pools = [ChannelPool(TOKEN) for _ in range(n)]
         self.servers: list[grpc.aio.Server] = []
         self.peers: list[str] = []
@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streaming-outer-lr", type=float, default=0.4)
     parser.add_argument("--streaming-codec", default="fp4")
     parser.add_argument("--hivemind-codec", default="int8")
+    parser.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=False,
+                        help="streaming: carry fp4 quantization error into the next send")
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--data-bytes", type=int, default=4 << 20)
     parser.add_argument("--seed", type=int, default=0)
@@ -352,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                                outer_momentum=0.9, codec="fp32", peer_timeout_s=30.0)
     streaming_cfg = DilocoSection(inner_steps=h, fragments=args.fragments, overlap=1, alpha=0.5,
                                   outer_lr=args.streaming_outer_lr, outer_momentum=0.9, codec=args.streaming_codec,
-                                  peer_timeout_s=30.0)
+                                  peer_timeout_s=30.0, error_feedback=args.error_feedback)
     hivemind_cfg = dataclasses.replace(streaming_cfg, codec=args.hivemind_codec, backend="hivemind")
 
     results: dict[str, ModeResult] = {}
@@ -383,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                   "seq_len": args.seq_len, "params": sum(p.numel() for p in init.parameters()),
                   "inner_steps": h, "fragments": args.fragments, "lr": args.lr,
                   "ddp_lr": args.ddp_lr or args.lr, "streaming_codec": args.streaming_codec,
-                  "hivemind_codec": args.hivemind_codec},
+                  "hivemind_codec": args.hivemind_codec, "error_feedback": args.error_feedback,
+                  "diloco_outer_lr": args.diloco_outer_lr, "streaming_outer_lr": args.streaming_outer_lr},
     }
     if "ddp" in results and "streaming" in results:
         ddp, streaming = results["ddp"], results["streaming"]

@@ -103,6 +103,7 @@ class ShardReducer:
         max_numel: int = DEFAULT_MAX_NUMEL,
         ttl_s: float | None = None,
         node_id: str = "",
+        error_feedback: bool = False,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -111,6 +112,12 @@ class ShardReducer:
         self.max_numel = max_numel
         self.ttl_s = ttl_s if ttl_s is not None else 4 * timeout_s + 30.0
         self.node_id = node_id
+        # Error feedback: what quantization left out of this node's last part (per fragment)
+        # and of its last reply (per owned shard), added to the next one. allreduce_mean
+        # uses `part_residuals`; replies use `_reply_residuals`.
+        self.error_feedback = error_feedback
+        self.part_residuals: dict[tuple[int, int], torch.Tensor] = {}
+        self._reply_residuals: dict[tuple[int, int, int], torch.Tensor] = {}
         self._rounds: dict[tuple[int, int, int, int], _Round] = {}
         self.bytes_sent = 0                  # replies (what this owner put on the wire)
         self.bytes_received = 0
@@ -119,7 +126,8 @@ class ShardReducer:
     @classmethod
     def from_config(cls, cfg: DilocoSection, node_id: str = "") -> ShardReducer:
         """A reducer with the run's [diloco] peer timeout and outlier rule."""
-        return cls(timeout_s=cfg.peer_timeout_s, reject_norm_ratio=cfg.reject_norm_ratio, node_id=node_id)
+        return cls(timeout_s=cfg.peer_timeout_s, reject_norm_ratio=cfg.reject_norm_ratio, node_id=node_id,
+                   error_feedback=cfg.error_feedback)
 
     # -- rounds ---------------------------------------------------------------
 
@@ -178,14 +186,21 @@ class ShardReducer:
         senders = sorted(rnd.parts)              # deterministic order, so the fp32 sum is too
         parts = [rnd.parts[s] for s in senders]
         codec = rnd.codec or "fp32"
+        ef_key = rnd.key[1:]                     # (stage, fragment, shard_index)
 
         def reduce() -> tuple[torch.Tensor | None, tensor_pb2.Tensor | None, int, list[int]]:
             res = robust_mean(parts, reject_norm_ratio=self.reject_norm_ratio)
             if res.mean is None:
                 return None, None, 0, res.rejected_norm
-            msg = encode(res.mean, codec)
-            # the owner applies exactly what its callers decode
-            return decode(msg), msg, res.contributors, res.rejected_norm
+            mean = res.mean
+            residual = self._reply_residuals.get(ef_key) if self.error_feedback else None
+            if residual is not None and residual.shape == mean.shape:
+                mean = mean + residual
+            msg = encode(mean, codec)
+            decoded = decode(msg)                # the owner applies exactly what its callers decode
+            if self.error_feedback and codec != "fp32":
+                self._reply_residuals[ef_key] = mean - decoded
+            return decoded, msg, res.contributors, res.rejected_norm
 
         try:
             mean, msg, contributors, outliers = await asyncio.to_thread(reduce)
@@ -380,7 +395,9 @@ async def allreduce_mean(
     stragglers, and each call's deadline is twice it (wait, then reduce and reply).
     With ``contribute=False`` this node sends no values but still gets the mean;
     a non-finite `flat_tensor` is never sent (it abstains instead). `encoder`
-    turns a shard into its wire message (e.g. ``encode`` with error feedback). Lost shards hold this node's own values and are False in
+    turns a shard into its wire message. With ``reducer.error_feedback`` the
+    quantization error of this node's part is carried into its next part of the
+    same fragment. Lost shards hold this node's own values and are False in
     ``stats.valid``. Never raises for a peer's failure.
     """
     n = len(peers)
@@ -394,7 +411,27 @@ async def allreduce_mean(
     if contribute and not bool(torch.isfinite(flat).all()):
         logger.warning("round %d fragment %d: non-finite pseudo-gradient, abstaining", round_id, fragment)
         contribute = False
+    own = flat
     bounds = shard_bounds(flat.numel(), n)
+    ef_key = (stage, fragment)
+    use_ef = reducer.error_feedback and contribute and codec != "fp32"
+    old_residual = reducer.part_residuals.get(ef_key) if use_ef else None
+    encoded: list[tensor_pb2.Tensor] = []
+    if use_ef:
+        # error feedback: send Q(Δ + e), keep e' = (Δ + e) - Q(Δ + e) for this fragment's next round;
+        # the own shard goes to the local reducer already quantized, so it is charged the same error
+        if old_residual is not None and old_residual.shape == flat.shape:
+            flat = flat + old_residual
+
+        def encode_all() -> tuple[list[tensor_pb2.Tensor], torch.Tensor]:
+            msgs = [encoder(flat[s:e].clone(), codec) for s, e in bounds]
+            return msgs, torch.cat([decode(m).reshape(-1).float() for m in msgs]) if msgs else flat
+
+        encoded, sent_values = await asyncio.to_thread(encode_all)
+        reducer.part_residuals[ef_key] = flat - sent_values
+        flat_to_send = sent_values
+    else:
+        flat_to_send = flat
     stats = AllReduceStats(contributors=[0] * n)
     metadata = token_metadata(channels.token) if channels.token else None
 
@@ -406,7 +443,7 @@ async def allreduce_mean(
     async def remote(j: int) -> torch.Tensor | None:
         start, end = bounds[j]
         if contribute:
-            msg = await asyncio.to_thread(encoder, flat[start:end].clone(), codec)
+            msg = encoded[j] if encoded else await asyncio.to_thread(encoder, flat[start:end].clone(), codec)
             requests = [node_pb2.ShardChunk(header=header(j) if i == 0 else None, chunk=chunk)
                         for i, chunk in enumerate(iter_chunks(msg, chunk_bytes))]
         else:
@@ -450,7 +487,7 @@ async def allreduce_mean(
 
     async def local(j: int) -> torch.Tensor | None:
         start, end = bounds[j]
-        res = await reducer.reduce_local(header(j), flat[start:end] if contribute else None, codec)
+        res = await reducer.reduce_local(header(j), flat_to_send[start:end] if contribute else None, codec)
         stats.contributors[j] = res.contributors
         return res.mean
 
@@ -467,8 +504,8 @@ async def allreduce_mean(
         return None
 
     results = await asyncio.gather(*(one(j) for j in range(n)))
-    out = flat.clone()
-    valid = torch.ones(flat.numel(), dtype=torch.bool)
+    out = own.clone()
+    valid = torch.ones(own.numel(), dtype=torch.bool)
     for j, res in enumerate(results):
         start, end = bounds[j]
         if res is None:
@@ -476,6 +513,10 @@ async def allreduce_mean(
                 stats.lost_shards.append(j)
                 valid[start:end] = False
                 stats.contributors[j] = 0
+                if use_ef:  # nothing of this shard was applied: its old debt stays as it was
+                    residual = reducer.part_residuals[ef_key]
+                    residual[start:end] = old_residual[start:end] if old_residual is not None and \
+                        old_residual.shape == own.shape else 0.0
             continue
         out[start:end] = res
     stats.valid = valid

@@ -36,6 +36,7 @@ from node.model import ModelConfig, build_stage, model_config_for
 from node.optim import build_inner_optimizer, lr_at
 from node.runtime import StageRuntime, StepResult
 from node.service import NodeServicer, StateSnapshot, fetch_state, start_server
+from node.sync import OuterSync
 from node.transport import LinkTable, Transport
 from protocols import coordinator_pb2 as pb
 from protocols.config import RunConfig, apply_overrides
@@ -143,6 +144,7 @@ class NodeDaemon:
         self._handled_plans: set[int] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._watchdog: asyncio.Task[None] | None = None
+        self.outer: OuterSync | None = None
         # metrics
         self.loss = math.nan
         self.val_loss = math.nan
@@ -205,6 +207,8 @@ class NodeDaemon:
         if self.agent is not None:
             await self.agent.close()
             self.agent.runtime.shutdown()
+        if self.outer is not None:
+            await self.outer.close()
         if self._server is not None:
             await self._server.stop(0.5)
         await self.transport.close()
@@ -346,33 +350,49 @@ class NodeDaemon:
                 old.runtime.shutdown()
             if self._watchdog is not None:
                 self._watchdog.cancel()
+            if self.outer is not None:
+                self.servicer.shard_reducer = None
+                await self.outer.close()
+                self.outer = None
             module = await asyncio.to_thread(build_stage, cfg, stage, config.model.stages, config.seed)
             iteration, lr_scale, ok, message = 0, 1.0, True, ""
+            outer_parts: dict[str, dict[str, torch.Tensor]] = {}
             if method != "fresh":
                 try:
-                    iteration, lr_scale = await self._obtain(module, stage, method, plan)
+                    iteration, lr_scale, outer_parts = await self._obtain(module, stage, method, plan)
                 except (grpc.aio.AioRpcError, ValidationError, ValueError) as exc:
                     ok = False
                     message = f"{method} failed: {exc}"
                     logger.error("stage %d: %s; keeping fresh weights", stage, message)
+            # θ_global: the copied replica's, else the weights we start from (equal across fresh replicas;
+            # a rebuilt stage enters its next outer sync with the rebuilt weights).
+            module = module.to(self.device)
+            outer = OuterSync(module, stage, self.node_id, config, self.client, self.opts.token,
+                              on_event=self._agent_event)
+            if outer_parts:
+                try:
+                    outer.load_parts(outer_parts)
+                except ValueError as exc:
+                    logger.warning("stage %d: replica's DiLoCo state unusable (%s); starting from local", stage, exc)
             # A moved node keeps the run's iteration even when the copy failed (and adopts the
             # iteration of its first microbatch anyway).
             iteration = max(iteration, previous_iteration)
-            module = module.to(self.device)
             optimizer = await asyncio.to_thread(build_inner_optimizer, module.parameters(), config.train, lr_scale)
             train = config.train
             runtime = StageRuntime(module, stage, optimizer, grad_clip=train.grad_clip,
                                    lr_fn=lambda it: lr_at(it, train), iteration=iteration,
                                    iteration_timeout_s=3 * train.hop_timeout_s, slowdown=self.opts.slowdown,
-                                   on_step=self._on_step, device=self.device)
+                                   on_step=self._on_step, device=self.device, after_step=outer.after_step)
             runtime.adopt_next_iteration = method != "fresh" or previous_iteration > 0
             agent = PipelineAgent(self.node_id, config.run_id, runtime, self.transport, dim=cfg.dim,
                                   max_seq_len=cfg.max_seq_len, codec=train.activation_codec,
                                   hop_timeout_s=train.hop_timeout_s, on_failure=self._report_failure,
                                   on_event=self._agent_event, refresh_schedule=self._refresh_for_unknown_peer)
             self.agent = agent
+            self.outer = outer
             self.servicer.stage = stage
             self.servicer.state_provider = self._state
+            self.servicer.shard_reducer = outer.reducer
             self.servicer.agent = agent
             self._watchdog = asyncio.create_task(runtime.watchdog(), name="watchdog")
             self.events.context = {"node_id": self.node_id, "stage": stage}
@@ -382,15 +402,21 @@ class NodeDaemon:
             await self.client.report_recovery(self.node_id, plan.plan_id, ok, message)
 
     async def _obtain(self, module: torch.nn.Module, stage: int, method: str, plan: pb.RecoveryPlan
-                      ) -> tuple[int, float]:
-        """Fetch the plan's sources over GetState and load the result; returns (iteration, lr scale)."""
+                      ) -> tuple[int, float, dict[str, dict[str, torch.Tensor]]]:
+        """Fetch the plan's sources over GetState and load the result.
+
+        Returns (iteration, lr scale, the source's DiLoCo parts for a replica copy).
+        """
         part = "bookend" if method == "bookend-copy" else "local"
+        parts = [part, "global", "outer"] if method == "replica-copy" else [part]
         states: dict[int, dict[str, torch.Tensor]] = {}
         weights: dict[int, float] = {}
         iteration = 0
+        outer_parts: dict[str, dict[str, torch.Tensor]] = {}
         for i, source in enumerate(plan.sources):
-            snapshot = await fetch_state(self.transport.stub(source.address), source.stage, [part], self.node_id,
+            snapshot = await fetch_state(self.transport.stub(source.address), source.stage, parts, self.node_id,
                                          metadata=self.transport.metadata, timeout_s=STATE_TIMEOUT_S)
+            outer_parts = {k: v for k, v in snapshot.parts.items() if k in ("global", "outer")}
             if part not in snapshot.parts:
                 raise ValidationError(f"source {source.node_id} sent no {part!r} state")
             states[source.stage] = snapshot.parts[part]
@@ -405,18 +431,24 @@ class NodeDaemon:
             state = rebuild_stage(method, states, weights)
             lr_scale = plan.lr_scale or self.config.recovery.lr_scale  # type: ignore[union-attr]
         load_rebuilt(module, state)
-        return iteration, lr_scale
+        return iteration, lr_scale, outer_parts if method == "replica-copy" else {}
 
     async def _state(self, stage: int, parts: list[str]) -> StateSnapshot:
         agent = self.agent
         if agent is None or agent.stage != stage:
             raise ValidationError(f"this node does not hold stage {stage}")
         snapshot = StateSnapshot(inner_step=agent.runtime.iteration, grad_norm=agent.runtime.last_grad_norm)
+        outer = self.outer
         for part in parts:
             if part == "local":
                 snapshot.parts["local"] = await agent.runtime.state()
+            elif part in ("global", "outer") and outer is not None:
+                if part not in snapshot.parts:
+                    snapshot.parts.update(await agent.runtime.run(outer.state_parts, slow=False))
             else:
                 raise ValidationError(f"state part {part!r} is not available on this node")
+        snapshot.parts = {k: v for k, v in snapshot.parts.items() if k in parts}
+        snapshot.outer_step = outer.outer_steps if outer is not None else 0
         return snapshot
 
     # ------------------------------------------------------------------ training
@@ -557,10 +589,13 @@ class NodeDaemon:
             step=agent.runtime.iteration if agent else 0,
             loss=self.loss if math.isfinite(self.loss) else 0.0,
             tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
-            bytes_sent=self.transport.bytes_sent,
+            bytes_sent=self.transport.bytes_sent + (
+                self.outer.sync_bytes_sent + self.outer.reducer.bytes_sent if self.outer else 0),
             bytes_received=self.servicer.bytes_received,
             grad_norm=agent.runtime.last_grad_norm if agent else 0.0,
             activation_bytes_sent=self.transport.activation_bytes_sent,
+            outer_step=self.outer.outer_steps if self.outer is not None else 0,
+            sync_bytes_sent=(self.outer.sync_bytes_sent + self.outer.reducer.bytes_sent) if self.outer else 0,
             val_loss=self.val_loss if math.isfinite(self.val_loss) else 0.0,
             tokens=self.tokens,
         )
@@ -569,7 +604,8 @@ class NodeDaemon:
         m = self.metrics()
         return {"step": m.step, "loss": m.loss, "tokens_per_s": m.tokens_per_s, "bytes_sent": m.bytes_sent,
                 "bytes_received": m.bytes_received, "grad_norm": m.grad_norm,
-                "activation_bytes_sent": m.activation_bytes_sent, "val_loss": m.val_loss, "tokens": m.tokens}
+                "activation_bytes_sent": m.activation_bytes_sent, "val_loss": m.val_loss, "tokens": m.tokens,
+                "outer_step": m.outer_step, "sync_bytes_sent": m.sync_bytes_sent}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

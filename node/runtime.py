@@ -104,6 +104,7 @@ class StageRuntime:
         slowdown: float = 1.0,
         on_step: Callable[[StepResult], None] | None = None,
         device: torch.device | str = "cpu",
+        after_step: Callable[[int], None] | None = None,
     ) -> None:
         if slowdown < 1.0:
             raise ValueError(f"slowdown must be >= 1, got {slowdown}")
@@ -118,6 +119,7 @@ class StageRuntime:
         self.slowdown = slowdown
         self.on_step = on_step
         self.device = torch.device(device)
+        self.after_step = after_step   # worker thread, between inner steps (outer sync hooks in here)
         self.adopt_next_iteration = False   # a late joiner takes the iteration of its first microbatch
         self.last_grad_norm = 0.0
         self.steps_applied = 0
@@ -338,6 +340,11 @@ class StageRuntime:
         if applied:
             self.steps_applied += 1
             self.last_grad_norm = grad_norm
+        if self.after_step is not None:
+            try:
+                self.after_step(iteration + 1)
+            except Exception:   # the outer sync must never stop inner training
+                logger.exception("stage %d: after-step hook failed at step %d", self.stage, iteration + 1)
         return StepResult(iteration, done, abandoned, grad_norm, lr, forced, applied)
 
     # ------------------------------------------------------------------ async API (event loop)

@@ -95,6 +95,7 @@ class DilocoSection:
     backend: str = "grpc"             # "grpc" or "hivemind"
     reject_norm_ratio: float = 0.0    # >0: drop a peer whose update norm exceeds ratio x median
     peer_timeout_s: float = 10.0
+    error_feedback: bool = False      # carry each quantized send's error into the next send of that fragment
 
     def __post_init__(self) -> None:
         _check(self.inner_steps >= 1, "diloco.inner_steps", "must be >= 1")

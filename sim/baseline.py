@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: 128)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: train.lr)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice; 1 is fastest on a shared CPU)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any setting, e.g. --set train.warmup_steps=50")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

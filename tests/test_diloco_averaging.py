@@ -398,3 +398,32 @@ def test_malformed_header_is_invalid_argument() -> None:
 def test_config_roundtrip_of_diloco_section() -> None:
     c = cfg()
     assert dataclasses.replace(c, codec="int8").codec == "int8"
+
+
+def test_error_feedback_carries_quantization_error_to_the_next_round() -> None:
+    async def main(error_feedback: bool) -> float:
+        reducers = [ShardReducer(timeout_s=1.0, node_id=f"r{i}", error_feedback=error_feedback) for i in range(2)]
+        servers = [await start_server(r) for r in reducers]
+        peers = [a for _, a in servers]
+        pools = [ChannelPool(TOKEN), ChannelPool(TOKEN)]
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(512, generator=g)
+        total = torch.zeros(512)
+        try:
+            for rnd in range(4):  # the same Δ four times: without EF the fp4 error repeats, with EF it cancels
+                outs = await asyncio.gather(*(
+                    allreduce_mean(peers, i, x, round_id=rnd, codec="fp4", timeout_s=1.0, reducer=reducers[i],
+                                   channels=pools[i], sender_id=f"r{i}") for i in range(2)))
+                torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+                total += outs[0][0]
+            if error_feedback:
+                assert reducers[0].part_residuals[(0, 0)].shape == x.shape
+        finally:
+            for pool in pools:
+                await pool.close()
+            for server, _ in servers:
+                await server.stop(0)
+        return float((total - 4 * x).norm() / (4 * x).norm())
+
+    without, with_ef = asyncio.run(main(False)), asyncio.run(main(True))
+    assert with_ef < 0.5 * without, (with_ef, without)

@@ -24,6 +24,7 @@ OVERRIDES = [
     "train.microbatch_size=4", "train.microbatches=2", f"train.steps={STEPS}", "train.lr=0.004",
     "train.warmup_steps=5", "train.eval_every=50", "train.eval_batches=2",
     "train.hop_timeout_s=3", "membership.heartbeat_interval_s=0.5", "membership.lease_s=3",
+    "diloco.inner_steps=30", "diloco.codec=int8",
 ]
 
 
@@ -84,6 +85,10 @@ def test_eight_nodes_train_and_survive_a_kill(tmp_path: Path) -> None:
             # (an evaluation that crossed the killed node may be lost; the last one must not be)
             assert len(evals) >= 2 and math.isfinite(evals[-1]), evals
             assert evals[-1] < first_eval - 0.5, (first_eval, evals)
+        # replicas averaged their pseudo-gradients (Streaming DiLoCo) with each other
+        syncs = [r for i in range(8) if i != victim for r in run.records(i, "outer-sync")]
+        assert any(r["participants"] == 2 for r in syncs), syncs
+        assert run.records(0, "outer-merge"), run.tail()
         # the coordinator saw the death
         assert "death" in (tmp_path / "coordinator.log").read_text()
         assert time.monotonic() - started < 360

@@ -7,14 +7,17 @@ import json
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from node_cluster import start_node
 
 from node.model import ModelConfig, init_stage
+from node.service import StateSnapshot, fetch_state
 from node.transport import Link, LinkTable, Transport
 from protocols import node_pb2
 from protocols.codec import encode
+from protocols.rpc import token_metadata
 
 CFG = ModelConfig.from_preset("tiny")
 
@@ -63,3 +66,33 @@ def test_send_waits_for_the_emulated_link(tmp_path: Path) -> None:
     plain, emulated = asyncio.run(main())
     assert emulated >= 0.5 - 0.01            # 0.2 s latency + ~0.3 s at the link's bandwidth
     assert emulated - plain >= 0.45
+
+
+def test_get_state_streams_the_stage_weights() -> None:
+    async def main() -> None:
+        module = init_stage(CFG, 2, 4, seed=3)
+        node = await start_node("n2", 2, module, dim=CFG.dim, max_seq_len=CFG.max_seq_len)
+
+        async def provider(stage: int, parts: list[str]) -> StateSnapshot:
+            return StateSnapshot(parts={"local": await node.runtime.state()}, inner_step=7, grad_norm=0.5)
+
+        node.servicer.state_provider = provider
+        node.servicer.state_chunk_bytes = 4096   # force multi-chunk tensors
+        transport = Transport("test-token")
+        try:
+            snap = await fetch_state(transport.stub(node.address), 2, ["local"], "me",
+                                     metadata=token_metadata("test-token"), timeout_s=10)
+            assert snap.inner_step == 7 and snap.grad_norm == 0.5
+            own = module.state_dict()
+            assert set(snap.parts["local"]) == set(own)
+            for name, t in own.items():
+                assert torch.equal(snap.parts["local"][name], t)
+            with pytest.raises(grpc.aio.AioRpcError) as err:   # asks for a stage the node does not hold
+                await fetch_state(transport.stub(node.address), 1, ["local"], "me",
+                                  metadata=token_metadata("test-token"), timeout_s=10)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            await transport.close()
+            await node.stop()
+
+    asyncio.run(main())

@@ -143,7 +143,7 @@ def _payload(path: Path) -> dict:
 
 
 def test_load_refuses_bad_files_with_clear_errors(tmp_path: Path) -> None:
-    model, stages = _stages(4)
+    _, stages = _stages(4)
     good = export_model(tmp_path / "good.pt", stages, CFG)
     with pytest.raises(ExportError, match="not found"):
         load_model(tmp_path / "missing.pt")
@@ -181,7 +181,7 @@ def test_load_refuses_bad_files_with_clear_errors(tmp_path: Path) -> None:
 def test_loads_a_baseline_run_folder(tmp_path: Path, batches: list) -> None:
     model, _ = _stages(4, seed=5)
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    with pytest.raises(ExportError, match="summary.json"):
+    with pytest.raises(ExportError, match=r"summary\.json"):
         load_model(tmp_path)
     config = apply_overrides(RunConfig(), ["model.stages=7", "seed=5"])
     (tmp_path / "summary.json").write_text(json.dumps({"config": config.to_dict(), "final_val_loss": 1.0}))

@@ -1,0 +1,144 @@
+"""The daemon's outer sync: Streaming DiLoCo among the replicas of one stage, wired to the network.
+
+After every inner step (on the stage's worker thread, between steps) the
+``OuterSync`` merges fragments whose averaged pseudo-gradient has arrived and
+whose merge step has come, then snapshots the fragment due now, if any. The
+exchange runs on the event loop while training goes on: ask the coordinator
+for the round's participants (JoinSyncRound), then average peer to peer
+(ReduceShard, ``node.averager``). A round that is abandoned or fails changes
+nothing (``finish_sync(job, None)``). The math is in ``node.diloco``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+
+from node.averager import ChannelPool, ShardReducer, average_job
+from node.coordinator_client import CoordinatorClient
+from node.diloco import StreamingDiLoCo, SyncJob, state_from_parts, state_to_parts
+from protocols import coordinator_pb2 as pb
+from protocols.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+_Key = tuple[int, int]   # (fragment, step the job was snapshotted at)
+
+
+class OuterSync:
+    """Streaming DiLoCo for one replica of ``stage``."""
+
+    def __init__(self, module: nn.Module, stage: int, node_id: str, config: RunConfig, client: CoordinatorClient,
+                 token: str, *, on_event: Callable[..., None] | None = None) -> None:
+        self.stage = stage
+        self.node_id = node_id
+        self.cfg = config.diloco
+        self.round_wait_s = config.membership.sync_timeout_s + config.membership.sync_join_window_s
+        self.client = client
+        self.diloco = StreamingDiLoCo(module, config.diloco)
+        self.reducer = ShardReducer.from_config(config.diloco, node_id)
+        self.channels = ChannelPool(token)
+        self.on_event = on_event
+        self.loop = asyncio.get_running_loop()
+        self.outer_steps = 0
+        self.sync_bytes_sent = 0
+        self._results: dict[_Key, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ worker thread
+
+    def after_step(self, step: int) -> None:
+        """Called on the stage's worker thread after inner step ``step`` (committed steps, 1-based)."""
+        for job in self.diloco.due_merges(step):
+            key = (job.fragment, job.step)
+            if key not in self._results:
+                continue   # still exchanging: merge after a later step
+            mean, valid = self._results.pop(key)
+            stats = self.diloco.finish_sync(job, mean, valid)
+            self._event("outer-merge", step=step, **{k: v for k, v in stats.items() if k != "step"},
+                        merged_after=job.step)
+        job = self.diloco.begin_sync(step)
+        if job is not None:
+            self.loop.call_soon_threadsafe(self._start, job)
+
+    # ------------------------------------------------------------------ event loop
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if self.on_event is not None:
+            self.loop.call_soon_threadsafe(lambda: self.on_event(kind, **fields))   # type: ignore[misc]
+
+    def _start(self, job: SyncJob) -> None:
+        task = asyncio.create_task(self._exchange(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _exchange(self, job: SyncJob) -> None:
+        key = (job.fragment, job.step)
+        started = time.monotonic()
+        mean: torch.Tensor | None = None
+        valid: torch.Tensor | None = None
+        try:
+            reply = await self._round(job)
+            if reply is not None:
+                ids = [p.node_id for p in reply.participants]
+                if self.node_id in ids:
+                    mean, stats = await average_job(
+                        job, [p.address for p in reply.participants], ids.index(self.node_id),
+                        round_id=reply.round_id, cfg=self.cfg, reducer=self.reducer, channels=self.channels,
+                        stage=self.stage, node_id=self.node_id)
+                    valid = stats.valid
+                    self.sync_bytes_sent += stats.bytes_sent
+                    self.outer_steps += 1
+                    self._event("outer-sync", fragment=job.fragment, step=job.step, round_id=reply.round_id,
+                                participants=len(ids), lost_shards=stats.lost_shards,
+                                bytes_sent=stats.bytes_sent, seconds=round(time.monotonic() - started, 3))
+        except Exception:   # a failed round must never take the node down: it changes nothing
+            logger.exception("outer sync of fragment %d at step %d failed", job.fragment, job.step)
+            mean, valid = None, None
+        self._results[key] = (mean, valid)
+
+    async def _round(self, job: SyncJob) -> pb.SyncRoundReply | None:
+        """Poll the coordinator until the round is formed (None when abandoned or timed out)."""
+        request = pb.SyncRoundRequest(node_id=self.node_id, stage=self.stage, fragment=job.fragment,
+                                      outer_step=job.outer_step + 1)
+        deadline = time.monotonic() + self.round_wait_s
+        while time.monotonic() < deadline:
+            try:
+                reply = await self.client.join_sync_round(request)
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("sync round for fragment %d: %s %s", job.fragment, exc.code().name, exc.details())
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return None
+                await asyncio.sleep(0.5)
+                continue
+            if reply.abandoned:
+                self._event("outer-skip", fragment=job.fragment, step=job.step, reason=reply.reason)
+                return None
+            if reply.ready:
+                return reply
+            await asyncio.sleep(max(0.02, reply.retry_after_s or 0.1))
+        self._event("outer-skip", fragment=job.fragment, step=job.step, reason="round not formed in time")
+        return None
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.channels.close()
+
+    # ------------------------------------------------------------------ state for newcomers
+
+    def state_parts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """θ_global ("global") and the outer optimizer ("outer") for GetState; worker thread."""
+        return state_to_parts(self.diloco.state_dict())
+
+    def load_parts(self, parts: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Adopt a live replica's θ_global and outer state (keeps the local weights as copied)."""
+        self.diloco.load_state_dict(state_from_parts(parts, self.diloco.fragments), reset_local=False)
