@@ -151,15 +151,19 @@ class MembershipSection:
 
 @dataclass(kw_only=True, slots=True)
 class RecoverySection:
+    # How a stage that lost every replica is rebuilt (coordinator/recovery.py):
+    # "checkfree-plus" (neighbour average, edge copy, bookend copy), "checkfree"
+    # (edges and stage 0 re-initialised), "random-reinit", or "none" (refuse).
     method: str = "checkfree-plus"
-    lr_scale: float = 1.1
-    epsilon: float = 1e-8
+    lr_scale: float = 1.1             # inner lr multiplier of a rebuilt stage's fresh optimizer
+    epsilon: float = 1e-8             # added to both neighbour gradient norms in the CheckFree weights
     swap_edges: bool = True           # CheckFree+ out-of-order execution on half the microbatches
+    allow_move: bool = True           # a wiped stage may take a node from a stage with spare replicas
 
     def __post_init__(self) -> None:
         _check(self.method in RECOVERY_METHODS, "recovery.method", f"must be one of {RECOVERY_METHODS}")
-        _check(self.lr_scale > 0, "recovery.lr_scale", "must be > 0")
-        _check(self.epsilon >= 0, "recovery.epsilon", "must be >= 0")
+        _check(0 < self.lr_scale < float("inf"), "recovery.lr_scale", "must be a finite number > 0")
+        _check(0 <= self.epsilon < float("inf"), "recovery.epsilon", "must be a finite number >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
