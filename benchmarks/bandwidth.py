@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--data-bytes", type=int, default=4 << 20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-start-steps", type=int, default=0,
+                        help="first train one shared init this many steps (single model, not counted in any mode; "
+                             "the DiLoCo paper's protocol of starting every method from one pretrained checkpoint)")
+    parser.add_argument("--warm-start-batch", type=int, default=16)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -349,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     val = val_batches(corpus, 16, args.seq_len, args.eval_batches)
     torch.manual_seed(args.seed)
     init = Transformer(model_cfg, seed=args.seed)
+    if args.warm_start_steps:
+        warm = dataclasses.replace(train, steps=args.warm_start_steps)
+        warm_setup = dataclasses.replace(setup, replicas=1, batch=args.warm_start_batch, train=warm)
+        # its own data stream (seed offset), the same for every mode
+        pre = make_replicas(dataclasses.replace(warm_setup, seed=args.seed + 1000), corpus, init)[0]
+        for step in range(args.warm_start_steps):
+            inner_step(pre, lr_at(step, warm), warm.grad_clip)
+        init = pre.model
+        logger.info("warm start: %d steps, val loss %.4f", args.warm_start_steps, evaluate([init], val))
     h = args.inner_steps
     diloco_cfg = DilocoSection(inner_steps=h, fragments=1, overlap=0, alpha=0.0, outer_lr=args.diloco_outer_lr,
                                outer_momentum=0.9, codec="fp32", peer_timeout_s=30.0)
@@ -386,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                   "inner_steps": h, "fragments": args.fragments, "lr": args.lr,
                   "ddp_lr": args.ddp_lr or args.lr, "streaming_codec": args.streaming_codec,
                   "hivemind_codec": args.hivemind_codec, "error_feedback": args.error_feedback,
-                  "diloco_outer_lr": args.diloco_outer_lr, "streaming_outer_lr": args.streaming_outer_lr},
+                  "diloco_outer_lr": args.diloco_outer_lr, "streaming_outer_lr": args.streaming_outer_lr,
+                  "warm_start_steps": args.warm_start_steps},
     }
     if "ddp" in results and "streaming" in results:
         ddp, streaming = results["ddp"], results["streaming"]

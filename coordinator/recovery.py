@@ -64,6 +64,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocols.config import RecoverySection
+
 log = logging.getLogger(__name__)
 
 REPLICA_COPY = "replica-copy"
@@ -385,6 +387,19 @@ def plan_recovery(
         return plan(CHECKFREE, {only: 1.0})
     notes.append(f"no live block stage to rebuild stage {stage} from: re-initialised randomly")
     return plan(RANDOM_REINIT, {})
+
+
+def plan_with_config(
+    stage: int,
+    num_stages: int,
+    live: Mapping[int, Sequence[NodeRef | str | tuple[Any, ...]]],
+    candidates: Sequence[NodeRef | str | tuple[Any, ...]],
+    grad_norms: Mapping[int, float] | None,
+    recovery: RecoverySection,
+) -> RecoveryPlan:
+    """:func:`plan_recovery` with ``lr_scale``, ``epsilon``, mode and moves from the run's ``[recovery]``."""
+    return plan_recovery(stage, num_stages, live, candidates, grad_norms, recovery.lr_scale, recovery.epsilon,
+                         mode=recovery.method, allow_move=recovery.allow_move)
 
 
 def recovery_order(dead: Sequence[int], num_stages: int, live_stages: Sequence[int]) -> list[int]:

@@ -50,6 +50,9 @@ VERSION = "0.1.0"
 LEAVE_TIMEOUT_S = 2.0        # a preempted node has ~seconds; do not wait long for the coordinator
 STATE_TIMEOUT_S = 60.0       # copying a stage from a replica (large models take a while)
 DRAIN_TIMEOUT_S = 5.0        # let the last pushes of the final iteration go out before exiting
+LINK_PROBE_EVERY_S = 10.0    # how often peers are pinged for the planner's link matrix
+LINK_PROBE_BYTES = 64 * 1024 # padding of the bandwidth probe
+LINK_PROBE_PEERS = 32        # at most this many peers per report (the closest stages first)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -145,6 +148,8 @@ class NodeDaemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._watchdog: asyncio.Task[None] | None = None
         self.outer: OuterSync | None = None
+        self._bookend: dict[str, torch.Tensor] | None = None   # stages 1 and S-1: copy of stage 0
+        self._bookend_task: asyncio.Task[None] | None = None
         # metrics
         self.loss = math.nan
         self.val_loss = math.nan
@@ -177,6 +182,7 @@ class NodeDaemon:
             self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
             await self._after_join(reply)
             self._tasks.append(asyncio.create_task(self._train_loop(), name="train"))
+            self._tasks.append(asyncio.create_task(self._link_loop(), name="links"))
             await self.stop_event.wait()
         finally:
             await self._shutdown()
@@ -199,8 +205,9 @@ class NodeDaemon:
             if task is not current:
                 task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for extra in (self._watchdog, self._bookend_task):
+            if extra is not None:
+                extra.cancel()
         if self.node_id:
             left = await self.client.leave(self.node_id, self.exit_reason or "shutdown", timeout_s=LEAVE_TIMEOUT_S)
             self.events.write("leave", reason=self.exit_reason, acknowledged=left)
@@ -368,7 +375,7 @@ class NodeDaemon:
             # a rebuilt stage enters its next outer sync with the rebuilt weights).
             module = module.to(self.device)
             outer = OuterSync(module, stage, self.node_id, config, self.client, self.opts.token,
-                              on_event=self._agent_event)
+                              on_event=self._agent_event, resync=self._resync_outer)
             if outer_parts:
                 try:
                     outer.load_parts(outer_parts)
@@ -433,6 +440,38 @@ class NodeDaemon:
         load_rebuilt(module, state)
         return iteration, lr_scale, outer_parts if method == "replica-copy" else {}
 
+    async def _resync_outer(self) -> None:
+        """This replica missed outer rounds: adopt θ_global and the outer state of the replica of our
+        stage that is furthest ahead (it contributes again from its next round)."""
+        agent, outer = self.agent, self.outer
+        if agent is None or outer is None:
+            return
+        best: tuple[int, dict[str, dict[str, torch.Tensor]], str] | None = None
+        peers = sorted(n for n, s in agent.schedule.stages.items() if s == agent.stage and n != self.node_id)
+        for node_id in peers[:3]:
+            address = agent.schedule.addresses.get(node_id)
+            if address is None:
+                continue
+            try:
+                snapshot = await fetch_state(self.transport.stub(address), agent.stage, ["global", "outer"],
+                                             self.node_id, metadata=self.transport.metadata,
+                                             timeout_s=STATE_TIMEOUT_S)
+            except (grpc.aio.AioRpcError, ValidationError) as exc:
+                logger.info("outer state from %s unavailable: %s", node_id, exc)
+                continue
+            steps_t = snapshot.parts.get("outer", {}).get("steps")
+            steps = int(steps_t.sum()) if steps_t is not None else 0
+            if best is None or steps > best[0]:
+                best = (steps, snapshot.parts, node_id)
+        if best is None or best[0] <= outer.total_outer_steps():
+            return
+        try:
+            await agent.runtime.run(outer.load_parts, best[1], slow=False)
+        except ValueError as exc:
+            logger.warning("outer state from %s unusable: %s", best[2], exc)
+            return
+        self.events.write("outer-resync", source=best[2], outer_steps=best[0])
+
     async def _state(self, stage: int, parts: list[str]) -> StateSnapshot:
         agent = self.agent
         if agent is None or agent.stage != stage:
@@ -442,6 +481,8 @@ class NodeDaemon:
         for part in parts:
             if part == "local":
                 snapshot.parts["local"] = await agent.runtime.state()
+            elif part == "bookend" and self._bookend is not None:
+                snapshot.parts["bookend"] = self._bookend
             elif part in ("global", "outer") and outer is not None:
                 if part not in snapshot.parts:
                     snapshot.parts.update(await agent.runtime.run(outer.state_parts, slow=False))
@@ -457,6 +498,58 @@ class NodeDaemon:
         self.events.write("step", step=result.iteration + 1, microbatches=result.microbatches,
                           abandoned=result.abandoned, grad_norm=result.grad_norm, lr=result.lr,
                           forced=result.forced, applied=result.applied)
+        assert self.config is not None
+        agent = self.agent
+        step = result.iteration + 1
+        holder = agent is not None and agent.stage in (1, self.config.model.stages - 1)
+        due = self._bookend is None or step % self.config.diloco.inner_steps == 0
+        if holder and due and (self._bookend_task is None or self._bookend_task.done()):
+            self._bookend_task = asyncio.create_task(self._refresh_bookend())
+
+    async def _refresh_bookend(self) -> None:
+        """CheckFree+: stages 1 and S-1 keep a copy of stage 0 (small), refreshed every outer period,
+        so even losing every origin is recoverable (``bookend-copy``)."""
+        agent = self.agent
+        if agent is None:
+            return
+        origins = sorted(n for n, s in agent.schedule.stages.items() if s == 0)
+        for node_id in origins:
+            address = agent.schedule.addresses.get(node_id)
+            if address is None:
+                continue
+            try:
+                snapshot = await fetch_state(self.transport.stub(address), 0, ["local"], self.node_id,
+                                             metadata=self.transport.metadata, timeout_s=STATE_TIMEOUT_S)
+            except (grpc.aio.AioRpcError, ValidationError) as exc:
+                logger.info("bookend copy from %s failed: %s", node_id, exc)
+                continue
+            if "local" in snapshot.parts:
+                self._bookend = snapshot.parts["local"]
+                self.events.write("bookend-copy", source=node_id, step=snapshot.inner_step)
+                return
+
+    async def _link_loop(self) -> None:
+        """Ping peers (a small and a padded probe) and report RTT and bandwidth for the path planner."""
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=LINK_PROBE_EVERY_S)
+            agent = self.agent
+            if agent is None or self.stop_event.is_set():
+                continue
+            mine = agent.stage
+            peers = sorted((abs(s - mine), n) for n, s in agent.schedule.stages.items() if n != self.node_id)
+            report = pb.LinkReport(node_id=self.node_id)
+            for _, node_id in peers[:LINK_PROBE_PEERS]:
+                address = agent.schedule.addresses[node_id]
+                try:
+                    rtt, _ = await self.transport.ping(address, timeout_s=5.0)
+                    big, _ = await self.transport.ping(address, timeout_s=5.0, padding=LINK_PROBE_BYTES)
+                except grpc.aio.AioRpcError:
+                    continue
+                bandwidth = LINK_PROBE_BYTES / max(big - rtt, 1e-6)
+                report.links.add(peer_id=node_id, rtt_s=rtt, bandwidth_bytes_per_s=bandwidth)
+            if report.links:
+                await self.client.report_links(report)
 
     def _agent_event(self, kind: str, **fields: Any) -> None:
         self.events.write(kind, **fields)
@@ -569,6 +662,10 @@ class NodeDaemon:
         done = iteration + 1
         if done % train.eval_every == 0 and done < train.steps:
             await self._evaluate(agent, done)
+        if not result.losses:
+            # Every microbatch failed (a hop is down): do not race through iterations without training,
+            # dragging the stages along; wait for the coordinator's next schedule (bounded).
+            await self._wait_schedule(self.lease_s)
 
     async def _evaluate(self, agent: PipelineAgent, iteration: int) -> None:
         if not self._val or not agent.schedule.paths:

@@ -64,11 +64,14 @@ def subset_path(stages: Sequence[int]) -> list[int]:
     return [0, *sorted(stages), 0]
 
 
-def _as_batches(data: Corpus | torch.Tensor | Batches, batch_size: int, seq_len: int, batches: int) -> Batches:
+def _as_batches(
+    stages: Stages, data: Corpus | torch.Tensor | Batches, batch_size: int, seq_len: int, batches: int
+) -> Batches:
     if isinstance(data, list):
         if not data:
             raise DataError("no evaluation batches given")
         return data
+    _check_seq_len(stages, seq_len)
     if isinstance(data, torch.Tensor):
         if data.ndim != 1:
             raise DataError(f"validation tokens must be 1-D, got shape {tuple(data.shape)}")
@@ -125,8 +128,7 @@ def evaluate(
     if path is None:
         path = subset_path(block_stage_ids(stages))
     validate_path(stages, path)
-    _check_seq_len(stages, seq_len)
-    data = _as_batches(corpus_or_val_tokens, batch_size, seq_len, batches)
+    data = _as_batches(stages, corpus_or_val_tokens, batch_size, seq_len, batches)
     return _result(path, mean_loss(stages, path, data))
 
 
@@ -157,7 +159,13 @@ def search_half(
     keep: int | None = None,
     max_candidates: int = 64,
 ) -> tuple[list[int], list[dict[str, Any]]]:
-    """The ``keep``-stage subset with the lowest loss on ``selection``, and every subset tried."""
+    """The ``keep``-stage subset with the lowest loss on ``selection``, and every subset tried.
+
+    Exhaustive when there are at most ``max_candidates`` subsets, else greedy
+    backward elimination. ``evaluate_subsets`` passes selection batches distinct
+    from the reported ones, except when it is given ready-made batches (then it
+    selects on those, which flatters the chosen subset a little).
+    """
     ids = block_stage_ids(stages)
     m = half_count(len(ids)) if keep is None else keep
     if not 1 <= m <= len(ids):
@@ -201,8 +209,7 @@ def evaluate_subsets(
     ids = block_stage_ids(stages)
     if half not in HALF_METHODS:
         raise ValueError(f"unknown half method {half!r}; choose one of {', '.join(HALF_METHODS)}")
-    _check_seq_len(stages, seq_len)
-    data = _as_batches(corpus_or_val_tokens, batch_size, seq_len, batches)
+    data = _as_batches(stages, corpus_or_val_tokens, batch_size, seq_len, batches)
     full = _result(subset_path(ids), mean_loss(stages, subset_path(ids), data))
     out: dict[str, Any] = {"num_stages": len(ids) + 1, "full": full}
     if subset is not None:

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 import torch
 
+from node.transport import channel_options
 from protocols import node_pb2, node_pb2_grpc, tensor_pb2
 from protocols.chunking import ChunkAssembler, chunk_tensor, reassemble_async
 from protocols.codec import decode, encode
 from protocols.errors import ValidationError, abort_invalid
-from protocols.rpc import TokenAuthInterceptor, grpc_options
+from protocols.rpc import TokenAuthInterceptor
 
 if TYPE_CHECKING:
     from node.agent import PipelineAgent
@@ -180,7 +181,7 @@ async def fetch_state(stub: node_pb2_grpc.NodeStub, stage: int, parts: list[str]
 
 async def start_server(servicer: NodeServicer, listen: str, token: str) -> tuple[grpc.aio.Server, int]:
     """Start the node's gRPC server (token-checked) on ``listen``; returns it and the bound port."""
-    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=grpc_options())
+    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=channel_options())
     node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
     port = server.add_insecure_port(listen)
     if port == 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -36,7 +36,8 @@ class OuterSync:
     """Streaming DiLoCo for one replica of ``stage``."""
 
     def __init__(self, module: nn.Module, stage: int, node_id: str, config: RunConfig, client: CoordinatorClient,
-                 token: str, *, on_event: Callable[..., None] | None = None) -> None:
+                 token: str, *, on_event: Callable[..., None] | None = None,
+                 resync: Callable[[], Awaitable[None]] | None = None) -> None:
         self.stage = stage
         self.node_id = node_id
         self.cfg = config.diloco
@@ -46,6 +47,8 @@ class OuterSync:
         self.reducer = ShardReducer.from_config(config.diloco, node_id)
         self.channels = ChannelPool(token)
         self.on_event = on_event
+        self.resync = resync   # adopt a live replica's θ_global and outer state (we fell behind the group)
+        self._resyncing: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self.outer_steps = 0
         self.sync_bytes_sent = 0
@@ -88,7 +91,10 @@ class OuterSync:
             reply = await self._round(job)
             if reply is not None:
                 ids = [p.node_id for p in reply.participants]
-                if self.node_id in ids:
+                if self.node_id not in ids:   # the round formed without us: we are behind the group
+                    self._event("outer-skip", fragment=job.fragment, step=job.step, reason="round formed without us")
+                    self._start_resync()
+                else:
                     mean, stats = await average_job(
                         job, [p.address for p in reply.participants], ids.index(self.node_id),
                         round_id=reply.round_id, cfg=self.cfg, reducer=self.reducer, channels=self.channels,
@@ -120,12 +126,24 @@ class OuterSync:
                 continue
             if reply.abandoned:
                 self._event("outer-skip", fragment=job.fragment, step=job.step, reason=reply.reason)
+                if "stale" in reply.reason:   # the stage's replicas are at a later outer step than we are
+                    self._start_resync()
                 return None
             if reply.ready:
                 return reply
             await asyncio.sleep(max(0.02, reply.retry_after_s or 0.1))
         self._event("outer-skip", fragment=job.fragment, step=job.step, reason="round not formed in time")
         return None
+
+    def _start_resync(self) -> None:
+        if self.resync is None or (self._resyncing is not None and not self._resyncing.done()):
+            return
+        self._resyncing = asyncio.create_task(self.resync())
+        self._tasks.add(self._resyncing)
+        self._resyncing.add_done_callback(self._tasks.discard)
+
+    def total_outer_steps(self) -> int:
+        return sum(self.diloco.outer.steps.values())
 
     async def close(self) -> None:
         for task in list(self._tasks):

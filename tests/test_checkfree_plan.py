@@ -9,8 +9,10 @@ from coordinator.recovery import (
     RecoveryError,
     checkfree_weights,
     plan_recovery,
+    plan_with_config,
     recovery_order,
 )
+from protocols.config import ConfigError, RecoverySection, RunConfig, apply_overrides
 
 
 def one_per_stage(num_stages: int, dead: set[int]) -> dict[int, list[str]]:
@@ -202,3 +204,22 @@ def test_recovery_order_rebuilds_stages_with_live_neighbours_first() -> None:
     assert order[-1] == 3   # the middle one waits until both its neighbours are back
     with pytest.raises(RecoveryError):
         recovery_order([7], 7, [])
+
+
+def test_plan_with_config_follows_the_recovery_section() -> None:
+    live = one_per_stage(4, {1})
+    plan = plan_with_config(1, 4, live, ["j"], {}, RecoverySection(method="checkfree", lr_scale=1.3))
+    assert plan.method == "random-reinit" and plan.lr_scale == pytest.approx(1.3)
+    plan = plan_with_config(1, 4, live, ["j"], {}, RecoverySection())
+    assert plan.method == "checkfree-plus" and plan.lr_scale == pytest.approx(1.1)
+    # allow_move = false: with no free node, nobody is taken from a multi-replica stage.
+    live2 = {0: ["o"], 1: [], 2: ["b1", "b2"], 3: ["c"]}
+    assert plan_with_config(1, 4, live2, [], {}, RecoverySection()).replacement in ("b1", "b2")
+    assert plan_with_config(1, 4, live2, [], {}, RecoverySection(allow_move=False)).replacement is None
+
+
+@pytest.mark.parametrize("override", ["recovery.lr_scale=0", "recovery.lr_scale=nan", "recovery.epsilon=-1",
+                                      "recovery.epsilon=inf", "recovery.method=teleport"])
+def test_recovery_section_rejects_bad_values(override: str) -> None:
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        apply_overrides(RunConfig(), [override])

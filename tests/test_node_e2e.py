@@ -24,7 +24,9 @@ OVERRIDES = [
     "train.microbatch_size=4", "train.microbatches=2", f"train.steps={STEPS}", "train.lr=0.004",
     "train.warmup_steps=5", "train.eval_every=50", "train.eval_batches=2",
     "train.hop_timeout_s=3", "membership.heartbeat_interval_s=0.5", "membership.lease_s=3",
-    "diloco.inner_steps=30", "diloco.codec=int8",
+    "diloco.inner_steps=10", "diloco.codec=int8",
+    # replicas drift apart by seconds on a busy 2-core machine: let a round wait for the later one
+    "membership.sync_join_window_s=8", "membership.sync_timeout_s=12",
 ]
 
 
@@ -52,16 +54,20 @@ def test_eight_nodes_train_and_survive_a_kill(tmp_path: Path) -> None:
         stages = [run.records(i, "stage")[0]["stage"] for i in range(8)]
         assert stages == layout, stages
         victim = 6   # a stage-2 replica
-        # The second wave joined a running pipeline: it copied weights from live replicas. Kill a
-        # stage-2 replica once the late origin has trained a while.
+        # The second wave joined a running pipeline: it copied weights (and DiLoCo's θ_global) from live
+        # replicas. Kill a stage-2 replica once the late origin has trained a while and replicas have
+        # averaged their pseudo-gradients with each other (Streaming DiLoCo, every 10 steps).
+        def synced() -> bool:
+            return any(r["participants"] == 2 for i in range(8) for r in run.records(i, "outer-sync"))
+
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if len(run.records(4, "iteration")) >= 10:
+            if len(run.records(4, "iteration")) >= 10 and synced():
                 break
             assert all(p.poll() is None for p in run.nodes), run.tail()
             time.sleep(0.2)
         else:
-            pytest.fail("the late origin did not train:\n" + run.tail())
+            pytest.fail("the late origin did not train, or replicas never averaged:\n" + run.tail())
         os.killpg(run.nodes[victim].pid, signal.SIGKILL)
         killed_at = min(len(run.records(i, "iteration")) for i in (0, 4))
 
@@ -85,10 +91,8 @@ def test_eight_nodes_train_and_survive_a_kill(tmp_path: Path) -> None:
             # (an evaluation that crossed the killed node may be lost; the last one must not be)
             assert len(evals) >= 2 and math.isfinite(evals[-1]), evals
             assert evals[-1] < first_eval - 0.5, (first_eval, evals)
-        # replicas averaged their pseudo-gradients (Streaming DiLoCo) with each other
-        syncs = [r for i in range(8) if i != victim for r in run.records(i, "outer-sync")]
-        assert any(r["participants"] == 2 for r in syncs), syncs
-        assert run.records(0, "outer-merge"), run.tail()
+        # averaged fragments were merged into the local weights
+        assert any(r["applied"] > 0 for r in run.records(0, "outer-merge")), run.tail()
         # the coordinator saw the death
         assert "death" in (tmp_path / "coordinator.log").read_text()
         assert time.monotonic() - started < 360
