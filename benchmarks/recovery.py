@@ -48,7 +48,9 @@ its steps. ``time_to_target_s`` is the emulated time of the first evaluation at
 or below it; a run that has not reached it after its planned steps keeps
 training (at the schedule's final learning rate, failures still arriving) up to
 ``extend`` x steps, and reports null if it never does. ``final_val_loss`` is
-the validation loss at the planned number of steps. Run ``python benchmarks/recovery.py --json``.
+the validation loss at the planned number of steps. ``--schedules N`` repeats
+every rate with N failure schedules (seeds seed..seed+N-1) and averages;
+``checkfree_plus_sooner_than`` gives ``1 - t_plus / t_other`` per rate. Run ``python benchmarks/recovery.py --json``.
 """
 
 from __future__ import annotations
@@ -343,6 +345,40 @@ def summarise(out: dict[str, Any], target: float, steps: int, details: bool) -> 
     return row
 
 
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean over failure schedules; time_to_target_s is null unless every schedule reached the target."""
+    if len(rows) == 1:
+        return rows[0]
+    times = [r["time_to_target_s"] for r in rows]
+    return {
+        "time_to_target_s": round(sum(times) / len(times), 1) if all(t is not None for t in times) else None,
+        "final_val_loss": round(sum(r["final_val_loss"] for r in rows) / len(rows), 4),
+        "reached": sum(t is not None for t in times),
+        "failures": round(sum(r["failures"] for r in rows) / len(rows), 2),
+        "per_schedule": rows,
+    }
+
+
+def sooner(by_method: dict[str, Any]) -> dict[str, float | str | None]:
+    """How much sooner checkfree_plus reaches the target than each other method: 1 - t_plus / t_other.
+
+    ``"only checkfree_plus reached"`` when the other never did; null when checkfree_plus never did.
+    """
+    plus = by_method.get("checkfree_plus", {}).get("time_to_target_s")
+    out: dict[str, float | str | None] = {}
+    for method, row in by_method.items():
+        if method == "checkfree_plus":
+            continue
+        other = row.get("time_to_target_s")
+        if plus is None:
+            out[method] = None
+        elif other is None:
+            out[method] = "only checkfree_plus reached"
+        else:
+            out[method] = round(1.0 - plus / other, 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print compact JSON only (no progress log)")
@@ -356,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=Settings.lr)
     parser.add_argument("--target-frac", type=float, default=Settings.target_frac)
     parser.add_argument("--seed", type=int, default=Settings.seed)
+    parser.add_argument("--schedules", type=int, default=1,
+                        help="failure schedules per rate (seeds seed..seed+N-1); results are averaged")
     parser.add_argument("--rates", type=int, nargs="+", default=list(RATES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--details", action="store_true", help="include curves and failure events")
@@ -380,25 +418,30 @@ def main(argv: list[str] | None = None) -> int:
     horizon = 3 * max_steps * settings.iter_s
     log.info("no-failure run: final val %.4f, target %.4f", reference["curve"][-1][2], target)
 
-    result: dict[str, Any] = {"rates": {}}
+    result: dict[str, Any] = {"rates": {}, "checkfree_plus_sooner_than": {}}
     checkpoint_every: dict[str, int] = {}
     for rate in settings.rates:
-        schedule = failure_schedule(rate, horizon, settings.stages, settings.seed)
         save_every = settings.checkpoint_interval(rate)
         checkpoint_every[str(rate)] = save_every
-        by_method: dict[str, Any] = {}
-        for method in settings.methods:
-            out = Run(method, settings, schedule, corpus, save_every=save_every).run(target, max_steps)
-            by_method[method] = summarise(out, target, settings.steps, args.details)
-            log.info("rate %s %s: %s", rate, method,
-                     {k: v for k, v in by_method[method].items() if k not in ("events", "curve")})
+        rows: dict[str, list[dict[str, Any]]] = {m: [] for m in settings.methods}
+        for k in range(args.schedules):
+            # The same schedule for every method at this rate.
+            schedule = failure_schedule(rate, horizon, settings.stages, settings.seed + k)
+            for method in settings.methods:
+                out = Run(method, settings, schedule, corpus, save_every=save_every).run(target, max_steps)
+                rows[method].append(summarise(out, target, settings.steps, args.details))
+                log.info("rate %s schedule %d %s: %s", rate, k, method,
+                         {key: v for key, v in rows[method][-1].items() if key not in ("events", "curve")})
+        by_method = {m: aggregate(r) for m, r in rows.items()}
         result["rates"][str(rate)] = by_method
+        result["checkfree_plus_sooner_than"][str(rate)] = sooner(by_method)
     result["target_val_loss"] = round(target, 4)
     result["no_failure"] = summarise(reference, target, settings.steps, args.details)
     result["settings"] = {
         "model": "tiny", "stages": settings.stages, "steps": settings.steps,
         "microbatches": settings.microbatches, "microbatch_size": settings.microbatch_size,
-        "seq_len": settings.seq_len, "lr": settings.lr, "seed": settings.seed, "target_frac": settings.target_frac,
+        "seq_len": settings.seq_len, "lr": settings.lr, "seed": settings.seed, "schedules": args.schedules,
+        "target_frac": settings.target_frac,
         "iter_s": settings.iter_s, "weights_s": settings.weights_s, "join_s": settings.join_s,
         "save_s": settings.save_s, "checkpoint_every": checkpoint_every,
         "lr_scale": settings.recovery.lr_scale, "max_steps": max_steps, "failed_stages": f"1..{settings.stages - 1}",

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,9 +58,9 @@ from sim.skiptrain import train_skip  # noqa: E402
 TARGET_GAP = 0.03
 
 
-def base_config(args: argparse.Namespace) -> RunConfig:
+def base_config(args: argparse.Namespace, seed: int) -> RunConfig:
     return apply_overrides(RunConfig(), [
-        f"seed={args.seed}",
+        f"seed={seed}",
         "model.preset=tiny", f"model.stages={args.stages}", f"model.seq_len={args.seq_len}",
         f"train.steps={args.steps}", f"train.warmup_steps={args.warmup}", f"train.lr={args.lr}",
         f"train.microbatches={args.microbatches}", f"train.microbatch_size={args.microbatch_size}",
@@ -68,9 +69,9 @@ def base_config(args: argparse.Namespace) -> RunConfig:
     ])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(1)
-    base = base_config(args)
+def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Full and skip runs (and optionally skip with swaps) for one seed: same init, batches and val set."""
+    base = base_config(args, seed)
     skip = [f"skippipe.skip_ratio={args.skip}", "skippipe.planner=skippipe"]
     runs = {
         "full": apply_overrides(base, ["skippipe.skip_ratio=0.0", "skippipe.planner=full"]),
@@ -78,19 +79,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.with_swaps:
         runs["skip_swaps"] = apply_overrides(base, [*skip, "skippipe.max_swaps=2"])
-    corpus = load_run_corpus(base)
-    val = run_val_batches(base, corpus)
-    out: dict[str, Any] = {}
-    extras: dict[str, Any] = {}
+    val = run_val_batches(base, load_run_corpus(base))
+    out: dict[str, Any] = {"seed": seed}
     for name, config in runs.items():
         start = time.perf_counter()
-        result = train_skip(config, eval_every=0)
+        result = train_skip(config, eval_every=0, clip=args.clip)
         s = result.summary
         half = evaluate_subsets(result.stages, val)
-        out[f"{name}_val_loss"] = s["final_val_loss"]
-        extras[name] = {
+        out[name] = {
+            "val_loss": s["final_val_loss"],
             "wall_s": round(time.perf_counter() - start, 1),
-            "initial_val_loss": s["initial_val_loss"],
             "final_train_loss": s["final_train_loss"],
             "perplexity": math.exp(s["final_val_loss"]),
             "half_stages": half["subset"]["stages"],
@@ -100,29 +98,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "paths": s["paths"],
             "path_val_loss": s.get("path_val_loss"),
         }
-    gap = out["skip_val_loss"] / out["full_val_loss"] - 1.0
-    if args.with_swaps:
-        extras["skip_swaps"]["gap"] = out["skip_swaps_val_loss"] / out["full_val_loss"] - 1.0
-    return {
-        "full_val_loss": out["full_val_loss"],
-        "skip_val_loss": out["skip_val_loss"],
+        if name != "full":
+            out[name]["gap"] = s["final_val_loss"] / out["full"]["val_loss"] - 1.0
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    per_seed = [run_seed(args, seed) for seed in args.seeds]
+
+    def mean(run: str, key: str) -> float:
+        return statistics.fmean(r[run][key] for r in per_seed)
+
+    gap = mean("skip", "gap")
+    result: dict[str, Any] = {
+        "full_val_loss": mean("full", "val_loss"),
+        "skip_val_loss": mean("skip", "val_loss"),
         "gap": gap,
+        "gap_per_seed": [r["skip"]["gap"] for r in per_seed],
         "target_gap": TARGET_GAP,
         "meets_target": gap <= TARGET_GAP,
-        "full_half_perplexity_ratio": extras["full"]["half_perplexity_ratio"],
-        "skip_half_perplexity_ratio": extras["skip"]["half_perplexity_ratio"],
-        "setup": {
-            "preset": "tiny", "stages": args.stages, "skip_ratio": args.skip,
-            "stages_per_path": len(extras["skip"]["paths"][0]) - 2, "max_swaps": args.max_swaps,
-            "steps": args.steps,
-            "tokens": args.steps * args.microbatches * args.microbatch_size * args.seq_len,
-            "microbatches": args.microbatches, "microbatch_size": args.microbatch_size,
-            "seq_len": args.seq_len, "lr": args.lr, "warmup_steps": args.warmup, "seed": args.seed,
-            "eval_tokens": args.eval_batches * args.microbatches * args.microbatch_size * args.seq_len,
-            "gap_definition": "skip_val_loss / full_val_loss - 1, both on the full path, held-out split",
-        },
-        "runs": extras,
+        "full_half_perplexity_ratio": mean("full", "half_perplexity_ratio"),
+        "skip_half_perplexity_ratio": mean("skip", "half_perplexity_ratio"),
     }
+    if args.with_swaps:
+        result["swaps_gap"] = mean("skip_swaps", "gap")
+    result["setup"] = {
+        "preset": "tiny", "stages": args.stages, "skip_ratio": args.skip,
+        "stages_per_path": len(per_seed[0]["skip"]["paths"][0]) - 2, "max_swaps": args.max_swaps,
+        "steps": args.steps, "tokens_per_run": args.steps * args.microbatches * args.microbatch_size * args.seq_len,
+        "microbatches": args.microbatches, "microbatch_size": args.microbatch_size, "seq_len": args.seq_len,
+        "lr": args.lr, "warmup_steps": args.warmup, "clip": args.clip, "seeds": args.seeds,
+        "eval_tokens": args.eval_batches * args.microbatches * args.microbatch_size * args.seq_len,
+        "gap_definition": "mean over seeds of skip_val_loss / full_val_loss - 1; both models evaluated on "
+                          "the full path over the held-out split; val losses reported are means over seeds",
+    }
+    result["seeds"] = per_seed
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--data-bytes", type=int, default=2 << 20, help="corpus cap in bytes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2],
+                   help="comma-separated run seeds (weights, data order, held-out split); default 0,1,2")
+    p.add_argument("--clip", choices=("stage", "global"), default="stage",
+                   help="gradient clipping per stage (as the node runtime) or over the whole model")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args(argv)
     result = run(args)

@@ -64,6 +64,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocols import coordinator_pb2
 from protocols.config import RecoverySection
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,16 @@ class RecoveryPlan:
             "parts": list(self.parts),
             "notes": list(self.notes),
         }
+
+
+def plan_to_proto(plan: RecoveryPlan, plan_id: int) -> coordinator_pb2.RecoveryPlan:
+    """The wire form sent to the replacement (one PeerInfo and one weight per source node)."""
+    msg = coordinator_pb2.RecoveryPlan(stage=plan.stage, method=plan.method, lr_scale=plan.lr_scale,
+                                       plan_id=plan_id)
+    for node_id, address, stage, weight in plan.peers():
+        msg.sources.add(node_id=node_id, address=address, stage=stage)
+        msg.weights.append(weight)
+    return msg
 
 
 def _as_ref(item: NodeRef | str | tuple[Any, ...]) -> NodeRef:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from node.optim import build_inner_optimizer
+from protocols import coordinator_pb2
 from protocols.config import TrainSection
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,42 @@ def restore_bookend(copy: Mapping[str, torch.Tensor], reference: Mapping[str, to
     if reference is not None:
         _check_matching({"bookend copy": state, "stage 0": {k: reference[k] for k in BOOKEND_KEYS if k in reference}})
     return state
+
+
+REBUILD_METHODS = ("replica-copy", "checkfree", "checkfree-plus", "bookend-copy", "random-reinit")
+
+
+def read_plan(msg: coordinator_pb2.RecoveryPlan, num_stages: int) -> tuple[dict[int, list[tuple[str, str]]],
+                                                                          dict[int, float]]:
+    """Validate a coordinator's RecoveryPlan and group it: source stage -> [(node_id, address)], weights.
+
+    Every node of a source stage must carry the same weight (any one of them
+    serves that stage's state); a bad plan raises CheckFreeError and nothing is
+    fetched.
+    """
+    if msg.method not in REBUILD_METHODS:
+        raise CheckFreeError(f"recovery plan {msg.plan_id}: unknown method {msg.method!r}")
+    if not 0 <= msg.stage < num_stages:
+        raise CheckFreeError(f"recovery plan {msg.plan_id}: stage {msg.stage} outside 0..{num_stages - 1}")
+    if not (math.isfinite(msg.lr_scale) and msg.lr_scale > 0):
+        raise CheckFreeError(f"recovery plan {msg.plan_id}: lr_scale must be finite and > 0, got {msg.lr_scale}")
+    if len(msg.weights) != len(msg.sources):
+        raise CheckFreeError(f"recovery plan {msg.plan_id}: {len(msg.sources)} sources but "
+                             f"{len(msg.weights)} weights")
+    sources: dict[int, list[tuple[str, str]]] = {}
+    weights: dict[int, float] = {}
+    for peer, w in zip(msg.sources, msg.weights, strict=True):
+        if not 0 <= peer.stage < num_stages:
+            raise CheckFreeError(f"recovery plan {msg.plan_id}: source stage {peer.stage} out of range")
+        if not (math.isfinite(w) and w >= 0):
+            raise CheckFreeError(f"recovery plan {msg.plan_id}: weight {w} of {peer.node_id!r} is not finite >= 0")
+        if peer.stage in weights and not math.isclose(weights[peer.stage], w, rel_tol=1e-9, abs_tol=1e-12):
+            raise CheckFreeError(f"recovery plan {msg.plan_id}: stage {peer.stage} has two weights")
+        weights[peer.stage] = w
+        sources.setdefault(peer.stage, []).append((peer.node_id, peer.address))
+    if msg.method != "random-reinit" and not sources:
+        raise CheckFreeError(f"recovery plan {msg.plan_id}: method {msg.method} needs sources")
+    return sources, weights
 
 
 def rebuild_stage(method: str, sources_states: Mapping[int, Mapping[str, torch.Tensor]],

@@ -9,6 +9,18 @@ then serve microbatches, drive iterations when an origin (stage 0), heartbeat
 metrics, and follow instructions (reload the schedule, change stage, rejoin,
 shut down). SIGTERM (the spot-preemption notice) and SIGINT leave cleanly and
 exit 0. The run ends for a node after ``train.steps`` iterations.
+
+``--log-json`` records (one JSON object per line; every record has ``time``,
+``kind``, ``node_id`` and ``stage`` once known): ``start`` (address, pid),
+``join``, ``stage`` (method, iteration, ok), ``schedule`` (epoch, paths,
+expected), ``metrics`` (each heartbeat: step, loss, tokens_per_s, bytes_sent,
+bytes_received, activation_bytes_sent, grad_norm, val_loss, tokens,
+outer_step, sync_bytes_sent), ``step`` (every inner step: microbatches,
+abandoned, grad_norm, lr, forced), ``iteration`` (origins: loss, abandoned,
+tokens, seconds), ``eval`` (origins: val_loss), ``abandon`` (microbatch, reason,
+suspect), ``failure`` (suspect reported to the coordinator), ``outer-sync`` /
+``outer-merge`` / ``outer-skip`` / ``outer-resync`` (DiLoCo), ``bookend-copy``,
+``leave`` (reason, acknowledged).
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ VERSION = "0.1.0"
 LEAVE_TIMEOUT_S = 2.0        # a preempted node has ~seconds; do not wait long for the coordinator
 STATE_TIMEOUT_S = 60.0       # copying a stage from a replica (large models take a while)
 DRAIN_TIMEOUT_S = 5.0        # let the last pushes of the final iteration go out before exiting
+NO_PIPELINE_FACTOR = 10      # an origin that trained gives up after this many leases without any path
 LINK_PROBE_EVERY_S = 10.0    # how often peers are pinged for the planner's link matrix
 LINK_PROBE_BYTES = 64 * 1024 # padding of the bandwidth probe
 LINK_PROBE_PEERS = 32        # at most this many peers per report (the closest stages first)
@@ -158,6 +171,7 @@ class NodeDaemon:
         self._batches: Any = None
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._no_origin_since: float | None = None
+        self._no_paths_since: float | None = None
         self._last_refresh = 0.0
         self._schedule_changed_at = time.monotonic()
 
@@ -211,11 +225,11 @@ class NodeDaemon:
         if self.node_id:
             left = await self.client.leave(self.node_id, self.exit_reason or "shutdown", timeout_s=LEAVE_TIMEOUT_S)
             self.events.write("leave", reason=self.exit_reason, acknowledged=left)
+        if self.outer is not None:   # first: releases a worker thread waiting for an outer round
+            await self.outer.close()
         if self.agent is not None:
             await self.agent.close()
             self.agent.runtime.shutdown()
-        if self.outer is not None:
-            await self.outer.close()
         if self._server is not None:
             await self._server.stop(0.5)
         await self.transport.close()
@@ -572,8 +586,13 @@ class NodeDaemon:
                 return
             if agent.is_origin:
                 if not agent.schedule.paths or not self._settled():
+                    if self._no_pipeline_too_long(agent):
+                        await self._evaluate(agent, agent.runtime.iteration)
+                        self.stop(f"no complete pipeline for {NO_PIPELINE_FACTOR * self.lease_s:g} s")
+                        return
                     await self._wait_schedule(0.5)
                     continue
+                self._no_paths_since = None
                 await self._origin_iteration(agent)
             else:
                 if self._origins_gone(agent):
@@ -581,6 +600,16 @@ class NodeDaemon:
                     self.stop("no origin left in the run")
                     return
                 await asyncio.sleep(0.2)
+
+    def _no_pipeline_too_long(self, agent: PipelineAgent) -> bool:
+        """An origin that trained but has had no path for many leases gives up (the run is over or
+        a stage is lost for good): waiting is bounded like every other wait."""
+        if self._batches is None or agent.schedule.paths:
+            return False
+        now = time.monotonic()
+        if self._no_paths_since is None:
+            self._no_paths_since = now
+        return now - self._no_paths_since > NO_PIPELINE_FACTOR * self.lease_s
 
     def _settled(self) -> bool:
         """Before its first iteration an origin waits until membership has not changed for two
@@ -603,7 +632,8 @@ class NodeDaemon:
     async def _linger(self, agent: PipelineAgent) -> None:
         """Wait (bounded) until no origin is left in the schedule."""
         assert self.config is not None
-        deadline = time.monotonic() + max(3 * self.lease_s, 2 * self.config.train.hop_timeout_s)
+        # A lagging origin finishes quickly: its microbatches are refused as stale and it catches up.
+        deadline = time.monotonic() + max(NO_PIPELINE_FACTOR * self.lease_s, 2 * self.config.train.hop_timeout_s)
         while time.monotonic() < deadline and not self.stop_event.is_set():
             if not any(s == 0 for s in agent.schedule.stages.values()):
                 return

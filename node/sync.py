@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -53,6 +54,9 @@ class OuterSync:
         self.outer_steps = 0
         self.sync_bytes_sent = 0
         self._results: dict[_Key, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._done: dict[_Key, threading.Event] = {}
+        # the longest an exchange can take: forming the round, then the peers' two timeouts
+        self.merge_wait_s = self.round_wait_s + 2 * config.diloco.peer_timeout_s
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ worker thread
@@ -61,6 +65,15 @@ class OuterSync:
         """Called on the stage's worker thread after inner step ``step`` (committed steps, 1-based)."""
         for job in self.diloco.due_merges(step):
             key = (job.fragment, job.step)
+            # The merge is due: wait (bounded) for the exchange. This is what keeps the replicas of a
+            # stage within about one round of each other; without it a faster replica would run ahead
+            # and keep missing its peers' rounds.
+            done = self._done.get(key)
+            if done is not None:
+                if not done.wait(timeout=self.merge_wait_s):
+                    logger.warning("fragment %d from step %d: no averaged result after %.0f s; merging later",
+                                   job.fragment, job.step, self.merge_wait_s)
+                self._done.pop(key, None)   # wait once only
             if key not in self._results:
                 continue   # still exchanging: merge after a later step
             mean, valid = self._results.pop(key)
@@ -69,6 +82,7 @@ class OuterSync:
                         merged_after=job.step)
         job = self.diloco.begin_sync(step)
         if job is not None:
+            self._done[(job.fragment, job.step)] = threading.Event()
             self.loop.call_soon_threadsafe(self._start, job)
 
     # ------------------------------------------------------------------ event loop
@@ -109,6 +123,9 @@ class OuterSync:
             logger.exception("outer sync of fragment %d at step %d failed", job.fragment, job.step)
             mean, valid = None, None
         self._results[key] = (mean, valid)
+        done = self._done.get(key)
+        if done is not None:
+            done.set()
 
     async def _round(self, job: SyncJob) -> pb.SyncRoundReply | None:
         """Poll the coordinator until the round is formed (None when abandoned or timed out)."""
@@ -146,6 +163,8 @@ class OuterSync:
         return sum(self.diloco.outer.steps.values())
 
     async def close(self) -> None:
+        for done in self._done.values():   # never leave the worker thread waiting
+            done.set()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

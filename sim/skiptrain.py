@@ -17,7 +17,8 @@ microbatch), with skip ratio ``skippipe.skip_ratio`` and planner
 every iteration; ``replan_every`` re-plans with a new seed to mimic membership
 changes.
 
-Run alone: ``python -m sim.skiptrain --skip-ratio 0.25 --export runs/skip/model.pt``.
+Command line: ``lowband-sim skiptrain --stages 7 --skip-ratio 0.25 --export runs/skip/model.pt``
+(or ``python -m sim.skiptrain``), then ``lowband-sim eval --model runs/skip/model.pt``.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def train_skip(
 
 
 # ---------------------------------------------------------------------------
-# CLI: `python -m sim.skiptrain` (or `lowband-sim skiptrain` once listed in sim.cli)
+# CLI: `lowband-sim skiptrain` (or `python -m sim.skiptrain`)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -122,3 +122,15 @@ def test_young_daly_checkpoint_interval(bench: ModuleType) -> None:
     # sqrt(2 * 30 s * 3600 s / 10) = 146.97 s -> 15 iterations of 10 s.
     assert s.checkpoint_interval(10) == 15
     assert bench.Settings(save_every=7).checkpoint_interval(10) == 7
+
+
+def test_aggregate_and_sooner(bench: ModuleType) -> None:
+    rows = [{"time_to_target_s": 100.0, "final_val_loss": 2.0, "failures": 1},
+            {"time_to_target_s": 300.0, "final_val_loss": 3.0, "failures": 2}]
+    agg = bench.aggregate(rows)
+    assert agg["time_to_target_s"] == 200.0 and agg["final_val_loss"] == 2.5 and agg["reached"] == 2
+    assert bench.aggregate([*rows, {"time_to_target_s": None, "final_val_loss": 1.0, "failures": 0}])[
+        "time_to_target_s"] is None
+    by = {"checkfree_plus": {"time_to_target_s": 80.0}, "checkpoint": {"time_to_target_s": 100.0},
+          "random_reinit": {"time_to_target_s": None}}
+    assert bench.sooner(by) == {"checkpoint": pytest.approx(0.2), "random_reinit": "only checkfree_plus reached"}

@@ -1,4 +1,7 @@
-"""Recovery planning (coordinator/recovery.py): method choice, sources, weights, replacement."""
+"""Recovery planning (coordinator/recovery.py): method choice, sources, weights, replacement.
+
+The last tests send a plan through its wire form to the node-side reader (node/checkfree.py).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,11 @@ from coordinator.recovery import (
     RecoveryError,
     checkfree_weights,
     plan_recovery,
+    plan_to_proto,
     plan_with_config,
     recovery_order,
 )
+from node.checkfree import CheckFreeError, read_plan
 from protocols.config import ConfigError, RecoverySection, RunConfig, apply_overrides
 
 
@@ -223,3 +228,33 @@ def test_plan_with_config_follows_the_recovery_section() -> None:
 def test_recovery_section_rejects_bad_values(override: str) -> None:
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         apply_overrides(RunConfig(), [override])
+
+
+def test_plan_to_proto_and_node_side_read_plan_round_trip() -> None:
+    live = {0: [("o", "h:0")], 1: [("a1", "h:1"), ("a2", "h:2")], 2: [], 3: [("c", "h:3")]}
+    plan = plan_recovery(2, 4, live, candidates=["j"], grad_norms={1: 1.0, 3: 3.0}, epsilon=0.0)
+    msg = plan_to_proto(plan, plan_id=7)
+    assert msg.plan_id == 7 and msg.method == "checkfree" and len(msg.sources) == 3
+    sources, weights = read_plan(msg, num_stages=4)
+    assert sources == {1: [("a1", "h:1"), ("a2", "h:2")], 3: [("c", "h:3")]}
+    assert weights == {1: pytest.approx(0.25), 3: pytest.approx(0.75)}
+
+
+@pytest.mark.parametrize("breakage", ["method", "stage", "weights", "nan", "two_weights", "lr"])
+def test_read_plan_rejects_bad_plans(breakage: str) -> None:
+    live = {0: ["o"], 1: ["a1", "a2"], 2: [], 3: ["c"]}
+    msg = plan_to_proto(plan_recovery(2, 4, live, candidates=["j"]), plan_id=1)
+    if breakage == "method":
+        msg.method = "teleport"
+    elif breakage == "stage":
+        msg.sources[0].stage = 9
+    elif breakage == "weights":
+        del msg.weights[-1]
+    elif breakage == "nan":
+        msg.weights[0] = float("nan")
+    elif breakage == "two_weights":
+        msg.weights[0] = 0.9
+    else:
+        msg.lr_scale = 0.0
+    with pytest.raises(CheckFreeError):
+        read_plan(msg, num_stages=4)

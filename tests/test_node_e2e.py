@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from node_procs import LocalRun
 
-STEPS = 150
+STEPS = 200
 OVERRIDES = [
     "model.stages=4", "model.seq_len=32",
     "train.microbatch_size=4", "train.microbatches=2", f"train.steps={STEPS}", "train.lr=0.004",
@@ -81,16 +81,16 @@ def test_eight_nodes_train_and_survive_a_kill(tmp_path: Path) -> None:
         for origin in (0, 4):
             iterations = run.records(origin, "iteration")
             steps = [r["step"] for r in iterations]
-            # the first origin ran the whole run; the late one from where the run was when it joined
-            assert steps == sorted(set(steps)) and steps[-1] == STEPS, run.tail()
+            assert steps == sorted(set(steps)), run.tail()
+            # the first origin started the run; the late one where the run was when it joined. An origin
+            # that falls behind the others catches up (skips iterations) rather than hold them back.
             assert steps[0] == 1 if origin == 0 else steps[0] > 1
-            # after the kill, training went on with completed microbatches
-            after = [r for r in iterations if r["step"] > killed_at + 15]
-            assert after and sum(1 for r in after if r["loss"] is not None and r["abandoned"] == 0) >= len(after) // 2
-            evals = [r["val_loss"] for r in run.records(origin, "eval")]
-            # (an evaluation that crossed the killed node may be lost; the last one must not be)
-            assert len(evals) >= 2 and math.isfinite(evals[-1]), evals
-            assert evals[-1] < first_eval - 0.5, (first_eval, evals)
+            evals = run.records(origin, "eval")
+            assert evals[-1]["step"] == STEPS and math.isfinite(evals[-1]["val_loss"]), evals
+            assert evals[-1]["val_loss"] < first_eval - 0.5, (first_eval, evals)
+        # after the kill, training went on with completed microbatches
+        after = [r for r in run.records(0, "iteration") if r["step"] > killed_at + 15]
+        assert len([r for r in after if r["loss"] is not None and r["abandoned"] == 0]) >= 10, run.tail()
         # averaged fragments were merged into the local weights
         assert any(r["applied"] > 0 for r in run.records(0, "outer-merge")), run.tail()
         # the coordinator saw the death

@@ -331,16 +331,11 @@ def test_skiptrain_steps_only_visited_stages() -> None:
 def test_skiptrain_cli_exports_a_model_that_eval_reads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import argparse
-
-    from sim import skiptrain
-
-    parser = argparse.ArgumentParser()
-    skiptrain._add_arguments(parser)
     out = tmp_path / "skip" / "model.pt"
-    args = parser.parse_args(["--stages", "4", "--skip-ratio", "0.25", "--steps", "2", "--export", str(out),
-                              "--json", *(x for o in TINY_RUN[1:] for x in ("--set", o))])
-    assert skiptrain.main(args) == 0
+    common = [x for o in TINY_RUN[1:] for x in ("--set", o)]
+    code = sim_main(["skiptrain", "--stages", "4", "--skip-ratio", "0.25", "--steps", "2", "--export", str(out),
+                     "--json", *common])
+    assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["planner"] == "skippipe" and summary["stages_per_path"] == 2
     assert all(len(p) == 4 for p in summary["paths"])
@@ -351,6 +346,5 @@ def test_skiptrain_cli_exports_a_model_that_eval_reads(
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["num_stages"] == 4
     assert [r["stages"] for r in report["results"]] == [[1, 2, 3], [1, 3]]
-    bad = parser.parse_args(["--stages", "5", "--steps", "1"])
-    assert skiptrain.main(bad) == 2   # 6 blocks do not split into 4 block stages
+    assert sim_main(["skiptrain", "--stages", "5", "--steps", "1", *common]) == 2   # 6 blocks, 4 block stages
     assert "split evenly" in capsys.readouterr().err
