@@ -5,7 +5,8 @@ when it can, and every caller polls (non-blocking) until it has. A round forms:
 
 - at once when every healthy replica of the stage has asked;
 - at once (fast path) when every participant of the previous round that is
-  still healthy is back, and there are at least the minimum;
+  still healthy is back, no healthy replica is new since that round formed
+  (a newcomer is waited for once), and there are at least the minimum;
 - after the join window, with whoever has asked, if at least the minimum;
 - never, if the minimum is still not reached at the timeout: the round is
   abandoned and callers skip this sync and keep training.
@@ -79,6 +80,7 @@ class SyncRounds:
         self._next_id: dict[Key, int] = {}
         self._max_step: dict[Key, int] = {}
         self._last_formed: dict[Key, tuple[str, ...]] = {}
+        self._known: dict[Key, set[str]] = {}             # healthy replicas when the last round formed
         self.formed: list[FormedRound] = []                # newly formed, drained by the caller
 
     def restore(self, rounds: Collection[FormedRound]) -> None:
@@ -88,6 +90,7 @@ class SyncRounds:
             self._next_id[key] = max(self._next_id.get(key, 0), r.round_id + 1)
             self._max_step[key] = max(self._max_step.get(key, -1), r.outer_step)
             self._last_formed[key] = r.participants
+            self._known[key] = set(r.participants)
             self._rounds.setdefault(key, {})[r.outer_step] = _Round(
                 r.round_id, r.outer_step, self._clock(), list(r.participants), r.participants)
 
@@ -130,13 +133,18 @@ class SyncRounds:
         healthy_set = set(healthy)
         present = [a for a in r.askers if a in healthy_set]
         enough = len(present) >= self.min_participants
-        previous = [p for p in self._last_formed.get(key, ()) if p in healthy_set]
+        previous = set(self._last_formed.get(key, ())) & healthy_set
         everyone = bool(present) and healthy_set <= set(present)
-        fast = bool(previous) and set(previous) <= set(present)
+        # The fast path skips the window only when no healthy replica is new since the
+        # previous round formed; otherwise a replica that once formed a round alone would
+        # keep forming rounds alone and a newcomer would never be waited for.
+        newcomers = healthy_set - self._known.get(key, set())
+        fast = bool(previous) and previous <= set(present) and not newcomers
         waited = now - r.opened_at
         if enough and (everyone or fast or waited >= self.join_window_s):
             r.participants = tuple(sorted(present))
             self._last_formed[key] = r.participants
+            self._known[key] = healthy_set
             self.formed.append(FormedRound(key[0], key[1], r.round_id, r.outer_step, r.participants))
         elif waited >= self.timeout_s:
             r.abandoned = (f"quorum not reached: {len(present)} of at least {self.min_participants} "

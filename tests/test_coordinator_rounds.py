@@ -59,12 +59,33 @@ def test_fast_path_when_previous_participants_are_back() -> None:
 
 
 def test_dead_previous_participant_does_not_block_fast_path() -> None:
-    rounds, _ = make(window=5.0)
-    rounds.request("a", 1, 0, 1, ["a", "b"])
-    rounds.request("b", 1, 0, 1, ["a", "b"])
-    # b died: the healthy set is just a and c; c is new
+    rounds, clock = make(window=5.0)
+    rounds.request("a", 1, 0, 1, ["a", "b", "c"])
+    rounds.request("b", 1, 0, 1, ["a", "b", "c"])
+    clock.t += 5.01
+    assert rounds.request("a", 1, 0, 1, ["a", "b", "c"]).participants == ("a", "b")  # c was late
+    # b died: a is back, and c, a known straggler, is not waited for
     s = rounds.request("a", 1, 0, 2, ["a", "c"])
     assert s.ready and s.participants == ("a",)
+
+
+def test_newcomer_is_waited_for_once_then_takes_part() -> None:
+    rounds, clock = make(window=5.0)
+    first = rounds.request("a", 1, 0, 1, ["a"])
+    assert first.ready and first.participants == ("a",)
+    # b joined the stage: a alone must not form the next round at once
+    assert not rounds.request("a", 1, 0, 2, ["a", "b"]).ready
+    clock.t += 1.0
+    s = rounds.request("b", 1, 0, 2, ["a", "b"])
+    assert s.ready and s.participants == ("a", "b")
+    # and from then on the fast path needs both
+    assert not rounds.request("a", 1, 0, 3, ["a", "b"]).ready
+    assert rounds.request("b", 1, 0, 3, ["a", "b"]).participants == ("a", "b")
+    # a newcomer that never shows up costs one window, not the round
+    assert not rounds.request("a", 1, 0, 4, ["a", "b", "c"]).ready
+    rounds.request("b", 1, 0, 4, ["a", "b", "c"])
+    clock.t += 5.01
+    assert rounds.request("a", 1, 0, 4, ["a", "b", "c"]).participants == ("a", "b")
 
 
 def test_minimum_not_reached_waits_then_abandons_at_timeout() -> None:
