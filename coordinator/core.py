@@ -107,6 +107,9 @@ class Coordinator:
         self._replies: tuple[int, pb.HeartbeatReply, pb.HeartbeatReply] | None = None
         self._dirty: set[str] = set()
         self._trained = False
+        self._first_join: float | None = None
+        self.finishing = False  # an origin finished train.steps: no more moves or rebuilds
+        self._shutdown = pb.HeartbeatReply(instruction=pb.Instruction(kind=Kind.SHUTDOWN))
         self._stages_seen: set[int] = set()   # stages some node has hosted (the others start "fresh")
         self._next_plan_id = 1
         self._config_json = config.to_json()
@@ -266,8 +269,14 @@ class Coordinator:
             self._event("move", m.node_id, move.to_stage,
                         f"from stage {move.from_stage} via {plan.method} (plan {plan.plan_id})")
 
+    def _settling(self) -> bool:
+        """Before any node has trained and within one lease of the first join, nodes are still
+        arriving: preferences hold and no stage is "empty" yet, so nothing is moved."""
+        return not self._trained and self._first_join is not None and \
+            self._clock() - self._first_join < self.lease_s
+
     def _rebalance(self) -> None:
-        if not self.config.membership.rebalance:
+        if not self.config.membership.rebalance or self._settling() or self.finishing:
             return
         if min(self.coverage().values()) >= self.config.membership.min_replicas:
             return  # nothing to fix (the common case on a join)
@@ -296,9 +305,15 @@ class Coordinator:
                     instruction = pb.Instruction(kind=Kind.RECOVER, stage=req.stage, recovery=plan)
             kind = "rejoin"
         else:
+            if self._first_join is None:
+                self._first_join = now
             others = [m for m in self.members.values() if m.state in LIVE_STATES and m.node_id != node_id]
-            member.stage = choose_stage(others, member, self.num_stages,
-                                        self.config.membership.min_replicas, req.preferred_stage)
+            if self._settling() and 0 <= req.preferred_stage < self.num_stages and \
+                    (req.preferred_stage != 0 or req.has_data):
+                member.stage = req.preferred_stage
+            else:
+                member.stage = choose_stage(others, member, self.num_stages,
+                                            self.config.membership.min_replicas, req.preferred_stage)
             plan = self._recovery_plan(member.stage, member)
             if plan is not None:
                 instruction = pb.Instruction(kind=Kind.RECOVER, stage=member.stage, recovery=plan)
@@ -343,6 +358,11 @@ class Coordinator:
             self._trained = True
             if self._store is not None:
                 self._store.set_meta("trained", "1")
+        if req.metrics.step >= self.config.train.steps:
+            if m.stage == 0 and not self.finishing:
+                self.finishing = True
+                self._event("finishing", m.node_id, m.stage, f"origin reached step {req.metrics.step}")
+            return self._shutdown
         if m.pending is not None:
             return pb.HeartbeatReply(epoch=self.epoch, instruction=m.pending)
         cached = self._replies
@@ -384,7 +404,7 @@ class Coordinator:
             self._drop(m, DEAD, why, replan=False)
         if expired:
             self._bump_epoch()
-            self._rebalance()
+        self._rebalance()  # cheap when every stage is covered
         return [m.node_id for m in expired]
 
     def report_failure(self, req: pb.FailureReport) -> pb.Ack:

@@ -341,3 +341,38 @@ def test_stale_plan_served_with_its_own_epoch_while_membership_churns() -> None:
     assert beat(core, nodes[0].node_id, stale.epoch).instruction.kind == Kind.RELOAD_SCHEDULE
     current = core.schedule(pb.ScheduleRequest(node_id=nodes[0].node_id))
     assert current.epoch == core.epoch
+
+
+def test_preferences_hold_while_nodes_arrive_then_gaps_are_filled() -> None:
+    clock = Clock()
+    core = Coordinator(config(), clock=clock)
+    # Three nodes all prefer stage 1 at start-up: stage 2 is empty only because its nodes are late.
+    replies = [join(core, 9100 + i, preferred_stage=1, has_data=i == 0) for i in range(3)]
+    assert [r.stage for r in replies[1:]] == [1, 1]
+    assert all(r.instruction.kind != Kind.CHANGE_STAGE for r in replies)
+    assert core.coverage()[2] == 0
+    for r in replies:
+        beat(core, r.node_id, r.epoch)
+    # Past the settle window (one lease) with stage 2 still empty, the sweep moves a node there.
+    clock.t += 1.5
+    for r in replies:
+        beat(core, r.node_id, r.epoch)
+    core.expire_leases()
+    assert core.coverage()[2] == 1 and core.coverage()[1] == 1
+
+
+def test_origin_reaching_the_last_step_finishes_the_run() -> None:
+    clock = Clock()
+    core = Coordinator(config("train.steps=5"), clock=clock)
+    origin = join(core, 9200, preferred_stage=0)
+    # Stage nodes that could host stage 0 (they have data), and stage 1 has a spare replica.
+    s1, s1b, s2 = (join(core, 9201 + i, preferred_stage=p) for i, p in enumerate((1, 1, 2)))
+    assert [r.stage for r in (origin, s1, s1b, s2)] == [0, 1, 1, 2]
+    assert beat(core, s1.node_id, s1.epoch, step=3).instruction.kind != Kind.SHUTDOWN
+    assert beat(core, origin.node_id, origin.epoch, step=5).instruction.kind == Kind.SHUTDOWN
+    assert core.finishing
+    assert beat(core, s2.node_id, s2.epoch, step=5).instruction.kind == Kind.SHUTDOWN
+    # An origin leaving at the end no longer pulls a stage node into stage 0.
+    core.leave(pb.LeaveRequest(node_id=origin.node_id, reason="finished"))
+    assert beat(core, s1.node_id, core.epoch, step=4).instruction.kind != Kind.CHANGE_STAGE
+    assert core.coverage()[0] == 0
