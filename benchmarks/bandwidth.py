@@ -309,16 +309,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--batch", type=int, default=8, help="sequences per replica per step")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--ffn", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=4e-3, help="inner AdamW lr (ddp uses the same)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="inner AdamW lr (ddp uses the same)")
     parser.add_argument("--ddp-lr", type=float, default=None, help="ddp lr (default: --lr)")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--inner-steps", type=int, default=30, help="H")
+    parser.add_argument("--inner-steps", type=int, default=12, help="H")
     parser.add_argument("--fragments", type=int, default=3, help="P (streaming)")
     parser.add_argument("--diloco-outer-lr", type=float, default=0.7)
     parser.add_argument("--streaming-outer-lr", type=float, default=0.4)
@@ -329,10 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--data-bytes", type=int, default=4 << 20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warm-start-steps", type=int, default=0,
+    parser.add_argument("--warm-start-steps", type=int, default=300,
                         help="first train one shared init this many steps (single model, not counted in any mode; "
                              "the DiLoCo paper's protocol of starting every method from one pretrained checkpoint)")
     parser.add_argument("--warm-start-batch", type=int, default=16)
+    parser.add_argument("--warm-start-lr", type=float, default=2e-3)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     init = Transformer(model_cfg, seed=args.seed)
     if args.warm_start_steps:
-        warm = dataclasses.replace(train, steps=args.warm_start_steps)
+        warm = dataclasses.replace(train, steps=args.warm_start_steps, lr=args.warm_start_lr)
         warm_setup = dataclasses.replace(setup, replicas=1, batch=args.warm_start_batch, train=warm)
         # its own data stream (seed offset), the same for every mode
         pre = make_replicas(dataclasses.replace(warm_setup, seed=args.seed + 1000), corpus, init)[0]

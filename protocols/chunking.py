@@ -1,10 +1,17 @@
 """Stream one encoded Tensor over a gRPC streaming call as ordered TensorChunks.
 
 The sender serializes the Tensor once and cuts it into `chunk_bytes` slices; every
-chunk repeats the chunk count, total size and crc32 of the whole, so the receiver
+chunk repeats the chunk count, total size and stream checksum, so the receiver
 can bound its buffer from the first chunk and reject a stream that is reordered,
 short, long, mixed with another stream, or corrupted. Reassembly raises only
 ValidationError. Messages stay well under ``protocols.rpc.MAX_MESSAGE_BYTES``.
+
+One crc32 pass over the bulk bytes per side, not two: the Tensor already carries
+the crc32 of its scales and payload (``Tensor.checksum``, verified by
+``codec.decode``), so the stream checksum is the crc32 of the Tensor's *other*
+fields chained onto it (``crc32(header_bytes, Tensor.checksum)``). Every byte of the
+reassembled message is then covered: the small fields by ``finish()``, the bulk by
+``decode`` (the only way a Tensor is used).
 """
 
 from __future__ import annotations
@@ -26,14 +33,32 @@ MAX_CHUNK_BYTES = 4 << 20          # half of rpc.MAX_MESSAGE_BYTES: room for hea
 DEFAULT_MAX_BYTES = 1 << 30        # largest serialized Tensor a receiver accepts by default
 
 
-def iter_chunks(msg: tensor_pb2.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[tensor_pb2.TensorChunk]:
-    """Yield the chunks of `msg` in order (at least one, even for an empty message)."""
+def stream_checksum(msg: tensor_pb2.Tensor) -> int:
+    """crc32 of the Tensor's fields other than scales and payload, chained onto ``msg.checksum``
+    (the codec's crc32 of those two): covers the whole message at the cost of a few hundred bytes."""
+    head = tensor_pb2.Tensor()
+    head.CopyFrom(msg)
+    head.ClearField("scales")
+    head.ClearField("payload")
+    return zlib.crc32(head.SerializeToString(deterministic=True), msg.checksum)
+
+
+def iter_chunks(msg: tensor_pb2.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                data: bytes | None = None) -> Iterator[tensor_pb2.TensorChunk]:
+    """Yield the chunks of `msg` in order (at least one, even for an empty message).
+
+    `data` is ``msg.SerializeToString()`` when the caller already has it (serialize once).
+    """
     if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
-    data = msg.SerializeToString()
+    if data is None:
+        data = msg.SerializeToString()
     total = len(data)
     num_chunks = max(1, -(-total // chunk_bytes))
-    checksum = zlib.crc32(data)
+    checksum = stream_checksum(msg)
+    if num_chunks == 1:   # no slicing copy
+        yield tensor_pb2.TensorChunk(seq=0, num_chunks=1, total_size=total, checksum=checksum, data=data)
+        return
     view = memoryview(data)
     for seq in range(num_chunks):
         yield tensor_pb2.TensorChunk(
@@ -62,6 +87,7 @@ class ChunkAssembler:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self._buf = bytearray()  # grows with what arrived, never with what was announced
+        self._single: bytes | None = None   # a one-chunk stream's data, kept without a copy
         self._count = 0
         self._num_chunks = 0
         self._total = 0
@@ -75,7 +101,7 @@ class ChunkAssembler:
 
     @property
     def received_bytes(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + (len(self._single) if self._single is not None else 0)
 
     def add(self, chunk: tensor_pb2.TensorChunk) -> bool:
         """Take the next chunk; returns True when it was the last one."""
@@ -107,7 +133,10 @@ class ChunkAssembler:
             raise ValidationError(f"chunk {seq} is empty")
         if len(self._buf) + len(data) > self._total:
             raise ValidationError(f"chunks exceed the announced {self._total} bytes")
-        self._buf += data
+        if self._num_chunks == 1:
+            self._single = data
+        else:
+            self._buf += data
         self._count += 1
         return self.complete
 
@@ -117,17 +146,19 @@ class ChunkAssembler:
             raise ValidationError("assembler already finished")
         if not self.complete:
             raise ValidationError(f"stream ended after {self._count} of {self._num_chunks or '?'} chunks")
-        if len(self._buf) != self._total:
-            raise ValidationError(f"stream carried {len(self._buf)} bytes; {self._total} were announced")
-        data, self._buf = self._buf, bytearray()
+        data: bytes | bytearray = self._single if self._single is not None else self._buf
+        if len(data) != self._total:
+            raise ValidationError(f"stream carried {len(data)} bytes; {self._total} were announced")
+        self._buf, self._single = bytearray(), None
         self._finished = True
-        if zlib.crc32(data) != self._checksum:
-            raise ValidationError("stream checksum mismatch: data corrupted")
         msg = tensor_pb2.Tensor()
         try:
             msg.ParseFromString(data)
         except DecodeError as exc:
             raise ValidationError(f"reassembled bytes are not a Tensor message: {exc}") from exc
+        # the bulk (scales, payload) is verified against msg.checksum by codec.decode
+        if stream_checksum(msg) != self._checksum:
+            raise ValidationError("stream checksum mismatch: data corrupted")
         return msg
 
 
@@ -174,4 +205,5 @@ __all__ = [
     "iter_chunks",
     "reassemble_async",
     "receive_tensor",
+    "stream_checksum",
 ]

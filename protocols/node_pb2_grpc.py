@@ -44,6 +44,16 @@ class NodeStub:
                 request_serializer=protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
                 response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
+        self.ForwardOne = channel.unary_unary(
+                '/lowband.Node/ForwardOne',
+                request_serializer=protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+                response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
+                _registered_method=True)
+        self.BackwardOne = channel.unary_unary(
+                '/lowband.Node/BackwardOne',
+                request_serializer=protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+                response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
+                _registered_method=True)
         self.Abandon = channel.unary_unary(
                 '/lowband.Node/Abandon',
                 request_serializer=protocols_dot_node__pb2.AbandonRequest.SerializeToString,
@@ -79,6 +89,20 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Backward(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardOne(self, request, context):
+        """The same with the whole Tensor in one message (its chunk has num_chunks = 1), for tensors under
+        the message-size bound: a unary call costs ~0.4 ms less per hop than a client stream in grpc.aio.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackwardOne(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +148,16 @@ def add_NodeServicer_to_server(servicer, server):
             ),
             'Backward': grpc.stream_unary_rpc_method_handler(
                     servicer.Backward,
+                    request_deserializer=protocols_dot_node__pb2.MicrobatchChunk.FromString,
+                    response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
+            ),
+            'ForwardOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardOne,
+                    request_deserializer=protocols_dot_node__pb2.MicrobatchChunk.FromString,
+                    response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
+            ),
+            'BackwardOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackwardOne,
                     request_deserializer=protocols_dot_node__pb2.MicrobatchChunk.FromString,
                     response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
             ),
@@ -200,6 +234,60 @@ class Node:
             request_iterator,
             target,
             '/lowband.Node/Backward',
+            protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+            protocols_dot_node__pb2.NodeAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.Node/ForwardOne',
+            protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+            protocols_dot_node__pb2.NodeAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackwardOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.Node/BackwardOne',
             protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
             protocols_dot_node__pb2.NodeAck.FromString,
             options,

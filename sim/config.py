@@ -115,9 +115,9 @@ stages = 4
 seq_len = 128
 
 [train]
-microbatch_size = 8
-microbatches = 2
-steps = 200
+microbatch_size = 4
+microbatches = 4
+steps = 160
 eval_every = 20
 
 [diloco]
@@ -146,12 +146,12 @@ replicas_per_stage = 2
 [[sim.preemptions]]
 target = "replica:1"
 signal = "TERM"
-at_step = 50
+at_step = 40
 
 [[sim.preemptions]]
 target = "stage:2"
 signal = "KILL"
-at_step = 100
+at_step = 80
 """
 
 

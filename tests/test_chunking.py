@@ -109,13 +109,49 @@ def test_truncated_and_padded_chunks_rejected() -> None:
 
 
 def test_bad_checksum_rejected() -> None:
+    """A flipped payload bit passes reassembly (the bulk is checked once, by decode) but never decode."""
     chunks = chunk_tensor(_tensor(), 10_000)
     bad = _copy(chunks[3])
     data = bytearray(bad.data)
     data[5] ^= 1
     bad.data = bytes(data)
     with pytest.raises(ValidationError, match="checksum"):
-        _assemble([*chunks[:3], bad, *chunks[4:]])
+        decode(_assemble([*chunks[:3], bad, *chunks[4:]]))
+
+
+@pytest.mark.parametrize("field", ["shape", "dtype", "raw_size", "checksum"])
+def test_corrupted_small_fields_rejected_by_stream_checksum(field: str) -> None:
+    """The stream checksum covers the fields the codec checksum does not (and chains that checksum)."""
+    msg = encode(torch.randn(4, 6), "fp32")
+    good = chunk_tensor(msg, 16)
+    bad_msg = tensor_pb2.Tensor()
+    bad_msg.CopyFrom(msg)
+    if field == "shape":
+        bad_msg.shape[:] = [6, 4]          # same element count: decode alone would accept it
+    elif field == "dtype":
+        bad_msg.dtype = "float16"
+    elif field == "raw_size":
+        bad_msg.raw_size += 1
+    else:
+        bad_msg.checksum ^= 1
+    data = bad_msg.SerializeToString()
+    forged = [tensor_pb2.TensorChunk(seq=c.seq, num_chunks=c.num_chunks, total_size=len(data),
+                                     checksum=good[0].checksum, data=data[c.seq * 16:(c.seq + 1) * 16])
+              for c in chunk_tensor(bad_msg, 16)]
+    assert len(forged) == len(good)
+    with pytest.raises(ValidationError, match="checksum"):
+        _assemble(forged)
+    # the same bytes with the checksum the sender would have computed for them pass
+    assert _assemble(chunk_tensor(bad_msg, 16)) == bad_msg
+
+
+def test_single_chunk_stream_round_trip() -> None:
+    msg = encode(torch.randn(3, 5), "bf16")
+    chunks = chunk_tensor(msg, 1 << 20)
+    assert len(chunks) == 1 and chunks[0].data == msg.SerializeToString()
+    asm = ChunkAssembler()
+    assert asm.add(chunks[0]) and asm.received_bytes == len(chunks[0].data)
+    assert asm.finish() == msg
 
 
 def test_mixed_streams_rejected() -> None:

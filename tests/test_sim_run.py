@@ -1,0 +1,143 @@
+"""`lowband-sim run` end to end: a short simulation with a SIGKILL, and a run interrupted by SIGINT.
+
+Both run the simulator as a real subprocess and then look for any process whose
+command line names the run folder (every child the simulator starts carries
+its token file path): none may be left behind, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SHORT_RUN = """
+[model]
+stages = 3
+
+[train]
+steps = 24
+eval_every = 6
+microbatches = 2
+microbatch_size = 4
+seq_len = 64
+
+[diloco]
+inner_steps = 6
+fragments = 1
+codec = "fp4"
+
+[skippipe]
+skip_ratio = 0.0
+planner = "full"
+
+[membership]
+heartbeat_interval_s = 0.3
+lease_s = 1.5
+
+[sim]
+origins = 1
+replicas_per_stage = 2
+replacement_delay_s = 0.5
+max_wall_s = 150
+
+[[sim.preemptions]]
+target = "replica:1"
+signal = "KILL"
+at_step = 6
+"""
+
+
+def _leftovers(marker: str) -> list[int]:
+    """Pids of live processes whose command line mentions `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _start(out: Path, config: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sim.cli", "run", "--config", str(config), "--out", str(out), "--no-progress", *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def _kill_leftovers(marker: str) -> None:
+    for pid in _leftovers(marker):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.mark.timeout(240)
+def test_short_simulation_with_a_sigkill(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = tmp_path / "sim.toml"
+    config.write_text(SHORT_RUN)
+    proc = _start(out, config)
+    try:
+        output, _ = proc.communicate(timeout=200)
+        text = output.decode(errors="replace")
+        assert proc.returncode == 0, text[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["initial_val_loss"] is not None and summary["final_val_loss"] is not None
+        assert summary["final_val_loss"] < summary["initial_val_loss"]
+        assert summary["failures"] >= 1
+        assert summary["recoveries"] >= 1, (out / "events.jsonl").read_text()
+        assert summary["activation_bytes_sent"] > 0
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+        kinds = [e["kind"] for e in events]
+        assert "preempt" in kinds and "recovery" in kinds
+        assert any(e["kind"] == "death" for e in events)  # the coordinator noticed the SIGKILL
+        for name in ("metrics.jsonl", "loss.png", "bytes.png", "membership.png", "report.html"):
+            assert (out / name).stat().st_size > 0, name
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        time.sleep(0.5)
+        left = _leftovers(str(out))
+        _kill_leftovers(str(out))
+    assert left == [], f"processes left behind: {left}"
+
+
+@pytest.mark.timeout(120)
+def test_sigint_stops_every_process(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    config = tmp_path / "sim.toml"
+    config.write_text(SHORT_RUN)
+    proc = _start(out, config, "--steps", "1000")
+    try:
+        # Wait until the nodes are up (their logs appear), then interrupt like Ctrl-C would.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list((out / "logs").glob("stage*.log"))) < 4:
+            time.sleep(0.2)
+        assert len(_leftovers(str(out))) >= 5, "simulation did not start its processes"
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        time.sleep(0.5)
+        left = _leftovers(str(out))
+        _kill_leftovers(str(out))
+    assert left == [], f"processes left behind: {left}"
