@@ -5,8 +5,9 @@ when it can, and every caller polls (non-blocking) until it has. A round forms:
 
 - at once when every healthy replica of the stage has asked;
 - at once (fast path) when every participant of the previous round that is
-  still healthy is back, no healthy replica is new since that round formed
-  (a newcomer is waited for once), and there are at least the minimum;
+  still healthy is back, that round was the whole stage (nobody healthy was
+  left out) and no replica is new since, and there are at least the minimum;
+  a round that left someone out is followed by one that waits the window;
 - after the join window, with whoever has asked, if at least the minimum;
 - never, if the minimum is still not reached at the timeout: the round is
   abandoned and callers skip this sync and keep training.
@@ -135,11 +136,13 @@ class SyncRounds:
         enough = len(present) >= self.min_participants
         previous = set(self._last_formed.get(key, ())) & healthy_set
         everyone = bool(present) and healthy_set <= set(present)
-        # The fast path skips the window only when no healthy replica is new since the
-        # previous round formed; otherwise a replica that once formed a round alone would
-        # keep forming rounds alone and a newcomer would never be waited for.
-        newcomers = healthy_set - self._known.get(key, set())
-        fast = bool(previous) and previous <= set(present) and not newcomers
+        # The fast path skips the window only when the previous round was the whole stage
+        # (every replica healthy then took part) and no replica is new since; otherwise a
+        # replica that once formed a round alone would keep forming rounds alone, and a
+        # late or new replica would never be waited for again.
+        known = self._known.get(key, set())
+        complete = known <= set(self._last_formed.get(key, ()))
+        fast = bool(previous) and previous <= set(present) and complete and healthy_set <= known
         waited = now - r.opened_at
         if enough and (everyone or fast or waited >= self.join_window_s):
             r.participants = tuple(sorted(present))

@@ -148,6 +148,8 @@ def restore_bookend(copy: Mapping[str, torch.Tensor], reference: Mapping[str, to
 
 
 REBUILD_METHODS = ("replica-copy", "checkfree", "checkfree-plus", "bookend-copy", "random-reinit")
+# "fresh": the coordinator's start-of-run plan (initial weights from the run seed, no sources).
+PLAN_METHODS = ("fresh", *REBUILD_METHODS)
 
 
 def read_plan(msg: coordinator_pb2.RecoveryPlan, num_stages: int) -> tuple[dict[int, list[tuple[str, str]]],
@@ -158,7 +160,7 @@ def read_plan(msg: coordinator_pb2.RecoveryPlan, num_stages: int) -> tuple[dict[
     serves that stage's state); a bad plan raises CheckFreeError and nothing is
     fetched.
     """
-    if msg.method not in REBUILD_METHODS:
+    if msg.method not in PLAN_METHODS:
         raise CheckFreeError(f"recovery plan {msg.plan_id}: unknown method {msg.method!r}")
     if not 0 <= msg.stage < num_stages:
         raise CheckFreeError(f"recovery plan {msg.plan_id}: stage {msg.stage} outside 0..{num_stages - 1}")
@@ -178,7 +180,7 @@ def read_plan(msg: coordinator_pb2.RecoveryPlan, num_stages: int) -> tuple[dict[
             raise CheckFreeError(f"recovery plan {msg.plan_id}: stage {peer.stage} has two weights")
         weights[peer.stage] = w
         sources.setdefault(peer.stage, []).append((peer.node_id, peer.address))
-    if msg.method != "random-reinit" and not sources:
+    if msg.method not in ("fresh", "random-reinit") and not sources:
         raise CheckFreeError(f"recovery plan {msg.plan_id}: method {msg.method} needs sources")
     return sources, weights
 
@@ -189,7 +191,8 @@ def rebuild_stage(method: str, sources_states: Mapping[int, Mapping[str, torch.T
 
     ``sources_states``: source stage -> that stage's state dict (part ``local``,
     or ``bookend`` for ``bookend-copy``); ``weights``: the plan's weights.
-    ``fresh_state``: a freshly initialised state, needed for ``random-reinit``.
+    ``fresh_state``: a freshly initialised state, needed for ``random-reinit``
+    (a caller that already holds a freshly built module can simply keep it).
     """
     if method == "checkfree":
         if not sources_states:

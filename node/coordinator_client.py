@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -60,8 +61,16 @@ class CoordinatorClient:
         self.metadata = token_metadata(token)
         self._channel = grpc.aio.insecure_channel(address, options=grpc_options())
         self.stub = pb_grpc.CoordinatorStub(self._channel)
+        # The long-lived HeartbeatStream call, None while broken; reopened after a backoff.
+        self._hb_call: grpc.aio.StreamStreamCall | None = None
+        self._hb_backoff = Backoff(backoff_initial_s, backoff_max_s)
+        self._hb_retry_at = 0.0
+        self._hb_lock = asyncio.Lock()
+        self.stream_heartbeats = 0     # heartbeats answered over the stream
+        self.unary_heartbeats = 0      # heartbeats answered by unary fallback
 
     async def close(self) -> None:
+        self._drop_heartbeat_stream()
         await self._channel.close(grace=None)
 
     async def call(self, method: Callable[..., Awaitable[R]], request: Any, *, timeout_s: float | None = None) -> R:
@@ -97,7 +106,44 @@ class CoordinatorClient:
         return await self.call_retrying(self.stub.Join, request, stop=stop, what="join")
 
     async def heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
-        return await self.call(self.stub.Heartbeat, request)
+        """One heartbeat, over the long-lived ``HeartbeatStream`` when it is up (~70 us of coordinator
+        time against ~270 us for a unary call). When the stream breaks (coordinator restart, bad
+        request, timeout) this heartbeat goes unary at once, so the lease does not lapse, and the
+        stream is reopened on a later heartbeat after a backoff. Raises grpc.aio.AioRpcError when
+        the unary call fails too."""
+        async with self._hb_lock:
+            if self._hb_call is None and time.monotonic() >= self._hb_retry_at:
+                self._hb_call = self.stub.HeartbeatStream(metadata=self.metadata)
+            call = self._hb_call
+            if call is not None:
+                try:
+                    reply = await asyncio.wait_for(self._stream_heartbeat(call, request), self.rpc_timeout_s)
+                    self._hb_backoff.reset()
+                    self.stream_heartbeats += 1
+                    return reply
+                except (grpc.RpcError, asyncio.InvalidStateError, TimeoutError, EOFError) as exc:
+                    delay = self._hb_backoff.next_delay()
+                    self._hb_retry_at = time.monotonic() + delay
+                    self._drop_heartbeat_stream()
+                    detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+                    logger.info("heartbeat stream to %s broke (%s); unary until it reopens in %.1f s",
+                                self.address, detail, delay)
+            reply = await self.call(self.stub.Heartbeat, request)
+            self.unary_heartbeats += 1
+            return reply
+
+    @staticmethod
+    async def _stream_heartbeat(call: grpc.aio.StreamStreamCall, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        await call.write(request)
+        reply = await call.read()
+        if reply is grpc.aio.EOF:
+            raise EOFError("coordinator closed the heartbeat stream")
+        return reply
+
+    def _drop_heartbeat_stream(self) -> None:
+        call, self._hb_call = self._hb_call, None
+        if call is not None:
+            call.cancel()
 
     async def leave(self, node_id: str, reason: str, timeout_s: float = 2.0) -> bool:
         """Best effort: a leaving node does not wait long for a coordinator that is down."""

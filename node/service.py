@@ -102,6 +102,43 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             await abort_invalid(context, exc)
         return node_pb2.NodeAck(ok=True)
 
+    async def _accept_one(self, agent: PipelineAgent, request: node_pb2.MicrobatchChunk, backward: bool) -> None:
+        """A whole microbatch in one message: the same checks as a one-chunk stream."""
+        if not request.HasField("header"):
+            raise ValidationError("a pipe message must carry its microbatch header")
+        assembler = ChunkAssembler(self.max_tensor_bytes)
+        if not assembler.add(request.chunk):
+            raise ValidationError(f"a pipe message must hold a whole tensor, got 1 of {request.chunk.num_chunks} chunks")
+        received = assembler.received_bytes
+        tensor = assembler.finish()
+        self.bytes_received += received
+        await agent.accept(request.header, tensor, backward=backward)
+
+    async def _pipe(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
+                    context: grpc.aio.ServicerContext, backward: bool) -> AsyncIterator[node_pb2.NodeAck]:
+        """One ack per message, in order; a bad message is refused (ok=False) without ending the stream.
+        With no stage held the stream ends UNAVAILABLE, as a single call would."""
+        async for request in request_iterator:
+            agent = await self._require_agent(context)
+            try:
+                await self._accept_one(agent, request, backward)
+            except ValidationError as exc:
+                logger.warning("invalid %s pipe message from %s: %s", "backward" if backward else "forward",
+                               context.peer(), exc)
+                yield node_pb2.NodeAck(ok=False, message=f"invalid: {exc}")
+                continue
+            yield node_pb2.NodeAck(ok=True)
+
+    async def ForwardPipe(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.NodeAck]:
+        async for ack in self._pipe(request_iterator, context, backward=False):
+            yield ack
+
+    async def BackwardPipe(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.NodeAck]:
+        async for ack in self._pipe(request_iterator, context, backward=True):
+            yield ack
+
     async def Forward(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
                       context: grpc.aio.ServicerContext) -> node_pb2.NodeAck:
         return await self._microbatch(request_iterator, context, backward=False)

@@ -44,13 +44,13 @@ class NodeStub:
                 request_serializer=protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
                 response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
-        self.ForwardOne = channel.unary_unary(
-                '/lowband.Node/ForwardOne',
+        self.ForwardPipe = channel.stream_stream(
+                '/lowband.Node/ForwardPipe',
                 request_serializer=protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
                 response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
-        self.BackwardOne = channel.unary_unary(
-                '/lowband.Node/BackwardOne',
+        self.BackwardPipe = channel.stream_stream(
+                '/lowband.Node/BackwardPipe',
                 request_serializer=protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
                 response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
@@ -94,15 +94,17 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ForwardOne(self, request, context):
-        """The same with the whole Tensor in one message (its chunk has num_chunks = 1), for tensors under
-        the message-size bound: a unary call costs ~0.4 ms less per hop than a client stream in grpc.aio.
+    def ForwardPipe(self, request_iterator, context):
+        """The same over one long-lived stream per peer and direction, for tensors under the message-size
+        bound: each message is a whole microbatch (header + a chunk with num_chunks = 1) and gets one
+        NodeAck, in order (ok = false with the reason for a malformed one; the stream goes on). Saves
+        grpc.aio's per-call cost: ~0.4 ms per 1 MiB hop against a call per microbatch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def BackwardOne(self, request, context):
+    def BackwardPipe(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,13 +153,13 @@ def add_NodeServicer_to_server(servicer, server):
                     request_deserializer=protocols_dot_node__pb2.MicrobatchChunk.FromString,
                     response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
             ),
-            'ForwardOne': grpc.unary_unary_rpc_method_handler(
-                    servicer.ForwardOne,
+            'ForwardPipe': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardPipe,
                     request_deserializer=protocols_dot_node__pb2.MicrobatchChunk.FromString,
                     response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
             ),
-            'BackwardOne': grpc.unary_unary_rpc_method_handler(
-                    servicer.BackwardOne,
+            'BackwardPipe': grpc.stream_stream_rpc_method_handler(
+                    servicer.BackwardPipe,
                     request_deserializer=protocols_dot_node__pb2.MicrobatchChunk.FromString,
                     response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
             ),
@@ -247,7 +249,7 @@ class Node:
             _registered_method=True)
 
     @staticmethod
-    def ForwardOne(request,
+    def ForwardPipe(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -257,10 +259,10 @@ class Node:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/lowband.Node/ForwardOne',
+            '/lowband.Node/ForwardPipe',
             protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
             protocols_dot_node__pb2.NodeAck.FromString,
             options,
@@ -274,7 +276,7 @@ class Node:
             _registered_method=True)
 
     @staticmethod
-    def BackwardOne(request,
+    def BackwardPipe(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -284,10 +286,10 @@ class Node:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/lowband.Node/BackwardOne',
+            '/lowband.Node/BackwardPipe',
             protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
             protocols_dot_node__pb2.NodeAck.FromString,
             options,

@@ -17,6 +17,7 @@ from coordinator.recovery import (
     recovery_order,
 )
 from node.checkfree import CheckFreeError, read_plan
+from protocols import coordinator_pb2 as pb
 from protocols.config import ConfigError, RecoverySection, RunConfig, apply_overrides
 
 
@@ -258,3 +259,11 @@ def test_read_plan_rejects_bad_plans(breakage: str) -> None:
         msg.lr_scale = 0.0
     with pytest.raises(CheckFreeError):
         read_plan(msg, num_stages=4)
+
+
+def test_read_plan_accepts_source_free_fresh_and_random_plans() -> None:
+    for method in ("fresh", "random-reinit"):
+        sources, weights = read_plan(pb.RecoveryPlan(stage=1, method=method, lr_scale=1.0, plan_id=1), 4)
+        assert sources == {} and weights == {}
+    with pytest.raises(CheckFreeError, match="needs sources"):
+        read_plan(pb.RecoveryPlan(stage=1, method="checkfree", lr_scale=1.0, plan_id=1), 4)

@@ -46,26 +46,34 @@ def test_window_then_forms_with_whoever_asked() -> None:
 
 def test_fast_path_when_previous_participants_are_back() -> None:
     rounds, clock = make(window=5.0)
-    healthy = ["a", "b", "c"]
-    rounds.request("a", 2, 0, 1, healthy)
-    rounds.request("b", 2, 0, 1, healthy)
-    clock.t += 5.0
-    first = rounds.request("a", 2, 0, 1, healthy)
-    assert first.participants == ("a", "b")
-    # next outer step: a and b are back, c (never a participant) is not needed -> no waiting
-    assert not rounds.request("a", 2, 0, 2, healthy).ready
-    s = rounds.request("b", 2, 0, 2, healthy)
-    assert s.ready and s.participants == ("a", "b") and s.round_id > first.round_id
+    everyone = ["a", "b", "c"]
+    for node in everyone:
+        rounds.request(node, 2, 0, 1, everyone)
+    # c dies; a and b, the rest of the previous (whole-stage) group, are back: no waiting
+    assert not rounds.request("a", 2, 0, 2, ["a", "b"]).ready
+    s = rounds.request("b", 2, 0, 2, ["a", "b"])
+    assert s.ready and s.participants == ("a", "b")
+
+
+def test_round_that_left_someone_out_is_followed_by_a_window() -> None:
+    rounds, clock = make(window=5.0)
+    healthy = ["a", "b"]
+    rounds.request("a", 1, 0, 1, healthy)
+    clock.t += 5.01
+    assert rounds.request("a", 1, 0, 1, healthy).participants == ("a",)  # b was late
+    # a alone must not form the next round at once: b is waited for, and takes part
+    assert not rounds.request("a", 1, 0, 2, healthy).ready
+    clock.t += 1.0
+    s = rounds.request("b", 1, 0, 2, healthy)
+    assert s.ready and s.participants == ("a", "b")
 
 
 def test_dead_previous_participant_does_not_block_fast_path() -> None:
-    rounds, clock = make(window=5.0)
-    rounds.request("a", 1, 0, 1, ["a", "b", "c"])
-    rounds.request("b", 1, 0, 1, ["a", "b", "c"])
-    clock.t += 5.01
-    assert rounds.request("a", 1, 0, 1, ["a", "b", "c"]).participants == ("a", "b")  # c was late
-    # b died: a is back, and c, a known straggler, is not waited for
-    s = rounds.request("a", 1, 0, 2, ["a", "c"])
+    rounds, _ = make(window=5.0)
+    for node in ("a", "b"):
+        rounds.request(node, 1, 0, 1, ["a", "b"])
+    # b died: a alone is the whole stage now
+    s = rounds.request("a", 1, 0, 2, ["a"])
     assert s.ready and s.participants == ("a",)
 
 
@@ -78,7 +86,7 @@ def test_newcomer_is_waited_for_once_then_takes_part() -> None:
     clock.t += 1.0
     s = rounds.request("b", 1, 0, 2, ["a", "b"])
     assert s.ready and s.participants == ("a", "b")
-    # and from then on the fast path needs both
+    # and from then on the round needs both
     assert not rounds.request("a", 1, 0, 3, ["a", "b"]).ready
     assert rounds.request("b", 1, 0, 3, ["a", "b"]).participants == ("a", "b")
     # a newcomer that never shows up costs one window, not the round
