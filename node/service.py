@@ -9,6 +9,7 @@ UNAVAILABLE so the sender treats it like an unreachable hop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -118,16 +119,20 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                     context: grpc.aio.ServicerContext, backward: bool) -> AsyncIterator[node_pb2.NodeAck]:
         """One ack per message, in order; a bad message is refused (ok=False) without ending the stream.
         With no stage held the stream ends UNAVAILABLE, as a single call would."""
-        async for request in request_iterator:
-            agent = await self._require_agent(context)
-            try:
-                await self._accept_one(agent, request, backward)
-            except ValidationError as exc:
-                logger.warning("invalid %s pipe message from %s: %s", "backward" if backward else "forward",
-                               context.peer(), exc)
-                yield node_pb2.NodeAck(ok=False, message=f"invalid: {exc}")
-                continue
-            yield node_pb2.NodeAck(ok=True)
+        try:
+            async for request in request_iterator:
+                agent = await self._require_agent(context)
+                try:
+                    await self._accept_one(agent, request, backward)
+                except ValidationError as exc:
+                    logger.warning("invalid %s pipe message from %s: %s", "backward" if backward else "forward",
+                                   context.peer(), exc)
+                    yield node_pb2.NodeAck(ok=False, message=f"invalid: {exc}")
+                    continue
+                yield node_pb2.NodeAck(ok=True)
+        except asyncio.CancelledError:
+            # the peer closed its pipe or this server is stopping: the call is over, nothing to answer
+            return
 
     async def ForwardPipe(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.NodeAck]:

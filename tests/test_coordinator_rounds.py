@@ -45,7 +45,7 @@ def test_window_then_forms_with_whoever_asked() -> None:
 
 
 def test_fast_path_when_previous_participants_are_back() -> None:
-    rounds, clock = make(window=5.0)
+    rounds, _ = make(window=5.0)
     everyone = ["a", "b", "c"]
     for node in everyone:
         rounds.request(node, 2, 0, 1, everyone)

@@ -20,13 +20,13 @@ import pytest
 SHORT_RUN = """
 [model]
 stages = 3
+seq_len = 64
 
 [train]
 steps = 24
 eval_every = 6
 microbatches = 2
 microbatch_size = 4
-seq_len = 64
 
 [diloco]
 inner_steps = 6
