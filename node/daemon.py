@@ -62,6 +62,7 @@ VERSION = "0.1.0"
 LEAVE_TIMEOUT_S = 2.0        # a preempted node has ~seconds; do not wait long for the coordinator
 STATE_TIMEOUT_S = 60.0       # copying a stage from a replica (large models take a while)
 DRAIN_TIMEOUT_S = 5.0        # let the last pushes of the final iteration go out before exiting
+ORIGIN_PATIENCE_S = 60.0  # how long stage nodes wait for replacement origins
 NO_PIPELINE_FACTOR = 10      # an origin that trained gives up after this many leases without any path
 LINK_PROBE_EVERY_S = 10.0    # how often peers are pinged for the planner's link matrix
 LINK_PROBE_BYTES = 64 * 1024 # padding of the bandwidth probe
@@ -449,7 +450,8 @@ class NodeDaemon:
             state = next(iter(states.values()))
             lr_scale = 1.0
         else:
-            state = rebuild_stage(method, states, weights)
+            # random-reinit keeps the module's own fresh initialisation.
+            state = rebuild_stage(method, states, weights, fresh_state=module.state_dict())
             lr_scale = plan.lr_scale or self.config.recovery.lr_scale  # type: ignore[union-attr]
         load_rebuilt(module, state)
         return iteration, lr_scale, outer_parts if method == "replica-copy" else {}
@@ -619,7 +621,12 @@ class NodeDaemon:
         return time.monotonic() - self._schedule_changed_at > 2 * self.heartbeat_s
 
     def _origins_gone(self, agent: PipelineAgent) -> bool:
-        """A stage node with no origin in its schedule for a few leases after training began is done."""
+        """A stage node with no origin in its schedule for a long while after training began is done.
+
+        Losing every origin is recoverable (replacements rebuild stage 0 from the bookend copies
+        this node keeps), so the patience is long; the normal end of a run is the coordinator's
+        SHUTDOWN, not this.
+        """
         has_origin = any(s == 0 for s in agent.schedule.stages.values())
         if has_origin or (self.train_started == 0.0 and agent.runtime.iteration == 0):
             self._no_origin_since = None
@@ -627,7 +634,7 @@ class NodeDaemon:
         now = time.monotonic()
         if self._no_origin_since is None:
             self._no_origin_since = now
-        return now - self._no_origin_since > 3 * self.lease_s
+        return now - self._no_origin_since > max(ORIGIN_PATIENCE_S, 20 * self.lease_s)
 
     async def _linger(self, agent: PipelineAgent) -> None:
         """Wait (bounded) until no origin is left in the schedule."""

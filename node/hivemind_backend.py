@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,7 +56,9 @@ def wire_bytes_per_peer(flat: torch.Tensor, codec: str, group_size: int) -> int:
         return 0
     compression = hivemind_compression(codec)
     x = flat.detach().to(torch.float32).reshape(-1)
-    size = compression.compress(x, CompressionInfo.from_tensor(x)).ByteSize()
+    with warnings.catch_warnings():  # hivemind's 8-bit path uses torch's deprecated quantize_per_tensor
+        warnings.simplefilter("ignore", UserWarning)
+        size = compression.compress(x, CompressionInfo.from_tensor(x)).ByteSize()
     return round(size * 2 * (group_size - 1) / group_size)
 
 

@@ -6,12 +6,13 @@ can bound its buffer from the first chunk and reject a stream that is reordered,
 short, long, mixed with another stream, or corrupted. Reassembly raises only
 ValidationError. Messages stay well under ``protocols.rpc.MAX_MESSAGE_BYTES``.
 
-One crc32 pass over the bulk bytes per side, not two: the Tensor already carries
-the crc32 of its scales and payload (``Tensor.checksum``, verified by
-``codec.decode``), so the stream checksum is the crc32 of the Tensor's *other*
-fields chained onto it (``crc32(header_bytes, Tensor.checksum)``). Every byte of the
-reassembled message is then covered: the small fields by ``finish()``, the bulk by
-``decode`` (the only way a Tensor is used).
+One checksum pass over the bulk bytes per side, not two: the Tensor already
+carries the checksum of its scales and payload (``Tensor.checksum``, see
+``codec.payload_checksum``, verified by ``codec.decode``), so the stream checksum
+is the crc32 of the Tensor's *other* fields chained onto it
+(``crc32(header_bytes, Tensor.checksum)``). Every byte of the reassembled message
+is then covered: the small fields by ``finish()``, the bulk by ``decode`` (the only
+way a Tensor is used).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ DEFAULT_MAX_BYTES = 1 << 30        # largest serialized Tensor a receiver accept
 
 def stream_checksum(msg: tensor_pb2.Tensor) -> int:
     """crc32 of the Tensor's fields other than scales and payload, chained onto ``msg.checksum``
-    (the codec's crc32 of those two): covers the whole message at the cost of a few hundred bytes."""
+    (the codec's checksum of those two): covers the whole message at the cost of a few hundred bytes."""
     head = tensor_pb2.Tensor()
     head.CopyFrom(msg)
     head.ClearField("scales")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import zlib
 
 import grpc
 import pytest
@@ -11,7 +10,15 @@ import torch
 import zstandard
 
 from protocols import codec, tensor_pb2
-from protocols.codec import CODECS, ErrorFeedback, decode, encode, relative_error, wire_bytes
+from protocols.codec import (
+    CODECS,
+    ErrorFeedback,
+    decode,
+    encode,
+    payload_checksum,
+    relative_error,
+    wire_bytes,
+)
 from protocols.errors import ValidationError, abort_invalid, invalid_argument_on_validation_error
 
 torch.set_num_threads(1)
@@ -32,7 +39,7 @@ def _normal(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _reencode_checksum(msg: tensor_pb2.Tensor) -> None:
-    msg.checksum = zlib.crc32(msg.payload, zlib.crc32(msg.scales))
+    msg.checksum = payload_checksum(msg.scales, msg.payload)
 
 
 @pytest.mark.parametrize("name", CODECS)
@@ -363,3 +370,43 @@ def test_validation_error_maps_to_invalid_argument() -> None:
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def _reference_sums(buf: bytes) -> tuple[int, int, int]:
+    """Fletcher sums over little-endian 64-bit words, written plainly (no numpy, no blocks)."""
+    padded = buf + b"\0" * (-len(buf) % 8)
+    words = [int.from_bytes(padded[i:i + 8], "little") for i in range(0, len(padded), 8)]
+    mask = (1 << 64) - 1
+    return sum(words) & mask, sum((i + 1) * w for i, w in enumerate(words)) & mask, len(buf)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, (1 << 19) + 3, (1 << 20) + 13])
+def test_payload_checksum_matches_plain_fletcher_sums(n: int) -> None:
+    import struct
+    import zlib
+
+    from protocols.codec import _word_sums
+
+    rng = torch.Generator().manual_seed(n)
+    buf = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=rng).numpy().tobytes()
+    assert _word_sums(buf) == _reference_sums(buf)   # crosses the 512 KiB block boundary for the large n
+    scales = buf[: n // 3]
+    expected = zlib.crc32(struct.pack("<6Q", *_reference_sums(scales), *_reference_sums(buf)))
+    assert payload_checksum(scales, buf) == expected
+
+
+def test_payload_checksum_detects_flips_swaps_length_and_boundary_changes() -> None:
+    rng = torch.Generator().manual_seed(5)
+    buf = torch.randint(0, 256, (4099,), dtype=torch.uint8, generator=rng).numpy().tobytes()
+    base = payload_checksum(b"", buf)
+    for pos in [0, 1, 7, 8, 63, 2048, 4095, 4096, 4098]:          # includes the ragged tail
+        for bit in range(8):
+            flipped = bytearray(buf)
+            flipped[pos] ^= 1 << bit
+            assert payload_checksum(b"", bytes(flipped)) != base
+    swapped = bytearray(buf)
+    swapped[0:8], swapped[800:808] = buf[800:808], buf[0:8]        # two whole words exchanged
+    assert buf[0:8] != buf[800:808] and payload_checksum(b"", bytes(swapped)) != base
+    assert payload_checksum(b"", buf + b"\0") != base              # zero padding is not invisible
+    assert payload_checksum(b"", buf[:-1]) != base
+    assert payload_checksum(buf[:8], buf[8:]) != base              # bytes moved from payload to scales

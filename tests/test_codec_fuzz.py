@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import resource
 import tracemalloc
-import zlib
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 
 from protocols import tensor_pb2
 from protocols.chunking import ChunkAssembler, chunk_tensor
-from protocols.codec import CODECS, decode, encode, relative_error
+from protocols.codec import CODECS, decode, encode, payload_checksum, relative_error
 from protocols.errors import ValidationError
 
 torch.set_num_threads(1)
@@ -120,7 +119,7 @@ def _mutate_message(rng: random.Random, base: tensor_pb2.Tensor) -> tensor_pb2.T
         else:
             msg.checksum = rng.getrandbits(32)
     if rng.random() < 0.6:
-        msg.checksum = zlib.crc32(msg.payload, zlib.crc32(msg.scales))
+        msg.checksum = payload_checksum(msg.scales, msg.payload)
     return msg
 
 

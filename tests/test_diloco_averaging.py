@@ -5,8 +5,6 @@ check that every surviving replica ends with identical θ_global and outer state
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,8 +16,8 @@ from torch import nn
 from node.averager import AllReduceStats, ChannelPool, ShardReducer, allreduce_mean
 from node.diloco import StreamingDiLoCo, SyncJob, state_from_parts, state_to_parts
 from protocols import node_pb2, node_pb2_grpc, tensor_pb2
-from protocols.codec import encode
-from protocols.config import DilocoSection
+from protocols.codec import encode, payload_checksum
+from protocols.config import ConfigError, DilocoSection, RunConfig, apply_overrides
 from protocols.rpc import TokenAuthInterceptor, grpc_options
 
 torch.set_num_threads(1)
@@ -128,7 +126,7 @@ def nan_encoder(t: torch.Tensor, codec: str) -> tensor_pb2.Tensor:
     """A hostile or broken peer: a well-formed fp32 message full of NaN (valid checksum)."""
     payload = torch.full((t.numel(),), float("nan"), dtype=torch.float32).numpy().tobytes()
     return tensor_pb2.Tensor(dtype="float32", shape=list(t.shape), codec="fp32", payload=payload,
-                             raw_size=len(payload), checksum=zlib.crc32(payload, zlib.crc32(b"")))
+                             raw_size=len(payload), checksum=payload_checksum(b"", payload))
 
 
 def inner_step(rep: Replica) -> None:
@@ -395,9 +393,13 @@ def test_malformed_header_is_invalid_argument() -> None:
     asyncio.run(main())
 
 
-def test_config_roundtrip_of_diloco_section() -> None:
-    c = cfg()
-    assert dataclasses.replace(c, codec="int8").codec == "int8"
+def test_reducer_from_config_and_error_feedback_setting() -> None:
+    run = apply_overrides(RunConfig(), ["diloco.error_feedback=true", "diloco.reject_norm_ratio=4",
+                                        "diloco.peer_timeout_s=3"])
+    reducer = ShardReducer.from_config(run.diloco, node_id="n1")
+    assert (reducer.error_feedback, reducer.reject_norm_ratio, reducer.timeout_s) == (True, 4.0, 3.0)
+    with pytest.raises(ConfigError, match=r"diloco\.error_feedback"):
+        apply_overrides(RunConfig(), ["diloco.error_feedback=maybe"])
 
 
 def test_error_feedback_carries_quantization_error_to_the_next_round() -> None:

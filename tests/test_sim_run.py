@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sim_leftovers import kill_leftovers, leftovers
 
 SHORT_RUN = """
 [model]
@@ -54,35 +55,11 @@ at_step = 6
 """
 
 
-def _leftovers(marker: str) -> list[int]:
-    """Pids of live processes whose command line mentions `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().split()[2]
-        except OSError:
-            continue
-        if marker in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 def _start(out: Path, config: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "sim.cli", "run", "--config", str(config), "--out", str(out), "--no-progress", *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
-
-
-def _kill_leftovers(marker: str) -> None:
-    for pid in _leftovers(marker):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 @pytest.mark.timeout(240)
@@ -112,8 +89,8 @@ def test_short_simulation_with_a_sigkill(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         time.sleep(0.5)
-        left = _leftovers(str(out))
-        _kill_leftovers(str(out))
+        left = leftovers(str(out))
+        kill_leftovers(str(out))
     assert left == [], f"processes left behind: {left}"
 
 
@@ -128,7 +105,7 @@ def test_sigint_stops_every_process(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(list((out / "logs").glob("stage*.log"))) < 4:
             time.sleep(0.2)
-        assert len(_leftovers(str(out))) >= 5, "simulation did not start its processes"
+        assert len(leftovers(str(out))) >= 5, "simulation did not start its processes"
         time.sleep(2)
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
@@ -138,6 +115,6 @@ def test_sigint_stops_every_process(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         time.sleep(0.5)
-        left = _leftovers(str(out))
-        _kill_leftovers(str(out))
+        left = leftovers(str(out))
+        kill_leftovers(str(out))
     assert left == [], f"processes left behind: {left}"
