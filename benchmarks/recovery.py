@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=Settings.lr)
     parser.add_argument("--target-frac", type=float, default=Settings.target_frac)
     parser.add_argument("--seed", type=int, default=Settings.seed)
-    parser.add_argument("--schedules", type=int, default=1,
+    parser.add_argument("--schedules", type=int, default=3,
                         help="failure schedules per rate (seeds seed..seed+N-1); results are averaged")
     parser.add_argument("--rates", type=int, nargs="+", default=list(RATES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

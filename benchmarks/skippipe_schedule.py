@@ -16,9 +16,15 @@ import argparse
 import json
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
-from sim.schedule import evaluate, register
+# `python benchmarks/skippipe_schedule.py` puts benchmarks/ first on sys.path, where
+# benchmarks/coordinator.py would shadow the `coordinator` package: drop it.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from sim.schedule import evaluate, register  # noqa: E402
 
 
 def schedule_args(*argv: str) -> argparse.Namespace:
