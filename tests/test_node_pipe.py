@@ -133,13 +133,15 @@ def test_pipe_reopens_after_the_peer_restarts() -> None:
                 await transport.send_microbatch(address, False, _header(2), encode(x, "fp32"), timeout_s=3)
             assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             server, servicer, address = await _node(port)
-            for attempt in range(50):   # the channel reconnects with its own backoff
+            ack = None
+            for _attempt in range(50):   # the channel reconnects with its own backoff
                 try:
                     ack = await transport.send_microbatch(address, False, _header(3), encode(x, "fp32"), timeout_s=3)
                     break
                 except grpc.aio.AioRpcError:
                     await asyncio.sleep(0.2)
-            assert ack.ok and [mb for mb, _, _ in servicer.agent.got] == [3]  # type: ignore[union-attr]
+            assert ack is not None and ack.ok
+            assert [mb for mb, _, _ in servicer.agent.got] == [3]  # type: ignore[union-attr]
         finally:
             await transport.close()
             await server.stop(None)
