@@ -49,6 +49,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -322,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fragments", type=int, default=3, help="P (streaming)")
     parser.add_argument("--diloco-outer-lr", type=float, default=0.7)
     parser.add_argument("--streaming-outer-lr", type=float, default=0.4)
+    parser.add_argument("--streaming-outer-momentum", type=float, default=0.9)
+    parser.add_argument("--alpha", type=float, default=0.5, help="streaming: merge mixing (issue 6: 0.5)")
+    parser.add_argument("--overlap", type=int, default=1, help="streaming: tau, steps the exchange overlaps")
     parser.add_argument("--streaming-codec", default="fp4")
     parser.add_argument("--hivemind-codec", default="int8")
     parser.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=False,
@@ -334,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the DiLoCo paper's protocol of starting every method from one pretrained checkpoint)")
     parser.add_argument("--warm-start-batch", type=int, default=16)
     parser.add_argument("--warm-start-lr", type=float, default=2e-3)
+    parser.add_argument("--init-cache", default="",
+                        help="tuning aid: load the warm-started init from this file if it exists, else save it there")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -354,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     val = val_batches(corpus, 16, args.seq_len, args.eval_batches)
     torch.manual_seed(args.seed)
     init = Transformer(model_cfg, seed=args.seed)
-    if args.warm_start_steps:
+    if args.init_cache and Path(args.init_cache).exists():
+        init.load_state_dict(torch.load(args.init_cache))
+        logger.info("init loaded from %s", args.init_cache)
+    elif args.warm_start_steps:
         warm = dataclasses.replace(train, steps=args.warm_start_steps, lr=args.warm_start_lr)
         warm_setup = dataclasses.replace(setup, replicas=1, batch=args.warm_start_batch, train=warm)
         # its own data stream (seed offset), the same for every mode
@@ -363,11 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             inner_step(pre, lr_at(step, warm), warm.grad_clip)
         init = pre.model
         logger.info("warm start: %d steps, val loss %.4f", args.warm_start_steps, evaluate([init], val))
+        if args.init_cache:
+            torch.save(init.state_dict(), args.init_cache)
     h = args.inner_steps
     diloco_cfg = DilocoSection(inner_steps=h, fragments=1, overlap=0, alpha=0.0, outer_lr=args.diloco_outer_lr,
                                outer_momentum=0.9, codec="fp32", peer_timeout_s=30.0)
-    streaming_cfg = DilocoSection(inner_steps=h, fragments=args.fragments, overlap=1, alpha=0.5,
-                                  outer_lr=args.streaming_outer_lr, outer_momentum=0.9, codec=args.streaming_codec,
+    streaming_cfg = DilocoSection(inner_steps=h, fragments=args.fragments, overlap=args.overlap, alpha=args.alpha,
+                                  outer_lr=args.streaming_outer_lr, outer_momentum=args.streaming_outer_momentum, codec=args.streaming_codec,
                                   peer_timeout_s=30.0, error_feedback=args.error_feedback)
     hivemind_cfg = dataclasses.replace(streaming_cfg, codec=args.hivemind_codec, backend="hivemind")
 
@@ -401,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                   "ddp_lr": args.ddp_lr or args.lr, "streaming_codec": args.streaming_codec,
                   "hivemind_codec": args.hivemind_codec, "error_feedback": args.error_feedback,
                   "diloco_outer_lr": args.diloco_outer_lr, "streaming_outer_lr": args.streaming_outer_lr,
+                  "streaming_outer_momentum": args.streaming_outer_momentum, "alpha": args.alpha,
+                  "overlap": args.overlap,
                   "warm_start_steps": args.warm_start_steps},
     }
     if "ddp" in results and "streaming" in results:

@@ -52,7 +52,7 @@ class OuterSync:
         self._resyncing: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()
         self.outer_steps = 0
-        self.sync_bytes_sent = 0
+        self.sync_bytes_sent = 0   # requests this node sent as a caller (see wire_bytes_sent)
         self._results: dict[_Key, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._done: dict[_Key, threading.Event] = {}
         # the longest an exchange can take: forming the round, then the peers' two timeouts
@@ -62,7 +62,15 @@ class OuterSync:
     # ------------------------------------------------------------------ worker thread
 
     def after_step(self, step: int) -> None:
-        """Called on the stage's worker thread after inner step ``step`` (committed steps, 1-based)."""
+        """Called on the stage's worker thread after inner step ``step`` (committed steps, 1-based).
+
+        Snapshot first, merge second: with ``overlap`` 0 the fragment snapshotted now is
+        merged in this same step (classic DiLoCo), with τ > 0 it is merged τ steps later.
+        """
+        job = self.diloco.begin_sync(step)
+        if job is not None:
+            self._done[(job.fragment, job.step)] = threading.Event()
+            self.loop.call_soon_threadsafe(self._start, job)
         for job in self.diloco.due_merges(step):
             key = (job.fragment, job.step)
             # The merge is due: wait (bounded) for the exchange. This is what keeps the replicas of a
@@ -80,10 +88,6 @@ class OuterSync:
             stats = self.diloco.finish_sync(job, mean, valid)
             self._event("outer-merge", step=step, **{k: v for k, v in stats.items() if k != "step"},
                         merged_after=job.step)
-        job = self.diloco.begin_sync(step)
-        if job is not None:
-            self._done[(job.fragment, job.step)] = threading.Event()
-            self.loop.call_soon_threadsafe(self._start, job)
 
     # ------------------------------------------------------------------ event loop
 
@@ -158,6 +162,13 @@ class OuterSync:
         self._resyncing = asyncio.create_task(self.resync())
         self._tasks.add(self._resyncing)
         self._resyncing.add_done_callback(self._tasks.discard)
+
+    @property
+    def wire_bytes_sent(self) -> int:
+        """Bytes this node put on the wire for DiLoCo exchanges: its requests as a caller plus
+        its replies as a shard owner (``reducer.bytes_sent``); counting only the requests
+        would miss about half of an all-reduce's traffic."""
+        return self.sync_bytes_sent + self.reducer.bytes_sent
 
     def total_outer_steps(self) -> int:
         return sum(self.diloco.outer.steps.values())

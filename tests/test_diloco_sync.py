@@ -1,0 +1,124 @@
+"""The daemon's DiLoCo driver (``node.sync.OuterSync``) with two replicas over real gRPC
+ReduceShard servers and a fake coordinator that forms every round at once: the merge
+step (overlap 0 merges in the snapshot's own step) and the byte count (requests and
+replies)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from node.averager import ShardReducer
+from node.sync import OuterSync
+from protocols import coordinator_pb2 as pb
+from protocols import node_pb2_grpc
+from protocols.config import RunConfig, apply_overrides
+from protocols.rpc import TokenAuthInterceptor, grpc_options
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.timeout(60)
+TOKEN = "diloco-sync-test-token"
+
+
+class ReduceOnlyServicer(node_pb2_grpc.NodeServicer):
+    """The Node service with only ReduceShard, delegated like the daemon's servicer does."""
+
+    def __init__(self, reducer: ShardReducer) -> None:
+        self.reducer = reducer
+
+    async def ReduceShard(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for reply in self.reducer.handle(request_iterator, context):
+            yield reply
+
+
+async def start_server(reducer: ShardReducer) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(TOKEN)], options=grpc_options())
+    node_pb2_grpc.add_NodeServicer_to_server(ReduceOnlyServicer(reducer), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+class TinyStage(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)  # every replica starts from the same weights
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+class FakeCoordinator:
+    """Every JoinSyncRound is ready with the same two participants."""
+
+    def __init__(self) -> None:
+        self.peers: list[pb.PeerInfo] = []
+
+    async def join_sync_round(self, request: pb.SyncRoundRequest) -> pb.SyncRoundReply:
+        return pb.SyncRoundReply(round_id=request.outer_step, participants=self.peers, ready=True,
+                                 outer_step=request.outer_step)
+
+
+def nudge(module: nn.Module, seed: int) -> None:
+    """A stand-in for an inner step: every replica moves its weights differently."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+
+
+async def run_pair(overlap: int, steps: int) -> tuple[list[OuterSync], list[list[int]]]:
+    cfg = apply_overrides(RunConfig(), [
+        "diloco.inner_steps=4", "diloco.fragments=1", f"diloco.overlap={overlap}", "diloco.alpha=0",
+        "diloco.codec=fp32", "diloco.peer_timeout_s=5", "membership.sync_join_window_s=1",
+        "membership.sync_timeout_s=2"])
+    coordinator = FakeCoordinator()
+    modules = [TinyStage(), TinyStage()]
+    syncs = [OuterSync(m, stage=1, node_id=f"n{i}", config=cfg, client=coordinator, token=TOKEN)  # type: ignore[arg-type]
+             for i, m in enumerate(modules)]
+    servers = []
+    try:
+        for i, s in enumerate(syncs):
+            server, address = await start_server(s.reducer)
+            servers.append(server)
+            coordinator.peers.append(pb.PeerInfo(node_id=f"n{i}", address=address, stage=1))
+        outer_steps_after: list[list[int]] = [[], []]
+
+        def replica(i: int) -> None:
+            for step in range(1, steps + 1):
+                nudge(modules[i], seed=100 * i + step)
+                syncs[i].after_step(step)
+                outer_steps_after[i].append(syncs[i].total_outer_steps())
+
+        await asyncio.gather(*(asyncio.to_thread(replica, i) for i in range(2)))
+        return syncs, outer_steps_after
+    finally:
+        for s in syncs:
+            await s.close()
+        for server in servers:
+            await server.stop(None)
+
+
+def test_overlap_zero_merges_in_the_snapshot_step_and_bytes_count_both_directions() -> None:
+    syncs, outer_steps_after = asyncio.run(run_pair(overlap=0, steps=5))
+    # H=4: the fragment is snapshotted after step 4 and, with overlap 0, merged in step 4 itself
+    for counts in outer_steps_after:
+        assert counts == [0, 0, 0, 1, 1]
+    for s in syncs:
+        assert s.diloco.pending == []
+        assert s.sync_bytes_sent > 0 and s.reducer.bytes_sent > 0
+        assert s.wire_bytes_sent == s.sync_bytes_sent + s.reducer.bytes_sent
+    # alpha 0: both replicas hold exactly θ_global_new after the merge (and agree on it)
+    g0, g1 = (s.diloco.global_params for s in syncs)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
+def test_overlap_one_merges_one_step_later() -> None:
+    _, outer_steps_after = asyncio.run(run_pair(overlap=1, steps=5))
+    for counts in outer_steps_after:
+        assert counts == [0, 0, 0, 0, 1]
