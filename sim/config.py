@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocols.config import ConfigError, RunConfig, apply_overrides, build_dataclass
+from protocols.config import ConfigError, RunConfig, apply_overrides, build_dataclass, read_toml
 
 SIGNALS = ("KILL", "TERM")
 
@@ -159,14 +159,7 @@ def load_sim_config(path: str | Path | None, overrides: list[str] | None = None)
     """Defaults, then the TOML file (if any) on top, then ``section.key=value`` overrides."""
     data: dict[str, Any] = tomllib.loads(DEFAULT_SIM_TOML)
     if path is not None:
-        path = Path(path)
-        try:
-            user = tomllib.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {path}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-        data = _merge(data, user)
+        data = _merge(data, read_toml(path))
     sim_data = data.pop("sim", {})
     run = RunConfig.from_dict(data)
     sim_overrides = [o for o in overrides or [] if o.startswith("sim.")]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -29,3 +31,14 @@ def kill_leftovers(marker: str) -> None:
             os.killpg(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def reap(proc: subprocess.Popen, marker: str) -> list[int]:
+    """Kill `proc`'s group if it still runs, then return (and kill) whatever named `marker` survived."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    time.sleep(0.5)
+    left = leftovers(marker)
+    kill_leftovers(marker)
+    return left

@@ -8,15 +8,12 @@ loopback); the rebuild method the coordinator chose is read back from the event 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from sim_leftovers import kill_leftovers, leftovers
+from sim_leftovers import reap
 
 RUN = """
 [model]
@@ -70,12 +67,7 @@ def _run(tmp_path: Path, target: str, origins: int) -> tuple[dict, list[dict], l
         output, _ = proc.communicate(timeout=280)
         assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        time.sleep(0.5)
-        left = leftovers(str(out))
-        kill_leftovers(str(out))
+        left = reap(proc, str(out))
     assert left == [], f"processes left behind: {left}"
     summary = json.loads((out / "summary.json").read_text())
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]

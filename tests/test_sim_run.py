@@ -8,7 +8,6 @@ its token file path): none may be left behind, whatever happened.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sim_leftovers import kill_leftovers, leftovers
+from sim_leftovers import leftovers, reap
 
 SHORT_RUN = """
 [model]
@@ -85,12 +84,7 @@ def test_short_simulation_with_a_sigkill(tmp_path: Path) -> None:
         for name in ("metrics.jsonl", "loss.png", "bytes.png", "membership.png", "report.html"):
             assert (out / name).stat().st_size > 0, name
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        time.sleep(0.5)
-        left = leftovers(str(out))
-        kill_leftovers(str(out))
+        left = reap(proc, str(out))
     assert left == [], f"processes left behind: {left}"
 
 
@@ -111,10 +105,5 @@ def test_sigint_stops_every_process(tmp_path: Path) -> None:
         proc.communicate(timeout=30)
         assert proc.returncode == 130
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        time.sleep(0.5)
-        left = leftovers(str(out))
-        kill_leftovers(str(out))
+        left = reap(proc, str(out))
     assert left == [], f"processes left behind: {left}"
