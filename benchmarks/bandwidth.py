@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inner-steps", type=int, default=12, help="H")
     parser.add_argument("--fragments", type=int, default=3, help="P (streaming)")
     parser.add_argument("--diloco-outer-lr", type=float, default=0.7)
+    parser.add_argument("--diloco-outer-momentum", type=float, default=0.9)
     parser.add_argument("--streaming-outer-lr", type=float, default=0.4)
     parser.add_argument("--streaming-outer-momentum", type=float, default=0.9)
     parser.add_argument("--alpha", type=float, default=0.5, help="streaming: merge mixing (issue 6: 0.5)")
@@ -376,10 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(init.state_dict(), args.init_cache)
     h = args.inner_steps
     diloco_cfg = DilocoSection(inner_steps=h, fragments=1, overlap=0, alpha=0.0, outer_lr=args.diloco_outer_lr,
-                               outer_momentum=0.9, codec="fp32", peer_timeout_s=30.0)
+                               outer_momentum=args.diloco_outer_momentum, codec="fp32", peer_timeout_s=30.0)
     streaming_cfg = DilocoSection(inner_steps=h, fragments=args.fragments, overlap=args.overlap, alpha=args.alpha,
-                                  outer_lr=args.streaming_outer_lr, outer_momentum=args.streaming_outer_momentum, codec=args.streaming_codec,
-                                  peer_timeout_s=30.0, error_feedback=args.error_feedback)
+                                  outer_lr=args.streaming_outer_lr, outer_momentum=args.streaming_outer_momentum,
+                                  codec=args.streaming_codec, peer_timeout_s=30.0, error_feedback=args.error_feedback)
     hivemind_cfg = dataclasses.replace(streaming_cfg, codec=args.hivemind_codec, backend="hivemind")
 
     results: dict[str, ModeResult] = {}
@@ -411,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                   "inner_steps": h, "fragments": args.fragments, "lr": args.lr,
                   "ddp_lr": args.ddp_lr or args.lr, "streaming_codec": args.streaming_codec,
                   "hivemind_codec": args.hivemind_codec, "error_feedback": args.error_feedback,
-                  "diloco_outer_lr": args.diloco_outer_lr, "streaming_outer_lr": args.streaming_outer_lr,
+                  "diloco_outer_lr": args.diloco_outer_lr,
+                  "diloco_outer_momentum": args.diloco_outer_momentum, "streaming_outer_lr": args.streaming_outer_lr,
                   "streaming_outer_momentum": args.streaming_outer_momentum, "alpha": args.alpha,
                   "overlap": args.overlap,
                   "warm_start_steps": args.warm_start_steps},
