@@ -8,11 +8,13 @@ and schedule of node/optim.py; every mode sees the same total batch per step
 
 Modes:
 - ``ddp``: one model; each step, the replicas' fp32 gradients are averaged (here:
-  the loss on the concatenated batch, which is the same mean).
+  the loss on the concatenated batch, which is the same mean). Its AdamW lr is
+  tuned on its own (``--ddp-lr``, best of a sweep; see bandwidth.md), as is the
+  replicas' inner lr (``--lr``).
 - ``diloco``: H inner steps, then the whole model's pseudo-gradient is averaged in
   fp32 (P=1, no overlap, alpha 0, outer lr 0.7).
 - ``streaming``: P strided fragments with offsets spread over H, overlap tau=1,
-  alpha 0.5, outer lr 0.4, fp4 codec.
+  alpha 0.5, outer lr 0.7, fp4 codec.
 - ``hivemind``: the streaming outer loop averaged through hivemind's
   DecentralizedAverager (hivemind has no 4-bit codec: 8-bit uniform quantization).
 
@@ -316,14 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--ffn", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3, help="inner AdamW lr (ddp uses the same)")
-    parser.add_argument("--ddp-lr", type=float, default=None, help="ddp lr (default: --lr)")
+    parser.add_argument("--lr", type=float, default=4e-3,
+                        help="inner AdamW lr of the diloco/streaming/hivemind replicas (batch --batch each)")
+    parser.add_argument("--ddp-lr", type=float, default=1e-2,
+                        help="ddp AdamW lr (tuned separately: ddp steps on the replicas' averaged gradient)")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--inner-steps", type=int, default=12, help="H")
     parser.add_argument("--fragments", type=int, default=3, help="P (streaming)")
     parser.add_argument("--diloco-outer-lr", type=float, default=0.7)
     parser.add_argument("--diloco-outer-momentum", type=float, default=0.9)
-    parser.add_argument("--streaming-outer-lr", type=float, default=0.4)
+    parser.add_argument("--streaming-outer-lr", type=float, default=0.7)
     parser.add_argument("--streaming-outer-momentum", type=float, default=0.9)
     parser.add_argument("--alpha", type=float, default=0.5, help="streaming: merge mixing (issue 6: 0.5)")
     parser.add_argument("--overlap", type=int, default=1, help="streaming: tau, steps the exchange overlaps")

@@ -108,7 +108,7 @@ class Coordinator:
         self._dirty: set[str] = set()
         self._trained = False
         self._first_join: float | None = None
-        self.finishing = False  # an origin finished train.steps: no more moves or rebuilds
+        self.finishing = False  # an origin finished train.steps: no more moves; SHUTDOWN once origins left
         self._shutdown = pb.HeartbeatReply(instruction=pb.Instruction(kind=Kind.SHUTDOWN))
         self._stages_seen: set[int] = set()   # stages some node has hosted (the others start "fresh")
         self._next_plan_id = 1
@@ -358,10 +358,11 @@ class Coordinator:
             self._trained = True
             if self._store is not None:
                 self._store.set_meta("trained", "1")
-        if req.metrics.step >= self.config.train.steps:
-            if m.stage == 0 and not self.finishing:
-                self.finishing = True
-                self._event("finishing", m.node_id, m.stage, f"origin reached step {req.metrics.step}")
+        if m.stage == 0 and req.metrics.step >= self.config.train.steps and not self.finishing:
+            self.finishing = True
+            self._event("finishing", m.node_id, m.stage, f"origin reached step {req.metrics.step}")
+        if self.finishing and m.stage != 0 and not any(o.live and o.stage == 0 for o in self.members.values()):
+            # The last origin has finished its final evaluation and left: the run is over.
             return self._shutdown
         if m.pending is not None:
             return pb.HeartbeatReply(epoch=self.epoch, instruction=m.pending)

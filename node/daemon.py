@@ -46,6 +46,7 @@ from node.coordinator_client import Backoff, CoordinatorClient
 from node.data import load_run_corpus, origin_batches, run_val_batches, split_microbatches
 from node.model import ModelConfig, build_stage, model_config_for
 from node.optim import build_inner_optimizer, lr_at
+from node.reference import resolve_device
 from node.runtime import StageRuntime, StepResult
 from node.service import NodeServicer, StateSnapshot, fetch_state, start_server
 from node.sync import OuterSync
@@ -105,15 +106,6 @@ class EventLog:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def measure_throughput(device: torch.device, slowdown: float = 1.0, reps: int = 3) -> float:

@@ -369,10 +369,12 @@ def test_origin_reaching_the_last_step_finishes_the_run() -> None:
     s1, s1b, s2 = (join(core, 9201 + i, preferred_stage=p) for i, p in enumerate((1, 1, 2)))
     assert [r.stage for r in (origin, s1, s1b, s2)] == [0, 1, 1, 2]
     assert beat(core, s1.node_id, s1.epoch, step=3).instruction.kind != Kind.SHUTDOWN
-    assert beat(core, origin.node_id, origin.epoch, step=5).instruction.kind == Kind.SHUTDOWN
+    # The origin finished its steps but still evaluates through the pipeline: nobody is shut down yet.
+    assert beat(core, origin.node_id, origin.epoch, step=5).instruction.kind != Kind.SHUTDOWN
     assert core.finishing
-    assert beat(core, s2.node_id, s2.epoch, step=5).instruction.kind == Kind.SHUTDOWN
-    # An origin leaving at the end no longer pulls a stage node into stage 0.
+    assert beat(core, s2.node_id, s2.epoch, step=5).instruction.kind != Kind.SHUTDOWN
+    # The origin leaves at the end: that no longer pulls a stage node into stage 0; the run is over.
     core.leave(pb.LeaveRequest(node_id=origin.node_id, reason="finished"))
-    assert beat(core, s1.node_id, core.epoch, step=4).instruction.kind != Kind.CHANGE_STAGE
+    assert beat(core, s1.node_id, core.epoch, step=4).instruction.kind == Kind.SHUTDOWN
+    assert beat(core, s2.node_id, core.epoch, step=5).instruction.kind == Kind.SHUTDOWN
     assert core.coverage()[0] == 0
