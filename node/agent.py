@@ -150,10 +150,19 @@ class PipelineAgent:
         return self.runtime.stage == 0
 
     def set_schedule(self, schedule: Schedule) -> None:
-        """Adopt a new schedule; the open iteration's expected count follows it."""
+        """Adopt a new schedule; the open iteration's expected count follows it.
+
+        An origin gives up at once every microbatch in flight through a node that is no longer a
+        member (it left or its lease expired) instead of waiting for the microbatch timeout.
+        """
         self.schedule = schedule
         self.runtime.set_expected(schedule.expected(self.is_origin))
         self._spawn(self.runtime.recheck())
+        if self.is_origin:
+            for key, pending in list(self._pending.items()):
+                gone = [n for n in pending.path.node_ids if n != self.node_id and n not in schedule.stages]
+                if gone and not pending.future.done():
+                    self._spawn(self._abandon_as_origin(key, f"node {gone[0]} left the run"))
 
     def _event(self, kind: str, **fields: object) -> None:
         if self.on_event is not None:

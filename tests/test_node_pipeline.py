@@ -11,7 +11,7 @@ import pytest
 import torch
 from node_cluster import RUN_ID, TOKEN, LocalNode, install_schedule, start_node
 
-from node.agent import PathSpec
+from node.agent import PathSpec, Schedule
 from node.model import ModelConfig, init_stage
 from node.pipeline import path_loss
 from protocols import node_pb2, node_pb2_grpc
@@ -156,6 +156,39 @@ def test_dead_hop_abandons_without_hanging() -> None:
             assert nodes[1].runtime.iteration == 1
             assert nodes[3].runtime.iteration == 1
             assert time.monotonic() - start < 3.0   # closed by notices, not by the 3 s iteration timeout
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    asyncio.run(main())
+
+
+def test_membership_change_abandons_microbatches_through_a_departed_node() -> None:
+    """A node that takes a microbatch and then leaves the run (it never answers): once the origin's
+    schedule no longer lists it, the origin gives up at once instead of waiting for the timeout."""
+    paths = [PathSpec(m, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin")) for m in range(2)]
+
+    async def main() -> None:
+        nodes = await _cluster(_stages(), 0.1, hop_timeout_s=5.0, iteration_timeout_s=30.0)
+        try:
+            install_schedule(nodes, {"origin": paths})
+
+            async def swallow(*args: object, **kwargs: object) -> None:
+                await asyncio.sleep(3600)   # n3 accepts and never answers, like a node being preempted
+
+            nodes[3].agent._process = swallow  # type: ignore[method-assign]
+            origin = nodes[0].agent
+            start = time.monotonic()
+            run = asyncio.create_task(origin.run_iteration(0, [_batch(1), _batch(2)]))
+            await asyncio.sleep(1.0)
+            assert not run.done()
+            left = dict(origin.schedule.stages)
+            del left["n3"]
+            origin.set_schedule(Schedule(epoch=2, paths=[], addresses=dict(origin.schedule.addresses),
+                                         stages=left, visits={}))
+            result = await asyncio.wait_for(run, 10)
+            assert result.abandoned == 2 and result.losses == []
+            assert time.monotonic() - start < 4.0   # the microbatch timeout here is 40 s
         finally:
             for n in nodes:
                 await n.stop()
