@@ -716,12 +716,12 @@ class NodeDaemon:
             loss=self.loss if math.isfinite(self.loss) else 0.0,
             tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
             bytes_sent=self.transport.bytes_sent + (
-                self.outer.sync_bytes_sent + self.outer.reducer.bytes_sent if self.outer else 0),
+                self.outer.wire_bytes_sent if self.outer else 0),
             bytes_received=self.servicer.bytes_received,
             grad_norm=agent.runtime.last_grad_norm if agent else 0.0,
             activation_bytes_sent=self.transport.activation_bytes_sent,
             outer_step=self.outer.outer_steps if self.outer is not None else 0,
-            sync_bytes_sent=(self.outer.sync_bytes_sent + self.outer.reducer.bytes_sent) if self.outer else 0,
+            sync_bytes_sent=self.outer.wire_bytes_sent if self.outer else 0,
             val_loss=self.val_loss if math.isfinite(self.val_loss) else 0.0,
             tokens=self.tokens,
         )
