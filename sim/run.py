@@ -51,6 +51,7 @@ class SimNode:
     child: Child | None = None
     node_id: str = ""        # as the coordinator knows it (filled from status)
     preempted: bool = False
+    replacement: bool = False  # a fresh spot machine: the coordinator picks its stage
 
 
 @dataclass
@@ -172,7 +173,9 @@ class Simulation:
             "--token-file", str(self.out_dir / "token"),
             "--listen", node.address,
             "--node-id", node.name,
-            "--preferred-stage", str(node.stage),
+            # A replacement block-stage node states no preference, so the coordinator sends it to
+            # the weakest stage (the one that lost the most); origins must stay origins (data).
+            "--preferred-stage", str(-1 if node.replacement and node.stage != 0 else node.stage),
             "--slowdown", f"{node.slowdown:.3f}",
             "--links-file", str(links_file),
             "--log-json", str(self.out_dir / "nodes" / f"{node.name}.jsonl"),
@@ -338,6 +341,7 @@ class Simulation:
         self.state.pending_replacements = [r for r in self.state.pending_replacements if r[0] > now]
         for _, stage in due:
             node = self.add_node(stage)
+            node.replacement = True
             self.launch(node)
 
     # ---- the run ------------------------------------------------------------------------------

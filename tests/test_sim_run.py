@@ -23,8 +23,10 @@ stages = 3
 seq_len = 64
 
 [train]
-steps = 24
-eval_every = 6
+# Long enough (in steps) that the replacement, a fresh process, joins and copies its replica
+# before the run ends even on an idle machine where the surviving replica trains fast.
+steps = 80
+eval_every = 10
 microbatches = 2
 microbatch_size = 4
 
@@ -50,7 +52,7 @@ max_wall_s = 150
 [[sim.preemptions]]
 target = "replica:1"
 signal = "KILL"
-at_step = 6
+at_step = 5
 """
 
 
