@@ -10,37 +10,21 @@ import asyncio
 import grpc
 import pytest
 import torch
+from reduce_servers import start_reduce_server
 from torch import nn
 
 from node.averager import ShardReducer
 from node.sync import OuterSync
 from protocols import coordinator_pb2 as pb
-from protocols import node_pb2_grpc
 from protocols.config import RunConfig, apply_overrides
-from protocols.rpc import TokenAuthInterceptor, grpc_options
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(60)
 TOKEN = "diloco-sync-test-token"
 
 
-class ReduceOnlyServicer(node_pb2_grpc.NodeServicer):
-    """The Node service with only ReduceShard, delegated like the daemon's servicer does."""
-
-    def __init__(self, reducer: ShardReducer) -> None:
-        self.reducer = reducer
-
-    async def ReduceShard(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        async for reply in self.reducer.handle(request_iterator, context):
-            yield reply
-
-
 async def start_server(reducer: ShardReducer) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(TOKEN)], options=grpc_options())
-    node_pb2_grpc.add_NodeServicer_to_server(ReduceOnlyServicer(reducer), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
+    return await start_reduce_server(reducer, TOKEN)
 
 
 class TinyStage(nn.Module):
