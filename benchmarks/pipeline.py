@@ -50,10 +50,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from node.agent import check_finite  # noqa: E402
-from node.service import NodeServicer, start_server  # noqa: E402
+from node.service import NodeServicer, start_server, start_wire  # noqa: E402
 from node.transport import Transport  # noqa: E402
 from protocols import node_pb2  # noqa: E402
-from protocols.codec import decode, encode  # noqa: E402
+from protocols.codec import RAW_CODECS, decode, encode, encode_split, seal  # noqa: E402
 from protocols.rpc import install_uvloop  # noqa: E402
 
 TOKEN = "bench-token"
@@ -66,13 +66,14 @@ WIRE_BYTES = 1 << 20
 class _SinkAgent:
     """Does what PipelineAgent.accept does with an arriving tensor (decode, validate), then drops it."""
 
-    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: Any, *, backward: bool) -> None:
-        h = decode(tensor)
+    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: Any, *, backward: bool,
+                     payload: memoryview | None = None, decoded: torch.Tensor | None = None) -> None:
+        h = decoded if decoded is not None else decode(tensor, payload=payload, require_checksum=payload is None)
         check_finite(h)
         assert h.ndim == 3
 
 
-def _grpc_server(port_queue: Any, stop_event: Any) -> None:
+def _node_server(port_queue: Any, stop_event: Any, use_wire: bool) -> None:
     torch.set_num_threads(1)
     install_uvloop()
 
@@ -80,9 +81,12 @@ def _grpc_server(port_queue: Any, stop_event: Any) -> None:
         servicer = NodeServicer("sink")
         servicer.agent = _SinkAgent()  # type: ignore[assignment]
         server, port = await start_server(servicer, "127.0.0.1:0", TOKEN)
+        wire = await start_wire(servicer, "127.0.0.1", TOKEN) if use_wire else None
         port_queue.put(port)
         while not stop_event.is_set():
             await asyncio.sleep(0.1)
+        if wire is not None:
+            await wire.stop()
         await server.stop(None)
 
     asyncio.run(main())
@@ -115,6 +119,14 @@ def _activation(codec: str) -> torch.Tensor:
     return torch.randn(4, numel // (4 * dim), dim)
 
 
+def encode_activation(h: torch.Tensor, codec: str) -> tuple[Any, memoryview]:
+    """What PipelineAgent._push does: cast to the wire dtype (the receiver decodes into it and its
+    runtime casts back in the compute thread), encode without copying the payload into the message."""
+    if codec in RAW_CODECS:
+        h = h.to(RAW_CODECS[codec])
+    return encode_split(h, codec)
+
+
 def _proc_cpu_s(pid: int) -> float:
     """CPU seconds (user + system, all threads) a process has used; NaN where /proc is missing."""
     try:
@@ -124,12 +136,12 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_hops(reps: int, codec: str) -> dict[str, float]:
+def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
     """ms of a gRPC hop and of a raw-socket send of the same bytes (fastest and median), interleaved
     so that both see the same machine load (this matters on a shared, busy machine)."""
     ctx = mp.get_context("spawn")
     grpc_ports, raw_ports, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    grpc_proc = ctx.Process(target=_grpc_server, args=(grpc_ports, stop), daemon=True)
+    grpc_proc = ctx.Process(target=_node_server, args=(grpc_ports, stop, wire), daemon=True)
     raw_proc = ctx.Process(target=_raw_server, args=(raw_ports,), daemon=True)
     grpc_proc.start()
     raw_proc.start()
@@ -150,7 +162,7 @@ def measure_hops(reps: int, codec: str) -> dict[str, float]:
             return time.perf_counter() - start
 
         async def client() -> tuple[list[float], list[float]]:
-            transport = Transport(TOKEN)
+            transport = Transport(TOKEN, wire=wire)
             header = node_pb2.MicrobatchHeader(run_id="bench", iteration=0, microbatch=0, origin_id="o",
                                                stages=[0, 1, 0], node_ids=["o", "sink", "o"], hop=1)
             address = f"127.0.0.1:{grpc_port}"
@@ -161,8 +173,8 @@ def measure_hops(reps: int, codec: str) -> dict[str, float]:
                     cpu["raw_server"] = -_proc_cpu_s(raw_proc.pid or 0)
                     cpu["hop_client"] = cpu["raw_client"] = 0.0
                 start, cpu_start = time.perf_counter(), time.process_time()
-                msg = encode(activation, codec, compress=False)
-                ack = await transport.send_microbatch(address, False, header, msg, timeout_s=30)
+                msg, data = encode_activation(activation, codec)
+                ack = await transport.send_microbatch(address, False, header, msg, timeout_s=30, payload=data)
                 elapsed, cpu_mid = time.perf_counter() - start, time.process_time()
                 if not ack.ok:
                     raise RuntimeError(ack.message)
@@ -184,9 +196,11 @@ def measure_hops(reps: int, codec: str) -> dict[str, float]:
         encodes, decodes = [], []
         for _ in range(reps):
             start = time.perf_counter()
-            msg = encode(activation, codec, compress=False)
+            msg, data = encode_activation(activation, codec)
+            if not wire:
+                seal(msg, data)
             mid = time.perf_counter()
-            check_finite(decode(msg))
+            check_finite(decode(msg, payload=data if wire else None, require_checksum=not wire))
             encodes.append(mid - start)
             decodes.append(time.perf_counter() - mid)
         return {"hop_ms": 1000 * min(hops), "raw_socket_ms": 1000 * min(raws),
@@ -291,9 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec", default="bf16", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--steps", type=int, default=12, help="training iterations for the throughput runs")
     parser.add_argument("--skip-pipeline", action="store_true", help="only the hop measurement")
+    parser.add_argument("--transport", default="wire", choices=("wire", "grpc"),
+                        help="hop over the activation wire (what nodes use) or over the gRPC activation pipes")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    hop = measure_hops(args.reps, args.codec)
+    hop = measure_hops(args.reps, args.codec, wire=args.transport == "wire")
     result: dict[str, Any] = {"hop_ms": round(hop["hop_ms"], 3), "raw_socket_ms": round(hop["raw_socket_ms"], 3),
                               # the fastest of each: closest to the uncontended cost on a busy machine
                               "hop_overhead_ratio": round(hop["hop_ms"] / hop["raw_socket_ms"], 2),
@@ -307,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_pipeline:
         result["pipeline_tokens_per_s"] = round(pipeline_tokens_per_s(args.steps), 1)
         result["reference_tokens_per_s"] = round(reference_tokens_per_s(args.steps), 1)
-    result.update({"wire_bytes": WIRE_BYTES, "codec": args.codec, "grpc": grpc.__version__,
+    result.update({"wire_bytes": WIRE_BYTES, "codec": args.codec, "transport": args.transport, "grpc": grpc.__version__,
                    "cpus": os.cpu_count()})
     if args.json:
         print(json.dumps(result))

@@ -28,7 +28,7 @@ import torch
 from node.runtime import MicrobatchKey, StageError, StageRuntime
 from node.transport import Transport
 from protocols import coordinator_pb2, node_pb2, tensor_pb2
-from protocols.codec import decode, encode
+from protocols.codec import RAW_CODECS, decode, encode_split
 from protocols.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -232,17 +232,23 @@ class PipelineAgent:
     def _key(self, header: node_pb2.MicrobatchHeader) -> MicrobatchKey:
         return MicrobatchKey(header.origin_id, header.iteration, header.microbatch)
 
-    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor, *, backward: bool) -> None:
+    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor, *, backward: bool,
+                     payload: memoryview | None = None, decoded: torch.Tensor | None = None) -> None:
         """Validate and decode an arriving activation (or gradient); process it as a task.
 
-        Raises ValidationError for a bad header or tensor; nothing changes then.
+        From the activation wire, ``payload`` is the tensor's payload that came beside the message (its
+        TCP stream stands in for the codec checksum) and ``decoded``, when set, the tensor it was read
+        straight into. Raises ValidationError for a bad header or tensor; nothing changes then.
         """
         self._validate_header(header, backward)
-        h = decode(tensor, max_numel=64 * 1024 * 1024)
+        if decoded is not None:
+            h = decoded
+        else:
+            h = decode(tensor, max_numel=64 * 1024 * 1024, payload=payload, require_checksum=payload is None)
         check_finite(h)
         if h.ndim != 3 or h.shape[-1] != self.dim or not 1 <= h.shape[1] <= self.max_seq_len:
             raise ValidationError(f"activation of shape {list(h.shape)}; expected (B, T<={self.max_seq_len}, {self.dim})")
-        h = h.float()
+        # h stays in its wire dtype (bf16 by default): the runtime casts it in its compute thread
         self._spawn(self._process(header, h, backward))
 
     async def _process(self, header: node_pb2.MicrobatchHeader, h: torch.Tensor, backward: bool) -> None:
@@ -289,10 +295,12 @@ class PipelineAgent:
         if address is None:
             await self._give_up(header, f"no address for node {node_id}", suspect=None)
             return
-        msg = encode(tensor, self.codec, compress=False)
+        if self.codec in RAW_CODECS:   # decodes into the wire dtype: no conversion on the receiver's event loop
+            tensor = tensor.to(RAW_CODECS[self.codec])
+        msg, payload = encode_split(tensor, self.codec)   # the transport seals it if it goes by gRPC
         try:
             ack = await self.transport.send_microbatch(address, backward, out, msg, timeout_s=self.hop_timeout_s,
-                                                       node_id=node_id)
+                                                       node_id=node_id, payload=payload)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,

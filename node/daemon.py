@@ -48,9 +48,10 @@ from node.model import ModelConfig, build_stage, model_config_for
 from node.optim import build_inner_optimizer, lr_at
 from node.reference import resolve_device
 from node.runtime import StageRuntime, StepResult
-from node.service import NodeServicer, StateSnapshot, fetch_state, start_server
+from node.service import NodeServicer, StateSnapshot, fetch_state, start_server, start_wire
 from node.sync import OuterSync
 from node.transport import LinkTable, Transport
+from node.wire import WireServer
 from protocols import coordinator_pb2 as pb
 from protocols.config import RunConfig, apply_overrides
 from protocols.errors import ValidationError
@@ -87,6 +88,7 @@ class NodeOptions:
     links_file: str = ""
     log_json: str = ""
     torch_threads: int = 1
+    wire: bool = True             # activation wire beside gRPC (node/wire.py); False: gRPC pipes only
 
 
 class EventLog:
@@ -140,13 +142,14 @@ class NodeDaemon:
         self.num_origins = 0
         self.events = EventLog(options.log_json)
         self.links = LinkTable(options.links_file) if options.links_file else None
-        self.transport = Transport(options.token, links=self.links)
+        self.transport = Transport(options.token, links=self.links, wire=options.wire)
         self.servicer = NodeServicer(options.node_id)
         self.client = CoordinatorClient(options.coordinator, options.token)
         self.stop_event = asyncio.Event()
         self.exit_reason = ""
         self.address = ""
         self._server: grpc.aio.Server | None = None
+        self._wire_server: WireServer | None = None
         self._stage_lock = asyncio.Lock()
         self._schedule_lock = asyncio.Lock()
         self._schedule_changed = asyncio.Event()
@@ -178,6 +181,9 @@ class NodeDaemon:
         torch.set_num_threads(max(1, self.opts.torch_threads))
         try:
             self._server, port = await start_server(self.servicer, self.opts.listen, self.opts.token)
+            if self.opts.wire:
+                self._wire_server = await start_wire(self.servicer, self.opts.listen.rpartition(":")[0],
+                                                     self.opts.token)
             self.address = self.opts.advertise or f"{self.opts.listen.rpartition(':')[0] or '127.0.0.1'}:{port}"
             self.events.write("start", address=self.address, pid=os.getpid(), device=str(self.device))
             throughput = await asyncio.to_thread(measure_throughput, self.device, self.opts.slowdown)
@@ -223,6 +229,8 @@ class NodeDaemon:
         if self.agent is not None:
             await self.agent.close()
             self.agent.runtime.shutdown()
+        if self._wire_server is not None:
+            await self._wire_server.stop()
         if self._server is not None:
             await self._server.stop(0.5)
         await self.transport.close()

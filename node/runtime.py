@@ -126,6 +126,7 @@ class StageRuntime:
         self.compute_s = 0.0
         self.param_names = [n for n, p in module.named_parameters() if p.requires_grad]
         self._params = [p for p in module.parameters() if p.requires_grad]
+        self.compute_dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
         self._grad_sum: list[torch.Tensor | None] = [None] * len(self._params)
         self._grad_count = [0] * len(self._params)
         self._touched: dict[MicrobatchKey, set[int]] = {}   # worker thread only
@@ -257,7 +258,7 @@ class StageRuntime:
                 self._grad_count[i] += 1
 
     def _forward_sync(self, key: MicrobatchKey | None, h_in: torch.Tensor) -> torch.Tensor:
-        h_in = h_in.to(self.device)
+        h_in = h_in.to(self.device, self.compute_dtype)   # activations may arrive in their wire dtype (bf16)
         if key is None:   # evaluation: nothing kept
             with torch.no_grad():
                 return self.module(h_in)
@@ -294,7 +295,7 @@ class StageRuntime:
 
     def _head_sync(self, key: MicrobatchKey | None, h: torch.Tensor, targets: torch.Tensor
                    ) -> tuple[float, torch.Tensor | None]:
-        h, targets = h.to(self.device), targets.to(self.device)
+        h, targets = h.to(self.device, self.compute_dtype), targets.to(self.device)
         if key is None:
             with torch.no_grad():
                 return float(self.module.loss(h, targets)), None

@@ -19,6 +19,7 @@ import grpc
 import torch
 
 from node.transport import channel_options
+from node.wire import WireFrame, WireServer, WireUnavailable
 from protocols import node_pb2, node_pb2_grpc, tensor_pb2
 from protocols.chunking import ChunkAssembler, chunk_tensor, reassemble_async
 from protocols.codec import decode, encode
@@ -85,6 +86,15 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.max_tensor_bytes = max_tensor_bytes
         self.bytes_received = 0
         self.state_chunk_bytes = 4 * 1024 * 1024
+        self.wire_port = 0   # the activation wire's port, announced in Ping (0: none)
+
+    async def wire_frame(self, frame: WireFrame) -> None:
+        """A microbatch that came on the activation wire (node/wire.py): the same checks as on a pipe."""
+        if self.agent is None:
+            raise WireUnavailable("node holds no stage yet")
+        self.bytes_received += frame.header.ByteSize() + frame.meta.ByteSize() + len(frame.payload)
+        await self.agent.accept(frame.header, frame.meta, backward=frame.backward, payload=frame.payload,
+                                decoded=frame.tensor)
 
     async def _require_agent(self, context: grpc.aio.ServicerContext) -> PipelineAgent:
         if self.agent is None:
@@ -193,7 +203,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
     async def Ping(self, request: node_pb2.PingRequest, context: grpc.aio.ServicerContext) -> node_pb2.PingReply:
         self.bytes_received += request.ByteSize()
-        return node_pb2.PingReply(sent_at=request.sent_at, node_id=self.node_id, stage=self.stage)
+        return node_pb2.PingReply(sent_at=request.sent_at, node_id=self.node_id, stage=self.stage,
+                                  wire_port=self.wire_port)
 
 
 async def fetch_state(stub: node_pb2_grpc.NodeStub, stage: int, parts: list[str], requester_id: str, *,
@@ -230,3 +241,10 @@ async def start_server(servicer: NodeServicer, listen: str, token: str) -> tuple
         raise OSError(f"cannot listen on {listen}")
     await server.start()
     return server, port
+
+
+async def start_wire(servicer: NodeServicer, host: str, token: str, port: int = 0) -> WireServer:
+    """Start the node's activation wire on ``host`` and announce its port in the servicer's Pings."""
+    wire = WireServer(servicer.wire_frame, token, max_payload_bytes=servicer.max_tensor_bytes)
+    servicer.wire_port = await wire.start(host.strip("[]") or "127.0.0.1", port)
+    return wire

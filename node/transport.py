@@ -10,6 +10,12 @@ tensors, and peers without pipes, use a ``Forward``/``Backward`` call that strea
 chunks with the microbatch header on the first message. For the simulator a
 ``LinkTable`` emulates each link: before a send the sender sleeps
 ``latency_s + bytes / bandwidth_Bps`` of that peer's link.
+
+Before any of that, a microbatch goes on the peer's activation wire when it has one
+(``node/wire.py``: a framed, token-authenticated TCP connection per peer and
+direction, its port learnt from the peer's ``PingReply``): that costs a small part
+of a gRPC message. Messages then carry no codec checksum (``encode(checksum=False)``);
+``seal`` adds it when a message falls back to gRPC.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from pathlib import Path
 
 import grpc
 
+from node.wire import OK, UNAVAILABLE, WireConnection, WireError, frame_parts
 from protocols import node_pb2, node_pb2_grpc, tensor_pb2
 from protocols.chunking import iter_chunks, stream_checksum
+from protocols.codec import seal
 from protocols.rpc import MAX_MESSAGE_BYTES, grpc_options, token_metadata
 
 logger = logging.getLogger(__name__)
@@ -34,6 +42,8 @@ logger = logging.getLogger(__name__)
 # Large chunks: a 1 MiB activation goes in one message; the gRPC limit is 8 MiB.
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 assert DEFAULT_CHUNK_BYTES < MAX_MESSAGE_BYTES
+# Opening an activation wire (connect + handshake) takes a round trip or two; past this, use gRPC.
+WIRE_CONNECT_TIMEOUT_S = 3.0
 
 
 def channel_options() -> list[tuple[str, object]]:
@@ -161,7 +171,7 @@ class Transport:
     """Channels to peers and the counters of what went over them."""
 
     def __init__(self, token: str, *, links: LinkTable | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, wire: bool = True) -> None:
         self.token = token
         self.metadata = token_metadata(token)
         self.links = links
@@ -172,6 +182,10 @@ class Transport:
         self._stubs: dict[str, node_pb2_grpc.NodeStub] = {}
         self._pipes: dict[tuple[str, bool], _Pipe] = {}   # (address, backward) -> open pipe
         self._stream_only: set[str] = set()   # peers without pipes (older nodes)
+        self.wire = wire
+        self._wires: dict[tuple[str, bool], WireConnection] = {}   # (address, backward) -> open wire
+        self._wire_ports: dict[str, int] = {}   # address -> its wire port (0: the peer has none)
+        self._wire_locks: dict[tuple[str, bool], asyncio.Lock] = {}
 
     def stub(self, address: str) -> node_pb2_grpc.NodeStub:
         stub = self._stubs.get(address)
@@ -258,9 +272,78 @@ class Transport:
                 raise _PipeEnded
             return reply
 
+    async def _wire(self, address: str, backward: bool, timeout_s: float) -> WireConnection | None:
+        """The open wire to ``address`` in that direction, opened on demand; None: use gRPC this time.
+
+        Raises grpc.aio.AioRpcError when the peer does not answer the Ping that announces its port
+        (it is unreachable on gRPC too).
+        """
+        key = (address, backward)
+        lock = self._wire_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            conn = self._wires.get(key)
+            if conn is not None and not conn.closed:
+                return conn
+            port = self._wire_ports.get(address)
+            if port is None:
+                _, reply = await self.ping(address, timeout_s=timeout_s)
+                port = self._wire_ports[address] = reply.wire_port
+            if port == 0:
+                return None
+            host = address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+            try:
+                conn = await WireConnection.open(host, port, self.token, min(timeout_s, WIRE_CONNECT_TIMEOUT_S))
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                # the port may be stale (the peer restarted) or filtered: ask again next time
+                logger.info("activation wire to %s (port %d) unusable, using gRPC: %s", address, port, exc)
+                self._wire_ports.pop(address, None)
+                return None
+            self._wires[key] = conn
+            return conn
+
+    def _drop_wire(self, address: str, backward: bool) -> None:
+        conn = self._wires.pop((address, backward), None)
+        if conn is not None:
+            conn.close()
+
+    async def _send_on_wire(self, address: str, backward: bool, header: node_pb2.MicrobatchHeader,
+                            tensor: tensor_pb2.Tensor, payload: memoryview | None, timeout_s: float
+                            ) -> node_pb2.NodeAck | None:
+        """One frame on the wire and its reply; None when the peer has no usable wire (use gRPC).
+
+        Failures surface as the gRPC path's do (AioRpcError UNAVAILABLE / DEADLINE_EXCEEDED). A frame that
+        never went out (the connection had closed, e.g. the peer restarted) is retried once on a new one.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        parts = frame_parts(header, tensor, payload)
+        for attempt in range(2):
+            conn = await self._wire(address, backward, max(0.0, deadline - loop.time()))
+            if conn is None:
+                return None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    status, message = await conn.send(int(backward), *parts)
+            except TimeoutError:
+                self._drop_wire(address, backward)
+                raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"no reply from {address} in {timeout_s:.1f} s") from None
+            except WireError as exc:
+                self._drop_wire(address, backward)
+                if not exc.sent and attempt == 0:
+                    continue
+                raise _rpc_error(grpc.StatusCode.UNAVAILABLE, f"activation wire to {address}: {exc}") from None
+            if status == UNAVAILABLE:
+                raise _rpc_error(grpc.StatusCode.UNAVAILABLE, message)
+            return node_pb2.NodeAck(ok=status == OK, message=message)
+        raise AssertionError("unreachable")
+
     async def forget(self, address: str) -> None:
         """Drop a peer's channel (it died or moved)."""
         self._stubs.pop(address, None)
+        for backward in (False, True):
+            self._drop_wire(address, backward)
+        self._wire_ports.pop(address, None)
         for backward in (False, True):
             pipe = self._pipes.get((address, backward))
             if pipe is not None:
@@ -286,13 +369,30 @@ class Transport:
             yield node_pb2.MicrobatchChunk(chunk=chunk)
 
     async def send_microbatch(self, address: str, backward: bool, header: node_pb2.MicrobatchHeader,
-                              tensor: tensor_pb2.Tensor, *, timeout_s: float, node_id: str = ""
-                              ) -> node_pb2.NodeAck:
-        """Push one encoded activation (or its gradient) to ``address``; raises grpc.aio.AioRpcError."""
+                              tensor: tensor_pb2.Tensor, *, timeout_s: float, node_id: str = "",
+                              payload: memoryview | None = None) -> node_pb2.NodeAck:
+        """Push one encoded activation (or its gradient) to ``address``; raises grpc.aio.AioRpcError.
+
+        ``tensor`` is a whole message (``codec.encode``), or with ``payload`` the payload-less message of
+        ``codec.encode_split``, which is completed in place (``seal``) if it has to go over gRPC.
+        """
+        if self.wire:
+            nbytes = tensor.ByteSize() + (len(payload) if payload is not None else 0)
+            await self.emulate(address, nbytes, node_id)
+            ack = await self._send_on_wire(address, backward, header, tensor, payload, timeout_s)
+            if ack is not None:
+                self.bytes_sent += nbytes
+                self.activation_bytes_sent += nbytes
+                return ack
+            emulated = True
+        else:
+            emulated = False
+        seal(tensor, payload)
         data = tensor.SerializeToString()
         nbytes = len(data)
-        await self.emulate(address, nbytes, node_id)
-        ack: node_pb2.NodeAck | None = None
+        if not emulated:
+            await self.emulate(address, nbytes, node_id)
+        ack = None
         if nbytes <= self.chunk_bytes and address not in self._stream_only:
             request = single_message_bytes(header, data, stream_checksum(tensor))
             try:
@@ -328,6 +428,8 @@ class Transport:
         return time.perf_counter() - start, reply
 
     async def close(self) -> None:
+        for address, backward in list(self._wires):
+            self._drop_wire(address, backward)
         channels, self._channels, self._stubs = self._channels, {}, {}
         pipes, self._pipes = self._pipes, {}
         for pipe in pipes.values():

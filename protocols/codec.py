@@ -361,6 +361,60 @@ def _maybe_compress(payload: memoryview | bytes) -> bytes | None:
     return compressed if len(compressed) <= keep * n else None
 
 
+def _encode_payload(
+    tensor: torch.Tensor,
+    codec: str,
+    block_size: int,
+    error_feedback: ErrorFeedback | None,
+    key: Hashable | None,
+) -> tuple[tensor_pb2.Tensor, np.ndarray]:
+    """The message's fields except payload, compression and checksum, and the raw payload array."""
+    if codec not in CODECS:
+        raise ValidationError(f"unknown codec {codec!r}; expected one of {CODECS}")
+    dtype_name = _DTYPE_NAMES.get(tensor.dtype)
+    if dtype_name is None:
+        raise ValidationError(f"cannot encode dtype {tensor.dtype}; expected one of {tuple(DTYPES.values())}")
+    if codec in QUANT_CODECS and not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValidationError(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
+    if error_feedback is not None and key is None:
+        raise ValueError("error_feedback needs a key naming the tensor")
+
+    x = tensor.detach().reshape(-1)
+    numel = x.numel()
+    use_ef = error_feedback is not None and codec != "fp32"
+    if use_ef:
+        assert error_feedback is not None
+        x = error_feedback.compensate(key, x.to(torch.float32))
+
+    scales_bytes = b""
+    if codec in RAW_CODECS:
+        wire = x.to(RAW_CODECS[codec])
+        if use_ef:
+            assert error_feedback is not None
+            error_feedback.store(key, x - wire.to(torch.float32))
+        wire = wire.cpu().contiguous()
+        if wire.dtype == torch.bfloat16:
+            wire = wire.view(torch.int16)
+        payload_arr = wire.numpy()
+    else:
+        x32 = x.to(torch.float32)
+        q, scales = _quantize(x32, codec, block_size)
+        if use_ef:
+            assert error_feedback is not None
+            error_feedback.store(key, x32 - _dequantize(q, scales, codec, block_size, numel).to(x32.device))
+        payload_arr = q.cpu().contiguous().numpy()
+        scales_bytes = _to_bytes(scales.cpu())
+    meta = tensor_pb2.Tensor(
+        dtype=dtype_name,
+        shape=list(tensor.shape),
+        codec=codec,
+        block_size=block_size if codec in QUANT_CODECS else 0,
+        scales=scales_bytes,
+        raw_size=payload_arr.nbytes,
+    )
+    return meta, payload_arr
+
+
 def encode(
     tensor: torch.Tensor,
     codec: str = "fp32",
@@ -376,54 +430,39 @@ def encode(
     `key` names the tensor: its previous residual is added before quantizing and the
     new residual is stored.
     """
-    if codec not in CODECS:
-        raise ValidationError(f"unknown codec {codec!r}; expected one of {CODECS}")
-    dtype_name = _DTYPE_NAMES.get(tensor.dtype)
-    if dtype_name is None:
-        raise ValidationError(f"cannot encode dtype {tensor.dtype}; expected one of {tuple(DTYPES.values())}")
-    if codec in QUANT_CODECS and not 1 <= block_size <= MAX_BLOCK_SIZE:
-        raise ValidationError(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
-    if error_feedback is not None and key is None:
-        raise ValueError("error_feedback needs a key naming the tensor")
+    msg, payload_arr = _encode_payload(tensor, codec, block_size, error_feedback, key)
+    compressed = _maybe_compress(memoryview(payload_arr).cast("B")) if compress else None
+    msg.payload = compressed if compressed is not None else payload_arr.tobytes()
+    msg.compression = "zstd" if compressed is not None else ""
+    msg.checksum = payload_checksum(msg.scales, msg.payload)
+    return msg
 
-    x = tensor.detach().reshape(-1)
-    numel = x.numel()
-    use_ef = error_feedback is not None and codec != "fp32"
-    if use_ef:
-        x = error_feedback.compensate(key, x.to(torch.float32))
 
-    scales_bytes = b""
-    if codec in RAW_CODECS:
-        wire = x.to(RAW_CODECS[codec])
-        if use_ef:
-            error_feedback.store(key, x - wire.to(torch.float32))
-        wire = wire.cpu().contiguous()
-        if wire.dtype == torch.bfloat16:
-            wire = wire.view(torch.int16)
-        payload_arr = wire.numpy()
-    else:
-        x32 = x.to(torch.float32)
-        q, scales = _quantize(x32, codec, block_size)
-        if use_ef:
-            error_feedback.store(key, x32 - _dequantize(q, scales, codec, block_size, numel).to(x32.device))
-        payload_arr = q.cpu().contiguous().numpy()
-        scales_bytes = _to_bytes(scales.cpu())
+def encode_split(
+    tensor: torch.Tensor,
+    codec: str = "fp32",
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[tensor_pb2.Tensor, memoryview]:
+    """Encode without compression into (the message without payload and checksum, the payload).
 
-    raw_size = payload_arr.nbytes
-    view = memoryview(payload_arr).cast("B")
-    compressed = _maybe_compress(view) if compress else None
-    payload = compressed if compressed is not None else payload_arr.tobytes()
-    msg = tensor_pb2.Tensor(
-        dtype=dtype_name,
-        shape=list(tensor.shape),
-        codec=codec,
-        block_size=block_size if codec in QUANT_CODECS else 0,
-        scales=scales_bytes,
-        payload=payload,
-        compression="zstd" if compressed is not None else "",
-        raw_size=raw_size,
-        checksum=payload_checksum(scales_bytes, payload),
-    )
+    For the activation wire, which sends the payload beside the message on a TCP stream: the bulk
+    is never copied into a protobuf, and no checksum pass is made (``seal`` adds both when such a
+    message has to take another path).
+    """
+    msg, payload_arr = _encode_payload(tensor, codec, block_size, None, None)
+    return msg, memoryview(payload_arr).cast("B")
+
+
+def seal(msg: tensor_pb2.Tensor, payload: bytes | bytearray | memoryview | None = None) -> tensor_pb2.Tensor:
+    """Complete a message from ``encode_split`` in place: put ``payload`` (when given) into it and add the
+    checksum it lacks. A message that already has its checksum is left as it is."""
+    if payload is not None:
+        if msg.payload:
+            raise ValueError("message already holds a payload")
+        msg.payload = bytes(payload)
+    if not msg.HasField("checksum"):
+        msg.checksum = payload_checksum(msg.scales, msg.payload)
     return msg
 
 
@@ -475,14 +514,20 @@ def decode(
     max_numel: int = DEFAULT_MAX_NUMEL,
     expected_shape: Sequence[int] | None = None,
     require_finite: bool = False,
+    payload: bytes | bytearray | memoryview | None = None,
+    require_checksum: bool = True,
 ) -> torch.Tensor:
     """Decode a wire message into a new CPU tensor of the message's dtype and shape.
 
     Raises ValidationError (and nothing else) for any malformed, oversized or
-    mismatched message; with `require_finite`, also for NaN/inf values.
+    mismatched message; with `require_finite`, also for NaN/inf values. `payload`, when
+    given, is the message's payload that travelled beside it (the activation wire: not
+    copied into the message); the message's own payload must then be empty. A checksum
+    present is always verified; ``require_checksum=False`` accepts a message without one
+    (only for transports that check integrity themselves).
     """
     try:
-        return _decode(msg, max_numel, expected_shape, require_finite)
+        return _decode(msg, max_numel, expected_shape, require_finite, payload, require_checksum)
     except ValidationError:
         raise
     except (ValueError, TypeError, RuntimeError, OverflowError, AttributeError) as exc:
@@ -495,6 +540,8 @@ def _decode(
     max_numel: int,
     expected_shape: Sequence[int] | None,
     require_finite: bool,
+    beside: bytes | bytearray | memoryview | None = None,
+    require_checksum: bool = True,
 ) -> torch.Tensor:
     if not isinstance(msg, tensor_pb2.Tensor):
         raise ValidationError(f"expected a lowband.Tensor message, got {type(msg).__name__}")
@@ -526,16 +573,23 @@ def _decode(
     elif scales_buf:
         raise ValidationError(f"codec {codec} carries no scales, got {len(scales_buf)} bytes")
 
-    payload = msg.payload
+    payload: bytes | bytearray | memoryview = msg.payload
+    if beside is not None:
+        if payload:
+            raise ValidationError("payload both inside and beside the message")
+        payload = beside
     if msg.compression == "":
         if len(payload) != need:
             raise ValidationError(f"payload holds {len(payload)} bytes; {codec} needs {need} for {numel} elements")
     elif len(payload) >= need:
         raise ValidationError("compressed payload is not smaller than the raw payload")
-    if payload_checksum(scales_buf, payload) != msg.checksum:
-        raise ValidationError("checksum mismatch: payload or scales corrupted")
+    if msg.HasField("checksum"):
+        if payload_checksum(scales_buf, payload) != msg.checksum:
+            raise ValidationError("checksum mismatch: payload or scales corrupted")
+    elif require_checksum:
+        raise ValidationError("message carries no checksum")
     if msg.compression == "zstd":
-        payload = _decompress(payload, need)
+        payload = _decompress(bytes(payload), need)
 
     if codec in RAW_CODECS:
         wire_dtype = RAW_CODECS[codec]
@@ -554,6 +608,34 @@ def _decode(
     if require_finite and not bool(torch.isfinite(out).all()):
         raise ValidationError("tensor contains non-finite values")
     return out
+
+
+def receive_target(msg: tensor_pb2.Tensor, payload_len: int, *, max_numel: int = DEFAULT_MAX_NUMEL
+                   ) -> torch.Tensor | None:
+    """An uninitialised tensor of the message's dtype and shape whose bytes *are* its payload, for a
+    transport that reads the payload straight into it (the activation wire): decoding is then free.
+
+    Only for an uncompressed raw codec whose wire dtype is the message's dtype, with no scales and no
+    checksum, and a payload of exactly the tensor's size; None otherwise (decode the payload instead,
+    which also reports what is wrong with it). Raises nothing: the bounds are checked first.
+    """
+    if msg.codec not in RAW_CODECS or msg.compression or msg.scales or msg.HasField("checksum"):
+        return None
+    dtype = DTYPES.get(msg.dtype)
+    if dtype is None or RAW_CODECS[msg.codec] != dtype:
+        return None
+    try:
+        numel = _check_shape(msg.shape, max_numel)
+    except ValidationError:
+        return None
+    if msg.raw_size != payload_len or payload_len != numel * dtype.itemsize:
+        return None
+    return torch.empty(tuple(msg.shape), dtype=dtype)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage (to receive into it)."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -575,8 +657,12 @@ __all__ = [
     "ValidationError",
     "decode",
     "encode",
+    "encode_split",
     "payload_bytes",
     "payload_checksum",
+    "receive_target",
     "relative_error",
+    "seal",
+    "tensor_bytes",
     "wire_bytes",
 ]

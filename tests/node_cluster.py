@@ -1,4 +1,4 @@
-"""In-process pipeline clusters for node tests: real gRPC servers on port 0, one event loop."""
+"""In-process pipeline clusters for node tests: real gRPC servers (and activation wires) on port 0, one event loop."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from torch import nn
 
 from node.agent import PathSpec, PipelineAgent, Schedule
 from node.runtime import StageRuntime
-from node.service import NodeServicer, start_server
+from node.service import NodeServicer, start_server, start_wire
 from node.transport import LinkTable, Transport
+from node.wire import WireServer
 
 TOKEN = "test-token"
 RUN_ID = "test-run"
@@ -28,9 +29,12 @@ class LocalNode:
     address: str
     transport: Transport
     failures: list[tuple[str, str]] = field(default_factory=list)
+    wire: WireServer | None = None
 
     async def stop(self) -> None:
         await self.agent.close()
+        if self.wire is not None:
+            await self.wire.stop()
         await self.server.stop(None)
         await self.transport.close()
         self.runtime.shutdown()
@@ -39,14 +43,17 @@ class LocalNode:
 async def start_node(node_id: str, stage: int, module: nn.Module, *, dim: int, max_seq_len: int,
                      optimizer: torch.optim.Optimizer | None = None, codec: str = "fp32",
                      hop_timeout_s: float = 3.0, iteration_timeout_s: float = 5.0,
-                     links: LinkTable | None = None) -> LocalNode:
+                     links: LinkTable | None = None, wire: bool = True) -> LocalNode:
+    """A node as the daemon builds one; ``wire=False``: activations on the gRPC pipes only (no wire server,
+    and its transport never tries one)."""
     if optimizer is None:
         optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     runtime = StageRuntime(module, stage, optimizer, iteration_timeout_s=iteration_timeout_s)
     servicer = NodeServicer(node_id)
     servicer.stage = stage
     server, port = await start_server(servicer, "127.0.0.1:0", TOKEN)
-    transport = Transport(TOKEN, links=links)
+    wire_server = await start_wire(servicer, "127.0.0.1", TOKEN) if wire else None
+    transport = Transport(TOKEN, links=links, wire=wire)
     failures: list[tuple[str, str]] = []
 
     async def on_failure(suspect: str, reason: str) -> None:
@@ -55,7 +62,8 @@ async def start_node(node_id: str, stage: int, module: nn.Module, *, dim: int, m
     agent = PipelineAgent(node_id, RUN_ID, runtime, transport, dim=dim, max_seq_len=max_seq_len, codec=codec,
                           hop_timeout_s=hop_timeout_s, on_failure=on_failure)
     servicer.agent = agent
-    return LocalNode(node_id, stage, runtime, agent, servicer, server, f"127.0.0.1:{port}", transport, failures)
+    return LocalNode(node_id, stage, runtime, agent, servicer, server, f"127.0.0.1:{port}", transport, failures,
+                     wire_server)
 
 
 def install_schedule(nodes: list[LocalNode], paths: dict[str, list[PathSpec]]) -> None:

@@ -1,4 +1,4 @@
-"""Activation pipes: whole microbatches over one long-lived stream per peer and direction.
+"""Activation pipes (gRPC): whole microbatches over one long-lived stream per peer and direction.
 
 A real NodeServicer on port 0 in this process, with a recording agent in place of the pipeline agent.
 """
@@ -52,7 +52,7 @@ async def _node(port: int = 0, agent: bool = True) -> tuple[grpc.aio.Server, Nod
 def test_microbatches_share_one_pipe_per_direction_and_arrive_intact() -> None:
     async def main() -> None:
         server, servicer, address = await _node()
-        transport = Transport(TOKEN)
+        transport = Transport(TOKEN, wire=False)
         try:
             xs = [torch.randn(2, 3, 8) for _ in range(6)]
             for i, x in enumerate(xs):
@@ -79,7 +79,7 @@ def test_microbatches_share_one_pipe_per_direction_and_arrive_intact() -> None:
 def test_refused_and_corrupted_messages_get_a_negative_ack_and_the_pipe_goes_on() -> None:
     async def main() -> None:
         server, servicer, address = await _node()
-        transport = Transport(TOKEN)
+        transport = Transport(TOKEN, wire=False)
         try:
             x = torch.randn(2, 3, 8)
             ack = await transport.send_microbatch(address, False, _header(13), encode(x, "fp32"), timeout_s=10)
@@ -108,7 +108,7 @@ def test_refused_and_corrupted_messages_get_a_negative_ack_and_the_pipe_goes_on(
 def test_large_tensors_are_chunked_over_a_stream() -> None:
     async def main() -> None:
         server, servicer, address = await _node()
-        transport = Transport(TOKEN, chunk_bytes=4096)
+        transport = Transport(TOKEN, chunk_bytes=4096, wire=False)
         try:
             x = torch.randn(4, 16, 64)   # 16 KiB in fp32: 5 chunks
             ack = await transport.send_microbatch(address, False, _header(3), encode(x, "fp32"), timeout_s=10)
@@ -124,7 +124,7 @@ def test_pipe_reopens_after_the_peer_restarts() -> None:
     async def main() -> None:
         server, _, address = await _node()
         port = int(address.rsplit(":", 1)[1])
-        transport = Transport(TOKEN)
+        transport = Transport(TOKEN, wire=False)
         x = torch.randn(2, 3, 8)
         try:
             assert (await transport.send_microbatch(address, False, _header(1), encode(x, "fp32"), timeout_s=10)).ok
@@ -151,7 +151,7 @@ def test_pipe_reopens_after_the_peer_restarts() -> None:
 def test_node_without_stage_answers_unavailable() -> None:
     async def main() -> None:
         server, _, address = await _node(agent=False)
-        transport = Transport(TOKEN)
+        transport = Transport(TOKEN, wire=False)
         try:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await transport.send_microbatch(address, False, _header(1), encode(torch.ones(1, 2, 8)), timeout_s=5)
@@ -175,7 +175,7 @@ def test_peer_without_pipes_gets_streamed_calls() -> None:
         server.add_generic_rpc_handlers((handler,))
         address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         await server.start()
-        transport = Transport(TOKEN)
+        transport = Transport(TOKEN, wire=False)
         try:
             x = torch.randn(2, 3, 8)
             for mb in (1, 2):
