@@ -92,7 +92,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         """A microbatch that came on the activation wire (node/wire.py): the same checks as on a pipe."""
         if self.agent is None:
             raise WireUnavailable("node holds no stage yet")
-        self.bytes_received += frame.header.ByteSize() + frame.meta.ByteSize() + len(frame.payload)
+        self.bytes_received += frame.meta.ByteSize() + len(frame.payload)   # as the sender counts it
         await self.agent.accept(frame.header, frame.meta, backward=frame.backward, payload=frame.payload,
                                 decoded=frame.tensor)
 

@@ -306,9 +306,8 @@ class Transport:
         if conn is not None:
             conn.close()
 
-    async def _send_on_wire(self, address: str, backward: bool, header: node_pb2.MicrobatchHeader,
-                            tensor: tensor_pb2.Tensor, payload: memoryview | None, timeout_s: float
-                            ) -> node_pb2.NodeAck | None:
+    async def _send_on_wire(self, address: str, backward: bool, parts: tuple[bytes, bytes, bytes | memoryview],
+                            timeout_s: float) -> node_pb2.NodeAck | None:
         """One frame on the wire and its reply; None when the peer has no usable wire (use gRPC).
 
         Failures surface as the gRPC path's do (AioRpcError UNAVAILABLE / DEADLINE_EXCEEDED). A frame that
@@ -316,7 +315,6 @@ class Transport:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        parts = frame_parts(header, tensor, payload)
         for attempt in range(2):
             conn = await self._wire(address, backward, max(0.0, deadline - loop.time()))
             if conn is None:
@@ -377,9 +375,10 @@ class Transport:
         ``codec.encode_split``, which is completed in place (``seal``) if it has to go over gRPC.
         """
         if self.wire:
-            nbytes = tensor.ByteSize() + (len(payload) if payload is not None else 0)
+            parts = frame_parts(header, tensor, payload)
+            nbytes = len(parts[1]) + len(parts[2])   # the tensor, as on gRPC (the header is not counted there either)
             await self.emulate(address, nbytes, node_id)
-            ack = await self._send_on_wire(address, backward, header, tensor, payload, timeout_s)
+            ack = await self._send_on_wire(address, backward, parts, timeout_s)
             if ack is not None:
                 self.bytes_sent += nbytes
                 self.activation_bytes_sent += nbytes

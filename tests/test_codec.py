@@ -15,8 +15,12 @@ from protocols.codec import (
     ErrorFeedback,
     decode,
     encode,
+    encode_split,
     payload_checksum,
+    receive_target,
     relative_error,
+    seal,
+    tensor_bytes,
     wire_bytes,
 )
 from protocols.errors import ValidationError, abort_invalid, invalid_argument_on_validation_error
@@ -410,3 +414,49 @@ def test_payload_checksum_detects_flips_swaps_length_and_boundary_changes() -> N
     assert payload_checksum(b"", buf + b"\0") != base              # zero padding is not invisible
     assert payload_checksum(b"", buf[:-1]) != base
     assert payload_checksum(buf[:8], buf[8:]) != base              # bytes moved from payload to scales
+
+
+# --------------------------------------------------------------------------- split messages (activation wire)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_split_then_sealed_message_equals_the_whole_one(name: str) -> None:
+    x = torch.randn(3, 70)
+    whole = encode(x, name, compress=False)
+    meta, payload = encode_split(x, name)
+    assert not meta.payload and not meta.HasField("checksum")
+    sealed = seal(meta, payload)
+    assert sealed.SerializeToString() == whole.SerializeToString()
+    assert seal(sealed) is sealed and sealed.checksum == whole.checksum   # sealing twice changes nothing
+    with pytest.raises(ValueError):
+        seal(sealed, payload)
+
+
+def test_a_payload_beside_the_message_decodes_and_the_checksum_rules_hold() -> None:
+    x = torch.randn(4, 16)
+    meta, payload = encode_split(x, "fp32")
+    torch.testing.assert_close(decode(meta, payload=payload, require_checksum=False), x, rtol=0, atol=0)
+    with pytest.raises(ValidationError, match="no checksum"):
+        decode(meta, payload=payload)                       # gRPC paths require one
+    whole = encode(x, "fp32", compress=False)
+    with pytest.raises(ValidationError, match="both inside and beside"):
+        decode(whole, payload=payload, require_checksum=False)
+    corrupted = bytearray(payload)
+    corrupted[5] ^= 1
+    meta.checksum = whole.checksum                          # a checksum present is always verified
+    with pytest.raises(ValidationError, match="checksum"):
+        decode(meta, payload=corrupted, require_checksum=False)
+
+
+def test_receive_target_only_for_raw_payloads_that_fit_the_tensor() -> None:
+    x = torch.randn(2, 3, 8).to(torch.bfloat16)
+    meta, payload = encode_split(x, "bf16")
+    target = receive_target(meta, len(payload))
+    assert target is not None and target.shape == x.shape and target.dtype == torch.bfloat16
+    tensor_bytes(target)[:] = payload
+    assert torch.equal(target, x)
+    assert receive_target(meta, len(payload) - 2) is None               # wrong size
+    assert receive_target(meta, len(payload), max_numel=10) is None     # over the bound
+    assert receive_target(encode_split(x.float(), "bf16")[0], len(payload)) is None   # needs a dtype conversion
+    assert receive_target(encode_split(x.float(), "fp4")[0], 24) is None             # quantized
+    assert receive_target(encode(x, "bf16", compress=False), len(payload)) is None   # has a checksum to verify

@@ -1,0 +1,338 @@
+"""The activation wire: microbatches on a framed TCP connection beside gRPC.
+
+A real NodeServicer with its gRPC server and wire on port 0 in this process, with a recording agent in
+place of the pipeline agent; peers that misbehave are raw sockets speaking the frame format by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from node.service import NodeServicer, start_server, start_wire
+from node.transport import Transport
+from node.wire import (
+    ACCEPTED,
+    INVALID,
+    NONCE_BYTES,
+    OK,
+    REPLY,
+    REQUEST,
+    REQUEST_MAGIC,
+    WireConnection,
+    WireServer,
+    frame_parts,
+    handshake_mac,
+)
+from protocols import node_pb2, tensor_pb2
+from protocols.codec import RAW_CODECS, decode, encode, encode_split
+from protocols.errors import ValidationError
+
+TOKEN = "wire-token"
+pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore:The given buffer is not writable")]
+
+
+class RecordingAgent:
+    """Takes what arrives as PipelineAgent.accept does; refuses microbatch 13, stalls on microbatch 99."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, bool, torch.Tensor, bool]] = []   # (microbatch, backward, tensor, read in place)
+
+    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor, *, backward: bool,
+                     payload: memoryview | None = None, decoded: torch.Tensor | None = None) -> None:
+        if header.microbatch == 99:
+            await asyncio.sleep(5)
+        h = decoded if decoded is not None else decode(tensor, payload=payload, require_checksum=payload is None)
+        if header.microbatch == 13:
+            raise ValidationError("microbatch 13 is refused")
+        self.got.append((header.microbatch, backward, h.clone(), decoded is not None))
+
+
+class Node:
+    def __init__(self, servicer: NodeServicer, server: grpc.aio.Server, wire: WireServer | None, port: int) -> None:
+        self.servicer, self.server, self.wire = servicer, server, wire
+        self.address = f"127.0.0.1:{port}"
+
+    @property
+    def got(self) -> list[tuple[int, bool, torch.Tensor, bool]]:
+        return self.servicer.agent.got  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.wire is not None:
+            await self.wire.stop()
+        await self.server.stop(None)
+
+
+async def _node(*, agent: bool = True, wire: bool = True) -> Node:
+    servicer = NodeServicer("n")
+    if agent:
+        servicer.agent = RecordingAgent()  # type: ignore[assignment]
+    server, port = await start_server(servicer, "127.0.0.1:0", TOKEN)
+    wire_server = await start_wire(servicer, "127.0.0.1", TOKEN) if wire else None
+    return Node(servicer, server, wire_server, port)
+
+
+def _header(mb: int) -> node_pb2.MicrobatchHeader:
+    return node_pb2.MicrobatchHeader(run_id="r", iteration=1, microbatch=mb, origin_id="o", stages=[0, 1, 0],
+                                     node_ids=["o", "n", "o"], hop=1)
+
+
+def _split(x: torch.Tensor, codec: str) -> tuple[tensor_pb2.Tensor, memoryview]:
+    """As PipelineAgent._push: cast to a raw codec's wire dtype, then encode without copying the payload."""
+    return encode_split(x.to(RAW_CODECS[codec]) if codec in RAW_CODECS else x, codec)
+
+
+async def _authenticated_socket(port: int, token: str = TOKEN) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    nonce = await reader.readexactly(NONCE_BYTES)
+    writer.write(handshake_mac(token, nonce))
+    assert await reader.readexactly(1) == ACCEPTED
+    return reader, writer
+
+
+async def _closed_by_peer(reader: asyncio.StreamReader) -> bool:
+    """The server hung up (a clean end, or a reset when it closed with our bytes unread)."""
+    try:
+        return await asyncio.wait_for(reader.read(1), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_microbatches_arrive_intact_on_one_connection_per_direction() -> None:
+    async def main() -> None:
+        node = await _node()
+        transport = Transport(TOKEN)
+        try:
+            xs = [torch.randn(2, 5, 8) for _ in range(6)]
+            codecs = ["bf16", "fp32", "fp4", "bf16", "fp16", "int8"]
+            for i, (x, codec) in enumerate(zip(xs, codecs, strict=True)):
+                msg, payload = _split(x, codec)
+                ack = await transport.send_microbatch(node.address, i % 2 == 1, _header(i), msg, timeout_s=10,
+                                                      payload=payload)
+                assert ack.ok, ack.message
+            # a whole message (payload inside, with its checksum) goes on the wire too
+            ack = await transport.send_microbatch(node.address, False, _header(6), encode(xs[0], "fp32"), timeout_s=10)
+            assert ack.ok
+            # concurrent sends: one frame in flight per connection, every one answered
+            acks = await asyncio.gather(*(transport.send_microbatch(node.address, False, _header(100 + i),
+                                                                    *_split(xs[0], "bf16")[:1], timeout_s=10,
+                                                                    payload=_split(xs[0], "bf16")[1])
+                                          for i in range(8)))
+            assert all(a.ok for a in acks)
+            assert set(transport._wires) == {(node.address, False), (node.address, True)}
+            assert not transport._pipes   # nothing went over gRPC
+            got = node.got
+            assert [(mb, bw) for mb, bw, _, _ in got[:6]] == [(i, i % 2 == 1) for i in range(6)]
+            for (_, _, h, in_place), x, codec in zip(got[:6], xs, codecs, strict=True):
+                # raw codecs are read straight into the tensor; quantized ones are decoded from the payload
+                assert in_place == (codec in ("bf16", "fp32", "fp16"))
+                if codec == "fp32":
+                    torch.testing.assert_close(h, x, rtol=0, atol=0)
+                elif codec in ("bf16", "fp16"):
+                    assert h.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[codec]
+                    torch.testing.assert_close(h.float(), x, rtol=1e-2, atol=1e-2)
+                else:
+                    assert h.shape == x.shape and h.dtype == torch.float32
+                    assert float((h - x).norm() / x.norm()) < 0.2
+            torch.testing.assert_close(got[6][2], xs[0], rtol=0, atol=0)
+            assert sorted(mb for mb, _, _, _ in got[7:]) == list(range(100, 108))
+            assert node.servicer.bytes_received == transport.bytes_sent   # activations and the one Ping
+        finally:
+            await transport.close()
+            await node.stop()
+    asyncio.run(main())
+
+
+def test_a_refused_microbatch_gets_a_negative_ack_and_the_connection_goes_on() -> None:
+    async def main() -> None:
+        node = await _node()
+        transport = Transport(TOKEN)
+        try:
+            x = torch.randn(1, 4, 8)
+            assert (await transport.send_microbatch(node.address, False, _header(1), *_split(x, "bf16")[:1],
+                                                    timeout_s=10, payload=_split(x, "bf16")[1])).ok
+            conn = transport._wires[(node.address, False)]
+            msg, payload = _split(x, "bf16")
+            ack = await transport.send_microbatch(node.address, False, _header(13), msg, timeout_s=10, payload=payload)
+            assert not ack.ok and "13 is refused" in ack.message
+            msg, payload = _split(x, "bf16")
+            assert (await transport.send_microbatch(node.address, False, _header(2), msg, timeout_s=10,
+                                                    payload=payload)).ok
+            assert transport._wires[(node.address, False)] is conn
+            assert [mb for mb, _, _, _ in node.got] == [1, 2]
+        finally:
+            await transport.close()
+            await node.stop()
+    asyncio.run(main())
+
+
+def test_a_wrong_token_is_refused_at_the_handshake_and_changes_nothing() -> None:
+    async def main() -> None:
+        node = await _node()
+        assert node.wire is not None
+        try:
+            with pytest.raises(ConnectionError):
+                await WireConnection.open("127.0.0.1", node.wire.port, "not-the-token", 5)
+            # a peer with the wrong token is refused on gRPC as well: the send fails, nothing is delivered
+            transport = Transport("not-the-token")
+            msg, payload = _split(torch.randn(1, 4, 8), "bf16")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await transport.send_microbatch(node.address, False, _header(1), msg, timeout_s=5, payload=payload)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            await transport.close()
+            assert node.got == []
+            # a silent peer is dropped after the handshake timeout; until then others are served
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.wire.port)
+            await reader.readexactly(NONCE_BYTES)
+            good = await WireConnection.open("127.0.0.1", node.wire.port, TOKEN, 5)
+            status, _ = await good.send(0, *frame_parts(_header(3), *_split(torch.randn(1, 4, 8), "bf16")))
+            assert status == OK and [mb for mb, _, _, _ in node.got] == [3]
+            good.close()
+            writer.close()
+        finally:
+            await node.stop()
+    asyncio.run(main())
+
+
+def test_malformed_frames_close_the_connection_or_are_refused_without_harm() -> None:
+    async def main() -> None:
+        node = await _node()
+        assert node.wire is not None
+        port = node.wire.port
+        try:
+            # bad magic: the framing cannot be trusted any more, the server hangs up
+            reader, writer = await _authenticated_socket(port)
+            writer.write(REQUEST.pack(b"XXXX", 0, 1, 1, 1) + b"abc")
+            assert await _closed_by_peer(reader)
+            # a payload over the bound: refused before anything is allocated
+            reader, writer = await _authenticated_socket(port)
+            writer.write(REQUEST.pack(REQUEST_MAGIC, 0, 10, 10, node.wire.max_payload_bytes + 1))
+            assert await _closed_by_peer(reader)
+            # well framed but unparsable header: INVALID, and the same connection carries the next frame
+            reader, writer = await _authenticated_socket(port)
+            junk = b"\xff\xff\xff"
+            writer.write(REQUEST.pack(REQUEST_MAGIC, 0, len(junk), 0, 4) + junk + b"\0" * 4)
+            magic, status, length = REPLY.unpack(await reader.readexactly(REPLY.size))
+            assert magic == b"LBA1"
+            message = (await reader.readexactly(length)).decode()
+            assert status == INVALID and "unparsable" in message
+            # a payload that does not fit its shape: decoded from the scratch buffer, refused
+            meta, payload = _split(torch.randn(1, 4, 8), "bf16")
+            header_bytes, meta_bytes, _ = frame_parts(_header(4), meta, payload)
+            short = bytes(payload)[:-2]
+            writer.write(REQUEST.pack(REQUEST_MAGIC, 0, len(header_bytes), len(meta_bytes), len(short))
+                         + header_bytes + meta_bytes + short)
+            _, status, length = REPLY.unpack(await reader.readexactly(REPLY.size))
+            assert status == INVALID and "payload" in (await reader.readexactly(length)).decode()
+            # non-finite values are the agent's to refuse; a good frame on the same connection still lands
+            header_bytes, meta_bytes, payload = frame_parts(_header(5), *_split(torch.randn(1, 4, 8), "bf16"))
+            writer.write(REQUEST.pack(REQUEST_MAGIC, 1, len(header_bytes), len(meta_bytes), len(payload))
+                         + header_bytes + meta_bytes + bytes(payload))
+            _, status, length = REPLY.unpack(await reader.readexactly(REPLY.size))
+            await reader.readexactly(length)
+            assert status == OK
+            writer.close()
+            assert [(mb, bw) for mb, bw, _, _ in node.got] == [(5, True)]
+        finally:
+            await node.stop()
+    asyncio.run(main())
+
+
+def test_no_stage_yet_is_unavailable() -> None:
+    async def main() -> None:
+        node = await _node(agent=False)
+        transport = Transport(TOKEN)
+        try:
+            msg, payload = _split(torch.randn(1, 4, 8), "bf16")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await transport.send_microbatch(node.address, False, _header(1), msg, timeout_s=5, payload=payload)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await transport.close()
+            await node.stop()
+    asyncio.run(main())
+
+
+def test_a_peer_without_a_wire_gets_the_grpc_pipes() -> None:
+    async def main() -> None:
+        node = await _node(wire=False)
+        transport = Transport(TOKEN)
+        try:
+            x = torch.randn(2, 3, 8)
+            msg, payload = _split(x, "bf16")
+            assert (await transport.send_microbatch(node.address, False, _header(1), msg, timeout_s=10,
+                                                    payload=payload)).ok
+            assert transport._wire_ports[node.address] == 0 and not transport._wires
+            assert (node.address, False) in transport._pipes
+            torch.testing.assert_close(node.got[0][2].float(), x, rtol=1e-2, atol=1e-2)
+        finally:
+            await transport.close()
+            await node.stop()
+    asyncio.run(main())
+
+
+def test_a_stalled_receiver_times_out_and_a_dead_one_is_unavailable() -> None:
+    async def main() -> None:
+        node = await _node()
+        transport = Transport(TOKEN)
+        try:
+            x = torch.randn(1, 4, 8)
+            msg, payload = _split(x, "bf16")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await transport.send_microbatch(node.address, False, _header(99), msg, timeout_s=0.5, payload=payload)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert (node.address, False) not in transport._wires   # its place in the stream is unknown: dropped
+            msg, payload = _split(x, "bf16")   # a fresh connection carries the next one
+            assert (await transport.send_microbatch(node.address, False, _header(7), msg, timeout_s=10,
+                                                    payload=payload)).ok
+            await node.stop()
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            msg, payload = _split(x, "bf16")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await transport.send_microbatch(node.address, False, _header(8), msg, timeout_s=5, payload=payload)
+            assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            assert loop.time() - start < 6
+        finally:
+            await transport.close()
+            await node.stop()
+    asyncio.run(main())
+
+
+def test_a_restarted_peer_on_the_same_address_is_reached_again() -> None:
+    async def main() -> None:
+        node = await _node()
+        transport = Transport(TOKEN)
+        try:
+            x = torch.randn(1, 4, 8)
+            assert (await transport.send_microbatch(node.address, False, _header(1), *_split(x, "bf16")[:1],
+                                                    timeout_s=10, payload=_split(x, "bf16")[1])).ok
+            old_port = int(node.address.rsplit(":", 1)[1])
+            await node.stop()
+            await asyncio.sleep(0.1)   # the old connection sees its end
+            servicer = NodeServicer("n")
+            servicer.agent = RecordingAgent()  # type: ignore[assignment]
+            server, port = await start_server(servicer, f"127.0.0.1:{old_port}", TOKEN)
+            node = Node(servicer, server, await start_wire(servicer, "127.0.0.1", TOKEN), port)
+            msg, payload = _split(x, "bf16")
+            assert (await transport.send_microbatch(node.address, False, _header(2), msg, timeout_s=10,
+                                                    payload=payload)).ok
+            assert [mb for mb, _, _, _ in node.got] == [2]
+        finally:
+            await transport.close()
+            await node.stop()
+    asyncio.run(main())
+
+
+def test_frame_parts_of_a_whole_message_leave_it_unchanged() -> None:
+    msg = encode(torch.randn(3, 4), "bf16")
+    before = msg.SerializeToString()
+    header_bytes, meta_bytes, payload = frame_parts(_header(1), msg)
+    assert msg.SerializeToString() == before
+    meta = tensor_pb2.Tensor.FromString(meta_bytes)
+    assert not meta.payload and meta.checksum == msg.checksum and bytes(payload) == msg.payload
+    assert node_pb2.MicrobatchHeader.FromString(header_bytes) == _header(1)
+
