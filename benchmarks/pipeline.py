@@ -3,10 +3,14 @@
     python benchmarks/pipeline.py --json
 
 - ``hop_ms``: one activation hop on loopback as the node does it: encode (the
-  activation codec, bf16 by default), send over gRPC to a node process (the node's
-  activation pipe: one message on a long-lived stream), check and decode there,
-  acknowledge. The activation is sized so that 1 MiB goes on the wire. Fastest
-  repetition (see below); ``hop_ms_median`` is the median.
+  activation codec, bf16 by default), send to a node process, decode and check
+  there, acknowledge. ``--transport wire`` (the default, what nodes use): the
+  activation wire (node/wire.py), a framed TCP connection beside the node's gRPC
+  service, whose receiver reads the payload straight into the decoded tensor.
+  ``--transport grpc``: the gRPC activation pipe (one message on a long-lived
+  stream), the fallback for peers without a wire. The activation is sized so that
+  1 MiB goes on the wire. Fastest repetition (see below); ``hop_ms_median`` is the
+  median.
 - ``raw_socket_ms``: the same bytes over a plain TCP socket to a process that reads them
   and answers one byte (the floor any transport pays on this machine, in Python). Fastest
   repetition; ``raw_socket_ms_median`` is the median.
@@ -15,7 +19,8 @@
   raw socket's median is inflated by load far less than the gRPC hop's (one syscall pair against
   two event loops), so a ratio of medians measures the machine's load as much as the code.
   ``hop_overhead_ratio_median`` is the ratio of medians. ``encode_ms``/``decode_ms``: the codec's
-  share of the hop (fastest of each, measured in the client process). ``hop_cpu_ms`` /
+  share of the hop (fastest of each, measured in the client process; on the wire, decoding is
+  allocating the tensor the payload is read into, plus the finite check). ``hop_cpu_ms`` /
   ``raw_socket_cpu_ms`` / ``hop_cpu_ratio``: CPU time per hop of sender and receiver together
   (all threads; Linux /proc), which waiting for a busy machine's cores does not inflate.
 - ``pipeline_tokens_per_s``: a 4-node pipeline (1 origin + 3 stage nodes, separate
@@ -53,7 +58,7 @@ from node.agent import check_finite  # noqa: E402
 from node.service import NodeServicer, start_server, start_wire  # noqa: E402
 from node.transport import Transport  # noqa: E402
 from protocols import node_pb2  # noqa: E402
-from protocols.codec import RAW_CODECS, decode, encode, encode_split, seal  # noqa: E402
+from protocols.codec import RAW_CODECS, decode, encode, encode_split, receive_target, seal  # noqa: E402
 from protocols.rpc import install_uvloop  # noqa: E402
 
 TOKEN = "bench-token"
@@ -66,8 +71,8 @@ WIRE_BYTES = 1 << 20
 class _SinkAgent:
     """Does what PipelineAgent.accept does with an arriving tensor (decode, validate), then drops it."""
 
-    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: Any, *, backward: bool,
-                     payload: memoryview | None = None, decoded: torch.Tensor | None = None) -> None:
+    def accept(self, header: node_pb2.MicrobatchHeader, tensor: Any, *, backward: bool,
+               payload: memoryview | None = None, decoded: torch.Tensor | None = None) -> None:
         h = decoded if decoded is not None else decode(tensor, payload=payload, require_checksum=payload is None)
         check_finite(h)
         assert h.ndim == 3
@@ -200,7 +205,12 @@ def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
             if not wire:
                 seal(msg, data)
             mid = time.perf_counter()
-            check_finite(decode(msg, payload=data if wire else None, require_checksum=not wire))
+            if wire:   # the receiver reads the payload straight into this tensor, then checks it
+                target = receive_target(msg, len(data))
+                assert target is not None
+                check_finite(target)
+            else:
+                check_finite(decode(msg))
             encodes.append(mid - start)
             decodes.append(time.perf_counter() - mid)
         return {"hop_ms": 1000 * min(hops), "raw_socket_ms": 1000 * min(raws),

@@ -232,9 +232,10 @@ class PipelineAgent:
     def _key(self, header: node_pb2.MicrobatchHeader) -> MicrobatchKey:
         return MicrobatchKey(header.origin_id, header.iteration, header.microbatch)
 
-    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor, *, backward: bool,
-                     payload: memoryview | None = None, decoded: torch.Tensor | None = None) -> None:
-        """Validate and decode an arriving activation (or gradient); process it as a task.
+    def accept(self, header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor, *, backward: bool,
+               payload: memoryview | None = None, decoded: torch.Tensor | None = None) -> None:
+        """Validate and decode an arriving activation (or gradient); process it as a task. Synchronous (on
+        the event loop), so the activation wire can answer a frame in the callback that completed it.
 
         From the activation wire, ``payload`` is the tensor's payload that came beside the message (its
         TCP stream stands in for the codec checksum) and ``decoded``, when set, the tensor it was read

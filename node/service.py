@@ -88,13 +88,13 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.state_chunk_bytes = 4 * 1024 * 1024
         self.wire_port = 0   # the activation wire's port, announced in Ping (0: none)
 
-    async def wire_frame(self, frame: WireFrame) -> None:
+    def wire_frame(self, frame: WireFrame) -> None:
         """A microbatch that came on the activation wire (node/wire.py): the same checks as on a pipe."""
         if self.agent is None:
             raise WireUnavailable("node holds no stage yet")
         self.bytes_received += frame.meta.ByteSize() + len(frame.payload)   # as the sender counts it
-        await self.agent.accept(frame.header, frame.meta, backward=frame.backward, payload=frame.payload,
-                                decoded=frame.tensor)
+        self.agent.accept(frame.header, frame.meta, backward=frame.backward, payload=frame.payload,
+                          decoded=frame.tensor)
 
     async def _require_agent(self, context: grpc.aio.ServicerContext) -> PipelineAgent:
         if self.agent is None:
@@ -108,12 +108,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         try:
             header, tensor, received = await receive_microbatch(request_iterator, self.max_tensor_bytes)
             self.bytes_received += received
-            await agent.accept(header, tensor, backward=backward)
+            agent.accept(header, tensor, backward=backward)
         except ValidationError as exc:
             await abort_invalid(context, exc)
         return node_pb2.NodeAck(ok=True)
 
-    async def _accept_one(self, agent: PipelineAgent, request: node_pb2.MicrobatchChunk, backward: bool) -> None:
+    def _accept_one(self, agent: PipelineAgent, request: node_pb2.MicrobatchChunk, backward: bool) -> None:
         """A whole microbatch in one message: the same checks as a one-chunk stream."""
         if not request.HasField("header"):
             raise ValidationError("a pipe message must carry its microbatch header")
@@ -123,7 +123,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         received = assembler.received_bytes
         tensor = assembler.finish()
         self.bytes_received += received
-        await agent.accept(request.header, tensor, backward=backward)
+        agent.accept(request.header, tensor, backward=backward)
 
     async def _pipe(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
                     context: grpc.aio.ServicerContext, backward: bool) -> AsyncIterator[node_pb2.NodeAck]:
@@ -133,7 +133,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             async for request in request_iterator:
                 agent = await self._require_agent(context)
                 try:
-                    await self._accept_one(agent, request, backward)
+                    self._accept_one(agent, request, backward)
                 except ValidationError as exc:
                     logger.warning("invalid %s pipe message from %s: %s", "backward" if backward else "forward",
                                    context.peer(), exc)

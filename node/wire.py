@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -99,8 +99,9 @@ class WireFrame:
     backward: bool
 
 
-# Takes a frame; raises ValidationError to refuse it and WireUnavailable when this node holds no stage.
-FrameHandler = Callable[[WireFrame], Awaitable[None]]
+# Takes a frame, synchronously on the event loop (the reply goes out in the same callback); raises
+# ValidationError to refuse it and WireUnavailable when this node holds no stage.
+FrameHandler = Callable[[WireFrame], None]
 
 
 class _ServerProtocol(asyncio.BufferedProtocol):
@@ -158,7 +159,6 @@ class _ServerProtocol(asyncio.BufferedProtocol):
                 self._on_meta()
             else:
                 self._on_payload()
-                return
 
     def _expect(self, state: str, target: memoryview) -> None:
         self.state, self.target, self.have = state, target, 0
@@ -211,39 +211,25 @@ class _ServerProtocol(asyncio.BufferedProtocol):
     def _on_payload(self) -> None:
         assert self.transport is not None
         kind, header_len, meta_len, payload_len = self.head
+        backward = kind == 1
         self.server.bytes_received += REQUEST.size + header_len + meta_len + payload_len
-        frame = None
-        if self.parsed is not None:
-            frame = WireFrame(*self.parsed, payload=self.target, tensor=self.tensor, backward=kind == 1)
-        self.parsed, self.tensor = None, None
-        # one frame at a time: the next is read once this one is answered
-        self.transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(self._handle(frame, self.error, backward=kind == 1))
-        self.server.tasks.add(task)
-        task.add_done_callback(self.server.tasks.discard)
-
-    async def _handle(self, frame: WireFrame | None, error: str, *, backward: bool) -> None:
         status, message = OK, ""
         try:
-            if frame is None:
-                raise ValidationError(error)
-            await self.server.handler(frame)
+            if self.parsed is None:
+                raise ValidationError(self.error)
+            self.server.handler(WireFrame(*self.parsed, payload=self.target, tensor=self.tensor, backward=backward))
         except ValidationError as exc:
             logger.warning("invalid %s on the wire from %s: %s", "backward" if backward else "forward", self.peer, exc)
             status, message = INVALID, f"invalid: {exc}"
         except WireUnavailable as exc:
             status, message = UNAVAILABLE, str(exc)
-        except Exception as exc:   # a bug must not kill the connection's reader silently
+        except Exception as exc:   # a bug must not end the connection silently
             logger.exception("activation wire handler failed")
             status, message = INVALID, f"receiver error: {type(exc).__name__}: {exc}"
-        finally:
-            frame = None   # drop the payload view before the scratch buffer is reused
-        if self.transport is None or self.transport.is_closing():
-            return
+        self.parsed, self.tensor = None, None
         text = message.encode()[:MAX_REPLY_MESSAGE]
         self.transport.write(REPLY.pack(REPLY_MAGIC, status, len(text)) + text)
         self._expect("head", self._scratch(REQUEST.size))
-        self.transport.resume_reading()
 
 
 class WireServer:
@@ -256,7 +242,6 @@ class WireServer:
         self.bytes_received = 0
         self.port = 0
         self.connections: set[_ServerProtocol] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int = 0) -> int:
@@ -272,8 +257,6 @@ class WireServer:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
-        for task in list(self.tasks):
-            task.cancel()
         await self._server.wait_closed()
         self._server = None
 

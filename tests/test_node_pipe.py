@@ -29,7 +29,7 @@ class RecordingAgent:
     def __init__(self) -> None:
         self.got: list[tuple[int, bool, torch.Tensor]] = []
 
-    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor, *, backward: bool) -> None:
+    def accept(self, header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor, *, backward: bool) -> None:
         h = decode(tensor)
         if header.microbatch == 13:
             raise ValidationError("microbatch 13 is refused")

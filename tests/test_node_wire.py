@@ -36,15 +36,13 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore:The gi
 
 
 class RecordingAgent:
-    """Takes what arrives as PipelineAgent.accept does; refuses microbatch 13, stalls on microbatch 99."""
+    """Takes what arrives as PipelineAgent.accept does; refuses microbatch 13."""
 
     def __init__(self) -> None:
         self.got: list[tuple[int, bool, torch.Tensor, bool]] = []   # (microbatch, backward, tensor, read in place)
 
-    async def accept(self, header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor, *, backward: bool,
-                     payload: memoryview | None = None, decoded: torch.Tensor | None = None) -> None:
-        if header.microbatch == 99:
-            await asyncio.sleep(5)
+    def accept(self, header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor, *, backward: bool,
+               payload: memoryview | None = None, decoded: torch.Tensor | None = None) -> None:
         h = decoded if decoded is not None else decode(tensor, payload=payload, require_checksum=payload is None)
         if header.microbatch == 13:
             raise ValidationError("microbatch 13 is refused")
@@ -276,15 +274,32 @@ def test_a_peer_without_a_wire_gets_the_grpc_pipes() -> None:
 def test_a_stalled_receiver_times_out_and_a_dead_one_is_unavailable() -> None:
     async def main() -> None:
         node = await _node()
+        assert node.wire is not None
         transport = Transport(TOKEN)
+        # a receiver that completes the handshake, then reads and never answers
+        stalled: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonce = b"\0" * NONCE_BYTES
+            writer.write(nonce)
+            if await reader.readexactly(32) == handshake_mac(TOKEN, nonce):
+                writer.write(ACCEPTED)
+                stalled.append(writer)
+                while await reader.read(1 << 16):
+                    pass
+            writer.close()
+
+        silent_server = await asyncio.start_server(silent, "127.0.0.1", 0)
         try:
             x = torch.randn(1, 4, 8)
+            transport._wire_ports[node.address] = silent_server.sockets[0].getsockname()[1]
             msg, payload = _split(x, "bf16")
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await transport.send_microbatch(node.address, False, _header(99), msg, timeout_s=0.5, payload=payload)
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                await transport.send_microbatch(node.address, False, _header(1), msg, timeout_s=0.5, payload=payload)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and stalled
             assert (node.address, False) not in transport._wires   # its place in the stream is unknown: dropped
-            msg, payload = _split(x, "bf16")   # a fresh connection carries the next one
+            transport._wire_ports[node.address] = node.wire.port   # a fresh connection carries the next one
+            msg, payload = _split(x, "bf16")
             assert (await transport.send_microbatch(node.address, False, _header(7), msg, timeout_s=10,
                                                     payload=payload)).ok
             await node.stop()
@@ -295,7 +310,9 @@ def test_a_stalled_receiver_times_out_and_a_dead_one_is_unavailable() -> None:
                 await transport.send_microbatch(node.address, False, _header(8), msg, timeout_s=5, payload=payload)
             assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             assert loop.time() - start < 6
+            assert [mb for mb, _, _, _ in node.got] == [7]
         finally:
+            silent_server.close()
             await transport.close()
             await node.stop()
     asyncio.run(main())
