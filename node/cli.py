@@ -5,8 +5,8 @@
 Simulator flags: ``--slowdown F`` (compute slow-down factor), ``--links-file F``
 (JSON per-peer latency_s/bandwidth_Bps emulation), ``--node-id``,
 ``--preferred-stage``, ``--log-json F`` (events and metrics as JSON lines).
-``--no-wire`` keeps activations on gRPC (by default they go on the activation wire,
-a TCP port beside the node service; see node/wire.py).
+Activations go on the activation wire, a TCP port beside the node service
+(``--wire-port``, default any; see node/wire.py); ``--no-wire`` keeps them on gRPC.
 The run token comes from --token-file or the LOWBAND_TOKEN environment variable.
 Exit codes: 0 after a clean leave (SIGTERM/SIGINT, run finished, SHUTDOWN),
 2 for bad arguments.
@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--links-file", default="", help="JSON with per-peer latency_s and bandwidth_Bps")
     parser.add_argument("--log-json", default="", help="append events and metrics as JSON lines to this file")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--wire-port", type=int, default=0,
+                        help="TCP port of the activation wire, on the --listen host (default 0: any free port)")
     parser.add_argument("--no-wire", action="store_true",
                         help="send activations on gRPC only (no TCP activation wire beside the node service)")
     parser.add_argument("--log-level", default="INFO")
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--slowdown must be >= 1")
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    if not 0 <= args.wire_port <= 65535:
+        parser.error("--wire-port must be in [0, 65535]")
     try:
         token = load_token(args.token_file)
     except ValueError as exc:
@@ -61,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                           device=args.device, data=args.data, node_id=args.node_id,
                           preferred_stage=args.preferred_stage, has_data=not args.no_data,
                           slowdown=args.slowdown, links_file=args.links_file, log_json=args.log_json,
-                          torch_threads=args.threads, wire=not args.no_wire)
+                          torch_threads=args.threads, wire=not args.no_wire,
+                          wire_port=args.wire_port)
     try:
         return run_node(options)
     except ValueError as exc:

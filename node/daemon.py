@@ -89,6 +89,7 @@ class NodeOptions:
     log_json: str = ""
     torch_threads: int = 1
     wire: bool = True             # activation wire beside gRPC (node/wire.py); False: gRPC pipes only
+    wire_port: int = 0            # the wire's TCP port on the listen host (0: any free port)
 
 
 class EventLog:
@@ -183,7 +184,7 @@ class NodeDaemon:
             self._server, port = await start_server(self.servicer, self.opts.listen, self.opts.token)
             if self.opts.wire:
                 self._wire_server = await start_wire(self.servicer, self.opts.listen.rpartition(":")[0],
-                                                     self.opts.token)
+                                                     self.opts.token, self.opts.wire_port)
             self.address = self.opts.advertise or f"{self.opts.listen.rpartition(':')[0] or '127.0.0.1'}:{port}"
             self.events.write("start", address=self.address, pid=os.getpid(), device=str(self.device))
             throughput = await asyncio.to_thread(measure_throughput, self.device, self.opts.slowdown)
