@@ -34,6 +34,9 @@ HTTP/2 and libp2p framing are not counted anywhere.
 ``peak_step_bytes`` is the most bytes (all replicas) started in a single step.
 ``val_loss`` is the mean over replicas of each replica's local model on the fixed
 validation batches (ddp: its one model) after the last step; no extra exchange.
+``init_val_loss`` is the shared starting point's; ``streaming_progress_vs_ddp`` =
+(init - streaming) / (init - ddp): the share of ddp's progress over the measured
+steps that streaming made.
 
     python benchmarks/bandwidth.py --json
 """
@@ -379,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("warm start: %d steps, val loss %.4f", args.warm_start_steps, evaluate([init], val))
         if args.init_cache:
             torch.save(init.state_dict(), args.init_cache)
+    init_val_loss = evaluate([init], val)
     h = args.inner_steps
     diloco_cfg = DilocoSection(inner_steps=h, fragments=1, overlap=0, alpha=0.0, outer_lr=args.diloco_outer_lr,
                                outer_momentum=args.diloco_outer_momentum, codec="fp32", peer_timeout_s=30.0)
@@ -421,11 +425,15 @@ def main(argv: list[str] | None = None) -> int:
                   "streaming_outer_momentum": args.streaming_outer_momentum, "alpha": args.alpha,
                   "overlap": args.overlap,
                   "warm_start_steps": args.warm_start_steps},
+        "init_val_loss": round(init_val_loss, 5),
     }
     if "ddp" in results and "streaming" in results:
         ddp, streaming = results["ddp"], results["streaming"]
         out["streaming_bytes_reduction"] = round(ddp.bytes_sent / max(1, streaming.bytes_sent), 2)
         out["streaming_loss_gap"] = round(streaming.val_loss / ddp.val_loss - 1, 5)
+        # how much of ddp's progress over the measured steps streaming made (1.0: all of it)
+        out["streaming_progress_vs_ddp"] = round((init_val_loss - streaming.val_loss)
+                                                 / max(1e-9, init_val_loss - ddp.val_loss), 4)
     if "diloco" in results and "streaming" in results:
         out["streaming_peak_reduction_vs_diloco"] = round(
             results["diloco"].peak_step_bytes / max(1, results["streaming"].peak_step_bytes), 2)
