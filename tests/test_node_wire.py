@@ -83,6 +83,12 @@ def _split(x: torch.Tensor, codec: str) -> tuple[tensor_pb2.Tensor, memoryview]:
     return encode_split(x.to(RAW_CODECS[codec]) if codec in RAW_CODECS else x, codec)
 
 
+async def _send(transport: Transport, address: str, mb: int, x: torch.Tensor, *, codec: str = "bf16",
+                backward: bool = False, timeout_s: float = 10) -> node_pb2.NodeAck:
+    msg, payload = _split(x, codec)
+    return await transport.send_microbatch(address, backward, _header(mb), msg, timeout_s=timeout_s, payload=payload)
+
+
 async def _authenticated_socket(port: int, token: str = TOKEN) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     nonce = await reader.readexactly(NONCE_BYTES)
@@ -107,18 +113,13 @@ def test_microbatches_arrive_intact_on_one_connection_per_direction() -> None:
             xs = [torch.randn(2, 5, 8) for _ in range(6)]
             codecs = ["bf16", "fp32", "fp4", "bf16", "fp16", "int8"]
             for i, (x, codec) in enumerate(zip(xs, codecs, strict=True)):
-                msg, payload = _split(x, codec)
-                ack = await transport.send_microbatch(node.address, i % 2 == 1, _header(i), msg, timeout_s=10,
-                                                      payload=payload)
+                ack = await _send(transport, node.address, i, x, codec=codec, backward=i % 2 == 1)
                 assert ack.ok, ack.message
             # a whole message (payload inside, with its checksum) goes on the wire too
             ack = await transport.send_microbatch(node.address, False, _header(6), encode(xs[0], "fp32"), timeout_s=10)
             assert ack.ok
             # concurrent sends: one frame in flight per connection, every one answered
-            acks = await asyncio.gather(*(transport.send_microbatch(node.address, False, _header(100 + i),
-                                                                    *_split(xs[0], "bf16")[:1], timeout_s=10,
-                                                                    payload=_split(xs[0], "bf16")[1])
-                                          for i in range(8)))
+            acks = await asyncio.gather(*(_send(transport, node.address, 100 + i, xs[0]) for i in range(8)))
             assert all(a.ok for a in acks)
             assert set(transport._wires) == {(node.address, False), (node.address, True)}
             assert not transport._pipes   # nothing went over gRPC
@@ -149,15 +150,11 @@ def test_a_refused_microbatch_gets_a_negative_ack_and_the_connection_goes_on() -
         transport = Transport(TOKEN)
         try:
             x = torch.randn(1, 4, 8)
-            assert (await transport.send_microbatch(node.address, False, _header(1), *_split(x, "bf16")[:1],
-                                                    timeout_s=10, payload=_split(x, "bf16")[1])).ok
+            assert (await _send(transport, node.address, 1, x)).ok
             conn = transport._wires[(node.address, False)]
-            msg, payload = _split(x, "bf16")
-            ack = await transport.send_microbatch(node.address, False, _header(13), msg, timeout_s=10, payload=payload)
+            ack = await _send(transport, node.address, 13, x)
             assert not ack.ok and "13 is refused" in ack.message
-            msg, payload = _split(x, "bf16")
-            assert (await transport.send_microbatch(node.address, False, _header(2), msg, timeout_s=10,
-                                                    payload=payload)).ok
+            assert (await _send(transport, node.address, 2, x)).ok
             assert transport._wires[(node.address, False)] is conn
             assert [mb for mb, _, _, _ in node.got] == [1, 2]
         finally:
@@ -175,9 +172,8 @@ def test_a_wrong_token_is_refused_at_the_handshake_and_changes_nothing() -> None
                 await WireConnection.open("127.0.0.1", node.wire.port, "not-the-token", 5)
             # a peer with the wrong token is refused on gRPC as well: the send fails, nothing is delivered
             transport = Transport("not-the-token")
-            msg, payload = _split(torch.randn(1, 4, 8), "bf16")
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await transport.send_microbatch(node.address, False, _header(1), msg, timeout_s=5, payload=payload)
+                await _send(transport, node.address, 1, torch.randn(1, 4, 8), timeout_s=5)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             await transport.close()
             assert node.got == []
@@ -243,9 +239,8 @@ def test_no_stage_yet_is_unavailable() -> None:
         node = await _node(agent=False)
         transport = Transport(TOKEN)
         try:
-            msg, payload = _split(torch.randn(1, 4, 8), "bf16")
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await transport.send_microbatch(node.address, False, _header(1), msg, timeout_s=5, payload=payload)
+                await _send(transport, node.address, 1, torch.randn(1, 4, 8), timeout_s=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             await transport.close()
@@ -259,9 +254,7 @@ def test_a_peer_without_a_wire_gets_the_grpc_pipes() -> None:
         transport = Transport(TOKEN)
         try:
             x = torch.randn(2, 3, 8)
-            msg, payload = _split(x, "bf16")
-            assert (await transport.send_microbatch(node.address, False, _header(1), msg, timeout_s=10,
-                                                    payload=payload)).ok
+            assert (await _send(transport, node.address, 1, x)).ok
             assert transport._wire_ports[node.address] == 0 and not transport._wires
             assert (node.address, False) in transport._pipes
             torch.testing.assert_close(node.got[0][2].float(), x, rtol=1e-2, atol=1e-2)
@@ -293,21 +286,17 @@ def test_a_stalled_receiver_times_out_and_a_dead_one_is_unavailable() -> None:
         try:
             x = torch.randn(1, 4, 8)
             transport._wire_ports[node.address] = silent_server.sockets[0].getsockname()[1]
-            msg, payload = _split(x, "bf16")
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await transport.send_microbatch(node.address, False, _header(1), msg, timeout_s=0.5, payload=payload)
+                await _send(transport, node.address, 1, x, timeout_s=0.5)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and stalled
             assert (node.address, False) not in transport._wires   # its place in the stream is unknown: dropped
             transport._wire_ports[node.address] = node.wire.port   # a fresh connection carries the next one
-            msg, payload = _split(x, "bf16")
-            assert (await transport.send_microbatch(node.address, False, _header(7), msg, timeout_s=10,
-                                                    payload=payload)).ok
+            assert (await _send(transport, node.address, 7, x)).ok
             await node.stop()
             loop = asyncio.get_running_loop()
             start = loop.time()
-            msg, payload = _split(x, "bf16")
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await transport.send_microbatch(node.address, False, _header(8), msg, timeout_s=5, payload=payload)
+                await _send(transport, node.address, 8, x, timeout_s=5)
             assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             assert loop.time() - start < 6
             assert [mb for mb, _, _, _ in node.got] == [7]
@@ -324,8 +313,7 @@ def test_a_restarted_peer_on_the_same_address_is_reached_again() -> None:
         transport = Transport(TOKEN)
         try:
             x = torch.randn(1, 4, 8)
-            assert (await transport.send_microbatch(node.address, False, _header(1), *_split(x, "bf16")[:1],
-                                                    timeout_s=10, payload=_split(x, "bf16")[1])).ok
+            assert (await _send(transport, node.address, 1, x)).ok
             old_port = int(node.address.rsplit(":", 1)[1])
             await node.stop()
             await asyncio.sleep(0.1)   # the old connection sees its end
@@ -333,9 +321,7 @@ def test_a_restarted_peer_on_the_same_address_is_reached_again() -> None:
             servicer.agent = RecordingAgent()  # type: ignore[assignment]
             server, port = await start_server(servicer, f"127.0.0.1:{old_port}", TOKEN)
             node = Node(servicer, server, await start_wire(servicer, "127.0.0.1", TOKEN), port)
-            msg, payload = _split(x, "bf16")
-            assert (await transport.send_microbatch(node.address, False, _header(2), msg, timeout_s=10,
-                                                    payload=payload)).ok
+            assert (await _send(transport, node.address, 2, x)).ok
             assert [mb for mb, _, _, _ in node.got] == [2]
         finally:
             await transport.close()
