@@ -31,10 +31,10 @@ from pathlib import Path
 
 import grpc
 
-from node.wire import OK, UNAVAILABLE, WireConnection, WireError, frame_parts
+from node.wire import OK, UNAVAILABLE, WireConnection, WireError, WirePayload, frame_parts
 from protocols import node_pb2, node_pb2_grpc, tensor_pb2
 from protocols.chunking import iter_chunks, stream_checksum
-from protocols.codec import seal
+from protocols.codec import SegmentedPayload, seal
 from protocols.rpc import MAX_MESSAGE_BYTES, grpc_options, token_metadata
 
 logger = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class Transport:
         if conn is not None:
             conn.close()
 
-    async def _send_on_wire(self, address: str, backward: bool, parts: tuple[bytes, bytes, bytes | memoryview],
+    async def _send_on_wire(self, address: str, backward: bool, parts: tuple[bytes, bytes, WirePayload],
                             timeout_s: float) -> node_pb2.NodeAck | None:
         """One frame on the wire and its reply; None when the peer has no usable wire (use gRPC).
 
@@ -368,11 +368,12 @@ class Transport:
 
     async def send_microbatch(self, address: str, backward: bool, header: node_pb2.MicrobatchHeader,
                               tensor: tensor_pb2.Tensor, *, timeout_s: float, node_id: str = "",
-                              payload: memoryview | None = None) -> node_pb2.NodeAck:
+                              payload: memoryview | SegmentedPayload | None = None) -> node_pb2.NodeAck:
         """Push one encoded activation (or its gradient) to ``address``; raises grpc.aio.AioRpcError.
 
         ``tensor`` is a whole message (``codec.encode``), or with ``payload`` the payload-less message of
-        ``codec.encode_split``, which is completed in place (``seal``) if it has to go over gRPC.
+        ``codec.encode_split``/``encode_segmented``, which is completed in place (``seal``) if it has to go
+        over gRPC.
         """
         if self.wire:
             parts = frame_parts(header, tensor, payload)

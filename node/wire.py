@@ -44,7 +44,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from protocols import node_pb2, tensor_pb2
-from protocols.codec import receive_target, tensor_bytes
+from protocols.codec import SegmentedPayload, check_finite, receive_target, tensor_bytes
 from protocols.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ OK, INVALID, UNAVAILABLE = 0, 1, 2
 MAX_META_BYTES = 1 << 20          # header and tensor metadata each (they are a few hundred bytes)
 MAX_REPLY_MESSAGE = 4096
 HANDSHAKE_TIMEOUT_S = 10.0
+CHECK_BYTES = 64 * 1024          # a payload read in place is checked finite in steps of at least this
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+WirePayload = bytes | memoryview | SegmentedPayload
 
 
 class WireError(Exception):
@@ -81,8 +85,14 @@ def handshake_mac(token: str, nonce: bytes) -> bytes:
 
 
 def _tune(sock: socket.socket | None) -> None:
+    """No Nagle delay, and socket buffers that hold a whole activation: a 1 MiB write then completes in
+    one syscall and the receiver reads it in one or two, instead of a dozen event-loop rounds each while
+    the kernel's autotuning grows the buffers (measured: ~25% off a loopback hop). 4 MiB also covers
+    ~300 Mbit/s at 100 ms RTT per connection."""
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
 
 
 # ----------------------------------------------------------------------------- server
@@ -90,7 +100,7 @@ def _tune(sock: socket.socket | None) -> None:
 @dataclass(slots=True)
 class WireFrame:
     """One received frame. With ``tensor`` set the payload was read straight into it (already decoded:
-    ``codec.receive_target``); otherwise ``payload`` still needs ``codec.decode``."""
+    ``codec.receive_target``) and checked finite; otherwise ``payload`` still needs ``codec.decode``."""
 
     header: node_pb2.MicrobatchHeader
     meta: tensor_pb2.Tensor
@@ -120,6 +130,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
         self.parsed: tuple[node_pb2.MicrobatchHeader, tensor_pb2.Tensor] | None = None
         self.error = ""
         self.tensor: torch.Tensor | None = None
+        self.checked = 0   # elements of an in-place payload already checked finite
         self.timer: asyncio.TimerHandle | None = None
         self.peer = ""
 
@@ -150,6 +161,8 @@ class _ServerProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.have += nbytes
+        if self.tensor is not None and self.state == "payload":
+            self._check_arrived()
         while self.have == len(self.target) and self.transport is not None and not self.transport.is_closing():
             if self.state == "mac":
                 self._on_mac()
@@ -203,10 +216,27 @@ class _ServerProtocol(asyncio.BufferedProtocol):
             self.parsed, self.error = None, "the payload must follow the tensor, not be inside it"
         if self.parsed is not None:
             self.tensor = receive_target(meta, payload_len, max_numel=self.server.max_payload_bytes)
+        self.checked = 0
         if self.tensor is not None:
             self._expect("payload", tensor_bytes(self.tensor))
+            if not len(self.target):
+                self._check_arrived()
         else:
             self._expect("payload", self._scratch(payload_len))
+
+    def _check_arrived(self) -> None:
+        """Check the values of a payload read in place as they arrive (NaN/inf), so that little is left to
+        check once the last byte is in."""
+        assert self.tensor is not None
+        itemsize = self.tensor.element_size()
+        end = self.have // itemsize
+        if self.error or (self.have < len(self.target) and (end - self.checked) * itemsize < CHECK_BYTES):
+            return
+        try:
+            check_finite(self.tensor.view(-1)[self.checked:end])
+        except ValidationError as exc:
+            self.error = str(exc)
+        self.checked = end
 
     def _on_payload(self) -> None:
         assert self.transport is not None
@@ -215,7 +245,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
         self.server.bytes_received += REQUEST.size + header_len + meta_len + payload_len
         status, message = OK, ""
         try:
-            if self.parsed is None:
+            if self.parsed is None or self.error:
                 raise ValidationError(self.error)
             self.server.handler(WireFrame(*self.parsed, payload=self.target, tensor=self.tensor, backward=backward))
         except ValidationError as exc:
@@ -354,8 +384,12 @@ class WireConnection:
     def close(self) -> None:
         self.protocol._fail("closed by this node")
 
-    async def send(self, kind: int, header: bytes, meta: bytes, payload: bytes | memoryview) -> tuple[int, str]:
-        """Send one frame and wait for its reply; raises WireError (``sent`` False: nothing went out)."""
+    async def send(self, kind: int, header: bytes, meta: bytes, payload: WirePayload) -> tuple[int, str]:
+        """Send one frame and wait for its reply; raises WireError (``sent`` False: nothing went out).
+
+        A ``SegmentedPayload`` is cast and written one segment at a time: the receiver reads (and checks)
+        the first segments while later ones are being cast.
+        """
         async with self.lock:
             protocol = self.protocol
             if protocol.closed or protocol.transport is None:
@@ -363,7 +397,11 @@ class WireConnection:
             protocol.reply = asyncio.get_running_loop().create_future()
             transport = protocol.transport
             transport.write(REQUEST.pack(REQUEST_MAGIC, kind, len(header), len(meta), len(payload)) + header + meta)
-            transport.write(payload)
+            if isinstance(payload, SegmentedPayload):
+                for segment in payload.segments():
+                    transport.write(segment)
+            else:
+                transport.write(payload)
             try:
                 return await protocol.reply
             except ConnectionError as exc:
@@ -377,7 +415,7 @@ class WireConnection:
 
 
 def frame_parts(header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor,
-                payload: bytes | memoryview | None = None) -> tuple[bytes, bytes, bytes | memoryview]:
+                payload: WirePayload | None = None) -> tuple[bytes, bytes, WirePayload]:
     """(header bytes, tensor metadata bytes, payload) of a frame. ``tensor`` is a whole message, or with
     ``payload`` the payload-less message of ``codec.encode_split``; the payload is not copied."""
     if payload is None:

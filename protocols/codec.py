@@ -30,7 +30,8 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -454,7 +455,8 @@ def encode_split(
     return msg, memoryview(payload_arr).cast("B")
 
 
-def seal(msg: tensor_pb2.Tensor, payload: bytes | bytearray | memoryview | None = None) -> tensor_pb2.Tensor:
+def seal(msg: tensor_pb2.Tensor, payload: bytes | bytearray | memoryview | SegmentedPayload | None = None
+         ) -> tensor_pb2.Tensor:
     """Complete a message from ``encode_split`` in place: put ``payload`` (when given) into it and add the
     checksum it lacks. A message that already has its checksum is left as it is."""
     if payload is not None:
@@ -605,9 +607,59 @@ def _decode(
         if dtype != torch.float32:
             out = out.to(dtype)
     out = out.reshape(shape)
-    if require_finite and not bool(torch.isfinite(out).all()):
-        raise ValidationError("tensor contains non-finite values")
+    if require_finite:
+        check_finite(out)
     return out
+
+
+def check_finite(t: torch.Tensor) -> None:
+    """Refuse NaN/inf (ValidationError). One reduction first (NaN and inf propagate through a sum; ~20x
+    cheaper than an elementwise isfinite on CPU); the full check only when the sum is not finite (the sum
+    of finite values may overflow)."""
+    if t.numel() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        raise ValidationError("tensor contains non-finite values")
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentedPayload:
+    """The payload of a raw codec, cast to its wire dtype one segment at a time as a transport asks for it:
+    the first bytes can be on the wire (and being checked by the receiver) while the rest is still being
+    cast. ``bytes(payload)`` gives it whole (for transports that need one buffer)."""
+
+    source: torch.Tensor          # flat, contiguous, CPU: what to cast
+    wire_dtype: torch.dtype
+    segment_elems: int
+
+    def __len__(self) -> int:
+        return self.source.numel() * self.wire_dtype.itemsize
+
+    def segments(self) -> Iterator[memoryview]:
+        for start in range(0, self.source.numel(), self.segment_elems):
+            part = self.source[start:start + self.segment_elems].to(self.wire_dtype)
+            yield memoryview(part.view(torch.uint8).numpy()).cast("B")
+
+    def __bytes__(self) -> bytes:
+        return b"".join(bytes(seg) for seg in self.segments())
+
+
+def encode_segmented(tensor: torch.Tensor, codec: str, *, segment_bytes: int = 256 * 1024
+                     ) -> tuple[tensor_pb2.Tensor, SegmentedPayload]:
+    """``encode_split`` for a raw codec, with the cast to the wire dtype deferred to ``segments()``.
+
+    The message decodes into the wire dtype (bf16 activations stay bf16 on the receiver, which reads
+    them straight into the tensor: ``receive_target``). Raises ValidationError for a quantized codec.
+    """
+    if codec not in RAW_CODECS:
+        raise ValidationError(f"segmented encoding needs a raw codec {tuple(RAW_CODECS)}, got {codec!r}")
+    if segment_bytes < 1:
+        raise ValueError("segment_bytes must be positive")
+    wire_dtype = RAW_CODECS[codec]
+    source = tensor.detach().reshape(-1).contiguous().cpu()
+    if _DTYPE_NAMES.get(source.dtype) is None:
+        raise ValidationError(f"cannot encode dtype {source.dtype}; expected one of {tuple(DTYPES.values())}")
+    msg = tensor_pb2.Tensor(dtype=_DTYPE_NAMES[wire_dtype], shape=list(tensor.shape), codec=codec,
+                            raw_size=source.numel() * wire_dtype.itemsize)
+    return msg, SegmentedPayload(source, wire_dtype, max(1, segment_bytes // wire_dtype.itemsize))
 
 
 def receive_target(msg: tensor_pb2.Tensor, payload_len: int, *, max_numel: int = DEFAULT_MAX_NUMEL
@@ -654,9 +706,12 @@ __all__ = [
     "QUANT_CODECS",
     "RAW_CODECS",
     "ErrorFeedback",
+    "SegmentedPayload",
     "ValidationError",
+    "check_finite",
     "decode",
     "encode",
+    "encode_segmented",
     "encode_split",
     "payload_bytes",
     "payload_checksum",

@@ -13,8 +13,10 @@ from protocols import codec, tensor_pb2
 from protocols.codec import (
     CODECS,
     ErrorFeedback,
+    check_finite,
     decode,
     encode,
+    encode_segmented,
     encode_split,
     payload_checksum,
     receive_target,
@@ -460,3 +462,28 @@ def test_receive_target_only_for_raw_payloads_that_fit_the_tensor() -> None:
     assert receive_target(encode_split(x.float(), "bf16")[0], len(payload)) is None   # needs a dtype conversion
     assert receive_target(encode_split(x.float(), "fp4")[0], 24) is None             # quantized
     assert receive_target(encode(x, "bf16", compress=False), len(payload)) is None   # has a checksum to verify
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_segmented_payload_is_the_split_payload_of_the_cast_tensor(name: str) -> None:
+    x = torch.randn(5, 333)
+    meta, payload = encode_segmented(x, name, segment_bytes=1000)
+    wire_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    split_meta, split_payload = encode_split(x.to(wire_dtype), name)
+    assert meta.SerializeToString() == split_meta.SerializeToString()
+    segments = list(payload.segments())
+    assert len(segments) == -(-len(payload) // (1000 // wire_dtype.itemsize * wire_dtype.itemsize))
+    assert b"".join(bytes(s) for s in segments) == bytes(split_payload) == bytes(payload)
+    assert len(payload) == len(split_payload)
+    decoded = decode(seal(meta, payload))
+    assert decoded.dtype == wire_dtype and torch.equal(decoded, x.to(wire_dtype))
+
+
+def test_segmented_encoding_refuses_quantized_codecs_and_check_finite_catches_overflowing_sums() -> None:
+    with pytest.raises(ValidationError, match="raw codec"):
+        encode_segmented(torch.randn(4), "fp4")
+    big = torch.full((4,), 3e38)              # finite values whose sum overflows
+    check_finite(big)
+    with pytest.raises(ValidationError, match="non-finite"):
+        check_finite(torch.tensor([1.0, float("nan")]))
+    check_finite(torch.empty(0))

@@ -23,12 +23,13 @@ from node.wire import (
     REQUEST,
     REQUEST_MAGIC,
     WireConnection,
+    WirePayload,
     WireServer,
     frame_parts,
     handshake_mac,
 )
 from protocols import node_pb2, tensor_pb2
-from protocols.codec import RAW_CODECS, decode, encode, encode_split
+from protocols.codec import RAW_CODECS, decode, encode, encode_segmented, encode_split
 from protocols.errors import ValidationError
 
 TOKEN = "wire-token"
@@ -78,14 +79,17 @@ def _header(mb: int) -> node_pb2.MicrobatchHeader:
                                      node_ids=["o", "n", "o"], hop=1)
 
 
-def _split(x: torch.Tensor, codec: str) -> tuple[tensor_pb2.Tensor, memoryview]:
-    """As PipelineAgent._push: cast to a raw codec's wire dtype, then encode without copying the payload."""
-    return encode_split(x.to(RAW_CODECS[codec]) if codec in RAW_CODECS else x, codec)
+def _split(x: torch.Tensor, codec: str, *, segment_bytes: int = 64) -> tuple[tensor_pb2.Tensor, WirePayload]:
+    """As PipelineAgent._push: a raw codec's payload is cast segment by segment as it is written (small
+    segments here, so that the receiver sees them arrive in pieces); others are encoded whole."""
+    if codec in RAW_CODECS:
+        return encode_segmented(x, codec, segment_bytes=segment_bytes)
+    return encode_split(x, codec)
 
 
 async def _send(transport: Transport, address: str, mb: int, x: torch.Tensor, *, codec: str = "bf16",
-                backward: bool = False, timeout_s: float = 10) -> node_pb2.NodeAck:
-    msg, payload = _split(x, codec)
+                backward: bool = False, timeout_s: float = 10, segment_bytes: int = 64) -> node_pb2.NodeAck:
+    msg, payload = _split(x, codec, segment_bytes=segment_bytes)
     return await transport.send_microbatch(address, backward, _header(mb), msg, timeout_s=timeout_s, payload=payload)
 
 
@@ -338,3 +342,95 @@ def test_frame_parts_of_a_whole_message_leave_it_unchanged() -> None:
     assert not meta.payload and meta.checksum == msg.checksum and bytes(payload) == msg.payload
     assert node_pb2.MicrobatchHeader.FromString(header_bytes) == _header(1)
 
+
+
+def test_non_finite_values_read_in_place_are_refused_and_the_connection_goes_on() -> None:
+    async def main() -> None:
+        node = await _node()
+        transport = Transport(TOKEN)
+        try:
+            # 256 KiB of bf16: checked in several steps as it arrives (wire.CHECK_BYTES)
+            for position in (0, 70_000, 131_071):   # in the first, a middle and the last step
+                x = torch.randn(4, 64, 512)
+                x.view(-1)[position] = float("nan") if position != 70_000 else float("inf")
+                ack = await _send(transport, node.address, position, x, segment_bytes=32 * 1024)
+                assert not ack.ok and "non-finite" in ack.message
+            assert (await _send(transport, node.address, 1, torch.randn(4, 64, 512))).ok
+            assert [mb for mb, _, _, _ in node.got] == [1]
+            assert len(transport._wires) == 1
+        finally:
+            await transport.close()
+            await node.stop()
+    asyncio.run(main())
+
+
+class _FakeTransport:
+    """Collects what the server protocol writes; stands in for the socket in byte-by-byte feeding."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str) -> object:
+        return None
+
+
+def _feed(protocol: object, data: bytes, step: int) -> None:
+    """Deliver ``data`` to a BufferedProtocol in reads of at most ``step`` bytes, as a socket would."""
+    offset = 0
+    while offset < len(data):
+        buf = protocol.get_buffer(-1)  # type: ignore[attr-defined]
+        n = min(step, len(buf), len(data) - offset)
+        buf[:n] = data[offset:offset + n]
+        protocol.buffer_updated(n)  # type: ignore[attr-defined]
+        offset += n
+
+
+@pytest.mark.parametrize("step", [1, 7, 4096, 1 << 20])
+def test_server_protocol_reassembles_frames_from_reads_of_any_size(step: int) -> None:
+    from node.wire import _ServerProtocol
+
+    async def main() -> None:
+        frames = []
+        server = WireServer(frames.append, TOKEN, max_payload_bytes=1 << 24)
+        protocol = _ServerProtocol(server)
+        transport = _FakeTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        nonce = bytes(transport.written[:NONCE_BYTES])
+        stream = bytearray(handshake_mac(TOKEN, nonce))
+        good = torch.randn(3, 40, 64)                       # 15 KiB of bf16: several check steps at step 1..4096
+        bad = torch.randn(3, 40, 64)
+        bad.view(-1)[5000] = float("nan")
+        for mb, x in ((1, good), (2, bad), (3, good)):
+            meta, payload = _split(x, "bf16", segment_bytes=1000)
+            header_bytes, meta_bytes, _ = frame_parts(_header(mb), meta, payload)
+            stream += REQUEST.pack(REQUEST_MAGIC, 0, len(header_bytes), len(meta_bytes), len(payload))
+            stream += header_bytes + meta_bytes + bytes(payload)
+        import node.wire as wire
+        old, wire.CHECK_BYTES = wire.CHECK_BYTES, 2048
+        try:
+            _feed(protocol, bytes(stream), step)
+        finally:
+            wire.CHECK_BYTES = old
+        replies, offset = [], NONCE_BYTES + 1
+        assert transport.written[NONCE_BYTES:offset] == ACCEPTED
+        while offset < len(transport.written):
+            _, status, length = REPLY.unpack_from(transport.written, offset)
+            replies.append((status, bytes(transport.written[offset + REPLY.size:offset + REPLY.size + length])))
+            offset += REPLY.size + length
+        assert [s for s, _ in replies] == [OK, INVALID, OK] and b"non-finite" in replies[1][1]
+        assert [f.header.microbatch for f in frames] == [1, 3]
+        for frame in frames:
+            assert frame.tensor is not None and torch.equal(frame.tensor, good.to(torch.bfloat16))
+        assert not transport.closed
+
+    asyncio.run(main())
