@@ -2,13 +2,16 @@
 
 Why: a 1 MiB activation through grpc.aio costs ~1 ms of fixed Python and thread
 hand-offs per message on each side (the poller thread, the event loop, protobuf
-copies), several times what the same bytes cost on a socket. On the wire a hop is one
-``write`` of a small frame head and the payload straight from the encoded message,
-read on the other side into one buffer by a ``BufferedProtocol`` on the node's own
-event loop: no extra threads, no copies of the bulk, no per-message gRPC state.
+copies), several times what the same bytes cost on a socket. On the wire a hop is
+a small frame head and the payload written straight from the encoded tensor (a raw
+codec's payload is cast segment by segment as it is written:
+``codec.encode_segmented``), read on the other side by a ``BufferedProtocol`` on the
+node's own event loop straight into the tensor handed to the agent
+(``codec.receive_target``) and checked finite as it arrives: no extra threads, no
+copies of the bulk, no per-message gRPC state (benchmarks/pipeline.md: ~6x faster).
 gRPC stays the control plane (membership, abandons, averaging, state, pings) and the
 fallback: a peer whose ``PingReply.wire_port`` is 0, or whose wire port cannot be
-reached, gets its microbatches on the gRPC activation pipes as before.
+reached, gets its microbatches on the gRPC activation pipes.
 
 Connection: the server sends a random nonce; the client answers
 HMAC-SHA256(run token, ``HANDSHAKE_CONTEXT`` + nonce); the server answers one byte,
@@ -19,12 +22,12 @@ in order by one reply:
              | payload_len u64 | MicrobatchHeader | Tensor (payload empty) | payload
     reply:   b"LBA1" | status u8 (OK, INVALID, UNAVAILABLE) | message_len u32 | message
 
-A frame whose header or tensor does not parse or validate is answered INVALID and
-changes nothing; the connection goes on. A frame that breaks the framing itself
-(magic, sizes over the bounds) ends the connection: nothing after it can be trusted.
-The payload needs no codec checksum here (``encode(checksum=False)``): it travels in
-order on one TCP stream whose segments TCP checksums, and its size is checked
-against the shape and codec before decoding.
+A frame whose header or tensor does not parse or validate (or holds NaN/inf) is
+answered INVALID and changes nothing; the connection goes on. A frame that breaks the
+framing itself (magic, sizes over the bounds) ends the connection: nothing after it
+can be trusted. The payload needs no codec checksum here: it travels in order on one
+TCP stream whose segments TCP checksums, and its size is checked against the shape
+and codec before anything is read into a tensor.
 """
 
 from __future__ import annotations
