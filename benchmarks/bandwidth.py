@@ -315,15 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--steps", type=int, default=480)
     parser.add_argument("--batch", type=int, default=8, help="sequences per replica per step")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--ffn", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=4e-3,
+    parser.add_argument("--lr", type=float, default=2e-3,
                         help="inner AdamW lr of the diloco/streaming/hivemind replicas (batch --batch each)")
-    parser.add_argument("--ddp-lr", type=float, default=1e-2,
+    parser.add_argument("--ddp-lr", type=float, default=2e-3,
                         help="ddp AdamW lr (tuned separately: ddp steps on the replicas' averaged gradient)")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--inner-steps", type=int, default=12, help="H")
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--data-bytes", type=int, default=4 << 20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warm-start-steps", type=int, default=300,
+    parser.add_argument("--warm-start-steps", type=int, default=1500,
                         help="first train one shared init this many steps (single model, not counted in any mode; "
                              "the DiLoCo paper's protocol of starting every method from one pretrained checkpoint)")
     parser.add_argument("--warm-start-batch", type=int, default=16)
