@@ -7,6 +7,8 @@ place of the pipeline agent; peers that misbehave are raw sockets speaking the f
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -74,6 +76,18 @@ async def _node(*, agent: bool = True, wire: bool = True) -> Node:
     return Node(servicer, server, wire_server, port)
 
 
+@contextlib.asynccontextmanager
+async def _wired(*, agent: bool = True, wire: bool = True) -> AsyncIterator[tuple[Node, Transport]]:
+    """A node and a transport to it, both closed however the test ends."""
+    node = await _node(agent=agent, wire=wire)
+    transport = Transport(TOKEN)
+    try:
+        yield node, transport
+    finally:
+        await transport.close()
+        await node.stop()
+
+
 def _header(mb: int) -> node_pb2.MicrobatchHeader:
     return node_pb2.MicrobatchHeader(run_id="r", iteration=1, microbatch=mb, origin_id="o", stages=[0, 1, 0],
                                      node_ids=["o", "n", "o"], hop=1)
@@ -111,9 +125,7 @@ async def _closed_by_peer(reader: asyncio.StreamReader) -> bool:
 
 def test_microbatches_arrive_intact_on_one_connection_per_direction() -> None:
     async def main() -> None:
-        node = await _node()
-        transport = Transport(TOKEN)
-        try:
+        async with _wired() as (node, transport):
             xs = [torch.randn(2, 5, 8) for _ in range(6)]
             codecs = ["bf16", "fp32", "fp4", "bf16", "fp16", "int8"]
             for i, (x, codec) in enumerate(zip(xs, codecs, strict=True)):
@@ -142,17 +154,12 @@ def test_microbatches_arrive_intact_on_one_connection_per_direction() -> None:
             torch.testing.assert_close(got[6][2], xs[0], rtol=0, atol=0)
             assert sorted(mb for mb, _, _, _ in got[7:]) == list(range(100, 108))
             assert node.servicer.bytes_received == transport.bytes_sent   # activations and the one Ping
-        finally:
-            await transport.close()
-            await node.stop()
     asyncio.run(main())
 
 
 def test_a_refused_microbatch_gets_a_negative_ack_and_the_connection_goes_on() -> None:
     async def main() -> None:
-        node = await _node()
-        transport = Transport(TOKEN)
-        try:
+        async with _wired() as (node, transport):
             x = torch.randn(1, 4, 8)
             assert (await _send(transport, node.address, 1, x)).ok
             conn = transport._wires[(node.address, False)]
@@ -161,9 +168,6 @@ def test_a_refused_microbatch_gets_a_negative_ack_and_the_connection_goes_on() -
             assert (await _send(transport, node.address, 2, x)).ok
             assert transport._wires[(node.address, False)] is conn
             assert [mb for mb, _, _, _ in node.got] == [1, 2]
-        finally:
-            await transport.close()
-            await node.stop()
     asyncio.run(main())
 
 
@@ -240,31 +244,21 @@ def test_malformed_frames_close_the_connection_or_are_refused_without_harm() -> 
 
 def test_no_stage_yet_is_unavailable() -> None:
     async def main() -> None:
-        node = await _node(agent=False)
-        transport = Transport(TOKEN)
-        try:
+        async with _wired(agent=False) as (node, transport):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await _send(transport, node.address, 1, torch.randn(1, 4, 8), timeout_s=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        finally:
-            await transport.close()
-            await node.stop()
     asyncio.run(main())
 
 
 def test_a_peer_without_a_wire_gets_the_grpc_pipes() -> None:
     async def main() -> None:
-        node = await _node(wire=False)
-        transport = Transport(TOKEN)
-        try:
+        async with _wired(wire=False) as (node, transport):
             x = torch.randn(2, 3, 8)
             assert (await _send(transport, node.address, 1, x)).ok
             assert transport._wire_ports[node.address] == 0 and not transport._wires
             assert (node.address, False) in transport._pipes
             torch.testing.assert_close(node.got[0][2].float(), x, rtol=1e-2, atol=1e-2)
-        finally:
-            await transport.close()
-            await node.stop()
     asyncio.run(main())
 
 
@@ -313,9 +307,7 @@ def test_a_stalled_receiver_times_out_and_a_dead_one_is_unavailable() -> None:
 
 def test_a_restarted_peer_on_the_same_address_is_reached_again() -> None:
     async def main() -> None:
-        node = await _node()
-        transport = Transport(TOKEN)
-        try:
+        async with _wired() as (node, transport):
             x = torch.randn(1, 4, 8)
             assert (await _send(transport, node.address, 1, x)).ok
             old_port = int(node.address.rsplit(":", 1)[1])
@@ -324,12 +316,12 @@ def test_a_restarted_peer_on_the_same_address_is_reached_again() -> None:
             servicer = NodeServicer("n")
             servicer.agent = RecordingAgent()  # type: ignore[assignment]
             server, port = await start_server(servicer, f"127.0.0.1:{old_port}", TOKEN)
-            node = Node(servicer, server, await start_wire(servicer, "127.0.0.1", TOKEN), port)
-            assert (await _send(transport, node.address, 2, x)).ok
-            assert [mb for mb, _, _, _ in node.got] == [2]
-        finally:
-            await transport.close()
-            await node.stop()
+            restarted = Node(servicer, server, await start_wire(servicer, "127.0.0.1", TOKEN), port)
+            try:
+                assert (await _send(transport, restarted.address, 2, x)).ok
+                assert [mb for mb, _, _, _ in restarted.got] == [2]
+            finally:
+                await restarted.stop()
     asyncio.run(main())
 
 
@@ -346,9 +338,7 @@ def test_frame_parts_of_a_whole_message_leave_it_unchanged() -> None:
 
 def test_non_finite_values_read_in_place_are_refused_and_the_connection_goes_on() -> None:
     async def main() -> None:
-        node = await _node()
-        transport = Transport(TOKEN)
-        try:
+        async with _wired() as (node, transport):
             # 256 KiB of bf16: checked in several steps as it arrives (wire.CHECK_BYTES)
             for position in (0, 70_000, 131_071):   # in the first, a middle and the last step
                 x = torch.randn(4, 64, 512)
@@ -358,9 +348,6 @@ def test_non_finite_values_read_in_place_are_refused_and_the_connection_goes_on(
             assert (await _send(transport, node.address, 1, torch.randn(4, 64, 512))).ok
             assert [mb for mb, _, _, _ in node.got] == [1]
             assert len(transport._wires) == 1
-        finally:
-            await transport.close()
-            await node.stop()
     asyncio.run(main())
 
 
