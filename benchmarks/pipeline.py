@@ -86,8 +86,7 @@ class _SinkAgent:
         if decoded is not None:
             h = decoded   # read in place by the wire, which checked it finite as it arrived
         else:
-            h = decode(tensor, payload=payload, require_checksum=payload is None)
-            check_finite(h)
+            h = decode(tensor, payload=payload, require_checksum=payload is None, require_finite=True)
         assert h.ndim == 3
 
 

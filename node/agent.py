@@ -28,7 +28,7 @@ import torch
 from node.runtime import MicrobatchKey, StageError, StageRuntime
 from node.transport import Transport
 from protocols import coordinator_pb2, node_pb2, tensor_pb2
-from protocols.codec import RAW_CODECS, check_finite, decode, encode_segmented, encode_split
+from protocols.codec import RAW_CODECS, decode, encode_segmented, encode_split
 from protocols.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -238,8 +238,8 @@ class PipelineAgent:
         if decoded is not None:
             h = decoded   # read in place by the wire, which checked it finite as it arrived
         else:
-            h = decode(tensor, max_numel=64 * 1024 * 1024, payload=payload, require_checksum=payload is None)
-            check_finite(h)
+            h = decode(tensor, max_numel=64 * 1024 * 1024, payload=payload, require_checksum=payload is None,
+                       require_finite=True)
         if h.ndim != 3 or h.shape[-1] != self.dim or not 1 <= h.shape[1] <= self.max_seq_len:
             raise ValidationError(f"activation of shape {list(h.shape)}; expected (B, T<={self.max_seq_len}, {self.dim})")
         # h stays in its wire dtype (bf16 by default): the runtime casts it in its compute thread

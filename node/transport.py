@@ -341,6 +341,7 @@ class Transport:
         self._stubs.pop(address, None)
         for backward in (False, True):
             self._drop_wire(address, backward)
+            self._wire_locks.pop((address, backward), None)
         self._wire_ports.pop(address, None)
         for backward in (False, True):
             pipe = self._pipes.get((address, backward))
@@ -380,20 +381,23 @@ class Transport:
             nbytes = len(parts[1]) + len(parts[2])   # the tensor, as on gRPC (the header is not counted there either)
             await self.emulate(address, nbytes, node_id)
             ack = await self._send_on_wire(address, backward, parts, timeout_s)
-            if ack is not None:
-                self.bytes_sent += nbytes
-                self.activation_bytes_sent += nbytes
-                return ack
-            emulated = True
+            if ack is None:   # no usable wire: gRPC, over the link already emulated
+                ack, nbytes = await self._send_on_grpc(address, backward, header, seal(tensor, payload), timeout_s)
         else:
-            emulated = False
-        seal(tensor, payload)
+            seal(tensor, payload)
+            await self.emulate(address, tensor.ByteSize(), node_id)
+            ack, nbytes = await self._send_on_grpc(address, backward, header, tensor, timeout_s)
+        self.bytes_sent += nbytes
+        self.activation_bytes_sent += nbytes
+        return ack
+
+    async def _send_on_grpc(self, address: str, backward: bool, header: node_pb2.MicrobatchHeader,
+                            tensor: tensor_pb2.Tensor, timeout_s: float) -> tuple[node_pb2.NodeAck, int]:
+        """A whole message on the activation pipe (or, too large or to a peer without pipes, as a chunked
+        stream); returns the ack and the bytes sent."""
         data = tensor.SerializeToString()
-        nbytes = len(data)
-        if not emulated:
-            await self.emulate(address, nbytes, node_id)
-        ack = None
-        if nbytes <= self.chunk_bytes and address not in self._stream_only:
+        ack: node_pb2.NodeAck | None = None
+        if len(data) <= self.chunk_bytes and address not in self._stream_only:
             request = single_message_bytes(header, data, stream_checksum(tensor))
             try:
                 ack = await self._send_on_pipe(address, backward, request, timeout_s)
@@ -407,9 +411,7 @@ class Transport:
             stream_call = stub.Backward if backward else stub.Forward
             chunks = iter_chunks(tensor, self.chunk_bytes, data=data)
             ack = await stream_call(self._requests(header, chunks), timeout=timeout_s, metadata=self.metadata)
-        self.bytes_sent += nbytes
-        self.activation_bytes_sent += nbytes
-        return ack
+        return ack, len(data)
 
     async def abandon(self, address: str, request: node_pb2.AbandonRequest, *, timeout_s: float
                       ) -> node_pb2.NodeAck:

@@ -382,17 +382,15 @@ def _encode_payload(
 
     x = tensor.detach().reshape(-1)
     numel = x.numel()
-    use_ef = error_feedback is not None and codec != "fp32"
-    if use_ef:
-        assert error_feedback is not None
-        x = error_feedback.compensate(key, x.to(torch.float32))
+    ef = error_feedback if codec != "fp32" else None   # fp32 loses nothing to feed back
+    if ef is not None:
+        x = ef.compensate(key, x.to(torch.float32))
 
     scales_bytes = b""
     if codec in RAW_CODECS:
         wire = x.to(RAW_CODECS[codec])
-        if use_ef:
-            assert error_feedback is not None
-            error_feedback.store(key, x - wire.to(torch.float32))
+        if ef is not None:
+            ef.store(key, x - wire.to(torch.float32))
         wire = wire.cpu().contiguous()
         if wire.dtype == torch.bfloat16:
             wire = wire.view(torch.int16)
@@ -400,9 +398,8 @@ def _encode_payload(
     else:
         x32 = x.to(torch.float32)
         q, scales = _quantize(x32, codec, block_size)
-        if use_ef:
-            assert error_feedback is not None
-            error_feedback.store(key, x32 - _dequantize(q, scales, codec, block_size, numel).to(x32.device))
+        if ef is not None:
+            ef.store(key, x32 - _dequantize(q, scales, codec, block_size, numel).to(x32.device))
         payload_arr = q.cpu().contiguous().numpy()
         scales_bytes = _to_bytes(scales.cpu())
     meta = tensor_pb2.Tensor(
