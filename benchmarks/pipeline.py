@@ -137,8 +137,8 @@ def _activation(codec: str) -> torch.Tensor:
 
 
 def encode_activation(h: torch.Tensor, codec: str) -> tuple[Any, Any]:
-    """What PipelineAgent._push does: a raw codec's payload is cast to the wire dtype segment by segment as
-    it is sent (the receiver reads it in place, and its runtime casts back in the compute thread)."""
+    """What PipelineAgent._push does: a raw codec's payload is cast to the wire dtype by the transport as it
+    is sent (the receiver reads it in place, and its runtime casts back in the compute thread)."""
     return encode_segmented(h, codec) if codec in RAW_CODECS else encode_split(h, codec)
 
 
@@ -209,10 +209,11 @@ def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
         hops, raws = asyncio.run(client())
         sock.close()
         encodes, decodes = [], []
+        scratch = torch.empty(4 * activation.numel(), dtype=torch.uint8)   # the wire connection's cast buffer
         for _ in range(reps):
             start = time.perf_counter()
             msg, data = encode_activation(activation, codec)
-            segments = list(data.segments()) if isinstance(data, SegmentedPayload) else [data]
+            segments = list(data.segments(scratch if wire else None)) if isinstance(data, SegmentedPayload) else [data]
             if not wire:
                 seal(msg, b"".join(segments))
             encodes.append(time.perf_counter() - start)

@@ -289,7 +289,7 @@ class PipelineAgent:
         if address is None:
             await self._give_up(header, f"no address for node {node_id}", suspect=None)
             return
-        # A raw codec decodes into its wire dtype (the receiver reads it in place), cast segment by segment as
+        # A raw codec decodes into its wire dtype (the receiver reads it in place), cast by the transport as
         # the bytes go out; the transport seals the message if it has to go by gRPC.
         if self.codec in RAW_CODECS:
             msg, payload = encode_segmented(tensor, self.codec)

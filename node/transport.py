@@ -279,6 +279,9 @@ class Transport:
         (it is unreachable on gRPC too).
         """
         key = (address, backward)
+        conn = self._wires.get(key)
+        if conn is not None and not conn.closed:   # the common case: no lock to take
+            return conn
         lock = self._wire_locks.setdefault(key, asyncio.Lock())
         async with lock:
             conn = self._wires.get(key)
@@ -379,7 +382,8 @@ class Transport:
         if self.wire:
             parts = frame_parts(header, tensor, payload)
             nbytes = len(parts[1]) + len(parts[2])   # the tensor, as on gRPC (the header is not counted there either)
-            await self.emulate(address, nbytes, node_id)
+            if self.links is not None:
+                await self.emulate(address, nbytes, node_id)
             ack = await self._send_on_wire(address, backward, parts, timeout_s)
             if ack is None:   # no usable wire: gRPC, over the link already emulated
                 ack, nbytes = await self._send_on_grpc(address, backward, header, seal(tensor, payload), timeout_s)

@@ -4,7 +4,7 @@ Why: a 1 MiB activation through grpc.aio costs ~1 ms of fixed Python and thread
 hand-offs per message on each side (the poller thread, the event loop, protobuf
 copies), several times what the same bytes cost on a socket. On the wire a hop is
 a small frame head and the payload written straight from the encoded tensor (a raw
-codec's payload is cast segment by segment as it is written:
+codec's payload is cast as it is written, into a buffer the connection reuses:
 ``codec.encode_segmented``), read on the other side by a ``BufferedProtocol`` on the
 node's own event loop straight into the tensor handed to the agent
 (``codec.receive_target``) and checked finite as it arrives: no extra threads, no
@@ -64,7 +64,7 @@ OK, INVALID, UNAVAILABLE = 0, 1, 2
 MAX_META_BYTES = 1 << 20          # header and tensor metadata each (they are a few hundred bytes)
 MAX_REPLY_MESSAGE = 4096
 HANDSHAKE_TIMEOUT_S = 10.0
-CHECK_BYTES = 64 * 1024          # a payload read in place is checked finite in steps of at least this
+CHECK_BYTES = 256 * 1024         # a payload read in place is checked finite in steps of at least this
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 WirePayload = bytes | memoryview | SegmentedPayload
@@ -367,6 +367,7 @@ class WireConnection:
 
     protocol: _ClientProtocol
     lock: asyncio.Lock
+    scratch: torch.Tensor | None = None   # where segmented payloads are cast (frames go out one at a time)
 
     @classmethod
     async def open(cls, host: str, port: int, token: str, timeout_s: float) -> WireConnection:
@@ -390,8 +391,9 @@ class WireConnection:
     async def send(self, kind: int, header: bytes, meta: bytes, payload: WirePayload) -> tuple[int, str]:
         """Send one frame and wait for its reply; raises WireError (``sent`` False: nothing went out).
 
-        A ``SegmentedPayload`` is cast and written one segment at a time: the receiver reads (and checks)
-        the first segments while later ones are being cast.
+        A ``SegmentedPayload`` is cast into the connection's scratch buffer and written one segment at a
+        time (one segment for activations up to ``codec.SEGMENT_BYTES``); the scratch is free again once
+        the reply is in, because the receiver has then read every byte.
         """
         async with self.lock:
             protocol = self.protocol
@@ -401,7 +403,9 @@ class WireConnection:
             transport = protocol.transport
             transport.write(REQUEST.pack(REQUEST_MAGIC, kind, len(header), len(meta), len(payload)) + header + meta)
             if isinstance(payload, SegmentedPayload):
-                for segment in payload.segments():
+                if self.scratch is None or self.scratch.numel() < len(payload):
+                    self.scratch = torch.empty(len(payload), dtype=torch.uint8)
+                for segment in payload.segments(self.scratch):
                     transport.write(segment)
             else:
                 transport.write(payload)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import numpy as np
 import pytest
 import torch
 import zstandard
@@ -477,6 +478,16 @@ def test_segmented_payload_is_the_split_payload_of_the_cast_tensor(name: str) ->
     assert len(payload) == len(split_payload)
     decoded = decode(seal(meta, payload))
     assert decoded.dtype == wire_dtype and torch.equal(decoded, x.to(wire_dtype))
+    # cast into a transport's reused scratch: the same bytes, written into the scratch (a raw fp32
+    # payload is its source's own memory: nothing to cast, nothing copied)
+    scratch = torch.full((len(payload) + 16,), 0xAB, dtype=torch.uint8)
+    in_scratch = list(payload.segments(scratch))
+    assert b"".join(bytes(s) for s in in_scratch) == bytes(split_payload)
+    home = x.numpy() if name == "fp32" else scratch.numpy()
+    assert all(np.shares_memory(np.asarray(s), home) for s in in_scratch)
+    assert scratch[len(payload):].eq(0xAB).all()          # nothing written past the payload
+    with pytest.raises(ValueError, match="scratch"):
+        next(payload.segments(torch.empty(len(payload) - 1, dtype=torch.uint8)))
 
 
 def test_segmented_encoding_refuses_quantized_codecs_and_check_finite_catches_overflowing_sums() -> None:

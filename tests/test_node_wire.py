@@ -134,8 +134,10 @@ def test_microbatches_arrive_intact_on_one_connection_per_direction() -> None:
             # a whole message (payload inside, with its checksum) goes on the wire too
             ack = await transport.send_microbatch(node.address, False, _header(6), encode(xs[0], "fp32"), timeout_s=10)
             assert ack.ok
-            # concurrent sends: one frame in flight per connection, every one answered
-            acks = await asyncio.gather(*(_send(transport, node.address, 100 + i, xs[0]) for i in range(8)))
+            # concurrent sends of different sizes: one frame in flight per connection (each cast into the
+            # connection's reused scratch only once the previous frame is answered), every one answered
+            ys = [torch.randn(3, i + 1, 8) for i in (5, 1, 7, 0, 3, 6, 2, 4)]
+            acks = await asyncio.gather(*(_send(transport, node.address, 100 + i, y) for i, y in enumerate(ys)))
             assert all(a.ok for a in acks)
             assert set(transport._wires) == {(node.address, False), (node.address, True)}
             assert not transport._pipes   # nothing went over gRPC
@@ -148,11 +150,13 @@ def test_microbatches_arrive_intact_on_one_connection_per_direction() -> None:
                     torch.testing.assert_close(h, x, rtol=0, atol=0)
                 elif codec in ("bf16", "fp16"):
                     assert h.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[codec]
-                    torch.testing.assert_close(h.float(), x, rtol=1e-2, atol=1e-2)
+                    assert torch.equal(h, x.to(h.dtype))
                 else:   # exactly what the codec's own round trip gives
                     assert torch.equal(h, decode(encode(x, codec, compress=False)))
             torch.testing.assert_close(got[6][2], xs[0], rtol=0, atol=0)
             assert sorted(mb for mb, _, _, _ in got[7:]) == list(range(100, 108))
+            for mb, _, h, _ in got[7:]:
+                assert torch.equal(h, ys[mb - 100].to(torch.bfloat16))
             assert node.servicer.bytes_received == transport.bytes_sent   # activations and the one Ping
     asyncio.run(main())
 
