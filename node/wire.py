@@ -355,7 +355,9 @@ class _ClientProtocol(asyncio.Protocol):
             if future is not None and not future.done():
                 future.set_exception(ConnectionError(reason))
         if self.transport is not None:
-            self.transport.close()
+            # abort, not close: a frame cut off mid-way must not sit in the write buffer (and keep the
+            # connection's scratch) until a stalled peer reads it
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(f"connection closed{f': {exc}' if exc else ''}")

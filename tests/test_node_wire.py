@@ -309,6 +309,51 @@ def test_a_stalled_receiver_times_out_and_a_dead_one_is_unavailable() -> None:
     asyncio.run(main())
 
 
+def test_a_frame_cut_off_by_a_timeout_is_dropped_not_delivered_later() -> None:
+    """A receiver that stops reading mid-frame: after the timeout the connection is reset at once, so the
+    rest of the frame (still in this side's write buffer) never reaches it."""
+    async def main() -> None:
+        node = await _node()
+        transport = Transport(TOKEN)
+        got_handshake = asyncio.Event()
+        resume = asyncio.Event()
+        received: list[int] = []
+
+        async def reads_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonce = b"\0" * NONCE_BYTES
+            writer.write(nonce)
+            if await reader.readexactly(32) == handshake_mac(TOKEN, nonce):
+                writer.write(ACCEPTED)
+                got_handshake.set()
+                await resume.wait()
+                total = 0
+                with contextlib.suppress(ConnectionError):
+                    while chunk := await reader.read(1 << 20):
+                        total += len(chunk)
+                received.append(total)
+            writer.close()
+
+        late_server = await asyncio.start_server(reads_late, "127.0.0.1", 0)
+        try:
+            x = torch.zeros(12 << 20)    # 24 MiB in bf16: far more than the socket buffers hold
+            transport._wire_ports[node.address] = late_server.sockets[0].getsockname()[1]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _send(transport, node.address, 1, x, timeout_s=0.5, segment_bytes=8 << 20)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and got_handshake.is_set()
+            resume.set()
+            for _ in range(100):
+                if received:
+                    break
+                await asyncio.sleep(0.05)
+            assert received and received[0] < 2 * x.numel()   # the frame was cut off, not flushed
+        finally:
+            resume.set()
+            late_server.close()
+            await transport.close()
+            await node.stop()
+    asyncio.run(main())
+
+
 def test_a_restarted_peer_on_the_same_address_is_reached_again() -> None:
     async def main() -> None:
         async with _wired() as (node, transport):
