@@ -36,11 +36,10 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import signal
+import shutil
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +69,7 @@ from protocols.codec import (  # noqa: E402
     tensor_bytes,
 )
 from protocols.rpc import install_uvloop  # noqa: E402
+from sim.procs import Supervisor  # noqa: E402
 
 TOKEN = "bench-token"
 WIRE_BYTES = 1 << 20
@@ -286,46 +286,32 @@ def pipeline_tokens_per_s(steps: int) -> float:
     work = Path(tempfile.mkdtemp(prefix="lowband-bench-"))
     (work / "token").write_text(TOKEN)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(args: list[str], name: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, stdout=open(work / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, cwd=work)
-        procs.append(proc)
-        return proc
-
-    try:
+    with Supervisor(work) as supervisor:   # every process group it started dies with it, however this ends
         args = [sys.executable, "-m", "coordinator.cli", "serve", "--bind", "127.0.0.1:0", "--run-dir",
                 str(work / "run"), "--token-file", str(work / "token"), "--port-file", str(work / "port")]
         for item in _overrides(steps):
             args += ["--set", item]
-        spawn(args, "coordinator")
+        supervisor.spawn("coordinator", args, env=env, cwd=work)
         deadline = time.monotonic() + 60
         while not (work / "port").exists():
             if time.monotonic() > deadline:
                 raise RuntimeError("coordinator did not start")
             time.sleep(0.05)
         address = f"127.0.0.1:{(work / 'port').read_text().strip()}"
-        nodes = []
-        for stage in range(4):
-            nodes.append(spawn([sys.executable, "-m", "node.cli", "--coordinator", address, "--token-file",
-                                str(work / "token"), "--device", "cpu", "--preferred-stage", str(stage),
-                                "--log-json", str(work / f"node{stage}.jsonl"), "--log-level", "WARNING"],
-                               f"node{stage}"))
+        nodes = [supervisor.spawn(f"node{stage}", [
+            sys.executable, "-m", "node.cli", "--coordinator", address, "--token-file", str(work / "token"),
+            "--device", "cpu", "--preferred-stage", str(stage), "--log-json", str(work / f"node{stage}.jsonl"),
+            "--log-level", "WARNING"], env=env, cwd=work) for stage in range(4)]
         deadline = time.monotonic() + 600
-        while any(p.poll() is None for p in nodes) and time.monotonic() < deadline:
+        while any(node.alive() for node in nodes) and time.monotonic() < deadline:
             time.sleep(0.2)
-        records = [json.loads(line) for line in (work / "node0.jsonl").read_text().splitlines()]
-        its = [r for r in records if r["kind"] == "iteration"]
-        if len(its) < 4:
-            raise RuntimeError(f"pipeline ran {len(its)} iterations; logs in {work}")
-        first, last = its[1], its[-1]   # from the end of iteration 2: warm-up excluded
-        return (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    records = [json.loads(line) for line in (work / "node0.jsonl").read_text().splitlines()]
+    its = [r for r in records if r["kind"] == "iteration"]
+    if len(its) < 4:
+        raise RuntimeError(f"pipeline ran {len(its)} iterations; logs in {work}")
+    first, last = its[1], its[-1]   # from the end of iteration 2: warm-up excluded
+    shutil.rmtree(work, ignore_errors=True)   # kept only when the run failed, for its logs
+    return (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
 
 
 def main(argv: list[str] | None = None) -> int:

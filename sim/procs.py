@@ -57,7 +57,8 @@ class Supervisor:
         self._closed = False
         atexit.register(self.kill_all)
 
-    def spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
+    def spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> Child:
         log_path = self.log_dir / f"{name}.log"
         log_file = open(log_path, "ab")
         try:
@@ -67,6 +68,7 @@ class Supervisor:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 env=env,
+                cwd=cwd,
                 start_new_session=True,
             )
         finally:

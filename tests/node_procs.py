@@ -1,19 +1,21 @@
 """Multi-process runs for node tests: a coordinator and node daemons as real processes on loopback.
 
-Every child runs in its own session (process group); ``LocalRun.close`` kills
-every group it started, so a failing test leaves no processes behind.
+The processes are the simulator's supervised children (``sim.procs.Supervisor``): each runs in its
+own session (process group), and ``LocalRun.close`` kills every group it started, so a failing test
+leaves no processes behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from sim.procs import Supervisor
 
 TOKEN = "node-test-token"
 
@@ -24,11 +26,11 @@ class LocalRun:
         self.overrides = overrides
         self.token_file = workdir / "token"
         self.token_file.write_text(TOKEN + "\n")
+        self.supervisor = Supervisor(workdir)
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.nodes: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
         self.address = ""
-        self._files: list[Any] = []
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -36,11 +38,8 @@ class LocalRun:
         env.pop("LOWBAND_TOKEN", None)
         return env
 
-    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        out = open(log, "wb")   # closed in close()
-        self._files.append(out)
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self._env(),
-                                start_new_session=True, cwd=self.workdir)
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        return self.supervisor.spawn(name, args, env=self._env(), cwd=self.workdir).popen
 
     def start_coordinator(self, timeout_s: float = 30.0, bind: str = "127.0.0.1:0") -> str:
         port_file = self.workdir / "coordinator.port"
@@ -49,7 +48,7 @@ class LocalRun:
                 "--port-file", str(port_file)]
         for item in self.overrides:
             args += ["--set", item]
-        self.coordinator = self._spawn(args, self.workdir / "coordinator.log")
+        self.coordinator = self._spawn(args, "coordinator")
         deadline = time.monotonic() + timeout_s
         while not port_file.exists():
             if self.coordinator.poll() is not None or time.monotonic() > deadline:
@@ -63,7 +62,7 @@ class LocalRun:
         args = [sys.executable, "-m", "node.cli", "--coordinator", self.address, "--token-file", str(self.token_file),
                 "--device", "cpu", "--preferred-stage", str(preferred_stage), "--log-json", str(log_json),
                 *(extra or [])]
-        proc = self._spawn(args, self.workdir / f"{name}.log")
+        proc = self._spawn(args, name)
         self.nodes.append(proc)
         self.logs.append(log_json)
         return proc
@@ -96,17 +95,5 @@ class LocalRun:
         return "\n".join(parts)
 
     def close(self) -> None:
-        procs = [*self.nodes, *([self.coordinator] if self.coordinator else [])]
-        for proc in procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        for f in self._files:
-            f.close()
+        """SIGKILL every process group this run started (tests need no grace) and reap them."""
+        self.supervisor.kill_all(graceful_s=0.0)
