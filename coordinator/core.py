@@ -546,7 +546,8 @@ class Coordinator:
         if m.state != ALIVE:
             raise Conflict(f"node {req.node_id!r} is {m.state}: it joins sync rounds once it holds the weights")
         healthy = [x.node_id for x in self.members.values() if x.state == ALIVE and x.stage == req.stage]
-        status = self.rounds.request(req.node_id, req.stage, req.fragment, req.outer_step, healthy)
+        status = self.rounds.request(req.node_id, req.stage, req.fragment, req.outer_step, healthy,
+                                     self._scheduled(healthy))
         for formed in self.rounds.formed:
             if self._store is not None:
                 self._store.save_round(formed.stage, formed.fragment, formed.round_id, formed.outer_step,
@@ -562,6 +563,16 @@ class Coordinator:
             reply.participants.add(node_id=node_id, address=p.address if p else "",
                                    stage=p.stage if p else req.stage)
         return reply
+
+    def _scheduled(self, node_ids: list[str]) -> list[str] | None:
+        """Those of ``node_ids`` the current plan routes microbatches through: the replicas a sync round
+        waits for. The planner may leave a slow or distant replica idle (that is its best makespan); an
+        idle replica takes no inner steps and never asks, so rounds must not wait for it. None (wait for
+        every one) while the plan is not yet computed for the current membership."""
+        if self._plan_cache is None or self._plan_cache[0] != self.epoch:
+            return None
+        visits = self._plan_cache[1].visits
+        return [n for n in node_ids if visits.get(n)]
 
     # -- status ---------------------------------------------------------------------
     def outer_step(self) -> int:

@@ -102,11 +102,15 @@ class SyncRounds:
         return max(steps, default=-1)
 
     def request(
-        self, node_id: str, stage: int, fragment: int, outer_step: int, healthy: Collection[str]
+        self, node_id: str, stage: int, fragment: int, outer_step: int, healthy: Collection[str],
+        expected: Collection[str] | None = None,
     ) -> RoundStatus:
         """One poll by `node_id` (a healthy replica of `stage`) for the round completing `outer_step`.
 
-        `healthy` is the set of healthy replicas of the stage right now.
+        `healthy` is the set of healthy replicas of the stage right now: any of them that asks takes
+        part. `expected` (default: all of `healthy`) are those the round waits for: a replica that the
+        path plan routes no microbatch through takes no inner steps, so it never asks, and waiting the
+        join window for it at every round would only slow the others down.
         """
         key = (stage, fragment)
         rounds = self._rounds.setdefault(key, {})
@@ -126,28 +130,29 @@ class SyncRounds:
         if r.participants is None and not r.abandoned and node_id not in r.askers:
             r.askers.append(node_id)
         if r.participants is None and not r.abandoned:
-            self._evaluate(key, r, healthy)
+            self._evaluate(key, r, healthy, healthy if expected is None else expected)
         return self._status(r)
 
-    def _evaluate(self, key: Key, r: _Round, healthy: Collection[str]) -> None:
+    def _evaluate(self, key: Key, r: _Round, healthy: Collection[str], expected: Collection[str]) -> None:
         now = self._clock()
         healthy_set = set(healthy)
         present = [a for a in r.askers if a in healthy_set]
+        waited_for = (set(expected) & healthy_set) | set(present)
         enough = len(present) >= self.min_participants
-        previous = set(self._last_formed.get(key, ())) & healthy_set
-        everyone = bool(present) and healthy_set <= set(present)
+        previous = set(self._last_formed.get(key, ())) & waited_for
+        everyone = bool(present) and waited_for <= set(present)
         # The fast path skips the window only when the previous round was the whole stage
         # (every replica healthy then took part) and no replica is new since; otherwise a
         # replica that once formed a round alone would keep forming rounds alone, and a
         # late or new replica would never be waited for again.
         known = self._known.get(key, set())
         complete = known <= set(self._last_formed.get(key, ()))
-        fast = bool(previous) and previous <= set(present) and complete and healthy_set <= known
+        fast = bool(previous) and previous <= set(present) and complete and waited_for <= known
         waited = now - r.opened_at
         if enough and (everyone or fast or waited >= self.join_window_s):
             r.participants = tuple(sorted(present))
             self._last_formed[key] = r.participants
-            self._known[key] = healthy_set
+            self._known[key] = waited_for
             self.formed.append(FormedRound(key[0], key[1], r.round_id, r.outer_step, r.participants))
         elif waited >= self.timeout_s:
             r.abandoned = (f"quorum not reached: {len(present)} of at least {self.min_participants} "

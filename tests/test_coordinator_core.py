@@ -233,9 +233,16 @@ def test_links_feed_the_planner() -> None:
         pb.LinkMeasurement(peer_id=near.node_id, rtt_s=0.001, bandwidth_bytes_per_s=1e9),
         pb.LinkMeasurement(peer_id=far.node_id, rtt_s=30.0, bandwidth_bytes_per_s=1e3)]))
     assert core.link_matrix()[(o.node_id, far.node_id)] == (30.0, 1e3)
-    join(core, 9003, data=False, preferred_stage=1)  # membership change -> re-plan with the links
+    third = join(core, 9003, data=False, preferred_stage=1)  # membership change -> re-plan with the links
     sched = core.schedule(pb.ScheduleRequest(node_id=o.node_id))
     assert all(p.node_ids[1] != far.node_id for p in sched.paths)
+    # far takes no inner steps, so sync rounds of stage 1 do not wait for it: the replicas the plan
+    # visits form the round as soon as both have asked (no join window)
+    busy = sorted({p.node_ids[1] for p in sched.paths})
+    assert busy == sorted([near.node_id, third.node_id])
+    replies = [core.sync_round(pb.SyncRoundRequest(node_id=n, stage=1, fragment=0, outer_step=1)) for n in busy]
+    assert not replies[0].ready
+    assert replies[1].ready and [p.node_id for p in replies[1].participants] == busy
 
 
 def test_leave_and_failure_report() -> None:

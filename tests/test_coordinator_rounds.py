@@ -68,6 +68,26 @@ def test_round_that_left_someone_out_is_followed_by_a_window() -> None:
     assert s.ready and s.participants == ("a", "b")
 
 
+def test_a_replica_the_plan_leaves_idle_is_not_waited_for_but_may_take_part() -> None:
+    rounds, clock = make(window=5.0)
+    healthy, scheduled = ["a", "b", "idle"], ["a", "b"]
+    assert not rounds.request("a", 1, 0, 1, healthy, scheduled).ready
+    s = rounds.request("b", 1, 0, 1, healthy, scheduled)
+    assert s.ready and s.participants == ("a", "b")            # no join window spent on "idle"
+    # the next rounds take the fast path too: leaving out a replica nobody waits for is no gap
+    assert not rounds.request("b", 1, 0, 2, healthy, scheduled).ready
+    assert rounds.request("a", 1, 0, 2, healthy, scheduled).participants == ("a", "b")
+    # a replica outside the plan that does ask (it still had steps of an older plan) takes part
+    rounds.request("idle", 1, 0, 3, healthy, scheduled)
+    rounds.request("a", 1, 0, 3, healthy, scheduled)
+    assert rounds.request("b", 1, 0, 3, healthy, scheduled).participants == ("a", "b", "idle")
+    # without the plan's word every healthy replica is waited for, as before
+    assert not rounds.request("a", 1, 0, 4, healthy).ready
+    assert not rounds.request("b", 1, 0, 4, healthy).ready
+    clock.t += 5.01
+    assert rounds.request("a", 1, 0, 4, healthy).participants == ("a", "b")
+
+
 def test_dead_previous_participant_does_not_block_fast_path() -> None:
     rounds, _ = make(window=5.0)
     for node in ("a", "b"):
