@@ -19,7 +19,8 @@ outer_step, sync_bytes_sent), ``step`` (every inner step: microbatches,
 abandoned, grad_norm, lr, forced), ``iteration`` (origins: loss, abandoned,
 tokens, seconds), ``eval`` (origins: val_loss), ``abandon`` (microbatch, reason,
 suspect), ``failure`` (suspect reported to the coordinator), ``outer-sync`` /
-``outer-merge`` / ``outer-skip`` / ``outer-resync`` (DiLoCo), ``bookend-copy``,
+``outer-merge`` / ``outer-skip`` / ``outer-resync`` (DiLoCo), ``standby-resync`` (a
+replica the plan leaves idle copies its group's state: source, outer_steps), ``bookend-copy``,
 ``leave`` (reason, acknowledged).
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -66,6 +68,7 @@ STATE_TIMEOUT_S = 60.0       # copying a stage from a replica (large models take
 DRAIN_TIMEOUT_S = 5.0        # let the last pushes of the final iteration go out before exiting
 ORIGIN_PATIENCE_S = 60.0  # how long stage nodes wait for replacement origins
 NO_PIPELINE_FACTOR = 10      # an origin that trained gives up after this many leases without any path
+STANDBY_RESYNC_HEARTBEATS = 4  # an idle replica (no visits in the plan) copies the group's θ_global this often
 LINK_PROBE_EVERY_S = 10.0    # how often peers are pinged for the planner's link matrix
 LINK_PROBE_BYTES = 64 * 1024 # padding of the bandwidth probe
 LINK_PROBE_PEERS = 32        # at most this many peers per report (the closest stages first)
@@ -171,6 +174,7 @@ class NodeDaemon:
         self._no_paths_since: float | None = None
         self._last_refresh = 0.0
         self._schedule_changed_at = time.monotonic()
+        self._last_standby_resync = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -457,9 +461,10 @@ class NodeDaemon:
         load_rebuilt(module, state)
         return iteration, lr_scale, outer_parts if method == "replica-copy" else {}
 
-    async def _resync_outer(self) -> None:
+    async def _resync_outer(self, *, standby: bool = False) -> None:
         """This replica missed outer rounds: adopt θ_global and the outer state of the replica of our
-        stage that is furthest ahead (it contributes again from its next round)."""
+        stage that is furthest ahead (it contributes again from its next round). A ``standby`` replica
+        (one the plan leaves idle) also takes θ_global as its local weights: it has trained nothing since."""
         agent, outer = self.agent, self.outer
         if agent is None or outer is None:
             return
@@ -483,11 +488,21 @@ class NodeDaemon:
         if best is None or best[0] <= outer.total_outer_steps():
             return
         try:
-            await agent.runtime.run(outer.load_parts, best[1], slow=False)
+            await agent.runtime.run(functools.partial(outer.load_parts, reset_local=standby), best[1], slow=False)
         except ValueError as exc:
             logger.warning("outer state from %s unusable: %s", best[2], exc)
             return
-        self.events.write("outer-resync", source=best[2], outer_steps=best[0])
+        self.events.write("standby-resync" if standby else "outer-resync", source=best[2], outer_steps=best[0])
+
+    def _standby(self, agent: PipelineAgent) -> bool:
+        """The settled plan routes no microbatch through this replica (the planner left it out: too slow
+        or too far) while another replica of its stage works: it takes no inner steps and joins no
+        sync round, so it follows the group instead (``_train_loop``)."""
+        return (not agent.is_origin and not agent.schedule.visits and self._settled_schedule()
+                and any(s == agent.stage and n != self.node_id for n, s in agent.schedule.stages.items()))
+
+    def _settled_schedule(self) -> bool:
+        return time.monotonic() - self._schedule_changed_at > 2 * self.heartbeat_s
 
     async def _state(self, stage: int, parts: list[str]) -> StateSnapshot:
         agent = self.agent
@@ -602,6 +617,11 @@ class NodeDaemon:
                     await self._drain(agent)
                     self.stop("no origin left in the run")
                     return
+                if self._standby(agent) and time.monotonic() - self._last_standby_resync > self._standby_every_s():
+                    # keep θ_global current, so that a new plan or a CheckFree recovery that puts this
+                    # replica back to work (or copies from it) starts from the group's weights
+                    self._last_standby_resync = time.monotonic()
+                    await self._resync_outer(standby=True)
                 await asyncio.sleep(0.2)
 
     def _no_pipeline_too_long(self, agent: PipelineAgent) -> bool:
@@ -617,9 +637,12 @@ class NodeDaemon:
     def _settled(self) -> bool:
         """Before its first iteration an origin waits until membership has not changed for two
         heartbeats, so the nodes joining at the start of a run all hold the same schedule."""
-        if self._batches is not None:
-            return True
-        return time.monotonic() - self._schedule_changed_at > 2 * self.heartbeat_s
+        return self._batches is not None or self._settled_schedule()
+
+    def _standby_every_s(self) -> float:
+        """How often an idle replica copies the group's state: a few heartbeats (a state fetch is one
+        GetState call; outer rounds come every H inner steps, far less often)."""
+        return STANDBY_RESYNC_HEARTBEATS * self.heartbeat_s
 
     def _origins_gone(self, agent: PipelineAgent) -> bool:
         """A stage node with no origin in its schedule for a long while after training began is done.

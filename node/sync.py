@@ -187,6 +187,7 @@ class OuterSync:
         """θ_global ("global") and the outer optimizer ("outer") for GetState; worker thread."""
         return state_to_parts(self.diloco.state_dict())
 
-    def load_parts(self, parts: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Adopt a live replica's θ_global and outer state (keeps the local weights as copied)."""
-        self.diloco.load_state_dict(state_from_parts(parts, self.diloco.fragments), reset_local=False)
+    def load_parts(self, parts: dict[str, dict[str, torch.Tensor]], *, reset_local: bool = False) -> None:
+        """Adopt a live replica's θ_global and outer state; the local weights stay as they are, or with
+        ``reset_local`` become θ_global (a replica that has not trained since has nothing of its own)."""
+        self.diloco.load_state_dict(state_from_parts(parts, self.diloco.fragments), reset_local=reset_local)

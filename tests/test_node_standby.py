@@ -1,0 +1,51 @@
+"""A replica the path plan leaves idle (too slow to be worth a microbatch) follows its stage's group.
+
+It takes no inner steps and never asks for a sync round, so: the working replica's rounds do not
+wait the join window for it (coordinator), and it copies the group's θ_global and outer state every
+few heartbeats (node daemon), so a later plan or a CheckFree copy that relies on it finds current
+weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from node_procs import LocalRun
+
+JOIN_WINDOW_S = 4.0
+OVERRIDES = [
+    "model.stages=2", "model.seq_len=64", "train.microbatch_size=4", "train.microbatches=2", "train.steps=24",
+    "train.eval_every=100000", "train.eval_batches=1", "skippipe.planner=skippipe", "diloco.inner_steps=4",
+    "membership.heartbeat_interval_s=0.5", "membership.lease_s=5",
+    f"membership.sync_join_window_s={JOIN_WINDOW_S}", f"membership.sync_timeout_s={2 * JOIN_WINDOW_S}",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_an_idle_replica_follows_its_group_and_is_not_waited_for(tmp_path: Path) -> None:
+    run = LocalRun(tmp_path, OVERRIDES)
+    try:
+        run.start_coordinator()
+        run.start_node("origin", preferred_stage=0)
+        run.start_node("fast", preferred_stage=1)
+        run.start_node("slow", preferred_stage=1, extra=["--slowdown", "50"])
+        codes = run.wait_nodes(timeout_s=180)
+        assert codes[:2] == [0, 0], run.tail()
+        fast_syncs = run.records(1, "outer-sync")
+        assert len(fast_syncs) >= 3, run.tail()
+        # the plan gave the slow replica nothing: it never stepped nor asked for a round
+        schedules = run.records(2, "schedule")
+        assert schedules and schedules[-1]["expected"] == 0, run.tail()
+        assert not run.records(2, "step") and not run.records(2, "outer-sync"), run.tail()
+        # ...so the fast replica's rounds formed without spending the join window on it
+        assert all(r["participants"] == 1 and r["seconds"] < JOIN_WINDOW_S for r in fast_syncs), fast_syncs
+        # and the slow one kept adopting the group's state as it moved on
+        follows = run.records(2, "standby-resync")
+        assert follows, run.tail()
+        steps = [r["outer_steps"] for r in follows]
+        assert steps == sorted(steps) and steps[-1] >= 2 and steps[-1] <= len(fast_syncs)
+        assert all(r["source"] == fast_syncs[0]["node_id"] for r in follows)
+    finally:
+        run.close()
