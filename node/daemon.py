@@ -65,6 +65,7 @@ Kind = pb.Instruction.Kind
 VERSION = "0.1.0"
 LEAVE_TIMEOUT_S = 2.0        # a preempted node has ~seconds; do not wait long for the coordinator
 STATE_TIMEOUT_S = 60.0       # copying a stage from a replica (large models take a while)
+PING_TIMEOUT_S = 5.0         # asking a peer how far its outer state is
 DRAIN_TIMEOUT_S = 5.0        # let the last pushes of the final iteration go out before exiting
 ORIGIN_PATIENCE_S = 60.0  # how long stage nodes wait for replacement origins
 NO_PIPELINE_FACTOR = 10      # an origin that trained gives up after this many leases without any path
@@ -379,6 +380,7 @@ class NodeDaemon:
                 self._watchdog.cancel()
             if self.outer is not None:
                 self.servicer.shard_reducer = None
+                self.servicer.outer_steps = lambda: 0
                 await self.outer.close()
                 self.outer = None
             module = await asyncio.to_thread(build_stage, cfg, stage, config.model.stages, config.seed)
@@ -420,6 +422,7 @@ class NodeDaemon:
             self.servicer.stage = stage
             self.servicer.state_provider = self._state
             self.servicer.shard_reducer = outer.reducer
+            self.servicer.outer_steps = outer.total_outer_steps
             self.servicer.agent = agent
             self._watchdog = asyncio.create_task(runtime.watchdog(), name="watchdog")
             self.events.context = {"node_id": self.node_id, "stage": stage}
@@ -468,12 +471,21 @@ class NodeDaemon:
         agent, outer = self.agent, self.outer
         if agent is None or outer is None:
             return
-        best: tuple[int, dict[str, dict[str, torch.Tensor]], str] | None = None
+        # Ask first (a Ping: a few bytes), copy second (θ_global and the outer state: twice the stage's
+        # size), and only from the replica furthest ahead: a standby asks every few heartbeats.
+        ahead: list[tuple[int, str, str]] = []
         peers = sorted(n for n, s in agent.schedule.stages.items() if s == agent.stage and n != self.node_id)
         for node_id in peers[:3]:
             address = agent.schedule.addresses.get(node_id)
             if address is None:
                 continue
+            try:
+                _, pong = await self.transport.ping(address, timeout_s=PING_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                continue
+            if pong.stage == agent.stage and pong.outer_steps > outer.total_outer_steps():
+                ahead.append((pong.outer_steps, node_id, address))
+        for _, node_id, address in sorted(ahead, reverse=True):
             try:
                 snapshot = await fetch_state(self.transport.stub(address), agent.stage, ["global", "outer"],
                                              self.node_id, metadata=self.transport.metadata,
@@ -483,16 +495,16 @@ class NodeDaemon:
                 continue
             steps_t = snapshot.parts.get("outer", {}).get("steps")
             steps = int(steps_t.sum()) if steps_t is not None else 0
-            if best is None or steps > best[0]:
-                best = (steps, snapshot.parts, node_id)
-        if best is None or best[0] <= outer.total_outer_steps():
+            if steps <= outer.total_outer_steps():
+                return
+            try:
+                await agent.runtime.run(functools.partial(outer.load_parts, reset_local=standby), snapshot.parts,
+                                        slow=False)
+            except ValueError as exc:
+                logger.warning("outer state from %s unusable: %s", node_id, exc)
+                continue
+            self.events.write("standby-resync" if standby else "outer-resync", source=node_id, outer_steps=steps)
             return
-        try:
-            await agent.runtime.run(functools.partial(outer.load_parts, reset_local=standby), best[1], slow=False)
-        except ValueError as exc:
-            logger.warning("outer state from %s unusable: %s", best[2], exc)
-            return
-        self.events.write("standby-resync" if standby else "outer-resync", source=best[2], outer_steps=best[0])
 
     def _standby(self, agent: PipelineAgent) -> bool:
         """The settled plan routes no microbatch through this replica (the planner left it out: too slow

@@ -87,6 +87,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.bytes_received = 0
         self.state_chunk_bytes = 4 * 1024 * 1024
         self.wire_port = 0   # the activation wire's port, announced in Ping (0: none)
+        self.outer_steps: Callable[[], int] = lambda: 0   # the DiLoCo state's outer steps, announced in Ping
 
     def wire_frame(self, frame: WireFrame) -> None:
         """A microbatch that came on the activation wire (node/wire.py): the same checks as on a pipe."""
@@ -204,7 +205,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     async def Ping(self, request: node_pb2.PingRequest, context: grpc.aio.ServicerContext) -> node_pb2.PingReply:
         self.bytes_received += request.ByteSize()
         return node_pb2.PingReply(sent_at=request.sent_at, node_id=self.node_id, stage=self.stage,
-                                  wire_port=self.wire_port)
+                                  wire_port=self.wire_port, outer_steps=self.outer_steps())
 
 
 async def fetch_state(stub: node_pb2_grpc.NodeStub, stage: int, parts: list[str], requester_id: str, *,

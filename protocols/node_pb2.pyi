@@ -130,13 +130,15 @@ class PingRequest(_message.Message):
     def __init__(self, sent_at: _Optional[float] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class PingReply(_message.Message):
-    __slots__ = ("sent_at", "node_id", "stage", "wire_port")
+    __slots__ = ("sent_at", "node_id", "stage", "wire_port", "outer_steps")
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     WIRE_PORT_FIELD_NUMBER: _ClassVar[int]
+    OUTER_STEPS_FIELD_NUMBER: _ClassVar[int]
     sent_at: float
     node_id: str
     stage: int
     wire_port: int
-    def __init__(self, sent_at: _Optional[float] = ..., node_id: _Optional[str] = ..., stage: _Optional[int] = ..., wire_port: _Optional[int] = ...) -> None: ...
+    outer_steps: int
+    def __init__(self, sent_at: _Optional[float] = ..., node_id: _Optional[str] = ..., stage: _Optional[int] = ..., wire_port: _Optional[int] = ..., outer_steps: _Optional[int] = ...) -> None: ...

@@ -246,6 +246,17 @@ def test_malformed_frames_close_the_connection_or_are_refused_without_harm() -> 
     asyncio.run(main())
 
 
+def test_ping_announces_the_wire_port_and_the_outer_steps() -> None:
+    async def main() -> None:
+        async with _wired() as (node, transport):
+            _, reply = await transport.ping(node.address, timeout_s=5)
+            assert node.wire is not None and reply.wire_port == node.wire.port and reply.outer_steps == 0
+            node.servicer.outer_steps = lambda: 7   # what the daemon wires to its OuterSync
+            _, reply = await transport.ping(node.address, timeout_s=5)
+            assert reply.outer_steps == 7 and reply.node_id == "n"
+    asyncio.run(main())
+
+
 def test_no_stage_yet_is_unavailable() -> None:
     async def main() -> None:
         async with _wired(agent=False) as (node, transport):
