@@ -67,11 +67,13 @@ class Schedule:
             visits=dict(reply.visits),
         )
 
+    def counts(self, node_id: str, is_origin: bool) -> dict[str, int]:
+        """Microbatches that pass through ``node_id`` per iteration, by origin (an origin: its own paths)."""
+        return {node_id: len(self.paths)} if is_origin else dict(self.visits)
+
     def expected(self, is_origin: bool) -> int:
         """Microbatches that pass through this node per iteration (an origin: its own)."""
-        if is_origin:
-            return len(self.paths)
-        return sum(self.visits.values())
+        return sum(self.counts("", is_origin).values())
 
 
 @dataclass(slots=True)
@@ -152,11 +154,10 @@ class PipelineAgent:
         member (it left or its lease expired) instead of waiting for the microbatch timeout.
         """
         self.schedule = schedule
-        self._counts[schedule.epoch] = ({self.node_id: len(schedule.paths)} if self.is_origin
-                                        else dict(schedule.visits))
+        counts = self._counts[schedule.epoch] = schedule.counts(self.node_id, self.is_origin)
         for old in sorted(self._counts)[:-KEPT_PLAN_EPOCHS]:
             del self._counts[old]
-        self.runtime.set_expected(schedule.expected(self.is_origin))
+        self.runtime.set_expected(sum(counts.values()))
         self._spawn(self.runtime.recheck())
         if self.is_origin:
             for key, pending in list(self._pending.items()):

@@ -405,9 +405,9 @@ class WireConnection:
             transport = protocol.transport
             transport.write(REQUEST.pack(REQUEST_MAGIC, kind, len(header), len(meta), len(payload)) + header + meta)
             if isinstance(payload, SegmentedPayload):
-                if self.scratch is None or self.scratch.numel() < len(payload):
+                if payload.casts and (self.scratch is None or self.scratch.numel() < len(payload)):
                     self.scratch = torch.empty(len(payload), dtype=torch.uint8)
-                for segment in payload.segments(self.scratch):
+                for segment in payload.segments(self.scratch if payload.casts else None):
                     transport.write(segment)
             else:
                 transport.write(payload)

@@ -638,6 +638,11 @@ class SegmentedPayload:
     def __len__(self) -> int:
         return self.source.numel() * self.wire_dtype.itemsize
 
+    @property
+    def casts(self) -> bool:
+        """Whether the source needs a cast to the wire dtype (a transport needs no scratch otherwise)."""
+        return self.source.dtype != self.wire_dtype
+
     def segments(self, scratch: torch.Tensor | None = None) -> Iterator[memoryview]:
         """The payload, segment by segment. With ``scratch`` (a flat uint8 CPU tensor of at least
         ``len(self)`` bytes that the transport reuses frame after frame, once the previous frame is out)
@@ -645,7 +650,7 @@ class SegmentedPayload:
         as it is (no copy)."""
         if scratch is not None and scratch.numel() < len(self):
             raise ValueError(f"scratch holds {scratch.numel()} bytes, the payload needs {len(self)}")
-        cast = self.source.dtype != self.wire_dtype
+        cast = self.casts
         out = scratch[:len(self)].view(self.wire_dtype) if cast and scratch is not None else None
         for start in range(0, self.source.numel(), self.segment_elems):
             part = self.source[start:start + self.segment_elems]

@@ -115,6 +115,16 @@ async def _authenticated_socket(port: int, token: str = TOKEN) -> tuple[asyncio.
     return reader, writer
 
 
+async def _accept_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """The server side of the handshake, for hand-made receivers that misbehave afterwards."""
+    nonce = b"\0" * NONCE_BYTES
+    writer.write(nonce)
+    if await reader.readexactly(32) != handshake_mac(TOKEN, nonce):
+        return False
+    writer.write(ACCEPTED)
+    return True
+
+
 async def _closed_by_peer(reader: asyncio.StreamReader) -> bool:
     """The server hung up (a clean end, or a reset when it closed with our bytes unread)."""
     try:
@@ -286,10 +296,7 @@ def test_a_stalled_receiver_times_out_and_a_dead_one_is_unavailable() -> None:
         stalled: list[asyncio.StreamWriter] = []
 
         async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            nonce = b"\0" * NONCE_BYTES
-            writer.write(nonce)
-            if await reader.readexactly(32) == handshake_mac(TOKEN, nonce):
-                writer.write(ACCEPTED)
+            if await _accept_handshake(reader, writer):
                 stalled.append(writer)
                 while await reader.read(1 << 16):
                     pass
@@ -324,17 +331,12 @@ def test_a_frame_cut_off_by_a_timeout_is_dropped_not_delivered_later() -> None:
     """A receiver that stops reading mid-frame: after the timeout the connection is reset at once, so the
     rest of the frame (still in this side's write buffer) never reaches it."""
     async def main() -> None:
-        node = await _node()
-        transport = Transport(TOKEN)
         got_handshake = asyncio.Event()
         resume = asyncio.Event()
         received: list[int] = []
 
         async def reads_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            nonce = b"\0" * NONCE_BYTES
-            writer.write(nonce)
-            if await reader.readexactly(32) == handshake_mac(TOKEN, nonce):
-                writer.write(ACCEPTED)
+            if await _accept_handshake(reader, writer):
                 got_handshake.set()
                 await resume.wait()
                 total = 0
@@ -345,23 +347,22 @@ def test_a_frame_cut_off_by_a_timeout_is_dropped_not_delivered_later() -> None:
             writer.close()
 
         late_server = await asyncio.start_server(reads_late, "127.0.0.1", 0)
-        try:
-            x = torch.zeros(12 << 20)    # 24 MiB in bf16: far more than the socket buffers hold
-            transport._wire_ports[node.address] = late_server.sockets[0].getsockname()[1]
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await _send(transport, node.address, 1, x, timeout_s=0.5, segment_bytes=8 << 20)
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and got_handshake.is_set()
-            resume.set()
-            for _ in range(100):
-                if received:
-                    break
-                await asyncio.sleep(0.05)
-            assert received and received[0] < 2 * x.numel()   # the frame was cut off, not flushed
-        finally:
-            resume.set()
-            late_server.close()
-            await transport.close()
-            await node.stop()
+        async with _wired() as (node, transport):
+            try:
+                x = torch.zeros(12 << 20)    # 24 MiB in bf16: far more than the socket buffers hold
+                transport._wire_ports[node.address] = late_server.sockets[0].getsockname()[1]
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _send(transport, node.address, 1, x, timeout_s=0.5, segment_bytes=8 << 20)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and got_handshake.is_set()
+                resume.set()
+                for _ in range(100):
+                    if received:
+                        break
+                    await asyncio.sleep(0.05)
+                assert received and received[0] < 2 * x.numel()   # the frame was cut off, not flushed
+            finally:
+                resume.set()
+                late_server.close()
     asyncio.run(main())
 
 
