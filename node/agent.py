@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 FailureCallback = Callable[[str, str], Awaitable[None]]
 EventCallback = Callable[..., None]
+KEPT_PLAN_EPOCHS = 16   # plans whose microbatch counts are kept, for iterations launched under them
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +67,13 @@ class Schedule:
             visits=dict(reply.visits),
         )
 
+    def counts(self, node_id: str, is_origin: bool) -> dict[str, int]:
+        """Microbatches that pass through ``node_id`` per iteration, by origin (an origin: its own paths)."""
+        return {node_id: len(self.paths)} if is_origin else dict(self.visits)
+
     def expected(self, is_origin: bool) -> int:
         """Microbatches that pass through this node per iteration (an origin: its own)."""
-        if is_origin:
-            return len(self.paths)
-        return sum(self.visits.values())
+        return sum(self.counts("", is_origin).values())
 
 
 @dataclass(slots=True)
@@ -133,6 +136,8 @@ class PipelineAgent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._eval_counter = 0
         self.catch_up_to = 0
+        self._counts: dict[int, dict[str, int]] = {}   # plan epoch -> microbatches through here, by origin
+        runtime.expected_fn = self._expected_for
 
     @property
     def stage(self) -> int:
@@ -149,13 +154,27 @@ class PipelineAgent:
         member (it left or its lease expired) instead of waiting for the microbatch timeout.
         """
         self.schedule = schedule
-        self.runtime.set_expected(schedule.expected(self.is_origin))
+        counts = self._counts[schedule.epoch] = schedule.counts(self.node_id, self.is_origin)
+        for old in sorted(self._counts)[:-KEPT_PLAN_EPOCHS]:
+            del self._counts[old]
+        self.runtime.set_expected(sum(counts.values()))
         self._spawn(self.runtime.recheck())
         if self.is_origin:
             for key, pending in list(self._pending.items()):
                 gone = [n for n in pending.path.node_ids if n != self.node_id and n not in schedule.stages]
                 if gone and not pending.future.done():
                     self._spawn(self._abandon_as_origin(key, f"node {gone[0]} left the run"))
+
+    def _expected_for(self, epochs: Mapping[str, int]) -> int:
+        """Microbatches through this node in an iteration whose origins launched it under ``epochs`` (origin
+        -> plan epoch, for the origins seen here so far); an origin not seen yet, or launching under a plan
+        this node never held, counts by the current plan."""
+        current = self._counts.get(self.schedule.epoch, {})
+        total = 0
+        for origin in current.keys() | epochs.keys():
+            counts = self._counts.get(epochs[origin], current) if origin in epochs else current
+            total += counts.get(origin, 0)
+        return total
 
     def _event(self, kind: str, **fields: object) -> None:
         if self.on_event is not None:
@@ -250,7 +269,7 @@ class PipelineAgent:
         last = len(header.stages) - 1
         try:
             if not backward and header.hop < last:           # a block stage's forward
-                out = await self.runtime.forward(None if header.evaluate else key, h)
+                out = await self.runtime.forward(None if header.evaluate else key, h, header.epoch)
                 await self._push(header, header.hop + 1, out, backward=False)
             elif not backward:                                # back at the origin: head and loss
                 pending = self._pending[key]
@@ -392,8 +411,9 @@ class PipelineAgent:
         return self.hop_timeout_s * (hops if evaluate else 2 * hops)
 
     async def run_microbatch(self, iteration: int, path: PathSpec, tokens: torch.Tensor, targets: torch.Tensor,
-                             *, evaluate: bool = False) -> float | None:
-        """Send one microbatch along ``path``; its loss, or None when it was abandoned."""
+                             *, evaluate: bool = False, epoch: int | None = None) -> float | None:
+        """Send one microbatch along ``path`` (of the plan of ``epoch``, default the current one); its loss,
+        or None when it was abandoned."""
         if not self.is_origin:
             raise StageError("only an origin (stage 0) runs microbatches")
         if evaluate:
@@ -406,11 +426,12 @@ class PipelineAgent:
         self._pending[key] = _Pending(path, targets, future, evaluate)
         header = node_pb2.MicrobatchHeader(run_id=self.run_id, iteration=iteration, microbatch=mb,
                                            origin_id=self.node_id, stages=list(path.stages),
-                                           node_ids=list(path.node_ids), hop=0, epoch=self.schedule.epoch,
+                                           node_ids=list(path.node_ids), hop=0,
+                                           epoch=self.schedule.epoch if epoch is None else epoch,
                                            evaluate=evaluate)
         try:
             try:
-                h = await self.runtime.embed(None if evaluate else key, tokens)
+                h = await self.runtime.embed(None if evaluate else key, tokens, header.epoch)
             except StageError as exc:
                 await self._give_up(header, str(exc), suspect=None)
                 return None
@@ -427,10 +448,11 @@ class PipelineAgent:
                             ) -> IterationResult:
         """Run this origin's microbatches of one iteration concurrently; returns when all finished."""
         start = time.perf_counter()
-        paths = list(self.schedule.paths)
+        paths, epoch = list(self.schedule.paths), self.schedule.epoch
         if len(batches) < len(paths):
             raise ValueError(f"{len(paths)} paths but {len(batches)} batches")
-        results = await asyncio.gather(*(self.run_microbatch(iteration, p, *b) for p, b in zip(paths, batches, strict=False)))
+        results = await asyncio.gather(*(self.run_microbatch(iteration, p, *b, epoch=epoch)
+                                         for p, b in zip(paths, batches, strict=False)))
         # Every microbatch is done or abandoned, so the runtime has stepped; be sure it did.
         while self.runtime.iteration <= iteration:
             await self.runtime.close_iteration(forced=True)

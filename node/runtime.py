@@ -20,7 +20,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -76,6 +76,7 @@ class _Iteration:
     started: set[MicrobatchKey] = field(default_factory=set)
     done: set[MicrobatchKey] = field(default_factory=set)
     abandoned: set[MicrobatchKey] = field(default_factory=set)
+    epochs: dict[str, int] = field(default_factory=dict)   # origin -> plan epoch its microbatches came under
 
     def closed(self) -> int:
         return len(self.done | self.abandoned)
@@ -120,6 +121,10 @@ class StageRuntime:
         self.on_step = on_step
         self.device = torch.device(device)
         self.after_step = after_step   # worker thread, between inner steps (outer sync hooks in here)
+        # How many microbatches an iteration expects, from the plan epochs its origins launched it under
+        # (None: ``expected``). A plan changes mid-iteration when membership does; the microbatches already
+        # launched follow the old plan, so counting them by the new one would wait for some that never come.
+        self.expected_fn: Callable[[Mapping[str, int]], int] | None = None
         self.adopt_next_iteration = False   # a late joiner takes the iteration of its first microbatch
         self.last_grad_norm = 0.0
         self.steps_applied = 0
@@ -181,9 +186,13 @@ class StageRuntime:
     def _progress(self) -> None:
         self._last_progress = time.monotonic()
 
+    def _expected_of(self, it: _Iteration) -> int:
+        return self.expected if self.expected_fn is None else max(1, self.expected_fn(it.epochs))
+
     def pending(self) -> int:
         """Microbatches of the open iteration not yet done or abandoned (for status and tests)."""
-        return self.expected - self._iter(self.iteration).closed()
+        it = self._iter(self.iteration)
+        return self._expected_of(it) - it.closed()
 
     def jump_to(self, iteration: int) -> None:
         """Skip ahead to ``iteration`` (only when the open iteration has no activity: nothing is lost)."""
@@ -207,8 +216,9 @@ class StageRuntime:
 
     # ------------------------------------------------------------------ admission
 
-    async def admit(self, key: MicrobatchKey) -> None:
-        """Let a microbatch start here: wait (bounded) until its iteration is the open one."""
+    async def admit(self, key: MicrobatchKey, epoch: int = 0) -> None:
+        """Let a microbatch start here: wait (bounded) until its iteration is the open one. ``epoch``: the
+        plan epoch its origin launched it under (0: unknown)."""
         if self.adopt_next_iteration:
             self.adopt_next_iteration = False
             if key.iteration > self.iteration:
@@ -239,7 +249,10 @@ class StageRuntime:
         if key.iteration < self.iteration:
             raise StageError(f"microbatch {key} arrived after its iteration closed",
                              open_iteration=self.iteration)
-        self._iter(key.iteration).started.add(key)
+        it = self._iter(key.iteration)
+        it.started.add(key)
+        if epoch:
+            it.epochs.setdefault(key.origin_id, epoch)
         self._progress()
 
     # ------------------------------------------------------------------ compute (worker thread)
@@ -350,16 +363,16 @@ class StageRuntime:
 
     # ------------------------------------------------------------------ async API (event loop)
 
-    async def forward(self, key: MicrobatchKey | None, h_in: torch.Tensor) -> torch.Tensor:
+    async def forward(self, key: MicrobatchKey | None, h_in: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         """Block-stage forward; keeps the graph for backward. ``key=None``: evaluation, nothing kept."""
         if key is not None:
-            await self.admit(key)
+            await self.admit(key, epoch)
         return await self.run(self._forward_sync, key, h_in)
 
-    async def embed(self, key: MicrobatchKey | None, tokens: torch.Tensor) -> torch.Tensor:
+    async def embed(self, key: MicrobatchKey | None, tokens: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         """Origin: embed a microbatch's tokens (hop 0)."""
         if key is not None:
-            await self.admit(key)
+            await self.admit(key, epoch)
         return await self.run(self._embed_sync, key, tokens)
 
     async def head(self, key: MicrobatchKey | None, h: torch.Tensor, targets: torch.Tensor
@@ -424,7 +437,7 @@ class StageRuntime:
         await self._maybe_close()
 
     async def _maybe_close(self) -> None:
-        while self._iter(self.iteration).closed() >= self.expected:
+        while (it := self._iter(self.iteration)).closed() >= self._expected_of(it):
             await self.close_iteration(forced=False)
 
     async def close_iteration(self, *, forced: bool) -> StepResult | None:
@@ -432,7 +445,7 @@ class StageRuntime:
         async with self.close_lock:
             iteration = self.iteration
             it = self._iter(iteration)
-            if not forced and it.closed() < self.expected:
+            if not forced and it.closed() < self._expected_of(it):
                 return None   # someone else closed it meanwhile
             if forced:
                 stale = sorted((it.started - it.done - it.abandoned), key=lambda k: k.microbatch)

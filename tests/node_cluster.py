@@ -66,15 +66,16 @@ async def start_node(node_id: str, stage: int, module: nn.Module, *, dim: int, m
                      wire_server)
 
 
-def install_schedule(nodes: list[LocalNode], paths: dict[str, list[PathSpec]]) -> None:
-    """Give every node the same peer table, its origin paths, and the visits through it."""
+def install_schedule(nodes: list[LocalNode], paths: dict[str, list[PathSpec]], epoch: int = 1,
+                     only: list[LocalNode] | None = None) -> None:
+    """Give every node (or those in ``only``) the same peer table, its origin paths, and the visits through it."""
     addresses = {n.node_id: n.address for n in nodes}
     stages = {n.node_id: n.stage for n in nodes}
-    for node in nodes:
+    for node in nodes if only is None else only:
         visits: dict[str, int] = {}
         for origin, plist in paths.items():
             count = sum(1 for p in plist if node.node_id in p.node_ids[1:-1])
             if count:
                 visits[origin] = count
-        node.agent.set_schedule(Schedule(epoch=1, paths=list(paths.get(node.node_id, [])),
+        node.agent.set_schedule(Schedule(epoch=epoch, paths=list(paths.get(node.node_id, [])),
                                          addresses=addresses, stages=stages, visits=visits))

@@ -196,6 +196,43 @@ def test_membership_change_abandons_microbatches_through_a_departed_node() -> No
     asyncio.run(main())
 
 
+def test_a_plan_change_mid_iteration_counts_its_microbatches_by_the_plan_they_were_launched_under() -> None:
+    """Membership changes re-plan while microbatches are in flight. The stage nodes take the new plan
+    (3 microbatches through each) before the origin's iteration 0, launched under the old plan (2),
+    reaches them: they close iteration 0 after its 2 microbatches instead of waiting for a third until
+    the iteration timeout, and iteration 1 (the new plan) follows at once."""
+    old = [PathSpec(m, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin")) for m in range(2)]
+    new = [PathSpec(m, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin")) for m in range(3)]
+
+    async def main() -> None:
+        nodes = await _cluster(_stages(), 0.1, hop_timeout_s=5.0, iteration_timeout_s=30.0)
+        try:
+            install_schedule(nodes, {"origin": old}, epoch=1)
+            origin = nodes[0].agent
+            start = time.monotonic()
+            first = asyncio.create_task(origin.run_iteration(0, [_batch(1), _batch(2)]))
+            await asyncio.sleep(0)   # the origin has launched iteration 0 under the plan of epoch 1
+            install_schedule(nodes, {"origin": new}, epoch=2, only=nodes[1:])
+            assert all(n.runtime.pending() == 3 for n in nodes[1:])   # nothing of iteration 0 seen yet
+            result = await asyncio.wait_for(first, 10)
+            assert result.abandoned == 0 and len(result.losses) == 2
+            install_schedule(nodes, {"origin": new}, epoch=2)
+            result = await asyncio.wait_for(origin.run_iteration(1, [_batch(3), _batch(4), _batch(5)]), 10)
+            assert result.abandoned == 0 and len(result.losses) == 3
+            for _ in range(50):
+                if all(n.runtime.iteration == 2 for n in nodes):
+                    break
+                await asyncio.sleep(0.1)
+            assert [n.runtime.iteration for n in nodes] == [2, 2, 2, 2]
+            assert [n.runtime.steps_applied for n in nodes] == [2, 2, 2, 2]
+            assert time.monotonic() - start < 10.0   # the iteration timeout here is 30 s
+        finally:
+            for n in nodes:
+                await n.stop()
+
+    asyncio.run(main())
+
+
 def test_bad_input_refused_and_changes_nothing() -> None:
     paths = [PathSpec(0, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin"))]
 
