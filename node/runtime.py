@@ -206,6 +206,18 @@ class StageRuntime:
         self.iteration = iteration
         self._progress()
 
+    def _patience(self) -> float:
+        """How long a microbatch of a later iteration waits for the open one to close without progress.
+
+        With work of the open iteration still under way here, the iteration timeout. With none (all it
+        lacks is microbatches that have not arrived, while an origin has already moved on), a third of it:
+        the missing ones were most likely launched under a plan that does not route them here (a node
+        that just joined or moved, or an origin that re-planned), and if one still comes it is refused and
+        its origin catches up, which costs one microbatch instead of a stalled pipeline."""
+        it = self._iters.get(self.iteration)
+        busy = it is not None and bool(it.started - it.done - it.abandoned)
+        return self.iteration_timeout_s if busy else self.iteration_timeout_s / 3
+
     def holds(self, key: MicrobatchKey) -> bool:
         """Whether activations are kept for ``key`` (dict membership is atomic, so safe from the loop)."""
         return key in self._saved
@@ -236,7 +248,7 @@ class StageRuntime:
             self.jump_to(key.iteration)
         async with self.cond:
             while key.iteration > self.iteration:
-                remaining = self._last_progress + self.iteration_timeout_s - time.monotonic()
+                remaining = self._last_progress + self._patience() - time.monotonic()
                 if remaining <= 0:
                     break
                 try:
