@@ -557,7 +557,8 @@ class Coordinator:
                         f"{len(formed.participants)} participants")
         self.rounds.formed.clear()
         reply = pb.SyncRoundReply(round_id=status.round_id, ready=status.ready, retry_after_s=status.retry_after_s,
-                                  abandoned=status.abandoned, reason=status.reason, outer_step=status.outer_step)
+                                  abandoned=status.abandoned, reason=status.reason, outer_step=status.outer_step,
+                                  adopt_outer_step=status.adopt_outer_step)
         for node_id in status.participants:
             p = self.members.get(node_id)
             reply.participants.add(node_id=node_id, address=p.address if p else "",

@@ -15,11 +15,18 @@ when it can, and every caller polls (non-blocking) until it has. A round forms:
 Round ids are monotonic per (stage, fragment); participants are sorted by node
 id so every caller sees the same order (shard j is reduced by participant j).
 A caller that asks after its round formed without it gets the formed round
-(and sees it is not a participant). The clock is injected so tests can drive it.
+(and sees it is not a participant); it then copies the group's outer state
+from a replica that took part. When no replica that took part in the last
+formed round is healthy any more (every replica of the stage died and it was
+rebuilt), there is nobody to copy from: such a reply carries
+``adopt_outer_step``, the last outer step formed, so the rebuilt replicas
+continue the round numbering together instead of asking for past rounds
+forever. The clock is injected so tests can drive it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -38,6 +45,7 @@ class RoundStatus:
     retry_after_s: float = 0.0
     abandoned: bool = False
     reason: str = ""
+    adopt_outer_step: int = 0    # > 0: the stage's lineage died; continue from this outer step
 
 
 @dataclass(slots=True)
@@ -80,6 +88,7 @@ class SyncRounds:
         self._rounds: dict[Key, dict[int, _Round]] = {}   # by outer step
         self._next_id: dict[Key, int] = {}
         self._max_step: dict[Key, int] = {}
+        self._max_formed: dict[Key, int] = {}              # the last outer step a round formed for
         self._last_formed: dict[Key, tuple[str, ...]] = {}
         self._known: dict[Key, set[str]] = {}             # healthy replicas when the last round formed
         self.formed: list[FormedRound] = []                # newly formed, drained by the caller
@@ -90,6 +99,7 @@ class SyncRounds:
             key = (r.stage, r.fragment)
             self._next_id[key] = max(self._next_id.get(key, 0), r.round_id + 1)
             self._max_step[key] = max(self._max_step.get(key, -1), r.outer_step)
+            self._max_formed[key] = max(self._max_formed.get(key, 0), r.outer_step)
             self._last_formed[key] = r.participants
             self._known[key] = set(r.participants)
             self._rounds.setdefault(key, {})[r.outer_step] = _Round(
@@ -120,7 +130,8 @@ class SyncRounds:
             if outer_step < latest:
                 return RoundStatus(0, outer_step, ready=False, abandoned=True,
                                    reason=f"stale outer step {outer_step}: stage {stage} fragment "
-                                          f"{fragment} is already at outer step {latest}")
+                                          f"{fragment} is already at outer step {latest}",
+                                   adopt_outer_step=self._orphaned(key, healthy))
             round_id = self._next_id.get(key, 1)
             self._next_id[key] = round_id + 1
             self._max_step[key] = max(latest, outer_step)
@@ -131,7 +142,17 @@ class SyncRounds:
             r.askers.append(node_id)
         if r.participants is None and not r.abandoned:
             self._evaluate(key, r, healthy, healthy if expected is None else expected)
-        return self._status(r)
+        status = self._status(r)
+        if status.ready and node_id not in status.participants:
+            status = dataclasses.replace(status, adopt_outer_step=self._orphaned(key, healthy))
+        return status
+
+    def _orphaned(self, key: Key, healthy: Collection[str]) -> int:
+        """The last formed outer step of ``key`` when none of its last round's participants is healthy
+        (nobody holds the stage's outer state to copy), else 0."""
+        if set(self._last_formed.get(key, ())) & set(healthy):
+            return 0
+        return self._max_formed.get(key, 0)
 
     def _evaluate(self, key: Key, r: _Round, healthy: Collection[str], expected: Collection[str]) -> None:
         now = self._clock()
@@ -152,6 +173,7 @@ class SyncRounds:
         if enough and (everyone or fast or waited >= self.join_window_s):
             r.participants = tuple(sorted(present))
             self._last_formed[key] = r.participants
+            self._max_formed[key] = max(self._max_formed.get(key, 0), r.outer_step)
             self._known[key] = waited_for
             self.formed.append(FormedRound(key[0], key[1], r.round_id, r.outer_step, r.participants))
         elif waited >= self.timeout_s:

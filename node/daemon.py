@@ -19,7 +19,7 @@ outer_step, sync_bytes_sent), ``step`` (every inner step: microbatches,
 abandoned, grad_norm, lr, forced), ``iteration`` (origins: loss, abandoned,
 tokens, seconds), ``eval`` (origins: val_loss), ``abandon`` (microbatch, reason,
 suspect), ``failure`` (suspect reported to the coordinator), ``outer-sync`` /
-``outer-merge`` / ``outer-skip`` / ``outer-resync`` (DiLoCo), ``standby-resync`` (a
+``outer-merge`` / ``outer-skip`` / ``outer-resync`` / ``outer-adopt`` (DiLoCo), ``standby-resync`` (a
 replica the plan leaves idle copies its group's state: source, outer_steps), ``bookend-copy``,
 ``leave`` (reason, acknowledged).
 """
@@ -498,8 +498,8 @@ class NodeDaemon:
             if steps <= outer.total_outer_steps():
                 return
             try:
-                await agent.runtime.run(functools.partial(outer.load_parts, reset_local=standby), snapshot.parts,
-                                        slow=False)
+                await agent.runtime.run(functools.partial(outer.load_parts, reset_local=standby,
+                                                          catch_up=not standby), snapshot.parts, slow=False)
             except ValueError as exc:
                 logger.warning("outer state from %s unusable: %s", node_id, exc)
                 continue

@@ -210,10 +210,21 @@ class StreamingDiLoCo:
         """Δ = θ_global - θ_local (fp32) for every parameter of `fragment`."""
         return {n: self.global_params[n] - self.params[n].detach().float() for n in self.fragments[fragment]}
 
-    def begin_sync(self, step: int) -> SyncJob | None:
-        """Snapshot Δ of the fragment due after committed step `step` (None if none is due)."""
-        fragment = fragment_due(step, self.cfg)
+    def begin_sync(self, step: int, fragment: int | None = None) -> SyncJob | None:
+        """Snapshot Δ of the fragment due after committed step `step` (None if none is due), or of
+        `fragment` now, off schedule (a replica that just copied the group's outer state catches up
+        with the group's next round instead of waiting for its own next sync point).
+
+        A fragment whose previous exchange is still pending is not snapshotted again: both would
+        ask for the same outer step.
+        """
+        if fragment is None:
+            fragment = fragment_due(step, self.cfg)
         if fragment is None or not self.fragments[fragment]:
+            return None
+        if any(j.fragment == fragment for j in self.pending):
+            logger.info("fragment %d at step %d: the previous exchange is still pending; not syncing",
+                        fragment, step)
             return None
         delta = self.pseudo_gradient(fragment)
         names = list(delta)
@@ -286,6 +297,16 @@ class StreamingDiLoCo:
         stats["applied"] = int(mask.sum())
         stats["delta_norm"] = float(torch.linalg.vector_norm(flat))
         return stats
+
+    def adopt_outer_step(self, fragment: int, outer_step: int) -> bool:
+        """Continue `fragment`'s round numbering from `outer_step` (never backwards): the stage was
+        rebuilt and nobody holds its outer state, so θ_global stays this replica's own."""
+        if not 0 <= fragment < len(self.fragments):
+            raise ValueError(f"fragment {fragment} out of range (0..{len(self.fragments) - 1})")
+        if outer_step <= self.outer.steps.get(fragment, 0):
+            return False
+        self.outer.steps[fragment] = outer_step
+        return True
 
     # -- state for replicas and newcomers --------------------------------------
 

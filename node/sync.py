@@ -58,6 +58,10 @@ class OuterSync:
         # the longest an exchange can take: forming the round, then the peers' two timeouts
         self.merge_wait_s = self.round_wait_s + 2 * config.diloco.peer_timeout_s
         self._tasks: set[asyncio.Task[None]] = set()
+        # fragment -> outer step to continue from (the coordinator's adopt_outer_step), applied on the
+        # worker thread before the next snapshot
+        self._adopt: dict[int, int] = {}
+        self._catch_up: set[int] = set()   # fragments to snapshot after the next step, off schedule
 
     # ------------------------------------------------------------------ worker thread
 
@@ -67,10 +71,22 @@ class OuterSync:
         Snapshot first, merge second: with ``overlap`` 0 the fragment snapshotted now is
         merged in this same step (classic DiLoCo), with τ > 0 it is merged τ steps later.
         """
-        job = self.diloco.begin_sync(step)
-        if job is not None:
-            self._done[(job.fragment, job.step)] = threading.Event()
-            self.loop.call_soon_threadsafe(self._start, job)
+        while self._adopt:
+            fragment, outer_step = self._adopt.popitem()
+            if self.diloco.adopt_outer_step(fragment, outer_step):
+                self._event("outer-adopt", fragment=fragment, step=step, outer_step=outer_step)
+        if self._results:   # results of jobs a state copy dropped (load_parts) are never merged
+            pending = {(j.fragment, j.step) for j in self.diloco.pending}
+            for key in list(self._results):   # a snapshot: the event loop adds results concurrently
+                if key not in pending:
+                    self._results.pop(key, None)
+        jobs = [self.diloco.begin_sync(step)]
+        while self._catch_up:
+            jobs.append(self.diloco.begin_sync(step, fragment=self._catch_up.pop()))
+        for job in jobs:
+            if job is not None:
+                self._done[(job.fragment, job.step)] = threading.Event()
+                self.loop.call_soon_threadsafe(self._start, job)
         for job in self.diloco.due_merges(step):
             key = (job.fragment, job.step)
             # The merge is due: wait (bounded) for the exchange. This is what keeps the replicas of a
@@ -111,7 +127,7 @@ class OuterSync:
                 ids = [p.node_id for p in reply.participants]
                 if self.node_id not in ids:   # the round formed without us: we are behind the group
                     self._event("outer-skip", fragment=job.fragment, step=job.step, reason="round formed without us")
-                    self._start_resync()
+                    self._behind(job, reply)
                 else:
                     mean, stats = await average_job(
                         job, [p.address for p in reply.participants], ids.index(self.node_id),
@@ -148,13 +164,22 @@ class OuterSync:
             if reply.abandoned:
                 self._event("outer-skip", fragment=job.fragment, step=job.step, reason=reply.reason)
                 if "stale" in reply.reason:   # the stage's replicas are at a later outer step than we are
-                    self._start_resync()
+                    self._behind(job, reply)
                 return None
             if reply.ready:
                 return reply
             await asyncio.sleep(max(0.02, reply.retry_after_s or 0.1))
         self._event("outer-skip", fragment=job.fragment, step=job.step, reason="round not formed in time")
         return None
+
+    def _behind(self, job: SyncJob, reply: pb.SyncRoundReply) -> None:
+        """The group is past our outer step: copy its outer state from a replica that has it, or, when the
+        coordinator says none that took part is alive (the whole stage was rebuilt), continue its round
+        numbering from where it stopped so the rebuilt replicas average together again."""
+        if reply.adopt_outer_step > job.outer_step:
+            self._adopt[job.fragment] = max(self._adopt.get(job.fragment, 0), reply.adopt_outer_step)
+        else:
+            self._start_resync()
 
     def _start_resync(self) -> None:
         if self.resync is None or (self._resyncing is not None and not self._resyncing.done()):
@@ -187,7 +212,19 @@ class OuterSync:
         """θ_global ("global") and the outer optimizer ("outer") for GetState; worker thread."""
         return state_to_parts(self.diloco.state_dict())
 
-    def load_parts(self, parts: dict[str, dict[str, torch.Tensor]], *, reset_local: bool = False) -> None:
+    def load_parts(self, parts: dict[str, dict[str, torch.Tensor]], *, reset_local: bool = False,
+                   catch_up: bool = False) -> None:
         """Adopt a live replica's θ_global and outer state; the local weights stay as they are, or with
-        ``reset_local`` become θ_global (a replica that has not trained since has nothing of its own)."""
+        ``reset_local`` become θ_global (a replica that has not trained since has nothing of its own).
+
+        With ``catch_up`` (a training replica that fell behind the group) every fragment is exchanged
+        after the next step instead of at its next sync point: the copy lands while the group's next
+        round is about to open, and waiting H more steps would ask for that round once it has formed
+        without us, leaving this replica one round behind for good. Worker thread."""
         self.diloco.load_state_dict(state_from_parts(parts, self.diloco.fragments), reset_local=reset_local)
+        pending = {(j.fragment, j.step) for j in self.diloco.pending}   # the load dropped the old jobs
+        for key in list(self._done):
+            if key not in pending:
+                self._done.pop(key).set()
+        if catch_up:
+            self._catch_up.update(p for p, names in enumerate(self.diloco.fragments) if names)

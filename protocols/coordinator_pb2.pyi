@@ -221,7 +221,7 @@ class SyncRoundRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., stage: _Optional[int] = ..., fragment: _Optional[int] = ..., outer_step: _Optional[int] = ...) -> None: ...
 
 class SyncRoundReply(_message.Message):
-    __slots__ = ("round_id", "participants", "ready", "retry_after_s", "abandoned", "reason", "outer_step")
+    __slots__ = ("round_id", "participants", "ready", "retry_after_s", "abandoned", "reason", "outer_step", "adopt_outer_step")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +229,7 @@ class SyncRoundReply(_message.Message):
     ABANDONED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     participants: _containers.RepeatedCompositeFieldContainer[PeerInfo]
     ready: bool
@@ -236,7 +237,8 @@ class SyncRoundReply(_message.Message):
     abandoned: bool
     reason: str
     outer_step: int
-    def __init__(self, round_id: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., ready: _Optional[bool] = ..., retry_after_s: _Optional[float] = ..., abandoned: _Optional[bool] = ..., reason: _Optional[str] = ..., outer_step: _Optional[int] = ...) -> None: ...
+    adopt_outer_step: int
+    def __init__(self, round_id: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., ready: _Optional[bool] = ..., retry_after_s: _Optional[float] = ..., abandoned: _Optional[bool] = ..., reason: _Optional[str] = ..., outer_step: _Optional[int] = ..., adopt_outer_step: _Optional[int] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("reporter_id", "suspect_id", "reason")

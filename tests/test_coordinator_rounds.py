@@ -165,3 +165,30 @@ def test_restore_continues_ids_and_answers_formed_round() -> None:
     nxt = rounds.request("a", 1, 0, 41, ["a", "b"])
     assert nxt.round_id == 8
     assert rounds.request("a", 1, 0, 39, ["a", "b"]).abandoned
+
+
+def test_a_rebuilt_stage_is_told_to_continue_the_round_numbering_only_when_its_lineage_died() -> None:
+    rounds, _ = make()
+    for step in range(1, 6):
+        assert rounds.request("old", 1, 0, step, ["old"]).ready
+    # A newcomer asks for a past round while a replica that took part is alive: it must copy that
+    # replica's outer state, so no adopt hint (a hint would let it skip the group's θ_global).
+    behind = rounds.request("new", 1, 0, 1, ["old", "new"])
+    assert behind.ready and "new" not in behind.participants and behind.adopt_outer_step == 0
+    # Every replica that took part is gone (the stage was rebuilt): continue from outer step 5.
+    orphan = rounds.request("new", 1, 0, 1, ["new", "new2"])
+    assert orphan.ready and "new" not in orphan.participants and orphan.adopt_outer_step == 5
+    for step in range(6, 12):   # the history is trimmed: the asked step is stale, same hint
+        rounds.request("old", 1, 0, step, ["old"])
+    stale = rounds.request("new", 1, 0, 1, ["new"])
+    assert stale.abandoned and "stale" in stale.reason and stale.adopt_outer_step == 11
+    # The rebuilt replicas continue together from there.
+    nxt = [rounds.request(n, 1, 0, 12, ["new", "new2"]) for n in ("new", "new2")]
+    assert nxt[1].ready and nxt[1].participants == ("new", "new2")
+    assert rounds.request("new", 1, 0, 12, ["new", "new2"]).adopt_outer_step == 0
+
+
+def test_a_participant_gets_no_adopt_hint() -> None:
+    rounds, _ = make()
+    s = rounds.request("a", 1, 0, 1, ["a"])
+    assert s.ready and s.participants == ("a",) and s.adopt_outer_step == 0

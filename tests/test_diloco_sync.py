@@ -106,3 +106,47 @@ def test_overlap_one_merges_one_step_later() -> None:
     _, outer_steps_after = asyncio.run(run_pair(overlap=1, steps=5))
     for counts in outer_steps_after:
         assert counts == [0, 0, 0, 0, 1]
+
+
+class RebuiltStageCoordinator:
+    """The stage's last round formed with replicas that are all dead: the first ask is answered with
+    that round and ``adopt_outer_step``; later rounds are abandoned (no quorum), so nothing averages."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    async def join_sync_round(self, request: pb.SyncRoundRequest) -> pb.SyncRoundReply:
+        self.asked.append(request.outer_step)
+        if len(self.asked) == 1:
+            return pb.SyncRoundReply(round_id=1, ready=True, outer_step=request.outer_step, adopt_outer_step=5,
+                                     participants=[pb.PeerInfo(node_id="dead", address="127.0.0.1:1", stage=1)])
+        return pb.SyncRoundReply(abandoned=True, reason="quorum not reached", outer_step=request.outer_step)
+
+
+def test_a_replica_of_a_rebuilt_stage_continues_the_round_numbering_instead_of_resyncing() -> None:
+    async def main() -> tuple[list[int], list[str], int]:
+        cfg = apply_overrides(RunConfig(), ["diloco.inner_steps=4", "diloco.fragments=1", "diloco.overlap=0",
+                                            "membership.sync_join_window_s=1", "membership.sync_timeout_s=2"])
+        coordinator = RebuiltStageCoordinator()
+        events: list[str] = []
+        resyncs: list[int] = []
+
+        async def resync() -> None:
+            resyncs.append(1)
+
+        sync = OuterSync(TinyStage(), stage=1, node_id="n0", config=cfg, client=coordinator,  # type: ignore[arg-type]
+                         token=TOKEN, on_event=lambda kind, **_: events.append(kind), resync=resync)
+        try:
+            def replica() -> None:
+                for step in range(1, 9):
+                    sync.after_step(step)
+            await asyncio.to_thread(replica)
+            await asyncio.sleep(0.05)   # let the events reach the loop
+        finally:
+            await sync.close()
+        return coordinator.asked, events, len(resyncs)
+
+    asked, events, resyncs = asyncio.run(main())
+    # round 1 formed without us; nobody holds the outer state, so the next sync asks for round 6
+    assert asked == [1, 6]
+    assert "outer-adopt" in events and resyncs == 0
