@@ -164,14 +164,24 @@ class PipelineAgent:
                 gone = [n for n in pending.path.node_ids if n != self.node_id and n not in schedule.stages]
                 if gone and not pending.future.done():
                     self._spawn(self._abandon_as_origin(key, f"node {gone[0]} left the run"))
+        # Microbatches of an origin that is no longer a member never come back for backward: drop them
+        # now rather than hold their iteration open until the timeout.
+        for key in self.runtime.in_flight():
+            if key.origin_id != self.node_id and key.origin_id not in schedule.stages:
+                self._spawn(self.runtime.abandon(key))
 
-    def _expected_for(self, epochs: Mapping[str, int]) -> int:
+    def _expected_for(self, epochs: Mapping[str, int], closed: Mapping[str, int]) -> int:
         """Microbatches through this node in an iteration whose origins launched it under ``epochs`` (origin
         -> plan epoch, for the origins seen here so far); an origin not seen yet, or launching under a plan
-        this node never held, counts by the current plan."""
+        this node never held, counts by the current plan. An origin that is no longer a member counts
+        only its microbatches already ``closed`` here (done or abandoned): the rest never come."""
         current = self._counts.get(self.schedule.epoch, {})
+        members = self.schedule.stages
         total = 0
         for origin in current.keys() | epochs.keys():
+            if members and origin not in members and origin != self.node_id:
+                total += closed.get(origin, 0)
+                continue
             counts = self._counts.get(epochs[origin], current) if origin in epochs else current
             total += counts.get(origin, 0)
         return total

@@ -124,7 +124,8 @@ class StageRuntime:
         # How many microbatches an iteration expects, from the plan epochs its origins launched it under
         # (None: ``expected``). A plan changes mid-iteration when membership does; the microbatches already
         # launched follow the old plan, so counting them by the new one would wait for some that never come.
-        self.expected_fn: Callable[[Mapping[str, int]], int] | None = None
+        # Called with (origin -> epoch, origin -> microbatches closed here so far).
+        self.expected_fn: Callable[[Mapping[str, int], Mapping[str, int]], int] | None = None
         self.adopt_next_iteration = False   # a late joiner takes the iteration of its first microbatch
         self.last_grad_norm = 0.0
         self.steps_applied = 0
@@ -187,7 +188,12 @@ class StageRuntime:
         self._last_progress = time.monotonic()
 
     def _expected_of(self, it: _Iteration) -> int:
-        return self.expected if self.expected_fn is None else max(1, self.expected_fn(it.epochs))
+        if self.expected_fn is None:
+            return self.expected
+        closed: dict[str, int] = {}
+        for key in it.done | it.abandoned:
+            closed[key.origin_id] = closed.get(key.origin_id, 0) + 1
+        return max(1, self.expected_fn(it.epochs, closed))
 
     def pending(self) -> int:
         """Microbatches of the open iteration not yet done or abandoned (for status and tests)."""
@@ -221,6 +227,10 @@ class StageRuntime:
     def holds(self, key: MicrobatchKey) -> bool:
         """Whether activations are kept for ``key`` (dict membership is atomic, so safe from the loop)."""
         return key in self._saved
+
+    def in_flight(self) -> list[MicrobatchKey]:
+        """Microbatches started here, in open or later iterations, and neither done nor abandoned."""
+        return [k for it in list(self._iters.values()) for k in it.started - it.done - it.abandoned]
 
     def open_activity(self) -> bool:
         it = self._iters.get(self.iteration)

@@ -298,3 +298,52 @@ def test_bad_input_refused_and_changes_nothing() -> None:
                 await n.stop()
 
     asyncio.run(main())
+
+
+def test_a_dead_origins_unfinished_microbatches_do_not_hold_the_stages_iteration_open() -> None:
+    """Two origins share the stage nodes; one dies with its microbatch half-way (forward done on the stage
+    nodes, backward never coming). Once the membership drops it, the stage nodes close the iteration with
+    the live origin's microbatch instead of waiting for the dead one until the iteration timeout."""
+    from node.runtime import MicrobatchKey
+
+    def path(origin: str) -> list[PathSpec]:
+        return [PathSpec(0, (0, 1, 2, 3, 0), (origin, "n1", "n2", "n3", origin))]
+
+    async def main() -> None:
+        stages = _stages()
+        nodes = [await start_node("oa", 0, stages[0], dim=CFG.dim, max_seq_len=CFG.max_seq_len,
+                                  iteration_timeout_s=30.0, hop_timeout_s=5.0),
+                 await start_node("ob", 0, init_stage(CFG, 0, S, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len,
+                                  iteration_timeout_s=30.0, hop_timeout_s=5.0)]
+        for s, node_id in ((1, "n1"), (2, "n2"), (3, "n3")):
+            nodes.append(await start_node(node_id, s, stages[s], dim=CFG.dim, max_seq_len=CFG.max_seq_len,
+                                          iteration_timeout_s=30.0, hop_timeout_s=5.0))
+        stage_nodes = nodes[2:]
+        try:
+            install_schedule(nodes, {"oa": path("oa"), "ob": path("ob")}, epoch=1)
+            assert [n.runtime.expected for n in stage_nodes] == [2, 2, 2]
+            # ob's microbatch of iteration 0 went forward through every stage node; then ob died
+            dead = MicrobatchKey("ob", 0, 0)
+            for n in stage_nodes:
+                await n.runtime.forward(dead, torch.randn(B, T, CFG.dim), epoch=1)
+            await nodes[1].stop()
+            start = time.monotonic()
+            result = await asyncio.wait_for(nodes[0].agent.run_iteration(0, [_batch(1)]), 10)
+            assert result.abandoned == 0 and len(result.losses) == 1
+            assert all(n.runtime.iteration == 0 for n in stage_nodes)   # still waiting for ob's backward
+            live = [n for n in nodes if n.node_id != "ob"]
+            install_schedule(live, {"oa": path("oa")}, epoch=2)          # the coordinator dropped ob
+            for _ in range(50):
+                if all(n.runtime.iteration == 1 for n in stage_nodes):
+                    break
+                await asyncio.sleep(0.05)
+            assert [n.runtime.iteration for n in stage_nodes] == [1, 1, 1]
+            assert [n.runtime.steps_applied for n in stage_nodes] == [1, 1, 1]
+            assert all(not n.runtime.holds(dead) for n in stage_nodes)
+            assert time.monotonic() - start < 10.0   # the iteration timeout here is 30 s
+        finally:
+            for n in nodes:
+                if n.node_id != "ob":
+                    await n.stop()
+
+    asyncio.run(main())
