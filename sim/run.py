@@ -78,6 +78,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _finished(origins: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """When no origin is alive (the run is over): the origins that left furthest along. A killed
+    origin's metrics are from before its death and must not stand for the run's end."""
+    left = [m for m in origins if m.get("state") != "dead"] or origins
+    last = max((m["step"] for m in left), default=0)
+    return [m for m in left if m["step"] == last]
+
+
 class Simulation:
     def __init__(self, config: SimConfig, out_dir: Path, *, progress: bool = True) -> None:
         self.config = config
@@ -240,12 +248,12 @@ class Simulation:
                 "tokens": max(m.tokens, prev.get("tokens", 0)),
                 "sync_bytes_sent": max(m.sync_bytes_sent, prev.get("sync_bytes_sent", 0)),
                 "activation_bytes_sent": max(m.activation_bytes_sent, prev.get("activation_bytes_sent", 0)),
-                "alive": n.state == "alive",
+                "alive": n.state == "alive", "state": n.state,
             }
             if n.state == "alive":
                 live_per_stage[str(n.stage)] = live_per_stage.get(str(n.stage), 0) + 1
         origins = [m for m in st.last_metrics.values() if m["stage"] == 0]
-        live_origins = [m for m in origins if m["alive"]] or origins
+        live_origins = [m for m in origins if m["alive"]] or _finished(origins)
         losses = [m["loss"] for m in live_origins if m.get("loss")]
         vals = [m["val_loss"] for m in live_origins if m.get("val_loss")]
         val_loss = sum(vals) / len(vals) if vals else None

@@ -109,3 +109,15 @@ def test_sigint_stops_every_process(tmp_path: Path) -> None:
     finally:
         left = reap(proc, str(out))
     assert left == [], f"processes left behind: {left}"
+
+
+def test_the_runs_end_is_read_from_origins_that_finished_not_from_killed_ones() -> None:
+    from sim.run import _finished
+    origins = [
+        {"stage": 0, "step": 26, "val_loss": 2.7, "alive": False, "state": "dead"},     # SIGKILLed mid-run
+        {"stage": 0, "step": 60, "val_loss": 2.5, "alive": False, "state": "left"},     # finished
+        {"stage": 0, "step": 12, "val_loss": 3.9, "alive": False, "state": "left"},     # preempted early
+    ]
+    assert [m["val_loss"] for m in _finished(origins)] == [2.5]
+    # nobody left cleanly: the last known values are all there is
+    assert len(_finished([origins[0]])) == 1
