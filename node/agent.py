@@ -151,7 +151,8 @@ class PipelineAgent:
         """Adopt a new schedule; the open iteration's expected count follows it.
 
         An origin gives up at once every microbatch in flight through a node that is no longer a
-        member (it left or its lease expired) instead of waiting for the microbatch timeout.
+        member (it left or its lease expired) or now hosts another stage, instead of waiting for the
+        microbatch timeout.
         """
         self.schedule = schedule
         counts = self._counts[schedule.epoch] = schedule.counts(self.node_id, self.is_origin)
@@ -161,29 +162,41 @@ class PipelineAgent:
         self._spawn(self.runtime.recheck())
         if self.is_origin:
             for key, pending in list(self._pending.items()):
-                gone = [n for n in pending.path.node_ids if n != self.node_id and n not in schedule.stages]
+                # gone: no longer a member, or moved to another stage (what it kept for this one is lost)
+                gone = [n for n, s in zip(pending.path.node_ids, pending.path.stages, strict=True)
+                        if n != self.node_id and schedule.stages.get(n) != s]
                 if gone and not pending.future.done():
-                    self._spawn(self._abandon_as_origin(key, f"node {gone[0]} left the run"))
-        # Microbatches of an origin that is no longer a member never come back for backward: drop them
-        # now rather than hold their iteration open until the timeout.
+                    how = "left the run" if gone[0] not in schedule.stages else "moved to another stage"
+                    self._spawn(self._abandon_as_origin(key, f"node {gone[0]} {how}"))
+        # Microbatches of an origin that is no longer one (it left, or was moved to rebuild a block stage)
+        # never come back for backward: drop them now rather than hold their iteration open until the timeout.
         for key in self.runtime.in_flight():
-            if key.origin_id != self.node_id and key.origin_id not in schedule.stages:
+            if key.origin_id != self.node_id and schedule.stages.get(key.origin_id) != 0:
                 self._spawn(self.runtime.abandon(key))
 
-    def _expected_for(self, epochs: Mapping[str, int], closed: Mapping[str, int]) -> int:
+    def _expected_for(self, epochs: Mapping[str, int], closed: Mapping[str, int], seen: Mapping[str, int]) -> int:
         """Microbatches through this node in an iteration whose origins launched it under ``epochs`` (origin
-        -> plan epoch, for the origins seen here so far); an origin not seen yet, or launching under a plan
-        this node never held, counts by the current plan. An origin that is no longer a member counts
-        only its microbatches already ``closed`` here (done or abandoned): the rest never come."""
+        -> plan epoch, for the origins seen here so far); an origin not seen yet counts by the current plan.
+
+        Two cases count only what is already here, because the rest never comes: an origin that is no
+        longer one (not a member, or moved to another stage) counts its microbatches ``closed`` here (done
+        or abandoned); an origin that launched under a plan older than any this node holds (this node
+        joined or moved since, so that plan routed nothing here) counts those ``seen`` here."""
         current = self._counts.get(self.schedule.epoch, {})
+        oldest = min(self._counts, default=0)
         members = self.schedule.stages
         total = 0
         for origin in current.keys() | epochs.keys():
-            if members and origin not in members and origin != self.node_id:
+            if members and members.get(origin) != 0 and origin != self.node_id:
                 total += closed.get(origin, 0)
-                continue
-            counts = self._counts.get(epochs[origin], current) if origin in epochs else current
-            total += counts.get(origin, 0)
+            elif origin not in epochs:
+                total += current.get(origin, 0)
+            elif epochs[origin] in self._counts:
+                total += self._counts[epochs[origin]].get(origin, 0)
+            elif epochs[origin] < oldest:
+                total += seen.get(origin, 0)
+            else:   # a plan newer than ours (our schedule lags): the current one is the best guess
+                total += current.get(origin, 0)
         return total
 
     def _event(self, kind: str, **fields: object) -> None:

@@ -124,8 +124,8 @@ class StageRuntime:
         # How many microbatches an iteration expects, from the plan epochs its origins launched it under
         # (None: ``expected``). A plan changes mid-iteration when membership does; the microbatches already
         # launched follow the old plan, so counting them by the new one would wait for some that never come.
-        # Called with (origin -> epoch, origin -> microbatches closed here so far).
-        self.expected_fn: Callable[[Mapping[str, int], Mapping[str, int]], int] | None = None
+        # Called with origin -> epoch, and origin -> microbatches closed (done or abandoned) and seen here.
+        self.expected_fn: Callable[[Mapping[str, int], Mapping[str, int], Mapping[str, int]], int] | None = None
         self.adopt_next_iteration = False   # a late joiner takes the iteration of its first microbatch
         self.last_grad_norm = 0.0
         self.steps_applied = 0
@@ -191,9 +191,12 @@ class StageRuntime:
         if self.expected_fn is None:
             return self.expected
         closed: dict[str, int] = {}
+        seen: dict[str, int] = {}
         for key in it.done | it.abandoned:
             closed[key.origin_id] = closed.get(key.origin_id, 0) + 1
-        return max(1, self.expected_fn(it.epochs, closed))
+        for key in it.started | it.done | it.abandoned:
+            seen[key.origin_id] = seen.get(key.origin_id, 0) + 1
+        return max(1, self.expected_fn(it.epochs, closed, seen))
 
     def pending(self) -> int:
         """Microbatches of the open iteration not yet done or abandoned (for status and tests)."""

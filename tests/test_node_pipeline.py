@@ -163,9 +163,11 @@ def test_dead_hop_abandons_without_hanging() -> None:
     asyncio.run(main())
 
 
-def test_membership_change_abandons_microbatches_through_a_departed_node() -> None:
-    """A node that takes a microbatch and then leaves the run (it never answers): once the origin's
-    schedule no longer lists it, the origin gives up at once instead of waiting for the timeout."""
+@pytest.mark.parametrize("change", ["left", "moved"])
+def test_membership_change_abandons_microbatches_through_a_departed_node(change: str) -> None:
+    """A node that takes a microbatch and then leaves the run, or is moved to another stage (CheckFree
+    rebuilds a dead stage with it, dropping what it kept for its old one): it never answers. Once the
+    origin's schedule shows the change, the origin gives up at once instead of waiting for the timeout."""
     paths = [PathSpec(m, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin")) for m in range(2)]
 
     async def main() -> None:
@@ -183,7 +185,10 @@ def test_membership_change_abandons_microbatches_through_a_departed_node() -> No
             await asyncio.sleep(1.0)
             assert not run.done()
             left = dict(origin.schedule.stages)
-            del left["n3"]
+            if change == "left":
+                del left["n3"]
+            else:
+                left["n3"] = 2
             origin.set_schedule(Schedule(epoch=2, paths=[], addresses=dict(origin.schedule.addresses),
                                          stages=left, visits={}))
             result = await asyncio.wait_for(run, 10)
@@ -300,10 +305,12 @@ def test_bad_input_refused_and_changes_nothing() -> None:
     asyncio.run(main())
 
 
-def test_a_dead_origins_unfinished_microbatches_do_not_hold_the_stages_iteration_open() -> None:
-    """Two origins share the stage nodes; one dies with its microbatch half-way (forward done on the stage
-    nodes, backward never coming). Once the membership drops it, the stage nodes close the iteration with
-    the live origin's microbatch instead of waiting for the dead one until the iteration timeout."""
+@pytest.mark.parametrize("change", ["died", "moved"])
+def test_a_gone_origins_unfinished_microbatches_do_not_hold_the_stages_iteration_open(change: str) -> None:
+    """Two origins share the stage nodes; one dies (or is moved to rebuild a block stage) with its
+    microbatch half-way (forward done on the stage nodes, backward never coming). Once the membership
+    shows it, the stage nodes close the iteration with the live origin's microbatch instead of waiting
+    for the other one until the iteration timeout."""
     from node.runtime import MicrobatchKey
 
     def path(origin: str) -> list[PathSpec]:
@@ -331,8 +338,11 @@ def test_a_dead_origins_unfinished_microbatches_do_not_hold_the_stages_iteration
             result = await asyncio.wait_for(nodes[0].agent.run_iteration(0, [_batch(1)]), 10)
             assert result.abandoned == 0 and len(result.losses) == 1
             assert all(n.runtime.iteration == 0 for n in stage_nodes)   # still waiting for ob's backward
-            live = [n for n in nodes if n.node_id != "ob"]
-            install_schedule(live, {"oa": path("oa")}, epoch=2)          # the coordinator dropped ob
+            if change == "died":
+                install_schedule([n for n in nodes if n.node_id != "ob"], {"oa": path("oa")}, epoch=2)
+            else:   # the coordinator moved ob to stage 2 (its node object stands for the new role)
+                nodes[1].stage = 2
+                install_schedule(nodes, {"oa": path("oa")}, epoch=2, only=[n for n in nodes if n.node_id != "ob"])
             for _ in range(50):
                 if all(n.runtime.iteration == 1 for n in stage_nodes):
                     break
@@ -347,3 +357,32 @@ def test_a_dead_origins_unfinished_microbatches_do_not_hold_the_stages_iteration
                     await n.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("launched_under", "closes"), [(3, True), (5, False)])
+def test_a_joiner_counts_an_iteration_launched_before_it_joined_by_what_reached_it(launched_under: int,
+                                                                                 closes: bool) -> None:
+    """A replica that joined at plan epoch 5 (two microbatches through it per iteration from then on) gets
+    one microbatch of an iteration the origin launched under epoch 3, a plan that routed nothing here:
+    once that one is done the iteration closes, instead of waiting a third of the iteration timeout for a
+    second one that was sent elsewhere. Under its own plan it still waits for both."""
+    from node.runtime import MicrobatchKey
+
+    async def main() -> int:
+        node = await start_node("n1", 1, init_stage(CFG, 1, S, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len,
+                                iteration_timeout_s=30.0)
+        try:
+            stages = {"origin": 0, "n1": 1, "n2": 2, "n3": 3}
+            node.agent.set_schedule(Schedule(epoch=5, paths=[], addresses={}, stages=stages,
+                                             visits={"origin": 2}))
+            assert node.runtime.pending() == 2
+            key = MicrobatchKey("origin", 0, 0)
+            h = torch.randn(B, T, CFG.dim)
+            out = await node.runtime.forward(key, h, epoch=launched_under)
+            await node.runtime.backward(key, torch.ones_like(out))
+            await asyncio.sleep(0.05)
+            return node.runtime.iteration
+        finally:
+            await node.stop()
+
+    assert asyncio.run(main()) == (1 if closes else 0)
