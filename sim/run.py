@@ -52,6 +52,7 @@ class SimNode:
     node_id: str = ""        # as the coordinator knows it (filled from status)
     preempted: bool = False
     replacement: bool = False  # a fresh spot machine: the coordinator picks its stage
+    relaunches: int = 0        # times it exited before joining and was started again
 
 
 @dataclass
@@ -72,7 +73,33 @@ class RunState:
         return time.monotonic() - self.start
 
 
+MAX_RELAUNCHES = 3   # a node that exits before joining is started again (new port) this many times
+_port_rng = random.SystemRandom()   # not the run's seeded generator: port choice must not shift the run
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 when it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback port that is free now, for a node that binds it seconds later (after importing torch).
+
+    Chosen below the kernel's ephemeral range: a port from that range can be taken meanwhile by any
+    outgoing connection or port-0 listener on the machine (it happened in CI: a node then failed to
+    bind and the run never had that stage)."""
+    low = _ephemeral_low()
+    for _ in range(64):
+        port = _port_rng.randint(max(1024, low - 12000), max(1025, low - 1))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -343,6 +370,25 @@ class Simulation:
         sig = "KILL" if self.rng.random() < self.config.sim.sigkill_share else "TERM"
         self.preempt(node, sig, True, "random")
 
+    def relaunch_failed_starts(self) -> None:
+        """A node process that exited before it ever joined (it could not bind its port, say) is started
+        again on a new port; without this its stage would stay empty and the run would wait for nothing
+        until ``max_wall_s``. One that keeps failing ends the run with its log's path."""
+        for node in self.nodes:
+            child = node.child
+            if child is None or child.alive() or node.preempted or node.name in self.state.node_stage:
+                continue
+            if node.relaunches >= MAX_RELAUNCHES:
+                raise RuntimeError(f"node {node.name} exited before joining {node.relaunches + 1} times; "
+                                   f"see {child.log_path}")
+            node.relaunches += 1
+            code = child.popen.returncode
+            node.address = f"127.0.0.1:{free_port()}"
+            self.event("relaunch", node.name, node.stage, f"exited before joining (code {code}); see {child.log_path}")
+            logger.warning("node %s exited before joining (code %s); starting it again on %s", node.name, code,
+                           node.address)
+            self.launch(node)
+
     def start_replacements(self) -> None:
         now = self.state.elapsed()
         due = [r for r in self.state.pending_replacements if r[0] <= now]
@@ -376,6 +422,7 @@ class Simulation:
                 if self.finished(rec):
                     break
             self.random_preemptions(now - last)
+            self.relaunch_failed_starts()
             self.start_replacements()
             last = now
         else:
@@ -474,6 +521,9 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted = True
         logger.warning("interrupted: stopping every process")
+    except RuntimeError as exc:   # the coordinator or a node could not start: every process is stopped
+        print(f"lowband-sim run: {exc}", file=sys.stderr)
+        return 1
     finally:
         sim.close()
         signal.signal(signal.SIGTERM, previous)

@@ -121,3 +121,38 @@ def test_the_runs_end_is_read_from_origins_that_finished_not_from_killed_ones() 
     assert [m["val_loss"] for m in _finished(origins)] == [2.5]
     # nobody left cleanly: the last known values are all there is
     assert len(_finished([origins[0]])) == 1
+
+
+def test_a_node_that_exits_before_joining_is_started_again_on_a_new_port(tmp_path: Path) -> None:
+    """A node that cannot bind its port (taken meanwhile) exits before it ever joins: the simulator
+    starts it again on another port instead of waiting for a stage that never comes, and gives up
+    with the log's path once it keeps failing."""
+    from sim.config import load_sim_config
+    from sim.run import MAX_RELAUNCHES, Simulation
+
+    sim = Simulation(load_sim_config(None), tmp_path, progress=False)
+    launched: list[str] = []
+
+    def failing_launch(node: object) -> None:   # stands for a node process that exits at once
+        launched.append(node.address)  # type: ignore[attr-defined]
+        node.child = sim.sup.spawn(node.name, [sys.executable, "-c", "raise SystemExit(3)"])  # type: ignore[attr-defined]
+        node.child.popen.wait(timeout=30)  # type: ignore[attr-defined]
+
+    sim.launch = failing_launch  # type: ignore[method-assign]
+    try:
+        node = sim.add_node(1)
+        sim.launch(node)
+        joined = sim.add_node(2)
+        sim.launch(joined)
+        sim.state.node_stage[joined.name] = 2   # this one joined before it exited: left alone
+        for _ in range(MAX_RELAUNCHES):
+            sim.relaunch_failed_starts()
+        assert len(launched) == 2 + MAX_RELAUNCHES
+        with pytest.raises(RuntimeError, match=f"{node.name} exited before joining .* see .*{node.name}.log"):
+            sim.relaunch_failed_starts()
+    finally:
+        sim.close()
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    relaunches = [e for e in events if e["kind"] == "relaunch"]
+    assert [e["node_id"] for e in relaunches] == [node.name] * MAX_RELAUNCHES
+    assert all("code 3" in e["detail"] for e in relaunches)
