@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -778,13 +777,6 @@ class NodeDaemon:
                 "outer_step": m.outer_step, "sync_bytes_sent": m.sync_bytes_sent}
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now (tests and the simulator pick listen addresses up front)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def run_node(options: NodeOptions) -> int:
     """Run a node daemon to completion in a fresh event loop (uvloop where available)."""
     install_uvloop()
@@ -795,4 +787,4 @@ def run_node(options: NodeOptions) -> int:
     return asyncio.run(main())
 
 
-__all__ = ["EventLog", "NodeDaemon", "NodeOptions", "free_port", "measure_throughput", "run_node"]
+__all__ = ["EventLog", "NodeDaemon", "NodeOptions", "measure_throughput", "run_node"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -21,6 +23,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+_port_rng = random.SystemRandom()   # not a run's seeded generator: port choice must not shift a run
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 when it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A loopback port that is free now, for a process that binds it seconds later (after importing torch).
+
+    Chosen below the kernel's ephemeral range: a port from that range can be taken meanwhile by any
+    outgoing connection or port-0 listener on the machine (it happened in CI: a simulated node then
+    failed to bind and the run never had that stage)."""
+    low = _ephemeral_low()
+    for _ in range(64):
+        port = _port_rng.randint(max(1024, low - 12000), max(1025, low - 1))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass

@@ -18,7 +18,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from protocols import coordinator_pb2, coordinator_pb2_grpc
 from protocols.config import ConfigError, to_toml
 from protocols.rpc import token_metadata
 from sim.config import ScriptedPreemption, SimConfig, load_sim_config
-from sim.procs import Child, Supervisor
+from sim.procs import Child, Supervisor, free_port
 from sim.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -74,37 +73,6 @@ class RunState:
 
 
 MAX_RELAUNCHES = 3   # a node that exits before joining is started again (new port) this many times
-_port_rng = random.SystemRandom()   # not the run's seeded generator: port choice must not shift the run
-
-
-def _ephemeral_low() -> int:
-    """The first port of the kernel's ephemeral range (32768 when it cannot be read)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A loopback port that is free now, for a node that binds it seconds later (after importing torch).
-
-    Chosen below the kernel's ephemeral range: a port from that range can be taken meanwhile by any
-    outgoing connection or port-0 listener on the machine (it happened in CI: a node then failed to
-    bind and the run never had that stage)."""
-    low = _ephemeral_low()
-    for _ in range(64):
-        port = _port_rng.randint(max(1024, low - 12000), max(1025, low - 1))
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _finished(origins: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """When no origin is alive (the run is over): the origins that left furthest along. A killed
     origin's metrics are from before its death and must not stand for the run's end."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from node_procs import LocalRun
 
 from node.coordinator_client import Backoff
-from node.daemon import free_port
+from sim.procs import free_port
 
 
 def test_backoff_grows_and_is_capped() -> None:
