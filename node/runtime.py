@@ -20,6 +20,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -190,12 +191,9 @@ class StageRuntime:
     def _expected_of(self, it: _Iteration) -> int:
         if self.expected_fn is None:
             return self.expected
-        closed: dict[str, int] = {}
-        seen: dict[str, int] = {}
-        for key in it.done | it.abandoned:
-            closed[key.origin_id] = closed.get(key.origin_id, 0) + 1
-        for key in it.started | it.done | it.abandoned:
-            seen[key.origin_id] = seen.get(key.origin_id, 0) + 1
+        closed_keys = it.done | it.abandoned
+        closed = Counter(k.origin_id for k in closed_keys)
+        seen = Counter(k.origin_id for k in it.started | closed_keys)
         return max(1, self.expected_fn(it.epochs, closed, seen))
 
     def pending(self) -> int:
