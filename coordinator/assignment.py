@@ -94,8 +94,10 @@ def rebalance(nodes: Sequence[NodeLike], num_stages: int, min_replicas: int = 1)
     Weakest stage first. The donor is the best-covered stage (highest total
     throughput) that can spare a node: for an empty target any stage with two
     or more replicas; for a target that is merely below the minimum only a
-    stage above the minimum. From the donor, the node whose throughput best
-    evens out the two stages moves. Returns the moves in order; a node moves
+    stage above the minimum. Among those, block stages give before stage 0:
+    an origin that moves stops feeding its data into the run, a block replica
+    only stops duplicating its stage. From the donor, the node whose throughput
+    best evens out the two stages moves. Returns the moves in order; a node moves
     at most once.
     """
     stage_of = {n.node_id: n.stage for n in nodes}
@@ -115,7 +117,7 @@ def rebalance(nodes: Sequence[NodeLike], num_stages: int, min_replicas: int = 1)
                       and any(_movable(by_id[i], target, moved) for i in stage_of if stage_of[i] == s)]
             if not donors:
                 continue
-            donor = max(donors, key=lambda s: (counts[s] > min_replicas, totals[s], counts[s], -s))
+            donor = max(donors, key=lambda s: (counts[s] > min_replicas, s != 0, totals[s], counts[s], -s))
             want = (totals[donor] - totals[target]) / 2.0
             pool = [by_id[i] for i in stage_of if stage_of[i] == donor and _movable(by_id[i], target, moved)]
             node = min(pool, key=lambda n: (abs(n.throughput - want), n.node_id))

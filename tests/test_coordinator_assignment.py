@@ -68,6 +68,13 @@ def test_rebalance_never_empties_a_stage_and_does_nothing_when_impossible() -> N
     assert [(m.node_id, m.to_stage) for m in moves] in ([("a", 1)], [("b", 1)])
 
 
+def test_rebalance_takes_a_block_replica_before_an_origin() -> None:
+    # stage 0 is the best covered, but moving an origin would stop one of the run's data streams
+    nodes = [n("o1", 0, 9.0), n("o2", 0, 9.0), n("b", 1, 1.0), n("c", 1, 1.0), n("d", 2, 1.0)]
+    moves = rebalance(nodes, 4)
+    assert [(m.node_id, m.from_stage, m.to_stage) for m in moves] in ([("b", 1, 3)], [("c", 1, 3)])
+
+
 def test_rebalance_respects_stage_zero_data_rule() -> None:
     nodes = [n("a", 1, data=False), n("b", 1, data=False), n("c", 2)]
     assert rebalance(nodes, 3) == []      # stage 0 empty but nobody who could host it can move
