@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import grpc
@@ -174,14 +175,17 @@ class PipelineAgent:
             if key.origin_id != self.node_id and schedule.stages.get(key.origin_id) != 0:
                 self._spawn(self.runtime.abandon(key))
 
-    def _expected_for(self, epochs: Mapping[str, int], closed: Mapping[str, int], seen: Mapping[str, int]) -> int:
+    def _expected_for(self, epochs: Mapping[str, int], closed: Mapping[str, int], seen: Mapping[str, int],
+                      moved_on: AbstractSet[str]) -> int:
         """Microbatches through this node in an iteration whose origins launched it under ``epochs`` (origin
         -> plan epoch, for the origins seen here so far); an origin not seen yet counts by the current plan.
 
-        Two cases count only what is already here, because the rest never comes: an origin that is no
+        Three cases count only what is already here, because the rest never comes: an origin that is no
         longer one (not a member, or moved to another stage) counts its microbatches ``closed`` here (done
-        or abandoned); an origin that launched under a plan older than any this node holds (this node
-        joined or moved since, so that plan routed nothing here) counts those ``seen`` here."""
+        or abandoned); an origin that has ``moved_on`` (one of its microbatches of a later iteration came:
+        it finished this one, or skipped it while catching up) and an origin that launched under a plan
+        older than any this node holds (this node joined or moved since, so that plan routed nothing here)
+        count those ``seen`` here."""
         current = self._counts.get(self.schedule.epoch, {})
         oldest = min(self._counts, default=0)
         members = self.schedule.stages
@@ -189,6 +193,8 @@ class PipelineAgent:
         for origin in current.keys() | epochs.keys():
             if members and members.get(origin) != 0 and origin != self.node_id:
                 total += closed.get(origin, 0)
+            elif origin in moved_on:
+                total += seen.get(origin, 0)
             elif origin not in epochs:
                 total += current.get(origin, 0)
             elif epochs[origin] in self._counts:

@@ -22,6 +22,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -125,8 +126,15 @@ class StageRuntime:
         # How many microbatches an iteration expects, from the plan epochs its origins launched it under
         # (None: ``expected``). A plan changes mid-iteration when membership does; the microbatches already
         # launched follow the old plan, so counting them by the new one would wait for some that never come.
-        # Called with origin -> epoch, and origin -> microbatches closed (done or abandoned) and seen here.
-        self.expected_fn: Callable[[Mapping[str, int], Mapping[str, int], Mapping[str, int]], int] | None = None
+        # Called with origin -> epoch, origin -> microbatches closed (done or abandoned) and seen here, and
+        # the origins that have moved on (see ``_latest``).
+        self.expected_fn: Callable[[Mapping[str, int], Mapping[str, int], Mapping[str, int], AbstractSet[str]],
+                                   int] | None = None
+        # origin -> the latest iteration of its microbatches that reached this node. An origin launches an
+        # iteration only once every microbatch of the one before is done or abandoned, so one that is seen
+        # in a later iteration than the open one sends nothing more for it (it may also have skipped it
+        # while catching up): the open iteration waits only for its microbatches already here.
+        self._latest: dict[str, int] = {}
         self.adopt_next_iteration = False   # a late joiner takes the iteration of its first microbatch
         self.last_grad_norm = 0.0
         self.steps_applied = 0
@@ -194,7 +202,8 @@ class StageRuntime:
         closed_keys = it.done | it.abandoned
         closed = Counter(k.origin_id for k in closed_keys)
         seen = Counter(k.origin_id for k in it.started | closed_keys)
-        return max(1, self.expected_fn(it.epochs, closed, seen))
+        moved_on = {origin for origin, latest in self._latest.items() if latest > self.iteration}
+        return max(1, self.expected_fn(it.epochs, closed, seen, moved_on))
 
     def pending(self) -> int:
         """Microbatches of the open iteration not yet done or abandoned (for status and tests)."""
@@ -253,6 +262,10 @@ class StageRuntime:
                              f"(open iteration {self.iteration})", open_iteration=self.iteration)
         if key in self._iter(key.iteration).abandoned:
             raise StageError(f"microbatch {key} was abandoned")
+        if key.iteration > self._latest.get(key.origin_id, -1):
+            self._latest[key.origin_id] = key.iteration
+            if key.iteration > self.iteration:
+                await self._maybe_close()   # its origin moved on: the open iteration may have all it gets
         if key.iteration > self.iteration and not self.open_activity():
             # Nothing has happened in the open iteration (paths repeat every iteration, so an origin
             # that is already further did not skip us): skipping it loses no gradient.

@@ -386,3 +386,42 @@ def test_a_joiner_counts_an_iteration_launched_before_it_joined_by_what_reached_
             await node.stop()
 
     assert asyncio.run(main()) == (1 if closes else 0)
+
+
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_an_origin_seen_in_a_later_iteration_is_not_waited_for_in_the_open_one(in_flight: bool) -> None:
+    """Two origins, one microbatch each through this stage node per iteration. Origin ``oa``'s microbatch of
+    iteration 0 is done here; origin ``ob`` skipped iteration 0 (it caught up) and its first microbatch here
+    is of iteration 1. An origin launches an iteration only after the one before has finished, so nothing
+    more of ob's comes for iteration 0: the node closes it at once and takes ob's microbatch, instead of
+    waiting a third of the iteration timeout. A microbatch of ob's already here and unfinished is still
+    waited for (its abandon notice is on the way)."""
+    from node.runtime import MicrobatchKey
+
+    async def main() -> None:
+        node = await start_node("n1", 1, init_stage(CFG, 1, S, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len,
+                                iteration_timeout_s=30.0)
+        try:
+            stages = {"oa": 0, "ob": 0, "n1": 1, "n2": 2, "n3": 3}
+            node.agent.set_schedule(Schedule(epoch=5, paths=[], addresses={}, stages=stages,
+                                             visits={"oa": 1, "ob": 1}))
+            h = torch.randn(B, T, CFG.dim)
+            done = MicrobatchKey("oa", 0, 0)
+            out = await node.runtime.forward(done, h, epoch=5)
+            if in_flight:
+                await node.runtime.forward(MicrobatchKey("ob", 0, 0), h, epoch=5)
+            await node.runtime.backward(done, torch.ones_like(out))
+            assert node.runtime.iteration == 0
+            start = time.monotonic()
+            later = asyncio.ensure_future(node.runtime.forward(MicrobatchKey("ob", 1, 0), h, epoch=5))
+            await asyncio.sleep(0.3)
+            if in_flight:
+                assert not later.done() and node.runtime.iteration == 0   # ob's microbatch 0 is still out
+                assert await node.runtime.abandon(MicrobatchKey("ob", 0, 0))
+            await asyncio.wait_for(later, 2.0)
+            assert node.runtime.iteration == 1 and node.runtime.steps_applied == 1
+            assert time.monotonic() - start < 3.0   # a third of the iteration timeout is 10 s
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
