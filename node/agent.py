@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 FailureCallback = Callable[[str, str], Awaitable[None]]
 EventCallback = Callable[..., None]
 KEPT_PLAN_EPOCHS = 16   # plans whose microbatch counts are kept, for iterations launched under them
+# A stage node whose open iteration has made no progress for this long asks its origins whether they have
+# finished it (IterationStatus): counting by plan can expect a microbatch that was routed elsewhere or
+# given up upstream, and waiting for it would cost the iteration timeout.
+ASK_ORIGINS_AFTER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +424,48 @@ class PipelineAgent:
         if request.microbatch < 0:   # evaluation microbatches keep nothing
             return False
         return await self.runtime.abandon(key)
+
+    def iteration_status(self, request: node_pb2.IterationStatusRequest) -> node_pb2.IterationStatusReply:
+        """Whether this origin has finished ``request.iteration``: its runtime closes an iteration once
+        every microbatch of it is done or abandoned, and skips the iterations it catches up over."""
+        if request.run_id != self.run_id:
+            raise ValidationError(f"iteration status for run {request.run_id!r}; this node trains {self.run_id!r}")
+        if not self.is_origin:
+            raise ValidationError(f"node {self.node_id} is not an origin (it hosts stage {self.stage})")
+        open_iteration = self.runtime.iteration
+        return node_pb2.IterationStatusReply(finished=open_iteration > request.iteration,
+                                             open_iteration=open_iteration)
+
+    async def ask_origins(self, after_s: float = ASK_ORIGINS_AFTER_S, poll_s: float = 0.25) -> None:
+        """Stage nodes: while the open iteration is stalled (``runtime.stalled``), ask each origin of the
+        run, once per ``after_s``, whether it has finished that iteration; an origin that has sends nothing
+        more of it (``runtime.origin_finished``). Runs until cancelled."""
+        asked: tuple[int, float] = (-1, 0.0)   # (iteration, when)
+        while True:
+            await asyncio.sleep(poll_s)
+            iteration = self.runtime.iteration
+            if self.is_origin or not self.runtime.stalled(after_s):
+                continue
+            if asked[0] == iteration and time.monotonic() - asked[1] < after_s:
+                continue
+            asked = (iteration, time.monotonic())
+            origins = [n for n, s in self.schedule.stages.items() if s == 0 and n != self.node_id]
+            await asyncio.gather(*(self._ask_origin(origin, iteration) for origin in origins))
+
+    async def _ask_origin(self, origin: str, iteration: int) -> None:
+        address = self.schedule.addresses.get(origin)
+        if address is None:
+            return
+        request = node_pb2.IterationStatusRequest(run_id=self.run_id, iteration=iteration, node_id=self.node_id)
+        try:
+            reply = await self.transport.iteration_status(address, request, timeout_s=min(self.hop_timeout_s, 2.0))
+        except grpc.aio.AioRpcError as exc:
+            logger.debug("iteration status from %s failed: %s", origin, exc.code().name)
+            return
+        if reply.finished and self.runtime.iteration == iteration:
+            logger.info("stage %d: origin %s has finished iteration %d (now at %d); not waiting for more of it",
+                        self.stage, origin, iteration, reply.open_iteration)
+            await self.runtime.origin_finished(origin, iteration)
 
     def note_open_iteration(self, iteration: int) -> None:
         """A stage refused our microbatch as stale: the run is at ``iteration``; catch up before the next one."""

@@ -354,6 +354,12 @@ class NodeDaemon:
                               peers=len(schedule.addresses))
             self._schedule_changed.set()
 
+    @staticmethod
+    async def _watch(runtime: StageRuntime, agent: PipelineAgent) -> None:
+        """Keep a stalled iteration from waiting longer than it must: the runtime closes one that made no
+        progress for its timeout; before that, the agent asks the origins whether more of it is coming."""
+        await asyncio.gather(runtime.watchdog(), agent.ask_origins())
+
     async def _report_failure(self, suspect: str, reason: str) -> None:
         self.events.write("failure", suspect=suspect, reason=reason)
         await self.client.report_failure(self.node_id, suspect, reason)
@@ -423,7 +429,7 @@ class NodeDaemon:
             self.servicer.shard_reducer = outer.reducer
             self.servicer.outer_steps = outer.total_outer_steps
             self.servicer.agent = agent
-            self._watchdog = asyncio.create_task(runtime.watchdog(), name="watchdog")
+            self._watchdog = asyncio.create_task(self._watch(runtime, agent), name="watchdog")
             self.events.context = {"node_id": self.node_id, "stage": stage}
             self.events.write("stage", method=method, iteration=iteration, ok=ok, message=message)
             logger.info("node %s holds stage %d (%s, iteration %d)", self.node_id, stage, method, iteration)

@@ -130,11 +130,8 @@ class StageRuntime:
         # the origins that have moved on (see ``_latest``).
         self.expected_fn: Callable[[Mapping[str, int], Mapping[str, int], Mapping[str, int], AbstractSet[str]],
                                    int] | None = None
-        # origin -> the latest iteration of its microbatches that reached this node. An origin launches an
-        # iteration only once every microbatch of the one before is done or abandoned, so one that is seen
-        # in a later iteration than the open one sends nothing more for it (it may also have skipped it
-        # while catching up): the open iteration waits only for its microbatches already here.
-        self._latest: dict[str, int] = {}
+        # origin -> the latest iteration it is known to have finished (see ``origin_finished``)
+        self._finished_through: dict[str, int] = {}
         self.adopt_next_iteration = False   # a late joiner takes the iteration of its first microbatch
         self.last_grad_norm = 0.0
         self.steps_applied = 0
@@ -202,7 +199,7 @@ class StageRuntime:
         closed_keys = it.done | it.abandoned
         closed = Counter(k.origin_id for k in closed_keys)
         seen = Counter(k.origin_id for k in it.started | closed_keys)
-        moved_on = {origin for origin, latest in self._latest.items() if latest > self.iteration}
+        moved_on = {origin for origin, last in self._finished_through.items() if last >= self.iteration}
         return max(1, self.expected_fn(it.epochs, closed, seen, moved_on))
 
     def pending(self) -> int:
@@ -262,10 +259,10 @@ class StageRuntime:
                              f"(open iteration {self.iteration})", open_iteration=self.iteration)
         if key in self._iter(key.iteration).abandoned:
             raise StageError(f"microbatch {key} was abandoned")
-        if key.iteration > self._latest.get(key.origin_id, -1):
-            self._latest[key.origin_id] = key.iteration
-            if key.iteration > self.iteration:
-                await self._maybe_close()   # its origin moved on: the open iteration may have all it gets
+        if key.iteration > self.iteration:
+            # an origin launches an iteration only once every microbatch of the one before is done or
+            # abandoned (or it skipped it, catching up): it has finished the ones before this
+            await self.origin_finished(key.origin_id, key.iteration - 1)
         if key.iteration > self.iteration and not self.open_activity():
             # Nothing has happened in the open iteration (paths repeat every iteration, so an origin
             # that is already further did not skip us): skipping it loses no gradient.
@@ -463,6 +460,27 @@ class StageRuntime:
         self._progress()
         await self._maybe_close()
         return True
+
+    async def origin_finished(self, origin_id: str, iteration: int) -> None:
+        """``origin_id`` has finished ``iteration`` and every one before (we saw its microbatch of a later
+        one, or it said so): nothing more of its microbatches of those comes here, whatever plan this node
+        counts by, so the open iteration waits only for those already here; any of them still unfinished
+        here was given up by the origin (its abandon notice may still be on the way), so drop it now."""
+        if iteration <= self._finished_through.get(origin_id, -1):
+            return
+        self._finished_through[origin_id] = iteration
+        for index, it in list(self._iters.items()):
+            if index <= iteration:
+                for key in sorted((k for k in it.started - it.done - it.abandoned if k.origin_id == origin_id),
+                                  key=lambda k: k.microbatch):
+                    await self.abandon(key)
+        await self._maybe_close()
+
+    def stalled(self, after_s: float) -> bool:
+        """The open iteration has started here, still lacks microbatches and has made no progress for
+        ``after_s`` (time to ask the origins whether more is coming)."""
+        return (self.open_activity() and self.pending() > 0
+                and time.monotonic() - self._last_progress > after_s)
 
     def set_expected(self, expected: int) -> None:
         """Microbatches per iteration changed (new schedule); takes effect at the open iteration."""

@@ -173,6 +173,15 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             await abort_invalid(context, exc)
         return node_pb2.NodeAck(ok=True, message="abandoned" if changed else "nothing to abandon")
 
+    async def IterationStatus(self, request: node_pb2.IterationStatusRequest,
+                              context: grpc.aio.ServicerContext) -> node_pb2.IterationStatusReply:
+        agent = await self._require_agent(context)
+        self.bytes_received += request.ByteSize()
+        try:
+            return agent.iteration_status(request)
+        except ValidationError as exc:
+            await abort_invalid(context, exc)
+
     async def ReduceShard(self, request_iterator: AsyncIterator[node_pb2.ShardChunk],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.ShardChunk]:
         if self.shard_reducer is None:

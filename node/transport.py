@@ -424,6 +424,13 @@ class Transport:
         self.bytes_sent += request.ByteSize()
         return ack
 
+    async def iteration_status(self, address: str, request: node_pb2.IterationStatusRequest, *, timeout_s: float
+                               ) -> node_pb2.IterationStatusReply:
+        await self.emulate(address, request.ByteSize())
+        reply = await self.stub(address).IterationStatus(request, timeout=timeout_s, metadata=self.metadata)
+        self.bytes_sent += request.ByteSize()
+        return reply
+
     async def ping(self, address: str, *, timeout_s: float, padding: int = 0) -> tuple[float, node_pb2.PingReply]:
         """Round-trip time in seconds to a peer (and its identity)."""
         request = node_pb2.PingRequest(sent_at=time.time(), padding=b"\0" * padding)

@@ -61,6 +61,24 @@ class AbandonRequest(_message.Message):
     open_iteration: int
     def __init__(self, run_id: _Optional[str] = ..., iteration: _Optional[int] = ..., microbatch: _Optional[int] = ..., origin_id: _Optional[str] = ..., reason: _Optional[str] = ..., open_iteration: _Optional[int] = ...) -> None: ...
 
+class IterationStatusRequest(_message.Message):
+    __slots__ = ("run_id", "iteration", "node_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    iteration: int
+    node_id: str
+    def __init__(self, run_id: _Optional[str] = ..., iteration: _Optional[int] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class IterationStatusReply(_message.Message):
+    __slots__ = ("finished", "open_iteration")
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    OPEN_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    finished: bool
+    open_iteration: int
+    def __init__(self, finished: _Optional[bool] = ..., open_iteration: _Optional[int] = ...) -> None: ...
+
 class ShardHeader(_message.Message):
     __slots__ = ("round_id", "stage", "fragment", "shard_index", "num_shards", "sender_id", "outer_step", "abstain", "total_numel")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]

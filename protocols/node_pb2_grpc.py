@@ -59,6 +59,11 @@ class NodeStub:
                 request_serializer=protocols_dot_node__pb2.AbandonRequest.SerializeToString,
                 response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
+        self.IterationStatus = channel.unary_unary(
+                '/lowband.Node/IterationStatus',
+                request_serializer=protocols_dot_node__pb2.IterationStatusRequest.SerializeToString,
+                response_deserializer=protocols_dot_node__pb2.IterationStatusReply.FromString,
+                _registered_method=True)
         self.ReduceShard = channel.stream_stream(
                 '/lowband.Node/ReduceShard',
                 request_serializer=protocols_dot_node__pb2.ShardChunk.SerializeToString,
@@ -117,6 +122,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IterationStatus(self, request, context):
+        """Asked of an origin by a stage node that has waited for the origin's microbatches of one iteration
+        without progress: has the origin finished that iteration (every microbatch done or abandoned, or
+        the iteration skipped)? Then nothing more of it comes, whatever plan the node counted by.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReduceShard(self, request_iterator, context):
         """Reduce-scatter + all-gather in one call: the caller streams its part of
         shard `shard_index`; the shard's owner answers with the averaged shard
@@ -167,6 +181,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Abandon,
                     request_deserializer=protocols_dot_node__pb2.AbandonRequest.FromString,
                     response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
+            ),
+            'IterationStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.IterationStatus,
+                    request_deserializer=protocols_dot_node__pb2.IterationStatusRequest.FromString,
+                    response_serializer=protocols_dot_node__pb2.IterationStatusReply.SerializeToString,
             ),
             'ReduceShard': grpc.stream_stream_rpc_method_handler(
                     servicer.ReduceShard,
@@ -319,6 +338,33 @@ class Node:
             '/lowband.Node/Abandon',
             protocols_dot_node__pb2.AbandonRequest.SerializeToString,
             protocols_dot_node__pb2.NodeAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IterationStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.Node/IterationStatus',
+            protocols_dot_node__pb2.IterationStatusRequest.SerializeToString,
+            protocols_dot_node__pb2.IterationStatusReply.FromString,
             options,
             channel_credentials,
             insecure,

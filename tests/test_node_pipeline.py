@@ -391,11 +391,11 @@ def test_a_joiner_counts_an_iteration_launched_before_it_joined_by_what_reached_
 @pytest.mark.parametrize("in_flight", [False, True])
 def test_an_origin_seen_in_a_later_iteration_is_not_waited_for_in_the_open_one(in_flight: bool) -> None:
     """Two origins, one microbatch each through this stage node per iteration. Origin ``oa``'s microbatch of
-    iteration 0 is done here; origin ``ob`` skipped iteration 0 (it caught up) and its first microbatch here
-    is of iteration 1. An origin launches an iteration only after the one before has finished, so nothing
-    more of ob's comes for iteration 0: the node closes it at once and takes ob's microbatch, instead of
-    waiting a third of the iteration timeout. A microbatch of ob's already here and unfinished is still
-    waited for (its abandon notice is on the way)."""
+    iteration 0 is done here; origin ``ob``'s first microbatch here is of iteration 1 (it skipped iteration
+    0 catching up, or its microbatch of 0 was given up upstream). An origin launches an iteration only once
+    every microbatch of the one before is done or abandoned, so nothing more of ob's comes for iteration 0:
+    the node closes it at once and takes ob's microbatch, instead of waiting a third of the iteration
+    timeout. A microbatch of ob's iteration 0 still unfinished here was given up by ob: it is dropped."""
     from node.runtime import MicrobatchKey
 
     async def main() -> None:
@@ -406,22 +406,84 @@ def test_an_origin_seen_in_a_later_iteration_is_not_waited_for_in_the_open_one(i
             node.agent.set_schedule(Schedule(epoch=5, paths=[], addresses={}, stages=stages,
                                              visits={"oa": 1, "ob": 1}))
             h = torch.randn(B, T, CFG.dim)
-            done = MicrobatchKey("oa", 0, 0)
+            done, given_up = MicrobatchKey("oa", 0, 0), MicrobatchKey("ob", 0, 0)
             out = await node.runtime.forward(done, h, epoch=5)
             if in_flight:
-                await node.runtime.forward(MicrobatchKey("ob", 0, 0), h, epoch=5)
+                await node.runtime.forward(given_up, h, epoch=5)
             await node.runtime.backward(done, torch.ones_like(out))
             assert node.runtime.iteration == 0
             start = time.monotonic()
-            later = asyncio.ensure_future(node.runtime.forward(MicrobatchKey("ob", 1, 0), h, epoch=5))
-            await asyncio.sleep(0.3)
-            if in_flight:
-                assert not later.done() and node.runtime.iteration == 0   # ob's microbatch 0 is still out
-                assert await node.runtime.abandon(MicrobatchKey("ob", 0, 0))
-            await asyncio.wait_for(later, 2.0)
+            await asyncio.wait_for(node.runtime.forward(MicrobatchKey("ob", 1, 0), h, epoch=5), 2.0)
+            assert time.monotonic() - start < 2.0   # a third of the iteration timeout is 10 s
             assert node.runtime.iteration == 1 and node.runtime.steps_applied == 1
-            assert time.monotonic() - start < 3.0   # a third of the iteration timeout is 10 s
+            assert not node.runtime.holds(given_up)
         finally:
             await node.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("origin_finished", [True, False])
+def test_a_stalled_stage_node_asks_the_origin_whether_more_of_the_iteration_comes(origin_finished: bool) -> None:
+    """The plan routes two of the origin's microbatches per iteration through n1; one is done here, the
+    other was given up before it reached n1 and the abandon notice never came. After a second without
+    progress n1 asks the origin (IterationStatus); once the origin has finished that iteration, n1 closes
+    it with what it has, long before the iteration timeout. An origin still in it keeps n1 waiting."""
+    from node.runtime import MicrobatchKey
+
+    async def main() -> tuple[int, float]:
+        origin = await start_node("oa", 0, init_stage(CFG, 0, S, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len,
+                                  iteration_timeout_s=30.0)
+        node = await start_node("n1", 1, init_stage(CFG, 1, S, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len,
+                                iteration_timeout_s=30.0)
+        asking = asyncio.create_task(node.agent.ask_origins(after_s=0.5, poll_s=0.1))
+        try:
+            path = PathSpec(0, (0, 1, 2, 3, 0), ("oa", "n1", "n2", "n3", "oa"))
+            install_schedule([origin, node], {"oa": [path, PathSpec(1, path.stages, path.node_ids)]}, epoch=1)
+            assert node.runtime.pending() == 2
+            key = MicrobatchKey("oa", 0, 0)
+            out = await node.runtime.forward(key, torch.randn(B, T, CFG.dim), epoch=1)
+            await node.runtime.backward(key, torch.ones_like(out))
+            if origin_finished:
+                origin.runtime.jump_to(1)   # the origin's iteration 0 is over (its other microbatch given up)
+            start = time.monotonic()
+            for _ in range(40):
+                if node.runtime.iteration == 1:
+                    break
+                await asyncio.sleep(0.1)
+            return node.runtime.iteration, time.monotonic() - start
+        finally:
+            asking.cancel()
+            await asyncio.gather(asking, return_exceptions=True)
+            await node.stop()
+            await origin.stop()
+
+    iteration, waited = asyncio.run(main())
+    if origin_finished:
+        assert iteration == 1 and waited < 3.0   # the iteration timeout is 30 s
+    else:
+        assert iteration == 0
+
+
+def test_iteration_status_answers_only_for_this_run_and_only_from_an_origin() -> None:
+    async def main() -> None:
+        origin = await start_node("oa", 0, init_stage(CFG, 0, S, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len)
+        node = await start_node("n1", 1, init_stage(CFG, 1, S, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len)
+        try:
+            ask = node_pb2.IterationStatusRequest(run_id=RUN_ID, iteration=0, node_id="n1")
+            reply = await node.transport.iteration_status(origin.address, ask, timeout_s=5)
+            assert not reply.finished and reply.open_iteration == 0
+            origin.runtime.jump_to(3)
+            reply = await node.transport.iteration_status(origin.address, ask, timeout_s=5)
+            assert reply.finished and reply.open_iteration == 3
+            for address, request in ((origin.address, node_pb2.IterationStatusRequest(run_id="other", iteration=0)),
+                                     (node.address, ask)):   # n1 is no origin
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await origin.transport.iteration_status(address, request, timeout_s=5)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert origin.runtime.iteration == 3 and node.runtime.iteration == 0   # asking changed nothing
+        finally:
+            await node.stop()
+            await origin.stop()
 
     asyncio.run(main())

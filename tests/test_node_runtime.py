@@ -21,12 +21,13 @@ def test_a_later_microbatch_waits_less_when_nothing_of_the_open_iteration_is_und
             await runtime.admit(first)
             await runtime.finish(first)
             start = time.monotonic()
-            await runtime.admit(MicrobatchKey("o1", 1, 0))
+            await runtime.admit(MicrobatchKey("o2", 1, 0))
             waited = time.monotonic() - start
             assert runtime.iteration == 1 and 0.8 < waited < 2.5, waited
-            # iteration 1 has a microbatch under way here: a later one waits the whole iteration timeout
+            # iteration 1 has a microbatch under way here: a later one (of another origin: one of o2's
+            # own would show that o2 gave the first up) waits the whole iteration timeout
             start = time.monotonic()
-            await runtime.admit(MicrobatchKey("o1", 2, 0))
+            await runtime.admit(MicrobatchKey("o3", 2, 0))
             waited = time.monotonic() - start
             assert runtime.iteration == 2 and waited >= 2.8, waited
         finally:
