@@ -62,6 +62,7 @@ class OuterSync:
         # worker thread before the next snapshot
         self._adopt: dict[int, int] = {}
         self._catch_up: set[int] = set()   # fragments to snapshot after the next step, off schedule
+        self._missed: set[int] = set()     # fragments whose round formed without us, until the resync lands
 
     # ------------------------------------------------------------------ worker thread
 
@@ -179,6 +180,7 @@ class OuterSync:
         if reply.adopt_outer_step > job.outer_step:
             self._adopt[job.fragment] = max(self._adopt.get(job.fragment, 0), reply.adopt_outer_step)
         else:
+            self._missed.add(job.fragment)
             self._start_resync()
 
     def _start_resync(self) -> None:
@@ -217,14 +219,17 @@ class OuterSync:
         """Adopt a live replica's θ_global and outer state; the local weights stay as they are, or with
         ``reset_local`` become θ_global (a replica that has not trained since has nothing of its own).
 
-        With ``catch_up`` (a training replica that fell behind the group) every fragment is exchanged
-        after the next step instead of at its next sync point: the copy lands while the group's next
-        round is about to open, and waiting H more steps would ask for that round once it has formed
-        without us, leaving this replica one round behind for good. Worker thread."""
+        With ``catch_up`` (a training replica that fell behind the group) each fragment whose round
+        formed without us is exchanged after the next step instead of at its next sync point: the copy
+        lands while the group's next round of it is about to open, and waiting H more steps would ask for
+        that round once it has formed without us, leaving this replica one round behind for good. Only
+        those: exchanging a fragment the group is not syncing now would form a round of one, which the
+        group's next round of it then finds formed without it, and so on back and forth. Worker thread."""
         self.diloco.load_state_dict(state_from_parts(parts, self.diloco.fragments), reset_local=reset_local)
         pending = {(j.fragment, j.step) for j in self.diloco.pending}   # the load dropped the old jobs
         for key in list(self._done):
             if key not in pending:
                 self._done.pop(key).set()
+        missed, self._missed = self._missed, set()
         if catch_up:
-            self._catch_up.update(p for p, names in enumerate(self.diloco.fragments) if names)
+            self._catch_up.update(p for p in missed if self.diloco.fragments[p])

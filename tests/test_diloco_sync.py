@@ -14,6 +14,7 @@ from reduce_servers import start_reduce_server
 from torch import nn
 
 from node.averager import ShardReducer
+from node.diloco import fragment_due
 from node.sync import OuterSync
 from protocols import coordinator_pb2 as pb
 from protocols.config import RunConfig, apply_overrides
@@ -150,3 +151,56 @@ def test_a_replica_of_a_rebuilt_stage_continues_the_round_numbering_instead_of_r
     # round 1 formed without us; nobody holds the outer state, so the next sync asks for round 6
     assert asked == [1, 6]
     assert "outer-adopt" in events and resyncs == 0
+
+
+class MissedRoundCoordinator:
+    """Fragment 1's first round formed without this replica (the group is ahead); every other round is
+    abandoned at once, so no exchange has to run."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []   # fragments, in the order asked
+
+    async def join_sync_round(self, request: pb.SyncRoundRequest) -> pb.SyncRoundReply:
+        self.asked.append(request.fragment)
+        if request.fragment == 1 and self.asked.count(1) == 1:
+            return pb.SyncRoundReply(round_id=1, ready=True, outer_step=request.outer_step,
+                                     participants=[pb.PeerInfo(node_id="ahead", address="127.0.0.1:1", stage=1)])
+        return pb.SyncRoundReply(abandoned=True, reason="quorum not reached", outer_step=request.outer_step)
+
+
+def test_after_a_resync_only_the_fragment_whose_round_was_missed_is_exchanged_off_schedule() -> None:
+    """Catching up a fragment the group is not syncing now would form a round of one, which the group's
+    next round of that fragment then finds formed without it: the replicas would take turns falling behind."""
+    async def main() -> list[int]:
+        cfg = apply_overrides(RunConfig(), ["diloco.inner_steps=4", "diloco.fragments=2", "diloco.overlap=0",
+                                            "membership.sync_join_window_s=1", "membership.sync_timeout_s=2"])
+        coordinator = MissedRoundCoordinator()
+        ahead = OuterSync(TinyStage(), stage=1, node_id="ahead", config=cfg, client=coordinator,  # type: ignore[arg-type]
+                          token=TOKEN)
+        missed = asyncio.Event()
+
+        async def resync() -> None:
+            missed.set()
+
+        sync = OuterSync(TinyStage(), stage=1, node_id="n0", config=cfg, client=coordinator,  # type: ignore[arg-type]
+                         token=TOKEN, resync=resync)
+        loop = asyncio.get_running_loop()
+        try:
+            def replica() -> None:
+                step = 0
+                while coordinator.asked.count(1) == 0:   # train until fragment 1's round is asked
+                    step += 1
+                    sync.after_step(step)
+                asyncio.run_coroutine_threadsafe(asyncio.wait_for(missed.wait(), 5), loop).result()
+                sync.load_parts(ahead.state_parts(), catch_up=True)   # what the daemon's resync does
+                before = len(coordinator.asked)
+                assert fragment_due(step + 1, cfg.diloco) is None   # not a sync point of either fragment
+                sync.after_step(step + 1)
+                del coordinator.asked[:before]
+            await asyncio.to_thread(replica)
+        finally:
+            await sync.close()
+            await ahead.close()
+        return coordinator.asked
+
+    assert asyncio.run(main()) == [1]   # fragment 1 catches up; fragment 0 waits for its own sync point
