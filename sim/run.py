@@ -36,6 +36,7 @@ from sim.report import write_report
 logger = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_S = 2.0  # a status poll that takes longer is skipped, the loop goes on
+PLAIN_PROGRESS_S = 5.0  # without a terminal, a progress line at least this often (and one per event)
 
 
 @dataclass
@@ -86,6 +87,9 @@ class Simulation:
         self.config = config
         self.out_dir = out_dir
         self.progress = progress
+        # a terminal gets one live line; a log file or pipe a line per event, or every PLAIN_PROGRESS_S
+        self._live_line = sys.stderr.isatty()
+        self._shown: tuple[float, str] = (-math.inf, "")
         self.rng = random.Random(config.run.seed)
         self.sup = Supervisor(out_dir / "logs")
         self.token = secrets.token_hex(16)
@@ -279,10 +283,17 @@ class Simulation:
         elapsed = max(rec["t"], 1e-9)
         loss = f"{rec['loss']:.3f}" if rec["loss"] is not None else "-"
         val = f"{rec['val_loss']:.3f}" if rec["val_loss"] is not None else "-"
-        line = (f"\r[{rec['t']:6.1f}s] step {rec['step']:4d}/{self.config.run.train.steps} loss {loss} val {val} "
+        line = (f"[{rec['t']:6.1f}s] step {rec['step']:4d}/{self.config.run.train.steps} loss {loss} val {val} "
                 f"tok/s {rec['tokens'] / elapsed:7.0f} sync {rec['sync_bytes_sent'] / 1e6:6.2f}MB "
                 f"act {rec['activation_bytes_sent'] / 1e6:7.1f}MB live {rec['live_nodes']} | {self.state.last_event}")
-        sys.stderr.write(line[:160].ljust(160))
+        if self._live_line:
+            sys.stderr.write("\r" + line[:160].ljust(160))
+        else:
+            last_t, last_event = self._shown
+            if self.state.last_event == last_event and rec["t"] - last_t < PLAIN_PROGRESS_S:
+                return
+            self._shown = (rec["t"], self.state.last_event)
+            sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
     # ---- preemptions --------------------------------------------------------------------------
@@ -395,7 +406,7 @@ class Simulation:
             last = now
         else:
             logger.warning("stopping: sim.max_wall_s = %.0f s reached", self.config.sim.max_wall_s)
-        if self.progress:
+        if self.progress and self._live_line:
             sys.stderr.write("\n")
         return self.summarize(rec)
 

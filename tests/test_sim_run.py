@@ -156,3 +156,29 @@ def test_a_node_that_exits_before_joining_is_started_again_on_a_new_port(tmp_pat
     relaunches = [e for e in events if e["kind"] == "relaunch"]
     assert [e["node_id"] for e in relaunches] == [node.name] * MAX_RELAUNCHES
     assert all("code 3" in e["detail"] for e in relaunches)
+
+
+def test_progress_without_a_terminal_is_a_line_per_event_or_every_few_seconds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped into a log (CI, nohup), the live ``\\r`` line would pile up into one endless line: there each
+    update is a line of its own, printed when something happens or every PLAIN_PROGRESS_S."""
+    from sim.config import load_sim_config
+    from sim.run import PLAIN_PROGRESS_S, Simulation
+
+    sim = Simulation(load_sim_config(None), tmp_path, progress=True)
+    with sim.sup:   # no process is started; the supervisor is closed anyway
+        def rec(t: float) -> dict[str, object]:
+            return {"t": t, "step": int(t), "loss": 3.0, "val_loss": None, "tokens": 100, "sync_bytes_sent": 0,
+                    "activation_bytes_sent": 0, "live_nodes": 8}
+
+        sim.state.last_event = "join origin-1 (stage 0)"
+        for t in (1.0, 1.5, 2.0):          # the same event: one line
+            sim.show(rec(t))
+        sim.state.last_event = "leave stage1-3 (stage 1)"
+        sim.show(rec(2.5))                 # a new event: a line at once
+        sim.show(rec(2.5 + PLAIN_PROGRESS_S))   # nothing new for a while: a line anyway
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 3, lines
+    assert "join origin-1" in lines[0] and "leave stage1-3" in lines[1] and lines[2].startswith("[   7.5s]")
