@@ -472,12 +472,15 @@ class NodeDaemon:
     async def _resync_outer(self, *, standby: bool = False) -> None:
         """This replica missed outer rounds: adopt θ_global and the outer state of the replica of our
         stage that is furthest ahead (it contributes again from its next round). A ``standby`` replica
-        (one the plan leaves idle) also takes θ_global as its local weights: it has trained nothing since."""
+        (one the plan leaves idle) also takes θ_global as its local weights: it has trained nothing since.
+        A training replica adopts only the fragments where the source is ahead (``OuterSync.load_parts``):
+        it can be behind in the fragment whose round it missed while level or ahead in total, so it asks
+        its peers in turn, not only those ahead in total."""
         agent, outer = self.agent, self.outer
         if agent is None or outer is None:
             return
         # Ask first (a Ping: a few bytes), copy second (θ_global and the outer state: twice the stage's
-        # size), and only from the replica furthest ahead: a standby asks every few heartbeats.
+        # size), from the replica furthest ahead first: a standby asks every few heartbeats.
         ahead: list[tuple[int, str, str]] = []
         peers = sorted(n for n, s in agent.schedule.stages.items() if s == agent.stage and n != self.node_id)
         for node_id in peers[:3]:
@@ -488,7 +491,7 @@ class NodeDaemon:
                 _, pong = await self.transport.ping(address, timeout_s=PING_TIMEOUT_S)
             except grpc.aio.AioRpcError:
                 continue
-            if pong.stage == agent.stage and pong.outer_steps > outer.total_outer_steps():
+            if pong.stage == agent.stage and (pong.outer_steps > outer.total_outer_steps() or not standby):
                 ahead.append((pong.outer_steps, node_id, address))
         for _, node_id, address in sorted(ahead, reverse=True):
             try:
@@ -500,15 +503,18 @@ class NodeDaemon:
                 continue
             steps_t = snapshot.parts.get("outer", {}).get("steps")
             steps = int(steps_t.sum()) if steps_t is not None else 0
-            if steps <= outer.total_outer_steps():
+            if standby and steps <= outer.total_outer_steps():
                 return
             try:
-                await agent.runtime.run(functools.partial(outer.load_parts, reset_local=standby,
-                                                          catch_up=not standby), snapshot.parts, slow=False)
+                adopted = await agent.runtime.run(functools.partial(outer.load_parts, reset_local=standby,
+                                                                    catch_up=not standby), snapshot.parts, slow=False)
             except ValueError as exc:
                 logger.warning("outer state from %s unusable: %s", node_id, exc)
                 continue
-            self.events.write("standby-resync" if standby else "outer-resync", source=node_id, outer_steps=steps)
+            if not adopted:
+                continue   # not ahead in any fragment: ask the next replica
+            self.events.write("standby-resync" if standby else "outer-resync", source=node_id, outer_steps=steps,
+                              fragments=adopted)
             return
 
     def _standby(self, agent: PipelineAgent) -> bool:

@@ -320,12 +320,21 @@ class StreamingDiLoCo:
             "outer_steps": dict(self.outer.steps),
         }
 
+    def fragments_behind(self, state: Mapping[str, Any]) -> list[int]:
+        """The fragments whose outer step in another replica's ``state`` is past ours."""
+        theirs = {int(p): int(s) for p, s in state.get("outer_steps", {}).items()}
+        return [p for p in range(len(self.fragments)) if theirs.get(p, 0) > self.outer.steps.get(p, 0)]
+
     @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, Any], *, reset_local: bool = True) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], *, reset_local: bool = True,
+                        fragments: Iterable[int] | None = None) -> None:
         """Adopt another replica's θ_global and outer state (validated; nothing changes on error).
 
         `reset_local` also sets the local weights to θ_global, which is what a
-        newcomer does so its first Δ measures only its own progress.
+        newcomer does so its first Δ measures only its own progress. `fragments`
+        (default: all) limits the adoption to those fragments: a replica that missed
+        one fragment's round copies that one and keeps the others, where it may be
+        as far as the source or further.
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported DiLoCo state version {state.get('version')!r}")
@@ -348,14 +357,25 @@ class StreamingDiLoCo:
         steps = {int(p): int(s) for p, s in state.get("outer_steps", {}).items()}
         if any(p < 0 or p >= len(self.fragments) or s < 0 for p, s in steps.items()):
             raise ValueError("DiLoCo state has out-of-range outer steps")
-        for name, t in glob.items():
-            self.global_params[name].copy_(t)
-        self.outer.buffers = momentum
-        self.outer.steps = steps
-        self.pending.clear()
+        chosen = set(range(len(self.fragments)) if fragments is None else fragments)
+        if not chosen <= set(range(len(self.fragments))):
+            raise ValueError(f"fragments {sorted(chosen)} out of range (0..{len(self.fragments) - 1})")
+        names = [n for n in self.global_params if owner[n] in chosen]
+        for name in names:
+            self.global_params[name].copy_(glob[name])
+        for p in chosen:
+            if p in momentum:
+                self.outer.buffers[p] = momentum[p]
+            else:
+                self.outer.buffers.pop(p, None)
+            if p in steps:
+                self.outer.steps[p] = steps[p]
+            else:
+                self.outer.steps.pop(p, None)
+        self.pending = [j for j in self.pending if j.fragment not in chosen]
         if reset_local:
-            for name, p in self.params.items():
-                p.copy_(self.global_params[name].to(p.dtype))
+            for name in names:
+                self.params[name].copy_(self.global_params[name].to(self.params[name].dtype))
 
 
 def _check_tensor(t: Any, shape: torch.Size, what: str) -> None:

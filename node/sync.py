@@ -215,21 +215,29 @@ class OuterSync:
         return state_to_parts(self.diloco.state_dict())
 
     def load_parts(self, parts: dict[str, dict[str, torch.Tensor]], *, reset_local: bool = False,
-                   catch_up: bool = False) -> None:
+                   catch_up: bool = False) -> list[int]:
         """Adopt a live replica's θ_global and outer state; the local weights stay as they are, or with
         ``reset_local`` become θ_global (a replica that has not trained since has nothing of its own).
+        Returns the fragments adopted.
 
-        With ``catch_up`` (a training replica that fell behind the group) each fragment whose round
-        formed without us is exchanged after the next step instead of at its next sync point: the copy
-        lands while the group's next round of it is about to open, and waiting H more steps would ask for
-        that round once it has formed without us, leaving this replica one round behind for good. Only
-        those: exchanging a fragment the group is not syncing now would form a round of one, which the
-        group's next round of it then finds formed without it, and so on back and forth. Worker thread."""
-        self.diloco.load_state_dict(state_from_parts(parts, self.diloco.fragments), reset_local=reset_local)
-        pending = {(j.fragment, j.step) for j in self.diloco.pending}   # the load dropped the old jobs
+        With ``catch_up`` (a training replica that fell behind the group) only the fragments where the
+        source is ahead are adopted (one it is not ahead in may be where this replica is ahead), and each
+        adopted fragment whose round formed without us is exchanged after the next step instead of at its
+        next sync point: the copy lands while the group's next round of it is about to open, and waiting H
+        more steps would ask for that round once it has formed without us, leaving this replica one round
+        behind for good. Only those: exchanging a fragment the group is not syncing now would form a round
+        of one, which the group's next round of it then finds formed without it, and so on back and forth.
+        Worker thread."""
+        state = state_from_parts(parts, self.diloco.fragments)
+        fragments = self.diloco.fragments_behind(state) if catch_up else list(range(len(self.diloco.fragments)))
+        if not fragments:
+            return []
+        self.diloco.load_state_dict(state, reset_local=reset_local, fragments=fragments)
+        pending = {(j.fragment, j.step) for j in self.diloco.pending}   # the load dropped those jobs
         for key in list(self._done):
             if key not in pending:
                 self._done.pop(key).set()
         missed, self._missed = self._missed, set()
         if catch_up:
-            self._catch_up.update(p for p in missed if self.diloco.fragments[p])
+            self._catch_up.update(p for p in missed & set(fragments) if self.diloco.fragments[p])
+        return fragments

@@ -241,6 +241,37 @@ def test_state_roundtrip_for_newcomer() -> None:
         assert torch.equal(new.global_params[n], t)  # nothing changed
 
 
+def test_a_replica_behind_in_one_fragment_adopts_only_that_fragment() -> None:
+    """A replica that missed fragment 1's round but went further in fragment 0 takes fragment 1's θ_global,
+    momentum and outer step from the source, and keeps its own fragment 0 (and that fragment's pending
+    exchange)."""
+    c = cfg(inner_steps=4, fragments=2, overlap=1, alpha=0.0)
+    source = StreamingDiLoCo(Blocks(n_blocks=2, seed=1), c)
+    behind = StreamingDiLoCo(Blocks(n_blocks=2, seed=2), c)
+    for rep, fragment, rounds in ((source, 1, 3), (behind, 0, 2)):
+        for _ in range(rounds):
+            with torch.no_grad():
+                for p in rep.module.parameters():
+                    p.mul_(0.9)
+            job = rep.begin_sync(4, fragment=fragment)
+            assert job is not None
+            rep.finish_sync(job, job.delta)
+    kept = {n: t.clone() for n, t in behind.global_params.items() if n in behind.fragments[0]}
+    pending = behind.begin_sync(5, fragment=0)
+    state = source.state_dict()
+    assert behind.fragments_behind(state) == [1]
+    behind.load_state_dict(state, reset_local=False, fragments=behind.fragments_behind(state))
+    assert behind.outer.steps == {0: 2, 1: 3}
+    for n in behind.fragments[1]:
+        torch.testing.assert_close(behind.global_params[n], source.global_params[n])
+        torch.testing.assert_close(behind.outer.buffers[1][n], source.outer.buffers[1][n])
+    for n, t in kept.items():
+        assert torch.equal(behind.global_params[n], t)
+    assert behind.pending == [pending]
+    with pytest.raises(ValueError, match="out of range"):
+        behind.load_state_dict(state, fragments=[2])
+
+
 def test_config_validation_names_setting() -> None:
     with pytest.raises(ConfigError, match=r"diloco\.fragments"):
         DilocoSection(inner_steps=2, fragments=3)

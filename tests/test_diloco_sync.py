@@ -168,10 +168,12 @@ class MissedRoundCoordinator:
         return pb.SyncRoundReply(abandoned=True, reason="quorum not reached", outer_step=request.outer_step)
 
 
-def test_after_a_resync_only_the_fragment_whose_round_was_missed_is_exchanged_off_schedule() -> None:
-    """Catching up a fragment the group is not syncing now would form a round of one, which the group's
-    next round of that fragment then finds formed without it: the replicas would take turns falling behind."""
-    async def main() -> list[int]:
+def test_after_a_resync_only_the_fragment_whose_round_was_missed_is_adopted_and_exchanged_off_schedule() -> None:
+    """The source replica is ahead in fragment 1 (whose round we missed) and behind in fragment 0: only
+    fragment 1 is adopted, and only it is exchanged off schedule. Catching up a fragment the group is not
+    syncing now would form a round of one, which the group's next round of that fragment then finds formed
+    without it: the replicas would take turns falling behind."""
+    async def main() -> tuple[list[int], list[int], dict[int, int]]:
         cfg = apply_overrides(RunConfig(), ["diloco.inner_steps=4", "diloco.fragments=2", "diloco.overlap=0",
                                             "membership.sync_join_window_s=1", "membership.sync_timeout_s=2"])
         coordinator = MissedRoundCoordinator()
@@ -184,7 +186,10 @@ def test_after_a_resync_only_the_fragment_whose_round_was_missed_is_exchanged_of
 
         sync = OuterSync(TinyStage(), stage=1, node_id="n0", config=cfg, client=coordinator,  # type: ignore[arg-type]
                          token=TOKEN, resync=resync)
+        ahead.diloco.outer.steps.update({0: 1, 1: 3})
+        sync.diloco.outer.steps[0] = 2   # this replica is further in fragment 0
         loop = asyncio.get_running_loop()
+        adopted: list[int] = []
         try:
             def replica() -> None:
                 step = 0
@@ -192,7 +197,7 @@ def test_after_a_resync_only_the_fragment_whose_round_was_missed_is_exchanged_of
                     step += 1
                     sync.after_step(step)
                 asyncio.run_coroutine_threadsafe(asyncio.wait_for(missed.wait(), 5), loop).result()
-                sync.load_parts(ahead.state_parts(), catch_up=True)   # what the daemon's resync does
+                adopted.extend(sync.load_parts(ahead.state_parts(), catch_up=True))   # the daemon's resync
                 before = len(coordinator.asked)
                 assert fragment_due(step + 1, cfg.diloco) is None   # not a sync point of either fragment
                 sync.after_step(step + 1)
@@ -201,6 +206,8 @@ def test_after_a_resync_only_the_fragment_whose_round_was_missed_is_exchanged_of
         finally:
             await sync.close()
             await ahead.close()
-        return coordinator.asked
+        return coordinator.asked, adopted, dict(sync.diloco.outer.steps)
 
-    assert asyncio.run(main()) == [1]   # fragment 1 catches up; fragment 0 waits for its own sync point
+    asked, adopted, steps = asyncio.run(main())
+    assert adopted == [1] and steps == {0: 2, 1: 3}   # fragment 0 is not taken back to the source's step
+    assert asked == [1]   # fragment 1 catches up; fragment 0 waits for its own sync point
