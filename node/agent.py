@@ -376,6 +376,7 @@ class PipelineAgent:
             await self.runtime.abandon(key)
         address = await self.address_of(header.origin_id)
         if address is None:
+            logger.warning("cannot tell origin %s about abandoned %s: its address is unknown", header.origin_id, key)
             return
         request = node_pb2.AbandonRequest(run_id=self.run_id, iteration=key.iteration, microbatch=key.microbatch,
                                           origin_id=key.origin_id, reason=reason, open_iteration=open_iteration)

@@ -327,18 +327,25 @@ class NodeDaemon:
         await self._reload_schedule()
 
     async def _refresh_for_unknown_peer(self) -> None:
-        """A microbatch names a node we do not know yet: our schedule is older than the sender's."""
-        if time.monotonic() - self._last_refresh > 0.2:   # many microbatches at once: one reload
-            await self._reload_schedule()
+        """A microbatch names a node we do not know yet: our schedule is older than the sender's. Many
+        microbatches at once share one reload: one that arrives while a reload is under way waits for it
+        (returning at once would leave it without the address, and a node that just moved stages, with
+        no schedule yet, would give up its microbatches without even telling their origins)."""
+        asked_at = time.monotonic()
+        async with self._schedule_lock:
+            if self._last_refresh >= asked_at - 0.2:   # one finished just now, or while we waited
+                return
+        await self._reload_schedule()
 
     async def _reload_schedule(self) -> None:
         async with self._schedule_lock:
-            self._last_refresh = time.monotonic()
             try:
                 reply = await self.client.schedule(self.node_id, stop=self.stop_event)
             except grpc.aio.AioRpcError as exc:
                 logger.warning("schedule refused (%s): %s", exc.code().name, exc.details())
                 return
+            finally:
+                self._last_refresh = time.monotonic()
             if reply is None:
                 return
             schedule = Schedule.from_reply(reply)
@@ -423,6 +430,7 @@ class NodeDaemon:
                                   hop_timeout_s=train.hop_timeout_s, on_failure=self._report_failure,
                                   on_event=self._agent_event, refresh_schedule=self._refresh_for_unknown_peer)
             self.agent = agent
+            self._last_refresh = 0.0   # a schedule fetched for the previous agent never reached this one
             self.outer = outer
             self.servicer.stage = stage
             self.servicer.state_provider = self._state

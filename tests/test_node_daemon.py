@@ -46,3 +46,40 @@ def test_node_waits_for_coordinator_then_leaves_on_sigterm(tmp_path: Path) -> No
         assert "event leave" in (tmp_path / "coordinator.log").read_text()
     finally:
         run.close()
+
+
+def test_microbatches_naming_unknown_peers_share_one_schedule_reload_and_wait_for_it() -> None:
+    """Many microbatches naming a peer we do not know (a node that just moved stages has no schedule yet)
+    trigger one reload, and those that arrive while it is under way wait for it instead of going on
+    without the address (they would give up their microbatch without telling its origin)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from node.daemon import NodeDaemon
+
+    async def main() -> tuple[list[bool], int]:
+        reloads: list[float] = []
+        have_schedule = asyncio.Event()
+        fake = SimpleNamespace(_schedule_lock=asyncio.Lock(), _last_refresh=0.0)
+
+        async def reload() -> None:   # what _reload_schedule does: fetch under the lock, then stamp
+            async with fake._schedule_lock:
+                reloads.append(time.monotonic())
+                await asyncio.sleep(0.1)
+                have_schedule.set()
+                fake._last_refresh = time.monotonic()
+
+        fake._reload_schedule = reload
+
+        async def microbatch() -> bool:
+            await NodeDaemon._refresh_for_unknown_peer(fake)  # type: ignore[arg-type]
+            return have_schedule.is_set()
+
+        first = await asyncio.gather(*(microbatch() for _ in range(5)))
+        await asyncio.sleep(0.3)
+        await microbatch()   # later: the schedule may have changed again
+        return first, len(reloads)
+
+    first, reloads = asyncio.run(main())
+    assert all(first)    # nobody went on before the schedule was in
+    assert reloads == 2  # one for the five at once, one for the later one
