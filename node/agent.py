@@ -463,10 +463,10 @@ class PipelineAgent:
         except grpc.aio.AioRpcError as exc:
             logger.debug("iteration status from %s failed: %s", origin, exc.code().name)
             return
-        if reply.finished and self.runtime.iteration == iteration:
+        if reply.finished and self.runtime.iteration == iteration and await self.runtime.origin_finished(origin,
+                                                                                                        iteration):
             logger.info("stage %d: origin %s has finished iteration %d (now at %d); not waiting for more of it",
                         self.stage, origin, iteration, reply.open_iteration)
-            await self.runtime.origin_finished(origin, iteration)
 
     def note_open_iteration(self, iteration: int) -> None:
         """A stage refused our microbatch as stale: the run is at ``iteration``; catch up before the next one."""

@@ -461,13 +461,13 @@ class StageRuntime:
         await self._maybe_close()
         return True
 
-    async def origin_finished(self, origin_id: str, iteration: int) -> None:
+    async def origin_finished(self, origin_id: str, iteration: int) -> bool:
         """``origin_id`` has finished ``iteration`` and every one before (we saw its microbatch of a later
         one, or it said so): nothing more of its microbatches of those comes here, whatever plan this node
         counts by, so the open iteration waits only for those already here; any of them still unfinished
         here was given up by the origin (its abandon notice may still be on the way), so drop it now."""
         if iteration <= self._finished_through.get(origin_id, -1):
-            return
+            return False   # known already
         self._finished_through[origin_id] = iteration
         for index, it in list(self._iters.items()):
             if index <= iteration:
@@ -475,6 +475,7 @@ class StageRuntime:
                                   key=lambda k: k.microbatch):
                     await self.abandon(key)
         await self._maybe_close()
+        return True
 
     def stalled(self, after_s: float) -> bool:
         """The open iteration has started here, still lacks microbatches and has made no progress for
