@@ -8,6 +8,7 @@ weights.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,12 @@ def test_an_idle_replica_follows_its_group_and_is_not_waited_for(tmp_path: Path)
         run.start_coordinator()
         run.start_node("origin", preferred_stage=0)
         run.start_node("fast", preferred_stage=1)
+        # the slow replica comes once the fast one has joined: alone at its stage it would rightly get
+        # the paths until the fast one arrives, which is not what this test is about
+        deadline = time.monotonic() + 60
+        while not run.records(1, "join"):
+            assert time.monotonic() < deadline, run.tail()
+            time.sleep(0.1)
         run.start_node("slow", preferred_stage=1, extra=["--slowdown", "50"])
         codes = run.wait_nodes(timeout_s=180)
         assert codes[:2] == [0, 0], run.tail()
