@@ -66,8 +66,18 @@ MAX_REPLY_MESSAGE = 4096
 HANDSHAKE_TIMEOUT_S = 10.0
 CHECK_BYTES = 256 * 1024         # a payload read in place is checked finite in steps of at least this
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+# A payload buffer reused frame after frame (the sender's cast buffer, the receiver's buffer for payloads
+# it decodes) is replaced by a smaller one once it is this much (and 4x) larger than the payload: one
+# large tensor must not pin its size in memory for the rest of the run.
+SCRATCH_KEEP_BYTES = 8 * 1024 * 1024
 
 WirePayload = bytes | memoryview | SegmentedPayload
+
+
+def scratch_fits(have: int, need: int) -> bool:
+    """Whether a reused buffer of ``have`` bytes should serve a payload of ``need``: large enough, and not
+    far larger (``SCRATCH_KEEP_BYTES``)."""
+    return need <= have <= max(4 * need, SCRATCH_KEEP_BYTES)
 
 
 class WireError(Exception):
@@ -179,9 +189,11 @@ class _ServerProtocol(asyncio.BufferedProtocol):
     def _expect(self, state: str, target: memoryview) -> None:
         self.state, self.target, self.have = state, target, 0
 
-    def _scratch(self, nbytes: int) -> memoryview:
-        if len(self.scratch) < nbytes:
-            self.scratch = bytearray(nbytes)
+    def _scratch(self, nbytes: int, *, shrink: bool = False) -> memoryview:
+        """The first ``nbytes`` of the connection's buffer; ``shrink`` (a payload) also replaces one far
+        larger than needed (``scratch_fits``)."""
+        if len(self.scratch) < nbytes or (shrink and not scratch_fits(len(self.scratch), nbytes)):
+            self.scratch = bytearray(max(nbytes, REQUEST.size))
         return memoryview(self.scratch)[:nbytes]
 
     def _on_mac(self) -> None:
@@ -225,7 +237,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
             if not len(self.target):
                 self._check_arrived()
         else:
-            self._expect("payload", self._scratch(payload_len))
+            self._expect("payload", self._scratch(payload_len, shrink=True))
 
     def _check_arrived(self) -> None:
         """Check the values of a payload read in place as they arrive (NaN/inf), so that little is left to
@@ -405,7 +417,7 @@ class WireConnection:
             transport = protocol.transport
             transport.write(REQUEST.pack(REQUEST_MAGIC, kind, len(header), len(meta), len(payload)) + header + meta)
             if isinstance(payload, SegmentedPayload):
-                if payload.casts and (self.scratch is None or self.scratch.numel() < len(payload)):
+                if payload.casts and (self.scratch is None or not scratch_fits(self.scratch.numel(), len(payload))):
                     self.scratch = torch.empty(len(payload), dtype=torch.uint8)
                 for segment in payload.segments(self.scratch if payload.casts else None):
                     transport.write(segment)

@@ -24,11 +24,13 @@ from node.wire import (
     REPLY,
     REQUEST,
     REQUEST_MAGIC,
+    SCRATCH_KEEP_BYTES,
     WireConnection,
     WirePayload,
     WireServer,
     frame_parts,
     handshake_mac,
+    scratch_fits,
 )
 from protocols import node_pb2, tensor_pb2
 from protocols.codec import RAW_CODECS, decode, encode, encode_segmented, encode_split
@@ -482,3 +484,29 @@ def test_server_protocol_reassembles_frames_from_reads_of_any_size(step: int) ->
         assert not transport.closed
 
     asyncio.run(main())
+
+
+def test_one_large_payload_does_not_pin_its_buffers_for_the_rest_of_the_run() -> None:
+    """The sender's cast buffer and the receiver's buffer for payloads it decodes are reused frame after
+    frame; after one large tensor (12 MiB on the wire) and a small one, neither keeps the large size."""
+    async def main() -> None:
+        async with _wired() as (node, transport):
+            large, small = torch.randn(3, 1024, 2048), torch.randn(2, 5, 8)
+            for codec in ("bf16", "int8"):   # cast by the sender; decoded from the receiver's buffer
+                for mb, x in ((1, large), (2, small)):
+                    ack = await _send(transport, node.address, mb, x, codec=codec, segment_bytes=1 << 30)
+                    assert ack.ok, ack.message
+            assert torch.equal(node.got[1][2], small.to(torch.bfloat16))
+            torch.testing.assert_close(node.got[3][2], small, atol=0.05, rtol=0.05)
+            conn = transport._wires[(node.address, False)]
+            assert conn.scratch is not None and conn.scratch.numel() <= SCRATCH_KEEP_BYTES
+            assert node.wire is not None
+            assert [len(c.scratch) <= SCRATCH_KEEP_BYTES for c in node.wire.connections] == [True]
+    asyncio.run(main())
+
+
+def test_a_reused_buffer_serves_a_payload_unless_too_small_or_far_too_large() -> None:
+    assert scratch_fits(100, 100) and scratch_fits(SCRATCH_KEEP_BYTES, 10)
+    assert not scratch_fits(99, 100)
+    assert scratch_fits(4 * 3 * SCRATCH_KEEP_BYTES, 3 * SCRATCH_KEEP_BYTES)
+    assert not scratch_fits(4 * 3 * SCRATCH_KEEP_BYTES + 1, 3 * SCRATCH_KEEP_BYTES)
