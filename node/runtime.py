@@ -127,7 +127,7 @@ class StageRuntime:
         # (None: ``expected``). A plan changes mid-iteration when membership does; the microbatches already
         # launched follow the old plan, so counting them by the new one would wait for some that never come.
         # Called with origin -> epoch, origin -> microbatches closed (done or abandoned) and seen here, and
-        # the origins that have moved on (see ``_latest``).
+        # the origins that have moved on (finished the open iteration: see ``origin_finished``).
         self.expected_fn: Callable[[Mapping[str, int], Mapping[str, int], Mapping[str, int], AbstractSet[str]],
                                    int] | None = None
         # origin -> the latest iteration it is known to have finished (see ``origin_finished``)
