@@ -64,6 +64,7 @@ from protocols.codec import (  # noqa: E402
     encode,
     encode_segmented,
     encode_split,
+    native_codec,
     receive_target,
     seal,
     tensor_bytes,
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         result["pipeline_tokens_per_s"] = round(pipeline_tokens_per_s(args.steps), 1)
         result["reference_tokens_per_s"] = round(reference_tokens_per_s(args.steps), 1)
     result.update({"wire_bytes": WIRE_BYTES, "codec": args.codec, "transport": args.transport, "grpc": grpc.__version__,
-                   "cpus": os.cpu_count()})
+                   "native_codec": native_codec(), "cpus": os.cpu_count()})
     if args.json:
         print(json.dumps(result))
     else:

@@ -47,7 +47,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from protocols import node_pb2, tensor_pb2
-from protocols.codec import SegmentedPayload, check_finite, receive_target, tensor_bytes
+from protocols.codec import SegmentedPayload, check_finite_bytes, native_codec, receive_target, tensor_bytes
 from protocols.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,10 @@ OK, INVALID, UNAVAILABLE = 0, 1, 2
 MAX_META_BYTES = 1 << 20          # header and tensor metadata each (they are a few hundred bytes)
 MAX_REPLY_MESSAGE = 4096
 HANDSHAKE_TIMEOUT_S = 10.0
-CHECK_BYTES = 256 * 1024         # a payload read in place is checked finite in steps of at least this
+# A payload read in place is checked finite in steps of at least this: each step is a call with fixed
+# costs, and what arrived after the last step is checked once the last byte is in (on the hop's critical
+# path). The native check reads ~4x faster than torch's reduction, so its steps are smaller.
+CHECK_BYTES = 64 * 1024 if native_codec() else 256 * 1024
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # A payload buffer reused frame after frame (the sender's cast buffer, the receiver's buffer for payloads
 # it decodes) is replaced by a smaller one once it is this much (and 4x) larger than the payload: one
@@ -248,7 +251,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
         if self.error or (self.have < len(self.target) and (end - self.checked) * itemsize < CHECK_BYTES):
             return
         try:
-            check_finite(self.tensor.view(-1)[self.checked:end])
+            check_finite_bytes(self.target[self.checked * itemsize:end * itemsize], self.tensor.dtype)
         except ValidationError as exc:
             self.error = str(exc)
         self.checked = end
