@@ -323,8 +323,7 @@ class Transport:
             if conn is None:
                 return None
             try:
-                async with asyncio.timeout_at(deadline):
-                    status, message = await conn.send(int(backward), *parts)
+                status, message = await conn.send(int(backward), *parts, deadline=deadline)
             except TimeoutError:
                 self._drop_wire(address, backward)
                 raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED,

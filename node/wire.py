@@ -101,14 +101,15 @@ def handshake_mac(token: str, nonce: bytes) -> bytes:
 
 
 def _tune(sock: socket.socket | None) -> None:
-    """No Nagle delay, and socket buffers that hold a whole activation: a 1 MiB write then completes in
-    one syscall and the receiver reads it in one or two, instead of a dozen event-loop rounds each while
-    the kernel's autotuning grows the buffers (measured: ~25% off a loopback hop). 4 MiB also covers
-    ~300 Mbit/s at 100 ms RTT per connection."""
+    """No Nagle delay, and a send buffer that holds a whole activation: a 1 MiB write then completes in one
+    syscall instead of a dozen event-loop rounds while the kernel's autotuning grows the buffer (~25% off a
+    loopback hop when the receiver was slower). The receive buffer is left to autotuning: a fixed one turns
+    autotuning off, and now that the receiver keeps pace with the sender (native checks) the autotuned one
+    was 3-10% faster on loopback (benchmarks/pipeline.md); it also grows past 4 MiB on long fat links.
+    4 MiB of send buffer covers ~300 Mbit/s at 100 ms RTT per connection."""
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
 
 
 # ----------------------------------------------------------------------------- server
@@ -405,18 +406,27 @@ class WireConnection:
     def close(self) -> None:
         self.protocol._fail("closed by this node")
 
-    async def send(self, kind: int, header: bytes, meta: bytes, payload: WirePayload) -> tuple[int, str]:
-        """Send one frame and wait for its reply; raises WireError (``sent`` False: nothing went out).
+    async def send(self, kind: int, header: bytes, meta: bytes, payload: WirePayload, *,
+                   deadline: float | None = None) -> tuple[int, str]:
+        """Send one frame and wait for its reply, until the event loop's clock reaches ``deadline``;
+        raises WireError (``sent`` False: nothing went out) or TimeoutError (the connection is then
+        closed: the stream's position is unknown).
 
         A ``SegmentedPayload`` is cast into the connection's scratch buffer and written one segment at a
         time (one segment for activations up to ``codec.SEGMENT_BYTES``); the scratch is free again once
         the reply is in, because the receiver has then read every byte.
         """
-        async with self.lock:
+        loop = asyncio.get_running_loop()
+        if self.lock.locked() and deadline is not None:   # a frame in flight: wait for it within ours
+            async with asyncio.timeout_at(deadline):
+                await self.lock.acquire()
+        else:
+            await self.lock.acquire()
+        try:
             protocol = self.protocol
             if protocol.closed or protocol.transport is None:
                 raise WireError("connection closed", sent=False)
-            protocol.reply = asyncio.get_running_loop().create_future()
+            reply = protocol.reply = loop.create_future()
             transport = protocol.transport
             transport.write(REQUEST.pack(REQUEST_MAGIC, kind, len(header), len(meta), len(payload)) + header + meta)
             if isinstance(payload, SegmentedPayload):
@@ -426,8 +436,10 @@ class WireConnection:
                     transport.write(segment)
             else:
                 transport.write(payload)
+            # a timer on the reply rather than asyncio.timeout_at around the send: ~5 us less per hop
+            timer = loop.call_at(deadline, _expire, reply) if deadline is not None else None
             try:
-                return await protocol.reply
+                return await reply
             except ConnectionError as exc:
                 raise WireError(str(exc), sent=True) from None
             except BaseException:
@@ -436,6 +448,15 @@ class WireConnection:
                 raise
             finally:
                 protocol.reply = None
+                if timer is not None:
+                    timer.cancel()
+        finally:
+            self.lock.release()
+
+
+def _expire(reply: asyncio.Future[tuple[int, str]]) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError("no reply in time"))
 
 
 def frame_parts(header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor,
