@@ -325,7 +325,8 @@ class Transport:
             try:
                 status, message = await conn.send(int(backward), *parts, deadline=deadline)
             except TimeoutError:
-                self._drop_wire(address, backward)
+                if conn.closed:   # it timed out mid-frame; one still waiting for the frame ahead of it did not
+                    self._drop_wire(address, backward)
                 raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"no reply from {address} in {timeout_s:.1f} s") from None
             except WireError as exc:

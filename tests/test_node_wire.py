@@ -308,14 +308,20 @@ def test_a_stalled_receiver_times_out_and_a_dead_one_is_unavailable() -> None:
         try:
             x = torch.randn(1, 4, 8)
             transport._wire_ports[node.address] = silent_server.sockets[0].getsockname()[1]
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await _send(transport, node.address, 1, x, timeout_s=0.5)
-            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and stalled
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            # two frames at once on the one connection: the second waits for the first within its own
+            # deadline, which here is the shorter one
+            first, second = await asyncio.gather(_send(transport, node.address, 1, x, timeout_s=1.0),
+                                                 _send(transport, node.address, 2, x, timeout_s=0.3),
+                                                 return_exceptions=True)
+            assert isinstance(second, grpc.aio.AioRpcError) and isinstance(first, grpc.aio.AioRpcError)
+            assert second.code() == first.code() == grpc.StatusCode.DEADLINE_EXCEEDED and stalled
+            assert 0.9 < loop.time() - start < 2.0
             assert (node.address, False) not in transport._wires   # its place in the stream is unknown: dropped
             transport._wire_ports[node.address] = node.wire.port   # a fresh connection carries the next one
             assert (await _send(transport, node.address, 7, x)).ok
             await node.stop()
-            loop = asyncio.get_running_loop()
             start = loop.time()
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await _send(transport, node.address, 8, x, timeout_s=5)
