@@ -69,6 +69,10 @@ HANDSHAKE_TIMEOUT_S = 10.0
 # path). The native check reads ~4x faster than torch's reduction, so its steps are smaller.
 CHECK_BYTES = 64 * 1024 if native_codec() else 256 * 1024
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+# A payload that is cast on the way out (fp32 activations, bf16 on the wire) goes out with the frame head
+# in a first piece of this many bytes: the receiver wakes up and parses the metadata while the rest is
+# cast (a separate head-only write was ~10% slower in medians, benchmarks/pipeline.md).
+FIRST_SEGMENT_BYTES = 64 * 1024
 # A payload buffer reused frame after frame (the sender's cast buffer, the receiver's buffer for payloads
 # it decodes) is replaced by a smaller one once it is this much (and 4x) larger than the payload: one
 # large tensor must not pin its size in memory for the rest of the run.
@@ -428,14 +432,20 @@ class WireConnection:
                 raise WireError("connection closed", sent=False)
             reply = protocol.reply = loop.create_future()
             transport = protocol.transport
-            transport.write(REQUEST.pack(REQUEST_MAGIC, kind, len(header), len(meta), len(payload)) + header + meta)
-            if isinstance(payload, SegmentedPayload):
-                if payload.casts and (self.scratch is None or not scratch_fits(self.scratch.numel(), len(payload))):
+            head = REQUEST.pack(REQUEST_MAGIC, kind, len(header), len(meta), len(payload)) + header + meta
+            if isinstance(payload, SegmentedPayload) and payload.casts:
+                if self.scratch is None or not scratch_fits(self.scratch.numel(), len(payload)):
                     self.scratch = torch.empty(len(payload), dtype=torch.uint8)
-                for segment in payload.segments(self.scratch if payload.casts else None):
+                # the head goes out with a small first piece, so the receiver parses the metadata (and
+                # reads and checks that piece) while the rest is cast
+                segments = payload.segments(self.scratch, first_bytes=FIRST_SEGMENT_BYTES)
+                transport.writelines([head, next(segments, b"")])
+                for segment in segments:
                     transport.write(segment)
             else:
-                transport.write(payload)
+                transport.write(head)
+                for segment in payload.segments() if isinstance(payload, SegmentedPayload) else (payload,):
+                    transport.write(segment)
             # a timer on the reply rather than asyncio.timeout_at around the send: ~5 us less per hop
             timer = loop.call_at(deadline, _expire, reply) if deadline is not None else None
             try:

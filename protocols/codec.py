@@ -25,6 +25,7 @@ the message, bounds zstd output by the size the codec needs, and raises only
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import struct
@@ -683,19 +684,24 @@ class SegmentedPayload:
         """Whether the source needs a cast to the wire dtype (a transport needs no scratch otherwise)."""
         return self.source.dtype != self.wire_dtype
 
-    def segments(self, scratch: torch.Tensor | None = None) -> Iterator[memoryview]:
+    def segments(self, scratch: torch.Tensor | None = None, *, first_bytes: int = 0) -> Iterator[memoryview]:
         """The payload, segment by segment. With ``scratch`` (a flat uint8 CPU tensor of at least
         ``len(self)`` bytes that the transport reuses frame after frame, once the previous frame is out)
         a cast goes into it instead of into fresh memory. A source already in the wire dtype is yielded
-        as it is (no copy)."""
+        as it is (no copy). ``first_bytes`` (> 0) makes the first segment at most that long (a transport
+        sends it with the frame head while the rest is cast)."""
         if scratch is not None and scratch.numel() < len(self):
             raise ValueError(f"scratch holds {scratch.numel()} bytes, the payload needs {len(self)}")
         cast = self.casts
         out = scratch[:len(self)].view(self.wire_dtype) if cast and scratch is not None else None
-        for start in range(0, self.source.numel(), self.segment_elems):
-            part = self.source[start:start + self.segment_elems]
+        numel = self.source.numel()
+        first = min(self.segment_elems, max(1, first_bytes // self.wire_dtype.itemsize)) if first_bytes > 0 and numel else 0
+        starts = [0, *range(first, numel, self.segment_elems)] if first else list(range(0, numel, self.segment_elems))
+        edges = [*starts, numel]
+        for start, stop in itertools.pairwise(edges):
+            part = self.source[start:stop]
             if cast:
-                target = out[start:start + self.segment_elems] if out is not None else None
+                target = out[start:stop] if out is not None else None
                 part = cast_into(part, target if target is not None else torch.empty_like(part, dtype=self.wire_dtype))
             yield memoryview(part.view(torch.uint8).numpy()).cast("B")
 

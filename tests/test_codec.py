@@ -488,6 +488,16 @@ def test_segmented_payload_is_the_split_payload_of_the_cast_tensor(name: str) ->
     assert scratch[len(payload):].eq(0xAB).all()          # nothing written past the payload
     with pytest.raises(ValueError, match="scratch"):
         next(payload.segments(torch.empty(len(payload) - 1, dtype=torch.uint8)))
+    # a short first segment (sent with the frame head), then the usual ones from where it ended
+    step = 1000 // wire_dtype.itemsize * wire_dtype.itemsize
+    for first in (1, 64, 999, 5000, 10**6):
+        sizes = [len(s) for s in payload.segments(scratch, first_bytes=first)]
+        head = min(step, max(wire_dtype.itemsize, first // wire_dtype.itemsize * wire_dtype.itemsize))
+        rest = len(payload) - head
+        assert sizes == [head] + [step] * (rest // step) + ([rest % step] if rest % step else [])
+        assert b"".join(bytes(s) for s in payload.segments(scratch, first_bytes=first)) == bytes(split_payload)
+    _, empty = encode_segmented(torch.empty(0), name)
+    assert list(empty.segments(first_bytes=64)) == []
 
 
 def test_segmented_encoding_refuses_quantized_codecs_and_check_finite_catches_overflowing_sums() -> None:
