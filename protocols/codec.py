@@ -698,6 +698,16 @@ class SegmentedPayload:
         first = min(self.segment_elems, max(1, first_bytes // self.wire_dtype.itemsize)) if first_bytes > 0 and numel else 0
         starts = [0, *range(first, numel, self.segment_elems)] if first else list(range(0, numel, self.segment_elems))
         edges = [*starts, numel]
+        if cast and _fastcodec is not None and self.source.dtype == torch.float32 and self.wire_dtype == torch.bfloat16:
+            # byte views made once, sliced per segment: a torch view per segment costs more than a
+            # 64 KiB segment's cast
+            source = tensor_bytes(self.source.detach())
+            wire = tensor_bytes(scratch[:len(self)] if scratch is not None else torch.empty(len(self), dtype=torch.uint8))
+            for start, stop in itertools.pairwise(edges):
+                piece = wire[2 * start:2 * stop]
+                _fastcodec.cast_f32_to_bf16(source[4 * start:4 * stop], piece)
+                yield piece
+            return
         for start, stop in itertools.pairwise(edges):
             part = self.source[start:stop]
             if cast:
