@@ -621,11 +621,12 @@ def native_codec() -> bool:
     return _fastcodec is not None
 
 
+_NATIVE_FINITE = {torch.float32: "finite_f32", torch.bfloat16: "finite_bf16", torch.float16: "finite_f16"}
+
+
 def _native_finite(dtype: torch.dtype) -> Callable[[memoryview], bool] | None:
-    if _fastcodec is None:
-        return None
-    return {torch.float32: _fastcodec.finite_f32, torch.bfloat16: _fastcodec.finite_bf16,
-            torch.float16: _fastcodec.finite_f16}.get(dtype)
+    name = _NATIVE_FINITE.get(dtype)
+    return getattr(_fastcodec, name) if _fastcodec is not None and name is not None else None
 
 
 def check_finite(t: torch.Tensor) -> None:
