@@ -16,7 +16,7 @@ from node_procs import LocalRun
 
 JOIN_WINDOW_S = 4.0
 OVERRIDES = [
-    "model.stages=2", "model.seq_len=64", "train.microbatch_size=4", "train.microbatches=2", "train.steps=48",
+    "model.stages=2", "model.seq_len=64", "train.microbatch_size=4", "train.microbatches=2", "train.steps=64",
     "train.eval_every=100000", "train.eval_batches=1", "skippipe.planner=skippipe", "diloco.inner_steps=4",
     "membership.heartbeat_interval_s=0.5", "membership.lease_s=5",
     f"membership.sync_join_window_s={JOIN_WINDOW_S}", f"membership.sync_timeout_s={2 * JOIN_WINDOW_S}",
@@ -29,18 +29,18 @@ def test_an_idle_replica_follows_its_group_and_is_not_waited_for(tmp_path: Path)
     run = LocalRun(tmp_path, OVERRIDES)
     try:
         run.start_coordinator()
+        run.start_node("origin", preferred_stage=0)
         run.start_node("fast", preferred_stage=1)
-        # the slow replica comes once the fast one has joined (alone at its stage it would rightly get the
-        # paths until the fast one arrives, which is not what this test is about), and the origin once the
-        # slow one holds its stage: the run takes a few seconds and must not be over before it is there
-        for index, kind, (name, stage, extra) in ((0, "join", ("slow", 1, ["--slowdown", "50"])),
-                                                  (1, "stage", ("origin", 0, []))):
-            deadline = time.monotonic() + 60
-            while not run.records(index, kind):
-                assert time.monotonic() < deadline, run.tail()
-                time.sleep(0.1)
-            run.start_node(name, preferred_stage=stage, extra=extra)
-        fast, slow, origin = 0, 1, 2
+        # the slow replica comes once the fast one has joined: alone at its stage it would rightly get
+        # the paths until the fast one arrives, which is not what this test is about (and started before
+        # the origin, one of two stage-1 replicas would rightly be moved to the empty stage 0). The run is
+        # long enough (64 steps, ~8 s) that the slow one, which takes a few seconds to start, follows it.
+        deadline = time.monotonic() + 60
+        while not run.records(1, "join"):
+            assert time.monotonic() < deadline, run.tail()
+            time.sleep(0.1)
+        run.start_node("slow", preferred_stage=1, extra=["--slowdown", "50"])
+        origin, fast, slow = 0, 1, 2
         codes = run.wait_nodes(timeout_s=180)
         assert codes[fast] == codes[origin] == 0, run.tail()
         fast_syncs = run.records(fast, "outer-sync")
