@@ -416,9 +416,10 @@ class WireConnection:
         raises WireError (``sent`` False: nothing went out) or TimeoutError (the connection is then
         closed: the stream's position is unknown).
 
-        A ``SegmentedPayload`` is cast into the connection's scratch buffer and written one segment at a
-        time (one segment for activations up to ``codec.SEGMENT_BYTES``); the scratch is free again once
-        the reply is in, because the receiver has then read every byte.
+        A ``SegmentedPayload`` that casts is cast into the connection's scratch buffer and written a
+        segment at a time: a ``FIRST_SEGMENT_BYTES`` piece with the frame head, then the rest (one segment
+        up to ``codec.SEGMENT_BYTES``); the scratch is free again once the reply is in, because the
+        receiver has then read every byte.
         """
         loop = asyncio.get_running_loop()
         if self.lock.locked() and deadline is not None:   # a frame in flight: wait for it within ours

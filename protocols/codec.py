@@ -651,15 +651,6 @@ def check_finite_bytes(data: memoryview, dtype: torch.dtype) -> None:
         check_finite(torch.frombuffer(data, dtype=dtype))
 
 
-def cast_into(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out.copy_(source)`` for flat contiguous CPU tensors of the same size; fp32 to bf16 natively
-    (bit-exact with torch's round to nearest even) when the kernels are built."""
-    if _fastcodec is not None and source.dtype == torch.float32 and out.dtype == torch.bfloat16:
-        _fastcodec.cast_f32_to_bf16(tensor_bytes(source.detach()), tensor_bytes(out))
-        return out
-    return out.copy_(source)
-
-
 # A segmented payload is cast in pieces of this many wire bytes. One piece per activation of the usual
 # sizes: on loopback, casting 1 MiB whole and writing it once was ~0.05 ms faster than four interleaved
 # cast-and-write rounds (benchmarks/pipeline.md); past this size the receiver's reads and checks of
@@ -711,9 +702,10 @@ class SegmentedPayload:
             return
         for start, stop in itertools.pairwise(edges):
             part = self.source[start:stop]
-            if cast:
-                target = out[start:stop] if out is not None else None
-                part = cast_into(part, target if target is not None else torch.empty_like(part, dtype=self.wire_dtype))
+            if out is not None:
+                part = out[start:stop].copy_(part)
+            elif cast:
+                part = part.to(self.wire_dtype)
             yield memoryview(part.view(torch.uint8).numpy()).cast("B")
 
     def __bytes__(self) -> bytes:
@@ -786,7 +778,6 @@ __all__ = [
     "ErrorFeedback",
     "SegmentedPayload",
     "ValidationError",
-    "cast_into",
     "check_finite",
     "check_finite_bytes",
     "decode",
