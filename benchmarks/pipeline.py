@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from node import wire  # noqa: E402
 from node.service import NodeServicer, start_server, start_wire  # noqa: E402
 from node.transport import Transport  # noqa: E402
 from protocols import node_pb2  # noqa: E402
@@ -210,7 +211,7 @@ def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
         hops, raws = asyncio.run(client())
         sock.close()
         encodes, decodes = [], []
-        scratch = torch.empty(4 * activation.numel(), dtype=torch.uint8)   # the wire connection's cast buffer
+        scratch = bytearray(4 * activation.numel())   # the wire connection's cast buffer
         for _ in range(reps):
             start = time.perf_counter()
             msg, data = encode_activation(activation, codec)
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         result["pipeline_tokens_per_s"] = round(pipeline_tokens_per_s(args.steps), 1)
         result["reference_tokens_per_s"] = round(reference_tokens_per_s(args.steps), 1)
     result.update({"wire_bytes": WIRE_BYTES, "codec": args.codec, "transport": args.transport, "grpc": grpc.__version__,
-                   "native_codec": native_codec(), "cpus": os.cpu_count()})
+                   "native_codec": native_codec(), "native_wire": wire._fastwire is not None, "cpus": os.cpu_count()})
     if args.json:
         print(json.dumps(result))
     else:

@@ -7,8 +7,11 @@ a small frame head and the payload written straight from the encoded tensor (a r
 codec's payload is cast as it is written, into a buffer the connection reuses:
 ``codec.encode_segmented``), read on the other side by a ``BufferedProtocol`` on the
 node's own event loop straight into the tensor handed to the agent
-(``codec.receive_target``) and checked finite as it arrives: no extra threads, no
-copies of the bulk, no per-message gRPC state (benchmarks/pipeline.md: ~6x faster).
+(``codec.receive_spec``; the tensor is made ahead of time when the shape repeats) and
+checked finite as it arrives: no extra threads, no copies of the bulk, no per-message
+gRPC state (benchmarks/pipeline.md: ~6x faster). Both sides write on the socket
+directly while the transport's buffer is empty (``write_now``), and the sender polls
+for a quick reply before it waits on the event loop (``node/_fastwire.c``).
 gRPC stays the control plane (membership, abandons, averaging, state, pings) and the
 fallback: a peer whose ``PingReply.wire_port`` is 0, or whose wire port cannot be
 reached, gets its microbatches on the gRPC activation pipes.
@@ -39,6 +42,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -47,8 +51,13 @@ import torch
 from google.protobuf.message import DecodeError
 
 from protocols import node_pb2, tensor_pb2
-from protocols.codec import SegmentedPayload, check_finite_bytes, native_codec, receive_target, tensor_bytes
+from protocols.codec import SegmentedPayload, check_finite_bytes, native_codec, receive_spec, tensor_bytes
 from protocols.errors import ValidationError
+
+try:   # optional native reply wait (node/_fastwire.c), built at install
+    from node import _fastwire
+except ImportError:   # no C compiler at install: replies are awaited on the event loop
+    _fastwire = None
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +80,22 @@ CHECK_BYTES = 64 * 1024 if native_codec() else 256 * 1024
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # A payload that is cast on the way out (fp32 activations, bf16 on the wire) goes out with the frame head
 # in a first piece of this many bytes: the receiver wakes up and parses the metadata while the rest is
-# cast (a separate head-only write was ~10% slower in medians, benchmarks/pipeline.md).
-FIRST_SEGMENT_BYTES = 64 * 1024
+# cast (a separate head-only write was ~10% slower in medians; with the receiver's target made ahead of
+# time, 4 KiB was 1-5% faster than 16 or 64 KiB: benchmarks/pipeline.md).
+FIRST_SEGMENT_BYTES = 4 * 1024
 # A payload buffer reused frame after frame (the sender's cast buffer, the receiver's buffer for payloads
 # it decodes) is replaced by a smaller one once it is this much (and 4x) larger than the payload: one
 # large tensor must not pin its size in memory for the rest of the run.
 SCRATCH_KEEP_BYTES = 8 * 1024 * 1024
 
+# A sender polls its socket for a frame's reply for up to this long before it waits on the event loop,
+# while the connection's replies have been coming within it: on loopback a 1 MiB hop's reply lands
+# ~30-60 us after its last byte, sooner than a round of the event loop; on a slower link the average
+# grows past this and the sender stops polling (benchmarks/pipeline.md).
+REPLY_POLL_S = 200e-6
+
 WirePayload = bytes | memoryview | SegmentedPayload
+TargetSpec = tuple[tuple[int, ...], torch.dtype]   # the shape and dtype a payload is read into
 
 
 def scratch_fits(have: int, need: int) -> bool:
@@ -116,12 +133,33 @@ def _tune(sock: socket.socket | None) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
 
 
+def write_now(transport: asyncio.Transport, fd: int, pieces: list[bytes | memoryview]) -> None:
+    """Write ``pieces`` now, in one system call on the transport's socket ``fd``: the transport, with its
+    buffer empty, would do the same but with its own per-call costs (~5% of a 1 MiB loopback hop). What
+    the socket does not take (its buffer full, on a slow link) goes to the transport, which sends it as
+    the socket drains; with bytes already queued (or no socket) all of it does. Raises OSError when the
+    socket has failed."""
+    if fd < 0 or transport.get_write_buffer_size():
+        transport.writelines(pieces)
+        return
+    try:
+        written = os.writev(fd, pieces)
+    except BlockingIOError:
+        written = 0
+    for piece in pieces:
+        if written >= len(piece):
+            written -= len(piece)
+            continue
+        transport.write(memoryview(piece)[written:])
+        written = 0
+
+
 # ----------------------------------------------------------------------------- server
 
 @dataclass(slots=True)
 class WireFrame:
     """One received frame. With ``tensor`` set the payload was read straight into it (already decoded:
-    ``codec.receive_target``) and checked finite; otherwise ``payload`` still needs ``codec.decode``."""
+    ``codec.receive_spec``) and checked finite; otherwise ``payload`` still needs ``codec.decode``."""
 
     header: node_pb2.MicrobatchHeader
     meta: tensor_pb2.Tensor
@@ -154,10 +192,16 @@ class _ServerProtocol(asyncio.BufferedProtocol):
         self.checked = 0   # elements of an in-place payload already checked finite
         self.timer: asyncio.TimerHandle | None = None
         self.peer = ""
+        self.fd = -1
+        # the next frame's tensor, made once a frame is answered (off the hop's critical path: allocating
+        # it when its metadata arrives was ~50 us of a cold receiver's time), taken if the shapes match
+        self.spare: tuple[TargetSpec, torch.Tensor, memoryview] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)   # uvloop's are not asyncio.Transport subclasses
-        _tune(transport.get_extra_info("socket"))
+        sock = transport.get_extra_info("socket")
+        _tune(sock)
+        self.fd = sock.fileno() if sock is not None else -1
         self.peer = str(transport.get_extra_info("peername"))
         self.server.connections.add(self)
         self.transport.write(self.nonce)
@@ -169,6 +213,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.spare = None
         if self.timer is not None:
             self.timer.cancel()
 
@@ -237,11 +282,16 @@ class _ServerProtocol(asyncio.BufferedProtocol):
             self.error = f"unparsable frame: {exc}"
         if self.parsed is not None and meta.payload:
             self.parsed, self.error = None, "the payload must follow the tensor, not be inside it"
-        if self.parsed is not None:
-            self.tensor = receive_target(meta, payload_len, max_numel=self.server.max_payload_bytes)
+        spec = receive_spec(meta, payload_len, max_numel=self.server.max_payload_bytes) if self.parsed else None
         self.checked = 0
-        if self.tensor is not None:
-            self._expect("payload", tensor_bytes(self.tensor))
+        if spec is not None:
+            if self.spare is not None and self.spare[0] == spec:
+                _, self.tensor, view = self.spare
+                self.spare = None
+            else:
+                self.tensor = torch.empty(spec[0], dtype=spec[1])
+                view = tensor_bytes(self.tensor)
+            self._expect("payload", view)
             if not len(self.target):
                 self._check_arrived()
         else:
@@ -279,10 +329,22 @@ class _ServerProtocol(asyncio.BufferedProtocol):
         except Exception as exc:   # a bug must not end the connection silently
             logger.exception("activation wire handler failed")
             status, message = INVALID, f"receiver error: {type(exc).__name__}: {exc}"
+        spare = (tuple(self.tensor.shape), self.tensor.dtype) if self.tensor is not None else None
         self.parsed, self.tensor = None, None
         text = message.encode()[:MAX_REPLY_MESSAGE]
-        self.transport.write(REPLY.pack(REPLY_MAGIC, status, len(text)) + text)
+        try:
+            write_now(self.transport, self.fd, [REPLY.pack(REPLY_MAGIC, status, len(text)) + text])
+        except OSError as exc:
+            self._close(f"reply failed: {exc}")
+            return
         self._expect("head", self._scratch(REQUEST.size))
+        if spare is not None and len(self.target) <= SCRATCH_KEEP_BYTES:
+            asyncio.get_running_loop().call_soon(self._make_spare, spare)
+
+    def _make_spare(self, spec: TargetSpec) -> None:
+        if self.transport is not None and not self.transport.is_closing() and self.spare is None:
+            tensor = torch.empty(spec[0], dtype=spec[1])
+            self.spare = (spec, tensor, tensor_bytes(tensor))
 
 
 class WireServer:
@@ -389,19 +451,22 @@ class WireConnection:
 
     protocol: _ClientProtocol
     lock: asyncio.Lock
-    scratch: torch.Tensor | None = None   # where segmented payloads are cast (frames go out one at a time)
+    fd: int = -1                       # the socket, written directly (``write_now``) and polled for replies
+    scratch: bytearray | None = None   # where segmented payloads are cast (frames go out one at a time)
+    reply_s: float = 0.0               # how long replies take once a frame is out (moving average)
 
     @classmethod
     async def open(cls, host: str, port: int, token: str, timeout_s: float) -> WireConnection:
         loop = asyncio.get_running_loop()
-        _, protocol = await asyncio.wait_for(loop.create_connection(lambda: _ClientProtocol(token), host, port),
-                                             timeout_s)
+        transport, protocol = await asyncio.wait_for(
+            loop.create_connection(lambda: _ClientProtocol(token), host, port), timeout_s)
         try:
             await asyncio.wait_for(asyncio.shield(protocol.ready), timeout_s)
         except BaseException:
             protocol._fail("handshake did not finish")
             raise
-        return cls(protocol, asyncio.Lock())
+        sock = transport.get_extra_info("socket")
+        return cls(protocol, asyncio.Lock(), fd=sock.fileno() if sock is not None else -1)
 
     @property
     def closed(self) -> bool:
@@ -419,7 +484,8 @@ class WireConnection:
         A ``SegmentedPayload`` that casts is cast into the connection's scratch buffer and written a
         segment at a time: a ``FIRST_SEGMENT_BYTES`` piece with the frame head, then the rest (one segment
         up to ``codec.SEGMENT_BYTES``); the scratch is free again once the reply is in, because the
-        receiver has then read every byte.
+        receiver has then read every byte. While replies have been quick (``REPLY_POLL_S``) the reply is
+        first polled for on the socket (``_poll_reply``), then awaited on the event loop.
         """
         loop = asyncio.get_running_loop()
         if self.lock.locked() and deadline is not None:   # a frame in flight: wait for it within ours
@@ -429,40 +495,67 @@ class WireConnection:
             await self.lock.acquire()
         try:
             protocol = self.protocol
-            if protocol.closed or protocol.transport is None:
+            transport = protocol.transport
+            if protocol.closed or transport is None or transport.is_closing():
                 raise WireError("connection closed", sent=False)
             reply = protocol.reply = loop.create_future()
-            transport = protocol.transport
             head = REQUEST.pack(REQUEST_MAGIC, kind, len(header), len(meta), len(payload)) + header + meta
-            if isinstance(payload, SegmentedPayload) and payload.casts:
-                if self.scratch is None or not scratch_fits(self.scratch.numel(), len(payload)):
-                    self.scratch = torch.empty(len(payload), dtype=torch.uint8)
-                # the head goes out with a small first piece, so the receiver parses the metadata (and
-                # reads and checks that piece) while the rest is cast
-                segments = payload.segments(self.scratch, first_bytes=FIRST_SEGMENT_BYTES)
-                transport.writelines([head, next(segments, b"")])
-                for segment in segments:
-                    transport.write(segment)
-            else:
-                transport.write(head)
-                for segment in payload.segments() if isinstance(payload, SegmentedPayload) else (payload,):
-                    transport.write(segment)
-            # a timer on the reply rather than asyncio.timeout_at around the send: ~5 us less per hop
-            timer = loop.call_at(deadline, _expire, reply) if deadline is not None else None
             try:
-                return await reply
+                if isinstance(payload, SegmentedPayload) and payload.casts:
+                    if self.scratch is None or not scratch_fits(len(self.scratch), len(payload)):
+                        self.scratch = bytearray(len(payload))
+                    # the head goes out with a small first piece, so the receiver parses the metadata (and
+                    # reads and checks that piece) while the rest is cast
+                    segments = payload.segments(self.scratch, first_bytes=FIRST_SEGMENT_BYTES)
+                    write_now(transport, self.fd, [head, next(segments, b"")])
+                    head = b""   # out: what fails from here on fails mid-frame
+                    for segment in segments:
+                        write_now(transport, self.fd, [segment])
+                else:
+                    pieces = list(payload.segments()) if isinstance(payload, SegmentedPayload) else [payload]
+                    write_now(transport, self.fd, [head, *pieces])
+            except OSError as exc:
+                protocol._fail(f"write failed: {exc}")
+                raise WireError(f"write failed: {exc}", sent=not head) from None
+            written = time.perf_counter()
+            if self.reply_s <= REPLY_POLL_S:
+                self._poll_reply()
+            if not reply.done():
+                # a timer on the reply rather than asyncio.timeout_at around the wait: ~5 us less per hop
+                timer = loop.call_at(deadline, _expire, reply) if deadline is not None else None
+                try:
+                    await reply
+                except ConnectionError:
+                    pass   # the connection failed: reply.result() below raises it
+                except BaseException:
+                    # a timeout or cancellation mid-frame: the stream's position is unknown from here on
+                    protocol._fail("abandoned mid-frame")
+                    raise
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+            try:
+                result = reply.result()
             except ConnectionError as exc:
                 raise WireError(str(exc), sent=True) from None
-            except BaseException:
-                # a timeout or cancellation mid-frame: the stream's position is unknown from here on
-                protocol._fail("abandoned mid-frame")
-                raise
-            finally:
-                protocol.reply = None
-                if timer is not None:
-                    timer.cancel()
+            self.reply_s += (time.perf_counter() - written - self.reply_s) / 4
+            return result
         finally:
+            protocol.reply = None
             self.lock.release()
+
+    def _poll_reply(self) -> None:
+        """Poll the socket for the reply for up to ``REPLY_POLL_S`` (``node/_fastwire.c``) and hand what
+        came to the protocol, as the event loop would; nothing when the module is not built."""
+        if _fastwire is None or self.fd < 0:
+            return
+        try:
+            data = _fastwire.recv_within(self.fd, 65536, REPLY_POLL_S)
+        except OSError as exc:
+            self.protocol._fail(f"connection failed: {exc}")
+            return
+        if data:   # None: nothing in time; b"": the end of the stream, which the event loop reports too
+            self.protocol.data_received(data)
 
 
 def _expire(reply: asyncio.Future[tuple[int, str]]) -> None:

@@ -616,6 +616,10 @@ def _decode(
     return out
 
 
+_NUMPY_DTYPES = frozenset({torch.float32, torch.float16, torch.float64, torch.uint8, torch.int8, torch.int32,
+                           torch.int64})
+
+
 def native_codec() -> bool:
     """Whether the native kernels (protocols/_fastcodec.c) were built and are in use."""
     return _fastcodec is not None
@@ -676,37 +680,39 @@ class SegmentedPayload:
         """Whether the source needs a cast to the wire dtype (a transport needs no scratch otherwise)."""
         return self.source.dtype != self.wire_dtype
 
-    def segments(self, scratch: torch.Tensor | None = None, *, first_bytes: int = 0) -> Iterator[memoryview]:
-        """The payload, segment by segment. With ``scratch`` (a flat uint8 CPU tensor of at least
+    def segments(self, scratch: bytearray | memoryview | None = None, *, first_bytes: int = 0
+                 ) -> Iterator[memoryview]:
+        """The payload, segment by segment. With ``scratch`` (a writable byte buffer of at least
         ``len(self)`` bytes that the transport reuses frame after frame, once the previous frame is out)
         a cast goes into it instead of into fresh memory. A source already in the wire dtype is yielded
         as it is (no copy). ``first_bytes`` (> 0) makes the first segment at most that long (a transport
         sends it with the frame head while the rest is cast)."""
-        if scratch is not None and scratch.numel() < len(self):
-            raise ValueError(f"scratch holds {scratch.numel()} bytes, the payload needs {len(self)}")
-        cast = self.casts
-        out = scratch[:len(self)].view(self.wire_dtype) if cast and scratch is not None else None
-        numel = self.source.numel()
-        first = min(self.segment_elems, max(1, first_bytes // self.wire_dtype.itemsize)) if first_bytes > 0 and numel else 0
+        nbytes = len(self)
+        if scratch is not None and len(scratch) < nbytes:
+            raise ValueError(f"scratch holds {len(scratch)} bytes, the payload needs {nbytes}")
+        numel, itemsize = self.source.numel(), self.wire_dtype.itemsize
+        first = min(self.segment_elems, max(1, first_bytes // itemsize)) if first_bytes > 0 and numel else 0
         starts = [0, *range(first, numel, self.segment_elems)] if first else list(range(0, numel, self.segment_elems))
-        edges = [*starts, numel]
-        if cast and _fastcodec is not None and self.source.dtype == torch.float32 and self.wire_dtype == torch.bfloat16:
+        edges = list(itertools.pairwise([*starts, numel]))
+        if not self.casts:
+            for start, stop in edges:
+                yield tensor_bytes(self.source[start:stop])
+            return
+        wire = (memoryview(scratch) if scratch is not None else memoryview(bytearray(nbytes)))[:nbytes]
+        if _fastcodec is not None and self.source.dtype == torch.float32 and self.wire_dtype == torch.bfloat16:
             # byte views made once, sliced per segment: a torch view per segment costs more than a
             # 64 KiB segment's cast
-            source = tensor_bytes(self.source.detach())
-            wire = tensor_bytes(scratch[:len(self)] if scratch is not None else torch.empty(len(self), dtype=torch.uint8))
-            for start, stop in itertools.pairwise(edges):
+            source = tensor_bytes(self.source)
+            for start, stop in edges:
                 piece = wire[2 * start:2 * stop]
                 _fastcodec.cast_f32_to_bf16(source[4 * start:4 * stop], piece)
                 yield piece
             return
-        for start, stop in itertools.pairwise(edges):
-            part = self.source[start:stop]
-            if out is not None:
-                part = out[start:stop].copy_(part)
-            elif cast:
-                part = part.to(self.wire_dtype)
-            yield memoryview(part.view(torch.uint8).numpy()).cast("B")
+        out = torch.frombuffer(wire, dtype=torch.uint8).view(self.wire_dtype) if numel else None
+        for start, stop in edges:
+            assert out is not None
+            out[start:stop].copy_(self.source[start:stop])
+            yield wire[start * itemsize:stop * itemsize]
 
     def __bytes__(self) -> bytes:
         return b"".join(bytes(seg) for seg in self.segments())
@@ -732,10 +738,10 @@ def encode_segmented(tensor: torch.Tensor, codec: str, *, segment_bytes: int = S
     return msg, SegmentedPayload(source, wire_dtype, max(1, segment_bytes // wire_dtype.itemsize))
 
 
-def receive_target(msg: tensor_pb2.Tensor, payload_len: int, *, max_numel: int = DEFAULT_MAX_NUMEL
-                   ) -> torch.Tensor | None:
-    """An uninitialised tensor of the message's dtype and shape whose bytes *are* its payload, for a
-    transport that reads the payload straight into it (the activation wire): decoding is then free.
+def receive_spec(msg: tensor_pb2.Tensor, payload_len: int, *, max_numel: int = DEFAULT_MAX_NUMEL
+                 ) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """The (shape, dtype) of a tensor whose bytes *are* the message's payload, for a transport that reads
+    the payload straight into it (the activation wire): decoding is then free.
 
     Only for an uncompressed raw codec whose wire dtype is the message's dtype, with no scales and no
     checksum, and a payload of exactly the tensor's size; None otherwise (decode the payload instead,
@@ -752,12 +758,21 @@ def receive_target(msg: tensor_pb2.Tensor, payload_len: int, *, max_numel: int =
         return None
     if msg.raw_size != payload_len or payload_len != numel * dtype.itemsize:
         return None
-    return torch.empty(tuple(msg.shape), dtype=dtype)
+    return tuple(msg.shape), dtype
+
+
+def receive_target(msg: tensor_pb2.Tensor, payload_len: int, *, max_numel: int = DEFAULT_MAX_NUMEL
+                   ) -> torch.Tensor | None:
+    """An uninitialised tensor to read the payload into (``receive_spec``), or None."""
+    spec = receive_spec(msg, payload_len, max_numel=max_numel)
+    return torch.empty(spec[0], dtype=spec[1]) if spec is not None else None
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's storage (to receive into it)."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
+    """A writable byte view of a contiguous CPU tensor's storage (to receive into it, or to write it out)."""
+    if t.dtype in _NUMPY_DTYPES:   # ~2x cheaper than the uint8 view, which dtypes numpy lacks (bf16) need
+        return memoryview(t.detach().numpy().reshape(-1)).cast("B")
+    return memoryview(t.detach().view(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def relative_error(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -787,6 +802,7 @@ __all__ = [
     "native_codec",
     "payload_bytes",
     "payload_checksum",
+    "receive_spec",
     "receive_target",
     "relative_error",
     "seal",

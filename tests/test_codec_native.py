@@ -43,7 +43,7 @@ def _awkward_floats() -> torch.Tensor:
 def test_cast_to_bf16_is_bit_exact_with_torch(backend: str) -> None:
     x = _awkward_floats()
     _, payload = encode_segmented(x, "bf16", segment_bytes=4096)   # as the wire casts it: in pieces, into scratch
-    scratch = torch.empty(len(payload), dtype=torch.uint8)
+    scratch = bytearray(len(payload))
     cast = b"".join(bytes(s) for s in payload.segments(scratch, first_bytes=1000))
     out = torch.frombuffer(bytearray(cast), dtype=torch.bfloat16)
     expected = x.to(torch.bfloat16)
@@ -56,7 +56,7 @@ def test_segmented_payload_casts_the_same_bytes_with_and_without_the_kernels(mon
                                                                             ) -> None:
     x = torch.randn(3, 1001)
     _, payload = encode_segmented(x, "bf16", segment_bytes=2048)
-    scratch = torch.empty(len(payload), dtype=torch.uint8)
+    scratch = bytearray(len(payload))
     first = b"".join(bytes(s) for s in payload.segments(scratch))
     fresh = bytes(payload)                      # no scratch: each segment cast into new memory
     monkeypatch.setattr(codec, "_fastcodec", None)
