@@ -338,7 +338,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
             self._close(f"reply failed: {exc}")
             return
         self._expect("head", self._scratch(REQUEST.size))
-        if spare is not None and len(self.target) <= SCRATCH_KEEP_BYTES:
+        if spare is not None and payload_len <= SCRATCH_KEEP_BYTES:   # a huge one is not kept in memory
             asyncio.get_running_loop().call_soon(self._make_spare, spare)
 
     def _make_spare(self, spec: TargetSpec) -> None:

@@ -207,19 +207,25 @@ def test_write_now_leaves_what_the_socket_refuses_to_the_transport_in_order() ->
     asyncio.run(main())
 
 
-def test_receiver_hands_each_frame_its_own_tensor() -> None:
+def test_receiver_hands_each_frame_its_own_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
     """The receiver reads a frame into a tensor made ahead of time when the shape matches the last one:
-    each frame must still get a tensor of its own (the agent keeps activations for backward)."""
+    each frame must still get a tensor of its own (the agent keeps activations for backward), and a
+    payload over SCRATCH_KEEP_BYTES leaves no spare behind (it would pin its size in memory)."""
+    monkeypatch.setattr(wire, "SCRATCH_KEEP_BYTES", 4096)
     shapes = [(4, 16, 8), (4, 16, 8), (4, 16, 8), (2, 3), (4, 16, 8), (4, 16, 8)]
     sent = [torch.randn(*shape) for shape in shapes]
+    large = torch.randn(64, 64)   # 8 KiB in bf16
 
     async def main(server: _ThreadedWire) -> None:
         conn = await WireConnection.open("127.0.0.1", server.port, TOKEN, timeout_s=10)
         try:
+            assert await _send(conn, 100, large) == (OK, "")
+            await asyncio.sleep(0.01)   # the receiver would make its spare once the reply is out
+            (receiver,) = server.server.connections
+            assert receiver.spare is None
             for mb, x in enumerate(sent):
                 assert await _send(conn, mb, x) == (OK, "")
-                await asyncio.sleep(0.01)   # the receiver makes its spare once the reply is out
-            (receiver,) = server.server.connections
+                await asyncio.sleep(0.01)
             assert receiver.spare is not None and receiver.spare[0] == ((4, 16, 8), torch.bfloat16)
         finally:
             conn.close()
@@ -227,6 +233,7 @@ def test_receiver_hands_each_frame_its_own_tensor() -> None:
     with _ThreadedWire() as server:
         asyncio.run(main(server))
         tensors = [f.tensor for f in server.frames]
-    assert len(tensors) == len(sent)
-    assert all(t is not None and torch.equal(t, x.to(torch.bfloat16)) for t, x in zip(tensors, sent, strict=True))
-    assert len({t.data_ptr() for t in tensors if t is not None}) == len(sent)
+    assert len(tensors) == len(sent) + 1
+    assert all(t is not None and torch.equal(t, x.to(torch.bfloat16))
+               for t, x in zip(tensors, [large, *sent], strict=True))
+    assert len({t.data_ptr() for t in tensors if t is not None}) == len(tensors)
