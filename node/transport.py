@@ -273,15 +273,12 @@ class Transport:
             return reply
 
     async def _wire(self, address: str, backward: bool, timeout_s: float) -> WireConnection | None:
-        """The open wire to ``address`` in that direction, opened on demand; None: use gRPC this time.
+        """A new wire to ``address`` in that direction (the caller found none open); None: use gRPC this time.
 
         Raises grpc.aio.AioRpcError when the peer does not answer the Ping that announces its port
         (it is unreachable on gRPC too).
         """
         key = (address, backward)
-        conn = self._wires.get(key)
-        if conn is not None and not conn.closed:   # the common case: no lock to take
-            return conn
         lock = self._wire_locks.setdefault(key, asyncio.Lock())
         async with lock:
             conn = self._wires.get(key)
@@ -319,9 +316,11 @@ class Transport:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         for attempt in range(2):
-            conn = await self._wire(address, backward, max(0.0, deadline - loop.time()))
-            if conn is None:
-                return None
+            conn = self._wires.get((address, backward))   # the common case, without a coroutine round
+            if conn is None or conn.closed:
+                conn = await self._wire(address, backward, max(0.0, deadline - loop.time()))
+                if conn is None:
+                    return None
             try:
                 status, message = await conn.send(int(backward), *parts, deadline=deadline)
             except TimeoutError:
