@@ -89,10 +89,12 @@ FIRST_SEGMENT_BYTES = 4 * 1024
 SCRATCH_KEEP_BYTES = 8 * 1024 * 1024
 
 # A sender polls its socket for a frame's reply for up to this long before it waits on the event loop,
-# while the connection's replies have been coming within it: on loopback a 1 MiB hop's reply lands
-# ~30-60 us after its last byte, sooner than a round of the event loop; on a slower link the average
-# grows past this and the sender stops polling (benchmarks/pipeline.md).
-REPLY_POLL_S = 200e-6
+# while the connection's replies have been coming within it (a moving average): on loopback a 1 MiB
+# hop's reply lands ~25-60 us after its last byte, sooner than a round of the event loop and its
+# wake-up; on a slower link, or a machine with more busy processes than cores, the average grows past
+# this and the sender stops polling (benchmarks/pipeline.md). The poll yields the core between tries: the
+# 4-process pipeline on two cores ran as fast with it as without (within run-to-run noise).
+REPLY_POLL_S = 100e-6
 
 WirePayload = bytes | memoryview | SegmentedPayload
 TargetSpec = tuple[tuple[int, ...], torch.dtype]   # the shape and dtype a payload is read into
