@@ -42,7 +42,6 @@ import logging
 import os
 import socket
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -88,13 +87,15 @@ FIRST_SEGMENT_BYTES = 4 * 1024
 # large tensor must not pin its size in memory for the rest of the run.
 SCRATCH_KEEP_BYTES = 8 * 1024 * 1024
 
-# A sender polls its socket for a frame's reply for up to this long before it waits on the event loop,
-# while the connection's replies have been coming within it (a moving average): on loopback a 1 MiB
-# hop's reply lands ~25-60 us after its last byte, sooner than a round of the event loop and its
-# wake-up; on a slower link, or a machine with more busy processes than cores, the average grows past
-# this and the sender stops polling (benchmarks/pipeline.md). The poll yields the core between tries: the
-# 4-process pipeline on two cores ran as fast with it as without (within run-to-run noise).
-REPLY_POLL_S = 100e-6
+# A sender polls its socket for a frame's reply for up to this long before it waits on the event loop:
+# on loopback a 1 MiB hop's reply lands ~25-60 us after its last byte (100-200 us on a busy machine),
+# sooner than a round of the event loop and its wake-up (benchmarks/pipeline.md). A poll that comes back
+# empty-handed makes the connection skip the next 1, 2, 4 ... POLL_BACKOFF_MAX frames' polls (on a slow
+# link, or a machine with more busy processes than cores, it rarely polls); one that gets its reply makes
+# it poll every frame again. The poll yields the core between tries: the 4-process pipeline on two cores
+# ran as fast with it as without (within run-to-run noise).
+REPLY_POLL_S = 200e-6
+POLL_BACKOFF_MAX = 32
 
 WirePayload = bytes | memoryview | SegmentedPayload
 TargetSpec = tuple[tuple[int, ...], torch.dtype]   # the shape and dtype a payload is read into
@@ -455,7 +456,8 @@ class WireConnection:
     lock: asyncio.Lock
     fd: int = -1                       # the socket, written directly (``write_now``) and polled for replies
     scratch: bytearray | None = None   # where segmented payloads are cast (frames go out one at a time)
-    reply_s: float = 0.0               # how long replies take once a frame is out (moving average)
+    poll_backoff: int = 0              # frames to skip after the next missed reply poll (0: polls hit)
+    poll_skips: int = 0                # frames left to send without polling
 
     @classmethod
     async def open(cls, host: str, port: int, token: str, timeout_s: float) -> WireConnection:
@@ -486,8 +488,8 @@ class WireConnection:
         A ``SegmentedPayload`` that casts is cast into the connection's scratch buffer and written a
         segment at a time: a ``FIRST_SEGMENT_BYTES`` piece with the frame head, then the rest (one segment
         up to ``codec.SEGMENT_BYTES``); the scratch is free again once the reply is in, because the
-        receiver has then read every byte. While replies have been quick (``REPLY_POLL_S``) the reply is
-        first polled for on the socket (``_poll_reply``), then awaited on the event loop.
+        receiver has then read every byte. The reply is polled for on the socket first (``_poll_reply``,
+        while such polls have been getting their replies), then awaited on the event loop.
         """
         loop = asyncio.get_running_loop()
         if self.lock.locked() and deadline is not None:   # a frame in flight: wait for it within ours
@@ -519,9 +521,7 @@ class WireConnection:
             except OSError as exc:
                 protocol._fail(f"write failed: {exc}")
                 raise WireError(f"write failed: {exc}", sent=not head) from None
-            written = time.perf_counter()
-            if self.reply_s <= REPLY_POLL_S:
-                self._poll_reply()
+            self._poll_reply()
             if not reply.done():
                 # a timer on the reply rather than asyncio.timeout_at around the wait: ~5 us less per hop
                 timer = loop.call_at(deadline, _expire, reply) if deadline is not None else None
@@ -540,7 +540,6 @@ class WireConnection:
                 result = reply.result()
             except ConnectionError as exc:
                 raise WireError(str(exc), sent=True) from None
-            self.reply_s += (time.perf_counter() - written - self.reply_s) / 4
             return result
         finally:
             protocol.reply = None
@@ -548,8 +547,12 @@ class WireConnection:
 
     def _poll_reply(self) -> None:
         """Poll the socket for the reply for up to ``REPLY_POLL_S`` (``node/_fastwire.c``) and hand what
-        came to the protocol, as the event loop would; nothing when the module is not built."""
+        came to the protocol, as the event loop would; back off while polls miss. Nothing when the module
+        is not built."""
         if _fastwire is None or self.fd < 0:
+            return
+        if self.poll_skips:
+            self.poll_skips -= 1
             return
         try:
             data = _fastwire.recv_within(self.fd, 65536, REPLY_POLL_S)
@@ -558,6 +561,12 @@ class WireConnection:
             return
         if data:   # None: nothing in time; b"": the end of the stream, which the event loop reports too
             self.protocol.data_received(data)
+        reply = self.protocol.reply
+        if reply is not None and reply.done():
+            self.poll_backoff = 0
+        else:
+            self.poll_backoff = min(2 * self.poll_backoff or 1, POLL_BACKOFF_MAX)
+            self.poll_skips = self.poll_backoff
 
 
 def _expire(reply: asyncio.Future[tuple[int, str]]) -> None:
