@@ -5,18 +5,23 @@ byte is written. Going back to the event loop for it costs more than that: the l
 epoll, the protocol callback, the future, the task step) and, when the core has gone idle meanwhile, its
 wake-up. A sender that polls its socket for a short while first gets the reply as soon as it lands
 (benchmarks/pipeline.md: ~10% of a 1 MiB loopback hop). The wait runs without the GIL (the node's compute
-thread goes on) and yields the core between tries (other runnable work on the core goes first). Optional:
-without this module the sender awaits the reply on the event loop as before.
+thread goes on) and yields the core between tries (other runnable work on the core goes first); it
+reports whether the core went to someone else meanwhile, because polling on a machine with more busy
+processes than cores takes time from them (the caller then polls less). Optional: without this module the
+sender awaits the reply on the event loop as before.
 
-    recv_within(fd, max_bytes, budget_s) -> bytes | None
+    recv_within(fd, max_bytes, budget_s) -> (bytes | None, contended: bool)
         Read what is there on the non-blocking socket ``fd`` (at most ``max_bytes``), polling for up to
-        ``budget_s`` seconds: the bytes (b"" at end of stream), or None if none came in time. Raises OSError
-        on a socket error.
+        ``budget_s`` seconds: the bytes (b"" at end of stream), or None if none came in time; ``contended``:
+        this thread was switched out while it polled (Linux; always False elsewhere). Raises OSError on a
+        socket error.
 */
+#define _GNU_SOURCE   /* RUSAGE_THREAD */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -24,6 +29,16 @@ static double monotonic_s(void) {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+/* Context switches of the calling thread so far; -1 where the platform does not count them per thread. */
+static long thread_switches(void) {
+#ifdef RUSAGE_THREAD
+    struct rusage usage;
+    if (getrusage(RUSAGE_THREAD, &usage) == 0)
+        return usage.ru_nvcsw + usage.ru_nivcsw;
+#endif
+    return -1;
 }
 
 static PyObject *recv_within(PyObject *self, PyObject *args) {
@@ -41,8 +56,9 @@ static PyObject *recv_within(PyObject *self, PyObject *args) {
         return NULL;
     char *buf = PyBytes_AS_STRING(out);
     ssize_t got;
-    int error = 0;
+    int error = 0, contended = 0;
     Py_BEGIN_ALLOW_THREADS
+    long switches = thread_switches();
     double deadline = monotonic_s() + budget_s;
     for (;;) {
         got = recv(fd, buf, (size_t)max_bytes, MSG_DONTWAIT);
@@ -58,6 +74,7 @@ static PyObject *recv_within(PyObject *self, PyObject *args) {
             break;
         sched_yield();
     }
+    contended = switches >= 0 && thread_switches() != switches;
     Py_END_ALLOW_THREADS
     if (error) {
         Py_DECREF(out);
@@ -66,11 +83,13 @@ static PyObject *recv_within(PyObject *self, PyObject *args) {
     }
     if (got < 0) {
         Py_DECREF(out);
-        Py_RETURN_NONE;
+        return Py_BuildValue("(OO)", Py_None, contended ? Py_True : Py_False);
     }
     if (_PyBytes_Resize(&out, got) < 0)
         return NULL;
-    return out;
+    PyObject *result = Py_BuildValue("(OO)", out, contended ? Py_True : Py_False);
+    Py_DECREF(out);
+    return result;
 }
 
 static PyMethodDef methods[] = {

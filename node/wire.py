@@ -90,10 +90,10 @@ SCRATCH_KEEP_BYTES = 8 * 1024 * 1024
 # A sender polls its socket for a frame's reply for up to this long before it waits on the event loop:
 # on loopback a 1 MiB hop's reply lands ~25-60 us after its last byte (100-200 us on a busy machine),
 # sooner than a round of the event loop and its wake-up (benchmarks/pipeline.md). A poll that comes back
-# empty-handed makes the connection skip the next 1, 2, 4 ... POLL_BACKOFF_MAX frames' polls (on a slow
-# link, or a machine with more busy processes than cores, it rarely polls); one that gets its reply makes
-# it poll every frame again. The poll yields the core between tries: the 4-process pipeline on two cores
-# ran as fast with it as without (within run-to-run noise).
+# empty-handed, or during which the core went to another process (polling takes it from them), makes the
+# connection skip the next 1, 2, 4 ... POLL_BACKOFF_MAX frames' polls: on a slow link, or a machine with
+# more busy processes than cores (the simulator), it rarely polls. One that gets its reply with the core
+# to itself makes it poll every frame again.
 REPLY_POLL_S = 200e-6
 POLL_BACKOFF_MAX = 32
 
@@ -555,14 +555,14 @@ class WireConnection:
             self.poll_skips -= 1
             return
         try:
-            data = _fastwire.recv_within(self.fd, 65536, REPLY_POLL_S)
+            data, contended = _fastwire.recv_within(self.fd, 65536, REPLY_POLL_S)
         except OSError as exc:
             self.protocol._fail(f"connection failed: {exc}")
             return
         if data:   # None: nothing in time; b"": the end of the stream, which the event loop reports too
             self.protocol.data_received(data)
         reply = self.protocol.reply
-        if reply is not None and reply.done():
+        if reply is not None and reply.done() and not contended:
             self.poll_backoff = 0
         else:
             self.poll_backoff = min(2 * self.poll_backoff or 1, POLL_BACKOFF_MAX)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -77,10 +79,10 @@ def _counting_polls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     polls: list[bool] = []
     real = wire._fastwire.recv_within
 
-    def recv_within(fd: int, max_bytes: int, budget_s: float) -> bytes | None:
-        data = real(fd, max_bytes, budget_s)
+    def recv_within(fd: int, max_bytes: int, budget_s: float) -> tuple[bytes | None, bool]:
+        data, _ = real(fd, max_bytes, budget_s)
         polls.append(bool(data))
-        return data
+        return data, False   # the core to itself: this test is about the replies
 
     monkeypatch.setattr(wire, "_fastwire", SimpleNamespace(recv_within=recv_within))
     yield polls
@@ -161,21 +163,70 @@ def test_recv_within_returns_bytes_end_of_stream_or_none_in_time() -> None:
     with a, b:
         a.setblocking(False)
         start = time.monotonic()
-        assert recv_within(a.fileno(), 64, 0.005) is None      # nothing came: None once the budget is spent
+        assert recv_within(a.fileno(), 64, 0.005)[0] is None   # nothing came: None once the budget is spent
         assert 0.005 <= time.monotonic() - start < 2.0
         b.sendall(b"reply")
-        assert recv_within(a.fileno(), 64, 0.5) == b"reply"
+        assert recv_within(a.fileno(), 64, 0.5)[0] == b"reply"
         b.sendall(b"x" * 100)
-        assert recv_within(a.fileno(), 10, 0.5) == b"x" * 10     # at most max_bytes; the rest stays queued
+        assert recv_within(a.fileno(), 10, 0.5)[0] == b"x" * 10  # at most max_bytes; the rest stays queued
         assert a.recv(1000) == b"x" * 90
         b.close()
-        assert recv_within(a.fileno(), 64, 0.5) == b""           # end of stream
+        assert recv_within(a.fileno(), 64, 0.5)[0] == b""        # end of stream
         with pytest.raises(ValueError, match="max_bytes"):
             recv_within(a.fileno(), 0, 0.1)
     fd = os.open(os.devnull, os.O_RDONLY)
     os.close(fd)
     with pytest.raises(OSError):
         recv_within(fd, 64, 0.1)                                 # a closed descriptor: EBADF
+
+
+@needs_fastwire
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_recv_within_reports_a_core_shared_with_a_busy_process() -> None:
+    """Polling where another process wants the same core takes time from it: recv_within says so."""
+    allowed = os.sched_getaffinity(0)
+    cpu = min(allowed)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    a, b = socket.socketpair()
+    try:
+        os.sched_setaffinity(busy.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})   # this thread and the busy process on one core
+        a.setblocking(False)
+        data, contended = wire._fastwire.recv_within(a.fileno(), 64, 0.05)
+        assert data is None and contended
+    finally:
+        busy.kill()
+        busy.wait()
+        os.sched_setaffinity(0, allowed)
+        a.close()
+        b.close()
+
+
+@needs_fastwire
+def test_a_poll_on_a_contended_core_backs_off_like_a_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = wire._fastwire.recv_within
+    calls: list[int] = []
+
+    def contended_recv_within(fd: int, max_bytes: int, budget_s: float) -> tuple[bytes | None, bool]:
+        calls.append(fd)
+        return real(fd, max_bytes, budget_s)[0], True   # the reply came, but the core was shared
+
+    monkeypatch.setattr(wire, "_fastwire", SimpleNamespace(recv_within=contended_recv_within))
+    monkeypatch.setattr(wire, "REPLY_POLL_S", 1.0)
+    x = torch.randn(2, 8, 16)
+
+    async def main(server: _ThreadedWire) -> None:
+        conn = await WireConnection.open("127.0.0.1", server.port, TOKEN, timeout_s=10)
+        try:
+            for mb in range(4):
+                assert await _send(conn, mb, x) == (OK, "")
+        finally:
+            conn.close()
+
+    with _ThreadedWire() as server:
+        asyncio.run(main(server))
+        assert [f.header.microbatch for f in server.frames] == [0, 1, 2, 3]
+    assert len(calls) == 2   # frame 0 polls, 1 is skipped, 2 polls, 3 is skipped (then 2 more would be)
 
 
 def test_write_now_leaves_what_the_socket_refuses_to_the_transport_in_order() -> None:
