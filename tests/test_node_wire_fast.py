@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from node import wire
-from node.wire import OK, WireConnection, WireFrame, WireServer, write_now
+from node.wire import OK, WireConnection, WireError, WireFrame, WireServer, write_now
 from protocols import node_pb2
 from protocols.codec import encode_segmented
 from protocols.errors import ValidationError
@@ -227,6 +227,29 @@ def test_a_poll_on_a_contended_core_backs_off_like_a_miss(monkeypatch: pytest.Mo
         asyncio.run(main(server))
         assert [f.header.microbatch for f in server.frames] == [0, 1, 2, 3]
     assert len(calls) == 2   # frame 0 polls, 1 is skipped, 2 polls, 3 is skipped (then 2 more would be)
+
+
+def test_a_write_that_fails_fails_the_connection_and_says_nothing_went_out() -> None:
+    """A socket that refuses writes before the event loop has seen anything wrong (here: shut for writing
+    on this side): the frame fails with ``sent`` False (the transport may retry it on a new connection)
+    and the connection is closed, not left half-written."""
+    x = torch.randn(2, 8, 16)
+
+    async def main(server: _ThreadedWire) -> None:
+        conn = await WireConnection.open("127.0.0.1", server.port, TOKEN, timeout_s=10)
+        try:
+            assert await _send(conn, 1, x) == (OK, "")
+            with socket.socket(fileno=os.dup(conn.fd)) as same_socket:
+                same_socket.shutdown(socket.SHUT_WR)
+            with pytest.raises(WireError) as err:
+                await _send(conn, 2, x)
+            assert not err.value.sent and conn.closed
+        finally:
+            conn.close()
+
+    with _ThreadedWire() as server:
+        asyncio.run(main(server))
+        assert [f.header.microbatch for f in server.frames] == [1]
 
 
 def test_write_now_leaves_what_the_socket_refuses_to_the_transport_in_order() -> None:
