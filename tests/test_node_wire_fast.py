@@ -100,34 +100,31 @@ def test_sender_polls_for_replies_and_backs_off_while_polls_miss(monkeypatch: py
 
     async def main(server: _ThreadedWire) -> None:
         conn = await WireConnection.open("127.0.0.1", server.port, TOKEN, timeout_s=10)
+
+        async def phase(budget_s: float, delay_s: float, microbatches: range) -> list[bool]:
+            """Send these microbatches with this poll budget and reply delay; the polls they made."""
+            monkeypatch.setattr(wire, "REPLY_POLL_S", budget_s)
+            server.delay_s = delay_s
+            before = len(polls)
+            for mb in microbatches:
+                assert await _send(conn, mb, x) == (OK, "")
+            return polls[before:]
+
         try:
             with _counting_polls(monkeypatch) as polls:
                 # (budgets far from this machine's reply times, so that the test does not race its load)
                 # quick replies: each frame polls first, and its reply comes through the poll
-                monkeypatch.setattr(wire, "REPLY_POLL_S", 1.0)
-                for mb in range(3):
-                    assert await _send(conn, mb, x) == (OK, "")
-                assert polls == [True, True, True]
+                assert await phase(1.0, 0.0, range(3)) == [True, True, True]
                 # a refusal comes back the same way, with its message
                 status, message = await _send(conn, 13, x)
                 assert status == wire.INVALID and "microbatch 13 is refused" in message
                 assert polls[-1]
                 # replies slower than the budget: each poll misses and the next ones are spaced out
                 # (skip 1, 2, 4, 8 frames): 12 frames poll 4 times
-                monkeypatch.setattr(wire, "REPLY_POLL_S", 0.002)
-                server.delay_s = 0.02
-                before = len(polls)
-                for mb in range(20, 32):
-                    assert await _send(conn, mb, x) == (OK, "")
-                assert polls[before:] == [False] * 4
+                assert await phase(0.002, 0.02, range(20, 32)) == [False] * 4
                 # quick replies again: once the 7 frames still to skip are out, the next poll gets its
                 # reply, and from then on every frame polls
-                monkeypatch.setattr(wire, "REPLY_POLL_S", 1.0)
-                server.delay_s = 0.0
-                before = len(polls)
-                for mb in range(40, 52):
-                    assert await _send(conn, mb, x) == (OK, "")
-                assert polls[before:] == [True] * 5
+                assert await phase(1.0, 0.0, range(40, 52)) == [True] * 5
         finally:
             conn.close()
 
