@@ -124,16 +124,25 @@ def handshake_mac(token: str, nonce: bytes) -> bytes:
     return hmac.new(token.encode(), HANDSHAKE_CONTEXT + nonce, hashlib.sha256).digest()
 
 
-def _tune(sock: socket.socket | None) -> None:
+def _tune(sock: socket.socket | None) -> int:
     """No Nagle delay, and a send buffer that holds a whole activation: a 1 MiB write then completes in one
     syscall instead of a dozen event-loop rounds while the kernel's autotuning grows the buffer (~25% off a
     loopback hop when the receiver was slower). The receive buffer is left to autotuning: a fixed one turns
     autotuning off, and now that the receiver keeps pace with the sender (native checks) the autotuned one
     was 3-10% faster on loopback (benchmarks/pipeline.md); it also grows past 4 MiB on long fat links.
-    4 MiB of send buffer covers ~300 Mbit/s at 100 ms RTT per connection."""
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+    4 MiB of send buffer covers ~300 Mbit/s at 100 ms RTT per connection. Returns the socket's descriptor
+    (-1: none), which the connection writes on directly (``write_now``)."""
+    if sock is None:
+        return -1
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+    return sock.fileno()
+
+
+def _new_target(spec: TargetSpec) -> tuple[torch.Tensor, memoryview]:
+    """An uninitialised tensor of that shape and dtype, and the byte view a payload is read into."""
+    tensor = torch.empty(spec[0], dtype=spec[1])
+    return tensor, tensor_bytes(tensor)
 
 
 def write_now(transport: asyncio.Transport, fd: int, pieces: list[bytes | memoryview]) -> None:
@@ -202,9 +211,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)   # uvloop's are not asyncio.Transport subclasses
-        sock = transport.get_extra_info("socket")
-        _tune(sock)
-        self.fd = sock.fileno() if sock is not None else -1
+        self.fd = _tune(transport.get_extra_info("socket"))
         self.peer = str(transport.get_extra_info("peername"))
         self.server.connections.add(self)
         self.transport.write(self.nonce)
@@ -292,8 +299,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
                 _, self.tensor, view = self.spare
                 self.spare = None
             else:
-                self.tensor = torch.empty(spec[0], dtype=spec[1])
-                view = tensor_bytes(self.tensor)
+                self.tensor, view = _new_target(spec)
             self._expect("payload", view)
             if not len(self.target):
                 self._check_arrived()
@@ -346,8 +352,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
 
     def _make_spare(self, spec: TargetSpec) -> None:
         if self.transport is not None and not self.transport.is_closing() and self.spare is None:
-            tensor = torch.empty(spec[0], dtype=spec[1])
-            self.spare = (spec, tensor, tensor_bytes(tensor))
+            self.spare = (spec, *_new_target(spec))
 
 
 class WireServer:
@@ -395,10 +400,11 @@ class _ClientProtocol(asyncio.Protocol):
         self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.reply: asyncio.Future[tuple[int, str]] | None = None
         self.closed = False
+        self.fd = -1   # the socket, written directly (``write_now``) and polled for replies
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        _tune(transport.get_extra_info("socket"))
+        self.fd = _tune(transport.get_extra_info("socket"))
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -454,7 +460,6 @@ class WireConnection:
 
     protocol: _ClientProtocol
     lock: asyncio.Lock
-    fd: int = -1                       # the socket, written directly (``write_now``) and polled for replies
     scratch: bytearray | None = None   # where segmented payloads are cast (frames go out one at a time)
     poll_backoff: int = 0              # frames to skip after the next missed reply poll (0: polls hit)
     poll_skips: int = 0                # frames left to send without polling
@@ -462,19 +467,22 @@ class WireConnection:
     @classmethod
     async def open(cls, host: str, port: int, token: str, timeout_s: float) -> WireConnection:
         loop = asyncio.get_running_loop()
-        transport, protocol = await asyncio.wait_for(
-            loop.create_connection(lambda: _ClientProtocol(token), host, port), timeout_s)
+        _, protocol = await asyncio.wait_for(loop.create_connection(lambda: _ClientProtocol(token), host, port),
+                                             timeout_s)
         try:
             await asyncio.wait_for(asyncio.shield(protocol.ready), timeout_s)
         except BaseException:
             protocol._fail("handshake did not finish")
             raise
-        sock = transport.get_extra_info("socket")
-        return cls(protocol, asyncio.Lock(), fd=sock.fileno() if sock is not None else -1)
+        return cls(protocol, asyncio.Lock())
 
     @property
     def closed(self) -> bool:
         return self.protocol.closed
+
+    @property
+    def fd(self) -> int:
+        return self.protocol.fd
 
     def close(self) -> None:
         self.protocol._fail("closed by this node")
@@ -511,13 +519,13 @@ class WireConnection:
                     # the head goes out with a small first piece, so the receiver parses the metadata (and
                     # reads and checks that piece) while the rest is cast
                     segments = payload.segments(self.scratch, first_bytes=FIRST_SEGMENT_BYTES)
-                    write_now(transport, self.fd, [head, next(segments, b"")])
+                    write_now(transport, protocol.fd, [head, next(segments, b"")])
                     head = b""   # out: what fails from here on fails mid-frame
                     for segment in segments:
-                        write_now(transport, self.fd, [segment])
+                        write_now(transport, protocol.fd, [segment])
                 else:
                     pieces = list(payload.segments()) if isinstance(payload, SegmentedPayload) else [payload]
-                    write_now(transport, self.fd, [head, *pieces])
+                    write_now(transport, protocol.fd, [head, *pieces])
             except OSError as exc:
                 protocol._fail(f"write failed: {exc}")
                 raise WireError(f"write failed: {exc}", sent=not head) from None

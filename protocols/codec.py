@@ -637,7 +637,7 @@ def check_finite(t: torch.Tensor) -> None:
     """Refuse NaN/inf (ValidationError). Natively, one pass over the exponent bits. With torch, one
     reduction first (NaN and inf propagate through a sum; ~20x cheaper than an elementwise isfinite on
     CPU); the full check only when the sum is not finite (the sum of finite values may overflow)."""
-    native = _native_finite(t.dtype) if t.device.type == "cpu" and t.is_contiguous() else None
+    native = _native_finite(t.dtype) if t.is_cpu and t.is_contiguous() else None
     if native is not None:
         if not native(tensor_bytes(t.detach())):
             raise ValidationError("tensor contains non-finite values")
@@ -689,7 +689,7 @@ class SegmentedPayload:
         nbytes, numel, step = self.nbytes, self.numel, self.segment_elems
         if scratch is not None and len(scratch) < nbytes:
             raise ValueError(f"scratch holds {len(scratch)} bytes, the payload needs {nbytes}")
-        itemsize = nbytes // numel if numel else 1
+        itemsize = self.wire_dtype.itemsize
         first = min(step, max(1, first_bytes // itemsize)) if first_bytes > 0 and numel else 0
         edges = itertools.pairwise([0, *range(first, numel, step), numel] if first else [*range(0, numel, step), numel])
         if not self.casts:
@@ -700,7 +700,7 @@ class SegmentedPayload:
         if _fastcodec is not None and self.source.dtype == torch.float32 and self.wire_dtype == torch.bfloat16:
             # byte views made once, sliced per segment: a torch view per segment costs more than a
             # 64 KiB segment's cast
-            source = memoryview(self.source.numpy()).cast("B")
+            source = tensor_bytes(self.source)
             for start, stop in edges:
                 piece = wire[2 * start:2 * stop]
                 _fastcodec.cast_f32_to_bf16(source[4 * start:4 * stop], piece)
