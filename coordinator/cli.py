@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="override one config setting (repeatable)")
     serve.add_argument("--token-file", help="file holding the run token (default: $LOWBAND_TOKEN)")
     serve.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    serve.add_argument("--control-socket", type=Path,
+                       help="also serve on this Unix socket (status then takes --coordinator unix:PATH)")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
 
@@ -84,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_async(args: argparse.Namespace, config: RunConfig, token: str) -> int:
-    server = await start_coordinator(config, args.run_dir, token, args.bind)
+    server = await start_coordinator(config, args.run_dir, token, args.bind, control_socket=args.control_socket)
     logger.info("resolved run config: %s", server.core.config.to_json())
     print(f"lowband-coordinator listening on {server.address}", flush=True)
     if args.port_file:

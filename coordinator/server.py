@@ -186,9 +186,13 @@ async def start_coordinator(
     token: str,
     bind: str = "127.0.0.1:0",
     *,
+    control_socket: str | Path | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> CoordinatorServer:
-    """Start a coordinator on `bind` (port 0 picks a free port), resuming from `run_dir` if it holds state."""
+    """Start a coordinator on `bind` (port 0 picks a free port), resuming from `run_dir` if it holds state.
+
+    `control_socket`: also serve on this Unix socket (token still required), so a local supervisor
+    reaches a coordinator whose network it does not share (the simulator's namespace hosts)."""
     store = Store(run_dir)
     try:
         config = resolve_config(store, config)
@@ -209,6 +213,11 @@ async def start_coordinator(
     if port == 0:
         core.close()
         raise OSError(f"cannot bind {bind}")
+    if control_socket is not None:
+        Path(control_socket).unlink(missing_ok=True)   # left by a coordinator that was killed
+        if server.add_insecure_port(f"unix:{control_socket}") == 0:
+            core.close()
+            raise OSError(f"cannot bind the control socket {control_socket}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -21,7 +21,8 @@ tokens, seconds), ``eval`` (origins: val_loss), ``abandon`` (microbatch, reason,
 suspect), ``failure`` (suspect reported to the coordinator), ``outer-sync`` /
 ``outer-merge`` / ``outer-skip`` / ``outer-resync`` / ``outer-adopt`` (DiLoCo), ``standby-resync`` (a
 replica the plan leaves idle copies its group's state: source, outer_steps), ``bookend-copy``,
-``leave`` (reason, acknowledged).
+``final`` (after the last iteration: outer_steps and global_digest per fragment), ``leave`` (reason,
+acknowledged).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any
 import grpc
 import torch
 
+from node.address import advertised_address
 from node.agent import PipelineAgent, Schedule
 from node.checkfree import load_rebuilt, rebuild_stage
 from node.coordinator_client import Backoff, CoordinatorClient
@@ -107,6 +109,10 @@ class EventLog:
             return
         record = {"time": time.time(), "kind": kind, **self.context, **fields}
         self._file.write(json.dumps(record, default=str) + "\n")
+
+    @property
+    def enabled(self) -> bool:
+        return self._file is not None
 
     def close(self) -> None:
         if self._file is not None:
@@ -189,7 +195,7 @@ class NodeDaemon:
             if self.opts.wire:
                 self._wire_server = await start_wire(self.servicer, self.opts.listen.rpartition(":")[0],
                                                      self.opts.token, self.opts.wire_port)
-            self.address = self.opts.advertise or f"{self.opts.listen.rpartition(':')[0] or '127.0.0.1'}:{port}"
+            self.address = advertised_address(self.opts.listen, port, self.opts.advertise, self.opts.coordinator)
             self.events.write("start", address=self.address, pid=os.getpid(), device=str(self.device))
             throughput = await asyncio.to_thread(measure_throughput, self.device, self.opts.slowdown)
             logger.info("node listening on %s; throughput %.1f samples/s", self.address, throughput)
@@ -564,7 +570,8 @@ class NodeDaemon:
         assert self.config is not None
         agent = self.agent
         step = result.iteration + 1
-        holder = agent is not None and agent.stage in (1, self.config.model.stages - 1)
+        # stages 1 and S-1 keep the copy; stage 0 never copies itself (with S = 1, S-1 is stage 0)
+        holder = agent is not None and agent.stage != 0 and agent.stage in (1, self.config.model.stages - 1)
         due = self._bookend is None or step % self.config.diloco.inner_steps == 0
         if holder and due and (self._bookend_task is None or self._bookend_task.done()):
             self._bookend_task = asyncio.create_task(self._refresh_bookend())
@@ -593,6 +600,8 @@ class NodeDaemon:
 
     async def _link_loop(self) -> None:
         """Ping peers (a small and a padded probe) and report RTT and bandwidth for the path planner."""
+        if self.config is not None and self.config.model.stages == 1:
+            return   # data-parallel mode: a path is just its origin, the planner reads no links
         while not self.stop_event.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=LINK_PROBE_EVERY_S)
@@ -631,6 +640,7 @@ class NodeDaemon:
                 else:   # serve the origins' final evaluation until they leave
                     await self._linger(agent)
                 await self._drain(agent)
+                await self._final_record(agent)
                 self.stop(f"finished {steps} iterations")
                 return
             if agent.is_origin:
@@ -654,6 +664,17 @@ class NodeDaemon:
                     self._last_standby_resync = time.monotonic()
                     await self._resync_outer(standby=True)
                 await asyncio.sleep(0.2)
+
+    async def _final_record(self, agent: PipelineAgent) -> None:
+        """``final``: each fragment's outer step and a digest of its θ_global, so a run's log shows whether
+        the replicas of a stage ended in agreement (equal outer steps must mean equal digests). Once per
+        run, and only when events are logged: it reads every weight of the stage."""
+        outer = self.outer
+        if outer is None or not self.events.enabled:
+            return
+        digests = await agent.runtime.run(outer.diloco.global_digests, slow=False)
+        self.events.write("final", step=agent.runtime.iteration, outer_steps=dict(outer.diloco.outer.steps),
+                          global_digest=digests)
 
     def _no_pipeline_too_long(self, agent: PipelineAgent) -> bool:
         """An origin that trained but has had no path for many leases gives up (the run is over or

@@ -13,6 +13,7 @@ from typing import Any
 from protocols.config import ConfigError, RunConfig, apply_overrides, build_dataclass, read_toml
 
 SIGNALS = ("KILL", "TERM")
+NETWORKS = ("loopback", "netns")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -58,6 +59,10 @@ class SimSection:
     sigkill_share: float = 0.5         # share of random preemptions that are SIGKILL (else SIGTERM notice)
     replacement_delay_s: float = 2.0
     max_wall_s: float = 280.0          # stop the run after this long whatever happened
+    # "loopback": every process on 127.0.0.1, links emulated in the nodes' send path. "netns": each
+    # machine in a network namespace of its own, uplinks shaped by the kernel at the bandwidths above
+    # (latency stays emulated: this kernel has no netem); needs root and iproute2 (sim/netns.py).
+    network: str = "loopback"
     preemptions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,7 @@ class SimSection:
         check(0 <= self.sigkill_share <= 1, "sigkill_share", "must be in [0, 1]")
         check(self.replacement_delay_s >= 0, "replacement_delay_s", "must be >= 0")
         check(self.max_wall_s > 0, "max_wall_s", "must be > 0")
+        check(self.network in NETWORKS, "network", f"must be one of {NETWORKS}, got {self.network!r}")
         parsed = []
         for item in self.preemptions:
             if isinstance(item, ScriptedPreemption):
@@ -96,8 +102,11 @@ class SimConfig:
     def __post_init__(self) -> None:
         for p in self.sim.preemptions:
             if p.stage is not None and p.stage >= self.run.model.stages:
+                hint = ("; with model.stages = 1 every node is a stage-0 replica: target 'replica:0' (one node) "
+                        "or 'origin' (all)") if self.run.model.stages == 1 else ""
                 raise ConfigError(
                     f"sim.preemptions.target: stage {p.stage} does not exist (model.stages = {self.run.model.stages})"
+                    + hint
                 )
 
 
@@ -158,8 +167,8 @@ at_step = 80
 def load_sim_config(path: str | Path | None, overrides: list[str] | None = None) -> SimConfig:
     """Defaults, then the TOML file (if any) on top, then ``section.key=value`` overrides."""
     data: dict[str, Any] = tomllib.loads(DEFAULT_SIM_TOML)
-    if path is not None:
-        data = _merge(data, read_toml(path))
+    user = read_toml(path) if path is not None else {}
+    data = _merge(data, user)
     sim_data = data.pop("sim", {})
     run = RunConfig.from_dict(data)
     sim_overrides = [o for o in overrides or [] if o.startswith("sim.")]
@@ -172,6 +181,11 @@ def load_sim_config(path: str | Path | None, overrides: list[str] | None = None)
             raise ConfigError(f"{key}: unknown or not overridable setting")
         sim_data = {**sim_data, name: value}
     sim = build_dataclass(SimSection, sim_data, prefix="sim.")
+    if run.model.stages == 1 and "preemptions" not in (user.get("sim") or {}):
+        # data-parallel mode: the default script's stages 1 and 2 do not exist; preempt single replicas
+        # instead (each replacement copies a live one), and only when another replica is left to copy
+        sim.preemptions = [ScriptedPreemption(target="replica:0", signal=sig, at_step=step)
+                           for sig, step in (("TERM", 40), ("KILL", 80))] if sim.origins >= 2 else []
     return SimConfig(run=run, sim=sim)
 
 

@@ -56,6 +56,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def peak_rss_bytes(pid: int) -> int:
+    """A live process's peak resident memory (VmHWM), 0 when it cannot be read (gone, not Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 @dataclass
 class Child:
     """One supervised OS process (the leader of its own process group)."""

@@ -116,8 +116,10 @@ def write_html(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> Pat
     """A self-contained page: the summary table, the plots, the event log."""
     events = read_jsonl(run_dir / "events.jsonl")
     rows = "\n".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in summary.items()
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
+        for k, v in summary.items() if not isinstance(v, dict)
     )
+    hosts = _per_host_table(summary)
     images = "\n".join(f'<p><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"></p>' for p in plots)
     event_rows = "\n".join(
         "<tr>"
@@ -133,6 +135,7 @@ def write_html(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> Pat
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head>
 <body><h1>lowband run report</h1>
 <h2>Summary</h2><table>{rows}</table>
+{hosts}
 <h2>Plots</h2>{images}
 <h2>Events</h2><table><tr><th>t (s)</th><th>kind</th><th>node</th><th>stage</th><th>detail</th></tr>
 {event_rows}</table></body></html>
@@ -140,6 +143,30 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head>
     path = run_dir / "report.html"
     path.write_text(page)
     return path
+
+
+PER_HOST_COLUMNS = (
+    ("network_bytes", "bytes its interface sent (kernel)"),
+    ("application_bytes_sent", "bytes lowband counted (activations + sync)"),
+    ("peak_rss_bytes", "peak resident memory"),
+)
+
+
+def _per_host_table(summary: dict[str, Any]) -> str:
+    """One row per host for the summary's per-host figures (kernel bytes beside lowband's own count)."""
+    columns = [(key, label) for key, label in PER_HOST_COLUMNS if isinstance(summary.get(key), dict)]
+    if not columns:
+        return ""
+    names = sorted({name for key, _ in columns for name in summary[key].get("per_host", {})})
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
+    body = "\n".join(
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{html.escape(_fmt(summary[key]['per_host'].get(name)))}</td>" for key, _ in columns)
+        + "</tr>" for name in names)
+    totals = "".join(f"<td>{html.escape(_fmt(summary[key].get('total', summary[key].get('max'))))}</td>"
+                     for key, _ in columns)
+    return (f"<h2>Per host</h2><table><tr><th>host</th>{head}</tr>\n{body}\n"
+            f"<tr><th>total (memory: max)</th>{totals}</tr></table>")
 
 
 def _fmt(value: Any) -> str:

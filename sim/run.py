@@ -1,11 +1,18 @@
-"""`lowband-sim run`: a whole lowband run on one machine, as real OS processes on loopback.
+"""`lowband-sim run`: a whole lowband run on one machine, as real OS processes.
 
 Starts a coordinator and one node daemon per simulated machine, emulates links
-(each node delays its sends by latency + bytes/bandwidth from a per-node links
-file) and heterogeneity (per-node compute slow-down), preempts nodes on a
-script and at random (SIGKILL, or SIGTERM as a spot notice) and starts their
-replacements, shows live progress, and writes the run folder: metrics.jsonl,
-events.jsonl, summary.json, PNG plots and report.html.
+and heterogeneity (per-node compute slow-down), preempts nodes on a script and
+at random (SIGKILL, or SIGTERM as a spot notice) and starts their replacements,
+shows live progress, and writes the run folder: metrics.jsonl, events.jsonl,
+summary.json, PNG plots and report.html.
+
+Two networks (``sim.network``): ``loopback``, where every process listens on
+127.0.0.1 and each node delays its sends by latency + bytes/bandwidth from a
+per-node links file; and ``netns``, where every machine (the coordinator too)
+is a host of its own in a network namespace (sim/netns.py), its uplink shaped
+by the kernel, and only the latency is emulated in the nodes. There the
+simulator reaches the coordinator over a Unix socket, and the summary adds the
+bytes each host's interface really sent.
 """
 
 from __future__ import annotations
@@ -30,13 +37,17 @@ from protocols import coordinator_pb2, coordinator_pb2_grpc
 from protocols.config import ConfigError, to_toml
 from protocols.rpc import token_metadata
 from sim.config import ScriptedPreemption, SimConfig, load_sim_config
-from sim.procs import Child, Supervisor, free_port
+from sim.netns import TestNetwork
+from sim.procs import Child, Supervisor, free_port, peak_rss_bytes
 from sim.report import write_report
 
 logger = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_S = 2.0  # a status poll that takes longer is skipped, the loop goes on
 PLAIN_PROGRESS_S = 5.0  # without a terminal, a progress line at least this often (and one per event)
+# On namespace hosts every machine has its own ports: fixed ones, as a deployment would use.
+NETNS_COORDINATOR_PORT = 7000
+NETNS_NODE_PORT = 7100
 
 
 @dataclass
@@ -49,6 +60,7 @@ class SimNode:
     region: int
     slowdown: float
     child: Child | None = None
+    host: str = ""           # its namespace host (sim.network = "netns")
     node_id: str = ""        # as the coordinator knows it (filled from status)
     preempted: bool = False
     replacement: bool = False  # a fresh spot machine: the coordinator picks its stage
@@ -68,6 +80,7 @@ class RunState:
     pending_replacements: list[tuple[float, int]] = field(default_factory=list)  # (due, stage)
     fired: set[int] = field(default_factory=set)
     last_event: str = ""
+    peak_rss: dict[str, int] = field(default_factory=dict)   # process name -> highest VmHWM seen
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -101,6 +114,28 @@ class Simulation:
         self._events_file = open(out_dir / "events.jsonl", "w")
         self._channel: grpc.Channel | None = None
         self._stub: coordinator_pb2_grpc.CoordinatorStub | None = None
+        self.net: TestNetwork | None = None
+        self._coordinator_child: Child | None = None
+
+    @property
+    def netns(self) -> bool:
+        return self.config.sim.network == "netns"
+
+    def start_network(self) -> None:
+        """Namespace hosts on one bridge (sim.network = "netns"); refuses clearly without root or iproute2."""
+        if self.netns:
+            self.net = TestNetwork().start()
+
+    def _add_host(self, name: str, region: int) -> str:
+        """A namespace host for one machine, its uplink at the topology's rates; returns its address."""
+        assert self.net is not None
+        sim = self.config.sim
+        host = self.net.add_host(name, rate_bps=sim.intra_bandwidth_Bps * 8, region=region,
+                                 inter_rate_bps=sim.inter_bandwidth_Bps * 8)
+        return host.address
+
+    def _wrap(self, host: str, argv: list[str]) -> list[str]:
+        return self.net.hosts[host].wrap(argv) if self.net is not None and host else argv
 
     # ---- processes -------------------------------------------------------------------------
 
@@ -120,51 +155,63 @@ class Simulation:
         token_file.chmod(0o600)
         port_file = self.out_dir / "coordinator.port"
         port_file.unlink(missing_ok=True)
+        host = ""
+        bind = "127.0.0.1:0"
+        if self.netns:
+            host = "coordinator"
+            bind = f"{self._add_host(host, region=0)}:{NETNS_COORDINATOR_PORT}"
+        control_socket = self.out_dir / "coordinator.sock"
         argv = [
             *self._python(), "-m", "coordinator.cli", "serve",
-            "--bind", "127.0.0.1:0",
+            "--bind", bind,
             "--port-file", str(port_file),
+            "--control-socket", str(control_socket),
             "--run-dir", str(self.out_dir / "coordinator"),
             "--config", str(run_toml),
             "--token-file", str(token_file),
         ]
-        child = self.sup.spawn("coordinator", argv, env=self._child_env())
+        child = self.sup.spawn("coordinator", self._wrap(host, argv), env=self._child_env())
+        self._coordinator_child = child
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if port_file.exists() and port_file.read_text().strip():
-                self.coordinator_address = f"127.0.0.1:{int(port_file.read_text().strip())}"
+                port = int(port_file.read_text().strip())
+                self.coordinator_address = f"{bind.rpartition(':')[0]}:{port}"
                 break
             if not child.alive():
                 raise RuntimeError(f"coordinator exited early; see {child.log_path}")
             time.sleep(0.1)
         else:
             raise RuntimeError(f"coordinator did not start within 60 s; see {child.log_path}")
-        self._channel = grpc.insecure_channel(self.coordinator_address)
+        # The Unix socket reaches the coordinator from any network namespace, the root one included.
+        self._channel = grpc.insecure_channel(f"unix:{control_socket}")
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         logger.info("coordinator listening on %s", self.coordinator_address)
 
     def _links_for(self, node: SimNode) -> dict[str, Any]:
+        """Per-peer emulated links. On namespace hosts the kernel shapes bandwidth, so only latency is left."""
         sim = self.config.sim
-        peers = {}
-        for other in self.nodes:
-            same = other.region == node.region
-            peers[other.address] = {
-                "latency_s": sim.intra_latency_s if same else sim.inter_latency_s,
-                "bandwidth_Bps": sim.intra_bandwidth_Bps if same else sim.inter_bandwidth_Bps,
-            }
-        return {"peers": peers, "default": {"latency_s": sim.intra_latency_s, "bandwidth_Bps": sim.intra_bandwidth_Bps}}
+
+        def link(same_region: bool) -> dict[str, float]:
+            bandwidth = sim.intra_bandwidth_Bps if same_region else sim.inter_bandwidth_Bps
+            return {"latency_s": sim.intra_latency_s if same_region else sim.inter_latency_s,
+                    "bandwidth_Bps": 0.0 if self.netns else bandwidth}
+
+        peers = {other.address: link(other.region == node.region) for other in self.nodes}
+        return {"peers": peers, "default": link(True)}
 
     def add_node(self, stage: int) -> SimNode:
         sim = self.config.sim
         self._counter += 1
         name = f"{'origin' if stage == 0 else 'stage' + str(stage)}-{self._counter}"
-        node = SimNode(
-            name=name,
-            stage=stage,
-            address=f"127.0.0.1:{free_port()}",
-            region=self._counter % sim.regions,
-            slowdown=1.0 + self.rng.random() * (sim.max_slowdown - 1.0),
-        )
+        region = self._counter % sim.regions
+        slowdown = 1.0 + self.rng.random() * (sim.max_slowdown - 1.0)
+        if self.netns:
+            node = SimNode(name=name, stage=stage, address=f"{self._add_host(name, region)}:{NETNS_NODE_PORT}",
+                           region=region, slowdown=slowdown, host=name)
+        else:
+            node = SimNode(name=name, stage=stage, address=f"127.0.0.1:{free_port()}", region=region,
+                           slowdown=slowdown)
         self.nodes.append(node)
         return node
 
@@ -190,7 +237,7 @@ class Simulation:
         if node.stage != 0:
             argv.append("--no-data")  # only origins hold data; the others never become stage 0
         (self.out_dir / "nodes").mkdir(exist_ok=True)
-        node.child = self.sup.spawn(node.name, argv, env=self._child_env())
+        node.child = self.sup.spawn(node.name, self._wrap(node.host, argv), env=self._child_env())
         self.event("launch", node.name, node.stage, f"pid {node.child.pid}, slowdown {node.slowdown:.2f}")
 
     def start_nodes(self) -> None:
@@ -362,7 +409,8 @@ class Simulation:
                                    f"see {child.log_path}")
             node.relaunches += 1
             code = child.popen.returncode
-            node.address = f"127.0.0.1:{free_port()}"
+            if not self.netns:   # a namespace host's port is its own: nothing else could have taken it
+                node.address = f"127.0.0.1:{free_port()}"
             self.event("relaunch", node.name, node.stage, f"exited before joining (code {code}); see {child.log_path}")
             logger.warning("node %s exited before joining (code %s); starting it again on %s", node.name, code,
                            node.address)
@@ -385,7 +433,16 @@ class Simulation:
             return True
         return not origins_alive and not any(stage == 0 for _, stage in self.state.pending_replacements)
 
+    def sample_memory(self) -> None:
+        """Each process's peak resident memory so far (VmHWM), kept after the process is gone."""
+        peaks = self.state.peak_rss
+        for child in self.sup.live():
+            peak = peak_rss_bytes(child.pid)
+            if peak > peaks.get(child.name, 0):
+                peaks[child.name] = peak
+
     def run(self) -> dict[str, Any]:
+        self.start_network()
         self.start_coordinator()
         self.start_nodes()
         rec: dict[str, Any] = {"step": 0, "t": 0.0, "tokens": 0, "sync_bytes_sent": 0, "activation_bytes_sent": 0}
@@ -400,6 +457,7 @@ class Simulation:
                 self.apply_script(rec)
                 if self.finished(rec):
                     break
+            self.sample_memory()
             self.random_preemptions(now - last)
             self.relaunch_failed_starts()
             self.start_replacements()
@@ -413,6 +471,17 @@ class Simulation:
     def summarize(self, rec: dict[str, Any]) -> dict[str, Any]:
         st = self.state
         steps = max(rec.get("step", 0), 0)
+        self.sample_memory()
+        extra: dict[str, Any] = {}
+        if self.net is not None:
+            # Read at the run's end, beside the application's last counters (not after the shutdown).
+            per_host = self.net.tx_bytes()
+            # What lowband itself counted (activations and sync), host by host, so the gap shows.
+            app = {name: m["sync_bytes_sent"] + m["activation_bytes_sent"] for name, m in st.last_metrics.items()}
+            app_total = sum(app.values())
+            extra["network_bytes"] = {"total": sum(per_host.values()), "per_host": per_host}
+            extra["application_bytes_sent"] = {"total": app_total, "per_host": app}
+            extra["network_vs_application"] = round(sum(per_host.values()) / app_total, 4) if app_total else None
         return {
             "initial_val_loss": st.initial_val_loss,
             "final_val_loss": st.final_val_loss,
@@ -425,6 +494,9 @@ class Simulation:
             "failures": st.failures,
             "recoveries": st.recoveries,
             "nodes_started": len(self.nodes),
+            "network": self.config.sim.network,
+            "peak_rss_bytes": {"max": max(st.peak_rss.values(), default=0), "per_host": dict(st.peak_rss)},
+            **extra,
         }
 
     def close(self) -> None:
@@ -438,6 +510,8 @@ class Simulation:
         self.sup.kill_all()
         if self._channel is not None:
             self._channel.close()
+        if self.net is not None:
+            self.net.close()
         self._metrics_file.close()
         self._events_file.close()
 
