@@ -31,5 +31,5 @@ def test_a_wildcard_listen_without_a_route_is_refused_naming_advertise(monkeypat
         raise OSError("Network is unreachable")
 
     monkeypatch.setattr(address, "route_source", unreachable)
-    with pytest.raises(ValueError, match="could not be found .*Network is unreachable.*give --advertise HOST:PORT"):
+    with pytest.raises(ValueError, match=r"could not be found .*Network is unreachable.*give --advertise HOST:PORT"):
         advertised_address("0.0.0.0:7100", 7100, "", "10.231.0.1:7000")
