@@ -119,5 +119,5 @@ def test_readme_commands_on_namespace_hosts_survive_a_coordinator_sigkill(tmp_pa
     finally:
         sup.kill_all()
         net.close()
-    assert list_namespaces() == namespaces_before
+    assert set(list_namespaces()) <= set(namespaces_before)   # other runs may end meanwhile, none of ours stays
     assert [c.name for c in sup.children if c.alive()] == []
