@@ -21,18 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from netns_support import needs_netns
 
-from sim.netns import SUBNET, NetnsUnavailable, TestNetwork, check_available, list_namespaces
+from sim.netns import SUBNET, TestNetwork, list_namespaces
 from sim.procs import Supervisor
 
-try:
-    check_available()
-    UNAVAILABLE = ""
-except NetnsUnavailable as exc:
-    UNAVAILABLE = str(exc)
-
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(bool(UNAVAILABLE), reason=f"needs root and iproute2: {UNAVAILABLE}")]
+pytestmark = [pytest.mark.slow, needs_netns]
 
 BIN = Path(sys.executable).parent
 PORT = 7070

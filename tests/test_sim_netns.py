@@ -19,20 +19,13 @@ import time
 from pathlib import Path
 
 import pytest
+from netns_support import needs_netns
 from sim_leftovers import leftovers, reap
 
 from sim import netns
 from sim.netns import NetnsUnavailable, TestNetwork, check_available, list_namespaces
 
 ROOT = Path(__file__).resolve().parent.parent
-
-try:
-    check_available()
-    UNAVAILABLE = ""
-except NetnsUnavailable as exc:
-    UNAVAILABLE = str(exc)
-
-needs_netns = pytest.mark.skipif(bool(UNAVAILABLE), reason=f"needs root and iproute2: {UNAVAILABLE}")
 
 
 def _root_links() -> list[str]:
