@@ -9,7 +9,7 @@ reads it without running pickled code)::
         "format": "lowband-model",
         "version": 1,
         "model_config": {...},            # node.model.ModelConfig fields
-        "num_stages": S,                  # stage 0 (bookend) + S-1 block stages
+        "num_stages": S,                  # stage 0 (bookend) + S-1 block stages; 1: stage 0 is the whole model
         "stages": {0: state_dict, 1: state_dict, ...},
         "meta": {...},                    # free-form: how it was trained (JSON-safe values)
     }
@@ -85,8 +85,8 @@ def export_model(
     num_stages = len(items)
     if [s for s, _ in items] != list(range(num_stages)):
         raise ExportError(f"stages must be 0..S-1 with none missing, got {[s for s, _ in items]}")
-    if num_stages < 2:
-        raise ExportError(f"need at least 2 stages (bookend + one block stage), got {num_stages}")
+    if num_stages < 1:
+        raise ExportError("need at least one stage, got none")
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -175,8 +175,8 @@ def _load_export(payload: Mapping[str, Any], path: Path) -> ExportedModel:
         raise ExportError(f"{path}: unsupported export version {version!r} (this build reads {VERSION})")
     config = _config_from_dict(payload.get("model_config"), path)
     num_stages = payload.get("num_stages")
-    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 2:
-        raise ExportError(f"{path}: num_stages must be an integer >= 2, got {num_stages!r}")
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+        raise ExportError(f"{path}: num_stages must be an integer >= 1, got {num_stages!r}")
     states = payload.get("stages")
     if not isinstance(states, Mapping):
         raise ExportError(f"{path}: 'stages' must map stage index to a state dict")

@@ -9,6 +9,9 @@ Stage layout (see DESIGN.md):
 - stages 1..S-1, ``BlockStage``: equal runs of consecutive blocks. Parameter
   names use a *local* block index (``blocks.{j}.…``) so neighbouring stages
   match name by name, which CheckFree averaging relies on.
+- S = 1 (data-parallel mode), ``WholeStage``: stage 0 holds the whole model, its
+  parameters named exactly as in ``Transformer`` (``blocks.{i}.…`` with the global
+  index, which for one stage is the local one too).
 
 Initialisation is keyed by each parameter's *global* name
 (``blocks.{i}.attn.wq.weight``) and the run seed, so a stage built alone equals
@@ -277,9 +280,12 @@ def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
 
 
 def blocks_per_stage(cfg: ModelConfig, num_stages: int) -> int:
-    """Blocks held by each of stages 1..S-1; refuses splits that are not even."""
-    if num_stages < 2:
-        raise ValueError(f"need at least 2 stages (stage 0 plus one block stage), got {num_stages}")
+    """Blocks held by each stage that holds blocks (stages 1..S-1; stage 0 when S = 1, which holds
+    them all); refuses splits that are not even."""
+    if num_stages < 1:
+        raise ValueError(f"need at least 1 stage, got {num_stages}")
+    if num_stages == 1:
+        return cfg.n_layers
     block_stages = num_stages - 1
     if cfg.n_layers % block_stages:
         divisors = [d + 1 for d in range(1, cfg.n_layers + 1) if cfg.n_layers % d == 0]
@@ -291,10 +297,12 @@ def blocks_per_stage(cfg: ModelConfig, num_stages: int) -> int:
 
 
 def stage_blocks(cfg: ModelConfig, stage: int, num_stages: int) -> range:
-    """Global indices of the blocks held by ``stage`` (empty for stage 0)."""
+    """Global indices of the blocks held by ``stage`` (empty for stage 0, every block when S = 1)."""
     per = blocks_per_stage(cfg, num_stages)
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage {stage} out of range for {num_stages} stages")
+    if num_stages == 1:
+        return range(cfg.n_layers)
     if stage == 0:
         return range(0)
     return range((stage - 1) * per, stage * per)
@@ -324,6 +332,30 @@ class Bookend(nn.Module):
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Stage 0 alone (no blocks): a bigram model. Mostly for tests."""
+        return self.head(self.embed_tokens(tokens_BT))
+
+
+class WholeStage(Bookend):
+    """Stage 0 of a one-stage model (data-parallel mode): embedding, every block, final norm and head.
+
+    A path is just the origin, so the blocks run between the embedding and the head: ``head`` applies
+    them, and every caller that goes embedding -> head (the runtime, ``node.pipeline.run_path`` with
+    the path ``[0, 0]``) computes the whole model. Parameter names equal ``Transformer``'s.
+    """
+
+    def __init__(self, cfg: ModelConfig, blocks: Iterable[Block] | None = None) -> None:
+        super().__init__(cfg)
+        self.rotary = Rotary(cfg)
+        self.blocks = nn.ModuleList(blocks if blocks is not None else (Block(cfg) for _ in range(cfg.n_layers)))
+
+    def head(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(h_BTD.shape[1], h_BTD.device)
+        for block in self.blocks:
+            h_BTD = block(h_BTD, cos, sin)
+        return self.output(self.norm(h_BTD))   # (B, T, D) -> (B, T, V)
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """The whole model: logits (B, T, V)."""
         return self.head(self.embed_tokens(tokens_BT))
 
 
@@ -364,7 +396,9 @@ def build_stage(cfg: ModelConfig, stage: int, num_stages: int, seed: int | None 
     """A fresh stage module; ``seed=None`` draws the seed from torch's global RNG."""
     blocks = stage_blocks(cfg, stage, num_stages)   # validates stage and split
     module: nn.Module
-    if stage == 0:
+    if num_stages == 1:
+        module = WholeStage(cfg)
+    elif stage == 0:
         module = Bookend(cfg)
     else:
         module = BlockStage(cfg, (Block(cfg) for _ in blocks), stage=stage, first_block=blocks.start)
@@ -383,7 +417,11 @@ def split_model(model: Transformer, num_stages: int) -> list[nn.Module]:
     stages: list[nn.Module] = []
     for stage in range(num_stages):
         blocks = stage_blocks(cfg, stage, num_stages)
-        if stage == 0:
+        if num_stages == 1:
+            whole = WholeStage(cfg, blocks=list(model.blocks))
+            whole.embed, whole.norm, whole.output = model.embed, model.norm, model.output
+            stages.append(whole)
+        elif stage == 0:
             bookend = Bookend(cfg)
             bookend.embed, bookend.norm, bookend.output = model.embed, model.norm, model.output
             stages.append(bookend)

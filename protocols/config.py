@@ -36,12 +36,13 @@ MODEL_PRESETS = ("tiny", "small", "124m", "500m", "1.5b")   # defined in node/mo
 @dataclass(kw_only=True, slots=True)
 class ModelSection:
     preset: str = "tiny"
-    stages: int = 4            # S, including stage 0 (embedding + head)
+    stages: int = 4            # S, including stage 0 (embedding + head); 1: data-parallel (whole model per node)
     seq_len: int = 128
 
     def __post_init__(self) -> None:
         _check(self.preset in MODEL_PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose one of {MODEL_PRESETS}")
-        _check(self.stages >= 2, "model.stages", f"must be >= 2 (stage 0 plus at least one block stage), got {self.stages}")
+        _check(self.stages >= 1, "model.stages",
+               f"must be >= 1 (1: data-parallel, every node holds the whole model), got {self.stages}")
         _check(self.seq_len >= 2, "model.seq_len", f"must be >= 2, got {self.seq_len}")
 
 

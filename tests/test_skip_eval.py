@@ -169,7 +169,7 @@ def test_load_refuses_bad_files_with_clear_errors(tmp_path: Path) -> None:
         "extra": (lambda p: p["stages"].update({7: {}}), "unexpected stage 7"),
         "version": (lambda p: p.update(version=99), "unsupported export version"),
         "field": (lambda p: p["model_config"].update(colour=1), "unknown model_config field"),
-        "stages": (lambda p: p.update(num_stages=1), "num_stages must be an integer >= 2"),
+        "stages": (lambda p: p.update(num_stages=0), "num_stages must be an integer >= 1"),
         "nan": (lambda p: p["stages"][1]["blocks.0.attn.wq.weight"].fill_(float("nan")), "non-finite"),
     }
     for name, (change, message) in cases.items():
