@@ -286,6 +286,9 @@ class Coordinator:
     # -- membership ---------------------------------------------------------------
     def join(self, req: pb.JoinRequest) -> pb.JoinReply:
         validate.join(req, self.num_stages)
+        if self.num_stages == 1 and not req.has_data:
+            raise Conflict("model.stages = 1 (data-parallel mode): every node is an origin and trains on its "
+                           "own data; start this node without --no-data")
         now = self._clock()
         old = self.members.get(req.node_id) if req.node_id else None
         node_id = req.node_id or self._new_node_id()

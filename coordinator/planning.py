@@ -5,6 +5,8 @@ is pure, so the server runs it in a worker thread (a large SkipPipe search
 must not stall heartbeats). The planner is coordinator/planner.py
 `plan_paths`; if it raises PlanError (e.g. a stage has no replica, or a
 memory cap cannot be met) the full-pipeline fallback in schedule.py is used.
+With ``model.stages = 1`` (data-parallel mode) the planner is bypassed: every
+path is its origin alone.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def compute_plan(inputs: PlanInputs) -> Plan:
     stages = {stage for _, stage, _ in inputs.nodes}
     if not inputs.nodes or any(s not in stages for s in range(num_stages)):
         return Plan()
+    if num_stages == 1:   # data-parallel mode: no pipeline, so no SkipPipe search (paths are the origins)
+        return fallback_plan(inputs)
     try:
         request = PlanRequest.from_section(
             topology(inputs), cfg.skippipe, num_stages=num_stages,

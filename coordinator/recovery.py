@@ -33,6 +33,10 @@ Methods, in the order they are tried:
     the stage restarts from fresh random weights. A plan that falls back to it
     always says why in ``notes``.
 
+Data-parallel mode (``num_stages = 1``): every node is a replica of stage 0, so a
+lost replica is a ``replica-copy`` from a live one; there are no neighbours and
+no bookend holders, so losing every replica can only be ``random-reinit``.
+
 A rebuilt stage (every method but ``replica-copy``) starts a fresh inner
 optimizer at ``lr_scale`` times the learning rate (paper: 1.1) and joins the next
 outer sync with its rebuilt weights as θ_global.
@@ -290,8 +294,8 @@ def plan_recovery(
     them; ``random-reinit``; ``none``: a wiped stage raises RecoveryError).
     ``allow_move``: whether a node may leave another (multi-replica) stage.
     """
-    if num_stages < 2:
-        raise RecoveryError(f"num_stages must be >= 2, got {num_stages}")
+    if num_stages < 1:
+        raise RecoveryError(f"num_stages must be >= 1, got {num_stages}")
     if not isinstance(stage, int) or not 0 <= stage < num_stages:
         raise RecoveryError(f"stage {stage!r} is outside 0..{num_stages - 1}")
     if not (lr_scale > 0 and math.isfinite(lr_scale)):
@@ -350,6 +354,10 @@ def plan_recovery(
         return plan(RANDOM_REINIT, {})
 
     if stage == 0:
+        if num_stages == 1:
+            notes.append("data-parallel mode (model.stages = 1): no other stage keeps a copy of stage 0, "
+                         "so with every replica lost it restarts from fresh weights")
+            return plan(RANDOM_REINIT, {})
         if mode != "checkfree-plus":
             notes.append("plain CheckFree keeps no bookend copy: stage 0 re-initialised randomly")
             return plan(RANDOM_REINIT, {})

@@ -54,7 +54,10 @@ def full_pipeline_paths(
     evenly; each hop goes to the replica with the lowest estimated finish time
     ((load + 1) * microbatch_size / throughput) plus the measured round-trip
     time from the previous hop. Returns {} when some stage has no replica.
+    With one stage (data-parallel mode) every path is just its origin.
     """
+    if num_stages == 1:
+        return origin_only_paths(origins, microbatches)
     if not origins or any(not replicas.get(s) for s in range(1, num_stages)):
         return {}
     rtt_s = rtt_s or {}
@@ -77,3 +80,9 @@ def full_pipeline_paths(
             stages = (*range(num_stages), 0)
             paths[origin].append(PlannedPath(m, stages, tuple(hops)))
     return paths
+
+
+def origin_only_paths(origins: Sequence[str], microbatches: int) -> dict[str, list[PlannedPath]]:
+    """``model.stages = 1`` (data-parallel mode): each origin holds the whole model, so each of its
+    microbatches' path is the origin alone, stages ``(0,)``; nothing to plan, nothing to route."""
+    return {o: [PlannedPath(m, (0,), (o,)) for m in range(microbatches)] for o in origins}

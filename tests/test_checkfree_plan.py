@@ -177,7 +177,7 @@ def test_random_reinit_and_none_modes() -> None:
     ("kwargs", "message"),
     [
         ({"stage": 4}, "outside"),
-        ({"num_stages": 1}, "num_stages"),
+        ({"num_stages": 0}, "num_stages"),
         ({"lr_scale": 0.0}, "lr_scale"),
         ({"epsilon": -1.0}, "epsilon"),
         ({"mode": "magic"}, "mode"),
