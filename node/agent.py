@@ -11,6 +11,11 @@ and the push onward run as a task. When a push fails (unreachable or slow next
 hop, refusal) the node abandons the microbatch, tells its origin and reports
 the hop to the coordinator; the origin tells every node of the path, so nobody
 waits for it, and its iteration completes with the rest.
+
+Data-parallel mode (``model.stages = 1``): every path is just its origin, which
+holds the whole model, so an iteration is one call into the stage runtime
+(``StageRuntime.train_local``) and nothing crosses the network but DiLoCo's
+outer sync.
 """
 
 from __future__ import annotations
@@ -50,6 +55,12 @@ class PathSpec:
     microbatch: int
     stages: tuple[int, ...]
     node_ids: tuple[str, ...]
+
+
+def local_path(path: PathSpec) -> bool:
+    """A path that is just its origin (``model.stages = 1``, data-parallel mode): the origin holds the
+    whole model and trains the microbatch itself."""
+    return len(path.stages) == 1
 
 
 @dataclass(slots=True)
@@ -527,6 +538,12 @@ class PipelineAgent:
         paths, epoch = list(self.schedule.paths), self.schedule.epoch
         if len(batches) < len(paths):
             raise ValueError(f"{len(paths)} paths but {len(batches)} batches")
+        if paths and all(local_path(p) for p in paths):   # data-parallel mode: no hop at all
+            if iteration != self.runtime.iteration:
+                raise StageError(f"iteration {iteration} is not the open one ({self.runtime.iteration})")
+            losses, _ = await self.runtime.train_local(batches[:len(paths)])
+            tokens = sum(int(b[0].numel()) for b in batches[:len(paths)])
+            return IterationResult(iteration, losses, 0, tokens, time.perf_counter() - start)
         results = await asyncio.gather(*(self.run_microbatch(iteration, p, *b, epoch=epoch)
                                          for p, b in zip(paths, batches, strict=False)))
         # Every microbatch is done or abandoned, so the runtime has stepped; be sure it did.
@@ -541,6 +558,9 @@ class PipelineAgent:
         paths = list(self.schedule.paths)
         if not paths:
             return math.nan
+        if all(local_path(p) for p in paths):
+            losses = await self.runtime.evaluate_local(batches)
+            return sum(losses) / len(losses) if losses else math.nan
         results = await asyncio.gather(*(
             self.run_microbatch(iteration, paths[i % len(paths)], x, y, evaluate=True)
             for i, (x, y) in enumerate(batches)

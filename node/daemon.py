@@ -519,17 +519,28 @@ class NodeDaemon:
             steps = int(steps_t.sum()) if steps_t is not None else 0
             if standby and steps <= outer.total_outer_steps():
                 return
+            # Data-parallel mode: no pipeline keeps the replicas at one inner step, so one that missed a
+            # round may be many steps behind: it also jumps to the source's step (skipping that data).
+            open_at = snapshot.inner_step if self._data_parallel() and not standby else None
             try:
                 adopted = await agent.runtime.run(functools.partial(outer.load_parts, reset_local=standby,
-                                                                    catch_up=not standby), snapshot.parts, slow=False)
+                                                                    catch_up=not standby, open_at=open_at),
+                                                  snapshot.parts, slow=False)
             except ValueError as exc:
                 logger.warning("outer state from %s unusable: %s", node_id, exc)
                 continue
-            if not adopted:
+            if open_at is not None:
+                # never further than the source: a replica ahead of its group would open rounds alone
+                agent.note_open_iteration(open_at)
+            elif not adopted:
                 continue   # not ahead in any fragment: ask the next replica
             self.events.write("standby-resync" if standby else "outer-resync", source=node_id, outer_steps=steps,
-                              fragments=adopted)
+                              fragments=adopted, inner_step=snapshot.inner_step)
             return
+
+    def _data_parallel(self) -> bool:
+        """``model.stages = 1``: every node is an origin holding the whole model; paths are the origins."""
+        return self.config is not None and self.config.model.stages == 1
 
     def _standby(self, agent: PipelineAgent) -> bool:
         """The settled plan routes no microbatch through this replica (the planner left it out: too slow
@@ -554,7 +565,9 @@ class NodeDaemon:
                 snapshot.parts["bookend"] = self._bookend
             elif part in ("global", "outer") and outer is not None:
                 if part not in snapshot.parts:
-                    snapshot.parts.update(await agent.runtime.run(outer.state_parts, slow=False))
+                    outer_parts, step = await agent.runtime.run(outer.state_at, slow=False)
+                    snapshot.parts.update(outer_parts)
+                    snapshot.inner_step = max(snapshot.inner_step, step)
             else:
                 raise ValidationError(f"state part {part!r} is not available on this node")
         snapshot.parts = {k: v for k, v in snapshot.parts.items() if k in parts}
@@ -600,8 +613,8 @@ class NodeDaemon:
 
     async def _link_loop(self) -> None:
         """Ping peers (a small and a padded probe) and report RTT and bandwidth for the path planner."""
-        if self.config is not None and self.config.model.stages == 1:
-            return   # data-parallel mode: a path is just its origin, the planner reads no links
+        if self._data_parallel():
+            return   # a path is just its origin: the planner reads no links
         while not self.stop_event.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=LINK_PROBE_EVERY_S)
@@ -755,6 +768,9 @@ class NodeDaemon:
             self.train_started = time.monotonic()
             self._tokens_at_start = self.tokens
             await self._evaluate(agent, agent.runtime.iteration)
+            if self._data_parallel() and agent.runtime.iteration > 0:
+                # a late replica: its group trained on while it copied its state, loaded data and evaluated
+                await self._resync_outer()
         if agent.catch_up_to > agent.runtime.iteration:   # we fell behind the run (late joiner)
             skip = agent.catch_up_to - agent.runtime.iteration
             logger.info("origin %s catches up %d iterations to %d", self.node_id, skip, agent.catch_up_to)

@@ -34,6 +34,7 @@ most one fragment is due per step and each fragment syncs once every H steps.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -96,6 +97,12 @@ def fragment_due(step: int, cfg: DilocoSection) -> int | None:
         if (step - offset) % h == 0:
             return p
     return None
+
+
+def exchange_open(step: int, fragment: int, cfg: DilocoSection) -> bool:
+    """Whether a replica at committed step `step` has `fragment`'s exchange under way (snapshotted at
+    one of the last `overlap` steps, merged at a later one): its group is in that round now."""
+    return any(fragment_due(step - k, cfg) == fragment for k in range(cfg.overlap))
 
 
 # ---------------------------------------------------------------------------
@@ -297,6 +304,19 @@ class StreamingDiLoCo:
         stats["applied"] = int(mask.sum())
         stats["delta_norm"] = float(torch.linalg.vector_norm(flat))
         return stats
+
+    @torch.no_grad()
+    def global_digests(self) -> dict[int, str]:
+        """A short SHA-256 of each fragment's θ_global (exact bytes): replicas that took part in the same
+        rounds hold identical θ_global, so equal outer steps must give equal digests."""
+        out: dict[int, str] = {}
+        for p, names in enumerate(self.fragments):
+            h = hashlib.sha256()
+            for name in names:
+                h.update(name.encode())
+                h.update(self.global_params[name].detach().cpu().contiguous().numpy())
+            out[p] = h.hexdigest()[:16]
+        return out
 
     def adopt_outer_step(self, fragment: int, outer_step: int) -> bool:
         """Continue `fragment`'s round numbering from `outer_step` (never backwards): the stage was

@@ -524,6 +524,52 @@ class StageRuntime:
             if self.open_activity() and idle > self.iteration_timeout_s:
                 await self.close_iteration(forced=True)
 
+    # ------------------------------------------------------------------ data-parallel (model.stages = 1)
+
+    def _local_sync(self, iteration: int, batches: list[tuple[torch.Tensor, torch.Tensor]]
+                    ) -> tuple[list[float], StepResult]:
+        """One iteration of a whole-model stage: forward and backward of every microbatch, then the inner
+        step. Gradients sum in ``.grad`` and ``_step_sync`` divides by the count: the mean over the
+        microbatches, as a pipeline stage takes it."""
+        for p in self._params:
+            p.grad = None
+        losses = []
+        for tokens, targets in batches:
+            tokens, targets = tokens.to(self.device), targets.to(self.device)
+            with torch.enable_grad():
+                loss = self.module.loss(self.module.embed_tokens(tokens), targets)
+            loss.backward()
+            losses.append(loss.detach())
+        for i, p in enumerate(self._params):
+            if p.grad is not None:
+                self._grad_sum[i], self._grad_count[i] = p.grad, len(batches)
+        values = torch.stack(losses).tolist() if losses else []   # one device sync per iteration
+        return values, self._step_sync(iteration, len(batches), 0, False)
+
+    def _local_eval_sync(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        with torch.no_grad():
+            losses = [self.module.loss(self.module.embed_tokens(x.to(self.device)), y.to(self.device))
+                      for x, y in batches]
+        return torch.stack(losses).tolist() if losses else []
+
+    async def train_local(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[float], StepResult]:
+        """Data-parallel mode (the path is just this origin): train the open iteration on this node's own
+        microbatches with no pipeline hop. One worker-thread call per iteration, so the event loop's
+        share of a step is a few microseconds; the outer sync runs in ``after_step`` as in a pipeline."""
+        async with self.close_lock:
+            iteration = self.iteration
+            losses, result = await self.run(self._local_sync, iteration, batches)
+            self._iters.pop(iteration, None)
+            self.iteration = iteration + 1
+            self._progress()
+        if self.on_step is not None:
+            self.on_step(result)
+        return losses, result
+
+    async def evaluate_local(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+        """Validation losses of a whole-model stage, one per batch (nothing kept, nothing trained)."""
+        return await self.run(self._local_eval_sync, batches)
+
     # ------------------------------------------------------------------ state
 
     def _state_sync(self) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from node.averager import ChannelPool, ShardReducer, average_job
 from node.coordinator_client import CoordinatorClient
-from node.diloco import StreamingDiLoCo, SyncJob, state_from_parts, state_to_parts
+from node.diloco import StreamingDiLoCo, SyncJob, exchange_open, state_from_parts, state_to_parts
 from protocols import coordinator_pb2 as pb
 from protocols.config import RunConfig
 
@@ -63,6 +63,7 @@ class OuterSync:
         self._adopt: dict[int, int] = {}
         self._catch_up: set[int] = set()   # fragments to snapshot after the next step, off schedule
         self._missed: set[int] = set()     # fragments whose round formed without us, until the resync lands
+        self.step = 0   # the last committed step ``after_step`` saw (worker thread): the step a state copy is from
 
     # ------------------------------------------------------------------ worker thread
 
@@ -72,6 +73,7 @@ class OuterSync:
         Snapshot first, merge second: with ``overlap`` 0 the fragment snapshotted now is
         merged in this same step (classic DiLoCo), with τ > 0 it is merged τ steps later.
         """
+        self.step = step
         while self._adopt:
             fragment, outer_step = self._adopt.popitem()
             if self.diloco.adopt_outer_step(fragment, outer_step):
@@ -214,8 +216,13 @@ class OuterSync:
         """θ_global ("global") and the outer optimizer ("outer") for GetState; worker thread."""
         return state_to_parts(self.diloco.state_dict())
 
+    def state_at(self) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+        """``state_parts`` and the committed step they are from; worker thread, so no step runs in between
+        (the runtime's iteration, read on the event loop, can lag behind a step that already merged)."""
+        return self.state_parts(), self.step
+
     def load_parts(self, parts: dict[str, dict[str, torch.Tensor]], *, reset_local: bool = False,
-                   catch_up: bool = False) -> list[int]:
+                   catch_up: bool = False, open_at: int | None = None) -> list[int]:
         """Adopt a live replica's θ_global and outer state; the local weights stay as they are, or with
         ``reset_local`` become θ_global (a replica that has not trained since has nothing of its own).
         Returns the fragments adopted.
@@ -227,17 +234,30 @@ class OuterSync:
         more steps would ask for that round once it has formed without us, leaving this replica one round
         behind for good. Only those: exchanging a fragment the group is not syncing now would form a round
         of one, which the group's next round of it then finds formed without it, and so on back and forth.
-        Worker thread."""
+
+        ``open_at`` (data-parallel mode, where no pipeline keeps the replicas at the same inner step, so a
+        replica that missed a round may be many steps behind and jumps to the source's): the source's
+        committed step. The fragments exchanged off schedule are then those whose round is open there (the
+        group is in it now, and the jump skips its sync point) and in which this replica is level with the
+        source; a missed fragment's next round may be H steps away, and exchanging it now would open a
+        round of one. Worker thread."""
         state = state_from_parts(parts, self.diloco.fragments)
         fragments = self.diloco.fragments_behind(state) if catch_up else list(range(len(self.diloco.fragments)))
-        if not fragments:
-            return []
-        self.diloco.load_state_dict(state, reset_local=reset_local, fragments=fragments)
-        pending = {(j.fragment, j.step) for j in self.diloco.pending}   # the load dropped those jobs
-        for key in list(self._done):
-            if key not in pending:
-                self._done.pop(key).set()
-        missed, self._missed = self._missed, set()
-        if catch_up:
-            self._catch_up.update(p for p in missed & set(fragments) if self.diloco.fragments[p])
+        if fragments:
+            self.diloco.load_state_dict(state, reset_local=reset_local, fragments=fragments)
+            pending = {(j.fragment, j.step) for j in self.diloco.pending}   # the load dropped those jobs
+            for key in list(self._done):
+                if key not in pending:
+                    self._done.pop(key).set()
+        if open_at is not None:
+            self._missed.clear()
+            theirs = state["outer_steps"]
+            self._catch_up.update(
+                p for p, names in enumerate(self.diloco.fragments)
+                if names and exchange_open(open_at, p, self.cfg)
+                and self.diloco.outer.steps.get(p, 0) == theirs.get(p, 0))
+        elif fragments:
+            missed, self._missed = self._missed, set()
+            if catch_up:
+                self._catch_up.update(p for p in missed & set(fragments) if self.diloco.fragments[p])
         return fragments
