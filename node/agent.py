@@ -24,6 +24,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -92,6 +93,29 @@ class Schedule:
         return sum(self.counts("", is_origin).values())
 
 
+def whole_model_path(origin: str, num_stages: int, schedule: Schedule) -> PathSpec | None:
+    """Every stage once, in order (0, 1, ..., S-1, 0): the model a user gets, whatever the training
+    paths skip or swap, so validation measures that model. Each stage is run by the node the origin's
+    paths send it to most, else by its first replica in the plan; None when a stage has no node (the
+    caller then evaluates along the training paths) or S is unknown."""
+    if num_stages < 2:
+        return None
+    used: dict[int, Counter[str]] = defaultdict(Counter)
+    for path in schedule.paths:
+        for stage, node_id in zip(path.stages[1:-1], path.node_ids[1:-1], strict=True):
+            used[stage][node_id] += 1
+    node_ids = []
+    for stage in range(1, num_stages):
+        if used[stage]:
+            node_ids.append(used[stage].most_common(1)[0][0])
+            continue
+        replicas = sorted(n for n, s in schedule.stages.items() if s == stage)
+        if not replicas:
+            return None
+        node_ids.append(replicas[0])
+    return PathSpec(-1, (0, *range(1, num_stages), 0), (origin, *node_ids, origin))
+
+
 @dataclass(slots=True)
 class _Pending:
     """An origin's microbatch in flight."""
@@ -130,6 +154,7 @@ class PipelineAgent:
         max_seq_len: int,
         codec: str = "bf16",
         hop_timeout_s: float = 10.0,
+        num_stages: int = 0,
         on_failure: FailureCallback | None = None,
         on_event: EventCallback | None = None,
         refresh_schedule: Callable[[], Awaitable[None]] | None = None,
@@ -142,6 +167,7 @@ class PipelineAgent:
         self.max_seq_len = max_seq_len
         self.codec = codec
         self.hop_timeout_s = hop_timeout_s
+        self.num_stages = num_stages   # S: evaluation runs the whole model, stage by stage (0 = unknown)
         self.on_failure = on_failure
         self.on_event = on_event
         self.refresh_schedule = refresh_schedule
@@ -553,16 +579,21 @@ class PipelineAgent:
         tokens = sum(int(b[0].numel()) for b, r in zip(batches, results, strict=False) if r is not None)
         return IterationResult(iteration, losses, len(results) - len(losses), tokens, time.perf_counter() - start)
 
+    def evaluation_path(self) -> PathSpec | None:
+        return whole_model_path(self.node_id, self.num_stages, self.schedule)
+
     async def evaluate(self, iteration: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Mean validation loss over ``batches``, sent along this origin's paths (nothing trained)."""
+        """Mean validation loss over ``batches`` through the whole model in order (``whole_model_path``;
+        along this origin's training paths only when some stage has no node), nothing trained."""
         paths = list(self.schedule.paths)
         if not paths:
             return math.nan
         if all(local_path(p) for p in paths):
             losses = await self.runtime.evaluate_local(batches)
             return sum(losses) / len(losses) if losses else math.nan
+        whole = self.evaluation_path()
         results = await asyncio.gather(*(
-            self.run_microbatch(iteration, paths[i % len(paths)], x, y, evaluate=True)
+            self.run_microbatch(iteration, whole or paths[i % len(paths)], x, y, evaluate=True)
             for i, (x, y) in enumerate(batches)
         ))
         losses = [r for r in results if r is not None]

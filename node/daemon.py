@@ -433,7 +433,8 @@ class NodeDaemon:
             runtime.adopt_next_iteration = method != "fresh" or previous_iteration > 0
             agent = PipelineAgent(self.node_id, config.run_id, runtime, self.transport, dim=cfg.dim,
                                   max_seq_len=cfg.max_seq_len, codec=train.activation_codec,
-                                  hop_timeout_s=train.hop_timeout_s, on_failure=self._report_failure,
+                                  hop_timeout_s=train.hop_timeout_s, num_stages=config.model.stages,
+                                  on_failure=self._report_failure,
                                   on_event=self._agent_event, refresh_schedule=self._refresh_for_unknown_peer)
             self.agent = agent
             self._last_refresh = 0.0   # a schedule fetched for the previous agent never reached this one
