@@ -199,7 +199,7 @@ def lowband_curve(run_dir: Path, tokens_per_step: int) -> dict[str, Any]:
     clock starts at the last origin's step-0 ``eval`` (every origin ready: joined, scheduled, data
     loaded). ``train_s`` leaves out the time any origin was validating (from its ``iteration`` event
     of that step to its ``eval`` event), as the per-host baselines leave out rank 0's. Returns the curve, and the
-    seconds from the start to the last origin's last iteration (``train_s``), validation in ``eval_s``.
+    seconds from the start to the last origin's last iteration (``budget_s``), validation in ``validation_s``.
     """
     evals: dict[int, list[tuple[float, float]]] = {}
     busy: list[tuple[float, float]] = []
@@ -220,7 +220,7 @@ def lowband_curve(run_dir: Path, tokens_per_step: int) -> dict[str, Any]:
                 if step in finished:   # an origin validates right after the iteration that ends the step
                     busy.append((finished[step], ev["time"]))
     if 0 not in evals:
-        return {"curve": [], "train_s": None, "eval_s": None}
+        return {"curve": [], "budget_s": None, "validation_s": None}
     origins = len(evals[0])
     t0 = max(t for t, _ in evals[0])
     curve = []
@@ -233,7 +233,7 @@ def lowband_curve(run_dir: Path, tokens_per_step: int) -> dict[str, Any]:
                       "train_s": round(wall - _union_within(busy, t0, done), 3),
                       "val_loss": sum(v for _, v in evals[step]) / len(evals[step])})
     end = max(last_iteration, t0)
-    return {"curve": curve, "train_s": round(end - t0, 3), "eval_s": round(_union_within(busy, t0, end), 3)}
+    return {"curve": curve, "budget_s": round(end - t0, 3), "validation_s": round(_union_within(busy, t0, end), 3)}
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -270,8 +270,13 @@ def _child_env() -> dict[str, str]:
 
 
 def _mode_result(target: float, curve: list[dict[str, Any]], network: dict[str, int], peak_rss: int,
-                 tokens: int, **extra: Any) -> dict[str, Any]:
+                 tokens: int, *, budget_s: float | None, validation_s: float | None, **extra: Any) -> dict[str, Any]:
+    """One mode's JSON. ``budget_s``: start to the end of the last step, validation included;
+    ``budget_train_s``: the same without validation (the clock of ``time_to_target_s``)."""
     last = curve[-1] if curve else {}
+    extra["budget_s"], extra["validation_s"] = budget_s, validation_s
+    if budget_s is not None and validation_s is not None:
+        extra["budget_train_s"] = round(budget_s - validation_s, 2)
     return {"time_to_target_s": time_to_target(curve, target), "final_val_loss": last.get("val_loss"),
             "network_bytes": sum(network.values()), "peak_rss_bytes_per_host": peak_rss, "tokens": tokens,
             "time_to_target_wall_s": time_to_target(curve, target, clock="t"), "final_val_step": last.get("step"),
@@ -345,7 +350,7 @@ def run_host_mode(bench: Bench, mode: str, target: float, out: Path) -> dict[str
     extra = {k: head[k] for k in ("outer_steps", "batches_committed") if k in head}
     curve = [{**rec, "train_s": round(rec["t"] - rec["eval_s"], 3)} for rec in head["curve"]]
     return _mode_result(target, curve, network, max(r["peak_rss_bytes"] for r in results), head["tokens"],
-                        train_s=head["train_s"], eval_s=head["eval_s"], hosts=len(network), **extra)
+                        budget_s=head["train_s"], validation_s=head["eval_s"], hosts=len(network), **extra)
 
 
 # --------------------------------------------------------------------------- lowband (the simulator)
@@ -377,7 +382,7 @@ def run_lowband(bench: Bench, mode: str, target: float, out: Path) -> dict[str, 
     rss = summary["peak_rss_bytes"]
     nodes_rss = [v for k, v in rss.get("per_host", {}).items() if k != "coordinator"]
     return _mode_result(target, measured["curve"], network, max(nodes_rss, default=rss.get("max", 0)),
-                        summary.get("tokens", 0), train_s=measured["train_s"], eval_s=measured["eval_s"],
+                        summary.get("tokens", 0), budget_s=measured["budget_s"], validation_s=measured["validation_s"],
                         hosts=len(network), steps=summary.get("steps"),
                         sim_final_val_loss=summary.get("final_val_loss"))
 
@@ -396,9 +401,9 @@ def _ratio(base: dict[str, Any] | None, mode: dict[str, Any] | None, key: str = 
 def _ratio_at_least(base: dict[str, Any] | None, mode: dict[str, Any] | None) -> float | None:
     """When only `mode` reaches the target: the baseline's whole budget / `mode`'s time, a lower bound."""
     base, mode = base or {}, mode or {}
-    if base.get("time_to_target_s") is not None or not mode.get("time_to_target_s") or not base.get("curve"):
+    if base.get("time_to_target_s") is not None or not mode.get("time_to_target_s"):
         return None
-    return round(base["curve"][-1]["train_s"] / mode["time_to_target_s"], 3)
+    return round(base["budget_train_s"] / mode["time_to_target_s"], 3) if base.get("budget_train_s") else None
 
 
 def _val_vs(base: dict[str, Any] | None, mode: dict[str, Any] | None) -> dict[str, Any] | None:
