@@ -97,7 +97,11 @@ class Coordinator:
         self._wall = wall_clock
         ms = config.membership
         self.lease_s = ms.lease_s
-        self.rounds = SyncRounds(ms.sync_join_window_s, ms.min_sync_participants, ms.sync_timeout_s, clock)
+        # Data-parallel mode: every replica trains every step, so a late one is a straggler its round waits
+        # for (up to sync_timeout_s), not one to leave out after the join window; a round formed without
+        # it leaves it a round behind, and one formed by a replica that ran ahead leaves everyone else so.
+        window = ms.sync_timeout_s if config.model.stages == 1 else ms.sync_join_window_s
+        self.rounds = SyncRounds(window, ms.min_sync_participants, ms.sync_timeout_s, clock)
         self.members: dict[str, Member] = {}
         self.events: deque[EventRecord] = deque(maxlen=max_events)
         self.epoch = 1

@@ -769,9 +769,6 @@ class NodeDaemon:
             self.train_started = time.monotonic()
             self._tokens_at_start = self.tokens
             await self._evaluate(agent, agent.runtime.iteration)
-            if self._data_parallel() and agent.runtime.iteration > 0:
-                # a late replica: its group trained on while it copied its state, loaded data and evaluated
-                await self._resync_outer()
         if agent.catch_up_to > agent.runtime.iteration:   # we fell behind the run (late joiner)
             skip = agent.catch_up_to - agent.runtime.iteration
             logger.info("origin %s catches up %d iterations to %d", self.node_id, skip, agent.catch_up_to)

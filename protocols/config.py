@@ -134,7 +134,7 @@ class MembershipSection:
     heartbeat_interval_s: float = 1.0
     lease_s: float = 5.0
     min_replicas: int = 1
-    sync_join_window_s: float = 2.0   # how long a sync round waits for stragglers
+    sync_join_window_s: float = 2.0   # how long a sync round waits for stragglers (stages = 1: sync_timeout_s)
     min_sync_participants: int = 1
     sync_timeout_s: float = 10.0      # a round still short of the minimum after this is abandoned
     rebalance: bool = True            # move a node from the best-covered stage rather than leave one empty

@@ -19,7 +19,7 @@ from coordinator.core import Coordinator
 from coordinator.errors import Conflict
 from coordinator.planning import compute_plan
 from coordinator.recovery import plan_recovery
-from node.diloco import StreamingDiLoCo, fragment_of_params
+from node.diloco import StreamingDiLoCo, exchange_open, fragment_due, fragment_of_params
 from node.evaluate import evaluate
 from node.export import export_transformer, load_model
 from node.model import (
@@ -35,6 +35,7 @@ from node.model import (
 from node.optim import build_inner_optimizer, lr_at
 from node.pipeline import run_path
 from node.runtime import StageRuntime
+from node.sync import OuterSync
 from protocols import coordinator_pb2 as pb
 from protocols.config import ConfigError, RunConfig, apply_overrides
 from sim.config import load_sim_config
@@ -207,6 +208,29 @@ def test_coordinator_puts_every_node_on_stage_zero_with_paths_of_the_origin_alon
     assert status.ready and [p.node_id for p in status.participants] == ids
 
 
+def test_a_round_waits_for_every_replica_past_the_join_window() -> None:
+    """Every replica trains every step: a late one is a straggler to wait for (up to sync_timeout_s), not
+    one to leave out after the join window, which would leave it (or, if it ran ahead, all the others) a
+    round behind."""
+    clock = Clock()
+    core = Coordinator(dp_config(), clock=clock)
+    a, b = join(core, 9000), join(core, 9001)
+
+    def ask(node: pb.JoinReply) -> pb.SyncRoundReply:
+        return core.sync_round(pb.SyncRoundRequest(node_id=node.node_id, stage=0, fragment=0, outer_step=1))
+
+    assert not ask(a).ready
+    clock.t += 1.5   # past the 0.5 s join window, inside the 2 s timeout
+    assert not ask(a).ready
+    status = ask(b)
+    assert status.ready and len(status.participants) == 2
+    clock.t += 0.1   # a straggler that never comes: the round forms at the timeout with whoever asked
+    core.sync_round(pb.SyncRoundRequest(node_id=a.node_id, stage=0, fragment=0, outer_step=2))
+    clock.t += 2.1
+    late = core.sync_round(pb.SyncRoundRequest(node_id=a.node_id, stage=0, fragment=0, outer_step=2))
+    assert late.ready and [p.node_id for p in late.participants] == [a.node_id]
+
+
 def test_a_lost_replica_is_copied_from_a_live_one_and_nothing_tries_a_bookend_copy() -> None:
     clock = Clock()
     core = Coordinator(dp_config(), clock=clock)
@@ -227,6 +251,66 @@ def test_a_lost_replica_is_copied_from_a_live_one_and_nothing_tries_a_bookend_co
     assert wiped.method == "random-reinit" and wiped.sources == {} and any("stages = 1" in n for n in wiped.notes)
     assert plan_recovery(0, 1, {0: ["a"]}, candidates=["j"]).method == "replica-copy"
     assert plan_recovery(0, 1, {}, candidates=["j"], mode="checkfree").method == "random-reinit"
+
+
+# --- catching up with the group ------------------------------------------------------------------------
+
+class RecordingCoordinator:
+    """Records which fragments are asked for; no round ever forms (nothing is exchanged)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, int]] = []
+
+    async def join_sync_round(self, request: pb.SyncRoundRequest) -> pb.SyncRoundReply:
+        self.asked.append((request.node_id, request.fragment))
+        return pb.SyncRoundReply(abandoned=True, reason="quorum not reached", outer_step=request.outer_step)
+
+
+def test_exchange_open_follows_the_schedule_and_the_overlap() -> None:
+    cfg = apply_overrides(RunConfig(), ["diloco.inner_steps=4", "diloco.fragments=2", "diloco.overlap=1"]).diloco
+    assert [p for p in range(2) if exchange_open(6, p, cfg)] == [1]    # fragment 1 due at 2, 6, 10
+    assert not any(exchange_open(7, p, cfg) for p in range(2))          # merged at 7
+    two = apply_overrides(RunConfig(), ["diloco.inner_steps=4", "diloco.fragments=2", "diloco.overlap=2"]).diloco
+    assert exchange_open(7, 1, two) and not exchange_open(8, 1, two)
+    zero = apply_overrides(RunConfig(), ["diloco.inner_steps=4", "diloco.overlap=0"]).diloco
+    assert not exchange_open(4, 0, zero)   # merged in the step that snapshots it
+
+
+@pytest.mark.parametrize(("open_at", "exchanged"), [(12, [1]), (13, [])])
+def test_a_replica_that_jumps_to_its_group_exchanges_only_the_round_open_there(open_at: int,
+                                                                                 exchanged: list[int]) -> None:
+    """The source (at committed step ``open_at``; fragment 1 syncs at 4, 12, ...) is ahead in fragment 0,
+    whose round this replica missed, and level in fragment 1. Fragment 0 is adopted but not exchanged (its
+    next round is steps away: asking now would open a round of one); fragment 1 is exchanged at once only
+    when its round is open at the source (the group is in it now, and the jump skips its sync point)."""
+    async def main() -> tuple[list[tuple[str, int]], list[int], dict[int, int], int]:
+        cfg = apply_overrides(RunConfig(), ["diloco.inner_steps=8", "diloco.fragments=2", "diloco.overlap=1",
+                                            "membership.sync_join_window_s=0.2", "membership.sync_timeout_s=0.4"])
+        coordinator = RecordingCoordinator()
+        source = OuterSync(build_stage(TINY, 0, 1, seed=0), 0, "source", cfg, coordinator, "t")  # type: ignore[arg-type]
+        mine = OuterSync(build_stage(TINY, 0, 1, seed=0), 0, "mine", cfg, coordinator, "t")  # type: ignore[arg-type]
+        source.diloco.outer.steps.update({0: 2, 1: 1})
+        mine.diloco.outer.steps.update({0: 1, 1: 1})
+        mine._missed.add(0)   # its round formed without us
+        try:
+            def replica() -> tuple[list[int], int]:
+                source.after_step(open_at)
+                parts, step = source.state_at()
+                adopted = mine.load_parts(parts, catch_up=True, open_at=step)
+                assert fragment_due(open_at + 1, cfg.diloco) is None
+                mine.after_step(open_at + 1)   # after the jump: the next step, no sync point of its own
+                return adopted, step
+            adopted, step = await asyncio.to_thread(replica)
+            await asyncio.sleep(0.05)
+        finally:
+            await mine.close()
+            await source.close()
+        return coordinator.asked, adopted, dict(mine.diloco.outer.steps), step
+
+    asked, adopted, steps, step = asyncio.run(main())
+    assert step == open_at                        # the copy says which step it is from
+    assert adopted == [0] and steps == {0: 2, 1: 1}
+    assert [f for node, f in asked if node == "mine"] == exchanged
 
 
 # --- the simulator's config --------------------------------------------------------------------------

@@ -66,3 +66,67 @@ def test_three_replicas_train_and_agree_on_theta_global(tmp_path: Path) -> None:
     finally:
         run.close()
     assert all(p.poll() is not None for p in [*run.nodes, run.coordinator])
+
+
+DP_SIM = """
+[model]
+stages = 1
+seq_len = 64
+
+[train]
+steps = 60
+eval_every = 20
+microbatches = 2
+microbatch_size = 4
+
+[diloco]
+inner_steps = 10
+fragments = 2
+codec = "fp4"
+
+[membership]
+heartbeat_interval_s = 0.3
+lease_s = 1.5
+
+[sim]
+origins = 3
+replacement_delay_s = 0.5
+max_wall_s = 200
+
+[[sim.preemptions]]
+target = "replica:0"
+signal = "KILL"
+at_step = 10
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_simulation_with_a_config_of_its_own_replaces_a_killed_replica(tmp_path: Path) -> None:
+    """``lowband-sim run --config`` with ``model.stages = 1``: three origins, one SIGKILLed; its replacement
+    copies a live replica (θ_global, outer state, weights) and trains with the group; nothing is left."""
+    import json
+    import subprocess
+    import sys
+
+    from sim_leftovers import reap
+
+    out = tmp_path / "run"
+    config = tmp_path / "dp.toml"
+    config.write_text(DP_SIM)
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", "--config", str(config), "--out", str(out),
+                             "--no-progress"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=260)
+        assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == 60 and summary["final_val_loss"] < summary["initial_val_loss"] - 0.3
+        assert summary["activation_bytes_sent"] == 0 and summary["sync_bytes_sent"] > 0
+        assert summary["failures"] == 1 and summary["recoveries"] >= 1
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+        assert any(e["kind"] == "recovery" and "replica-copy" in e["detail"] for e in events), events
+        assert {e["stage"] for e in events if e["kind"] == "join"} == {0}
+    finally:
+        left = reap(proc, str(out))
+    assert left == [], f"processes left behind: {left}"
