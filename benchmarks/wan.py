@@ -21,12 +21,15 @@ Modes:
   ``sim.network = "netns"`` and no scripted preemptions.
 
 Measured per mode: ``time_to_target_s``: seconds from the moment every host is ready (process
-start-up, imports and rendezvous excluded; lowband: from the simulator's last record before the
-first step) to the first validation at or below the target (null if never); ``final_val_loss``
-at the end of the budget; ``network_bytes``: the kernel's tx counters of every host's interface,
-summed (the Lighthouse's and coordinator's hosts included); ``peak_rss_bytes_per_host``: the
-largest VmHWM of any host's training process. Ratios are time-to-target ratios, baseline / lowband
-mode (> 1: lowband reaches the target sooner).
+start-up, imports and rendezvous excluded; lowband: from its last origin's step-0 validation) to
+the first validation at or below the target, time spent validating left out (every lowband
+origin validates; on a shared CPU that is K hosts' work at once); null if never reached.
+``time_to_target_wall_s``: the same with validation. ``final_val_loss``: the last validation
+(``final_val_step``: lowband's nodes do not validate after their last step). ``network_bytes``:
+the kernel's tx counters of every host's interface, summed (the Lighthouse's and coordinator's
+hosts included). ``peak_rss_bytes_per_host``: the largest VmHWM of any host's training process.
+Ratios are time-to-target ratios, baseline / lowband mode (> 1: lowband reaches the target
+sooner); ``*_val_vs_*``: validation loss over the baseline's at the same step.
 
     sudo .venv/bin/python benchmarks/wan.py --json                  # 20 Mbit/s, every mode
     sudo .venv/bin/python benchmarks/wan.py --json --rate 1000mbit
@@ -68,13 +71,12 @@ WORKER = Path(__file__).resolve().parent / "_wan_worker.py"
 SEQ_LEN = 128
 # Fixed ports are safe: every host is a namespace of its own, nothing else listens there.
 MASTER_PORT, STORE_PORT, MANAGER_PORT, LIGHTHOUSE_PORT = 29500, 29600, 29700, 29510
-TORCHFT_INSTALL = "pip install torchft==0.2.0 --no-deps && pip install 'opentelemetry-sdk>=1.39' " \
-                  "'opentelemetry-exporter-otlp-proto-http>=1.39'"
+TORCHFT_INSTALL = "pip install torchft==0.2.0, or pip install -e '.[bench]'; it keeps torch >= 2.7 as installed"
 
 
 @dataclass(kw_only=True, slots=True)
 class Bench:
-    hosts: int = 8
+    hosts: int = 8                   # ddp, torchft_diloco, lowband_dp; lowband: origins + stages x replicas
     rate_bps: float = 20e6
     steps: int = 80
     seqs_per_step: int = 16          # global batch: 16 x 128 = 2,048 tokens a step
@@ -110,10 +112,6 @@ class Bench:
         for per in (self.seqs_per_step, self.seqs_per_step // self.hosts, per_origin):
             if self.val_seqs % per:
                 raise ValueError(f"--val-seqs {self.val_seqs} must be a multiple of every per-origin batch ({per})")
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.seqs_per_step * SEQ_LEN
 
 
 def parse_rate(text: str) -> float:
