@@ -150,8 +150,8 @@ def run_torchft(spec: dict[str, Any]) -> dict[str, Any]:
     params = dict(model.named_parameters())
     fragments = [_Fragment([(n, params[n]) for n in names])
                  for names in fragment_of_params(model.named_parameters(), d["fragments"])]
-    outers = [torch.optim.SGD(f.parameters(), lr=d["outer_lr"], momentum=d["outer_momentum"], nesterov=True)
-              for f in fragments]
+    outers = [torch.optim.SGD(f.parameters(), lr=d["outer_lr"], momentum=d["outer_momentum"],
+                              nesterov=d["outer_momentum"] > 0) for f in fragments]
 
     address, port = spec["address"], spec["store_port"]
     store = TCPStore(host_name=address, port=port, is_master=True, wait_for_workers=False)

@@ -473,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"target = this x the reference's final validation loss (default {d.target_factor})")
     p.add_argument("--inner-steps", type=int, default=d.inner_steps, help="DiLoCo H for every DiLoCo mode")
     p.add_argument("--fragments", type=int, default=d.fragments, help="Streaming DiLoCo fragments P")
+    p.add_argument("--overlap", type=int, default=d.overlap, help="steps a fragment's exchange overlaps (tau)")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="merge weight of the local weights")
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr, help="outer SGD learning rate")
+    p.add_argument("--outer-momentum", type=float, default=d.outer_momentum,
+                   help="outer Nesterov momentum (0: plain SGD)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds one mode may take")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/wan-<rate>mbit)")
@@ -487,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(hosts=args.hosts, rate_bps=args.rate, steps=args.steps, seqs_per_step=args.seqs_per_step,
                       eval_every=args.eval_every, val_seqs=args.val_seqs, target=args.target,
                       target_factor=args.target_factor, inner_steps=args.inner_steps, fragments=args.fragments,
-                      seed=args.seed, timeout_s=args.timeout)
+                      overlap=args.overlap, alpha=args.alpha, outer_lr=args.outer_lr,
+                      outer_momentum=args.outer_momentum, seed=args.seed, timeout_s=args.timeout)
     except ValueError as exc:
         p.error(str(exc))
     torch.set_num_threads(1)
