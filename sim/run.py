@@ -39,12 +39,13 @@ from protocols.rpc import token_metadata
 from sim.config import ScriptedPreemption, SimConfig, load_sim_config
 from sim.netns import TestNetwork
 from sim.procs import Child, Supervisor, free_port, peak_rss_bytes
-from sim.report import write_report
+from sim.report import read_jsonl, write_report
 
 logger = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_S = 2.0  # a status poll that takes longer is skipped, the loop goes on
 PLAIN_PROGRESS_S = 5.0  # without a terminal, a progress line at least this often (and one per event)
+FINAL_EVAL_WAIT_S = 60.0  # how long the origins' validation after the last step may take
 # On namespace hosts every machine has its own ports: fixed ones, as a deployment would use.
 NETNS_COORDINATOR_PORT = 7000
 NETNS_NODE_PORT = 7100
@@ -433,6 +434,39 @@ class Simulation:
             return True
         return not origins_alive and not any(stage == 0 for _, stage in self.state.pending_replacements)
 
+    def await_final_evaluation(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """The origins validate the whole model after their last step, then leave: wait (bounded) for
+        them, so the run's final loss is that of its last step, not of the last eval_every before it."""
+        deadline = time.monotonic() + FINAL_EVAL_WAIT_S
+        while time.monotonic() < deadline and any(
+                n.stage == 0 and n.child is not None and n.child.alive() and not n.preempted for n in self.nodes):
+            time.sleep(0.5)
+            self.sample_memory()
+            status = self.poll()
+            if status is not None:
+                rec = self.record(status)
+        return rec
+
+    def final_evaluation(self) -> tuple[int, float] | None:
+        """(step, mean val loss) of the origins' latest validation, read from their event logs; only the
+        origins that got furthest count (a killed origin's last value is from before its death)."""
+        latest: list[tuple[int, float]] = []
+        for node in self.nodes:
+            if node.stage != 0:
+                continue
+            last = None
+            for record in read_jsonl(self.out_dir / "nodes" / f"{node.name}.jsonl"):
+                value = record.get("val_loss")
+                if record.get("kind") == "eval" and isinstance(value, (int, float)) and math.isfinite(value):
+                    last = (int(record["step"]), float(value))
+            if last is not None:
+                latest.append(last)
+        if not latest:
+            return None
+        step = max(s for s, _ in latest)
+        values = [v for s, v in latest if s == step]
+        return step, sum(values) / len(values)
+
     def sample_memory(self) -> None:
         """Each process's peak resident memory so far (VmHWM), kept after the process is gone."""
         peaks = self.state.peak_rss
@@ -456,6 +490,8 @@ class Simulation:
                 self.show(rec)
                 self.apply_script(rec)
                 if self.finished(rec):
+                    if rec["step"] >= self.config.run.train.steps:
+                        rec = self.await_final_evaluation(rec)
                     break
             self.sample_memory()
             self.random_preemptions(now - last)
@@ -473,6 +509,9 @@ class Simulation:
         steps = max(rec.get("step", 0), 0)
         self.sample_memory()
         extra: dict[str, Any] = {}
+        final = self.final_evaluation()
+        if final is not None:
+            extra["final_val_step"], st.final_val_loss = final
         if self.net is not None:
             # Read at the run's end, beside the application's last counters (not after the shutdown).
             per_host = self.net.tx_bytes()

@@ -182,3 +182,26 @@ def test_progress_without_a_terminal_is_a_line_per_event_or_every_few_seconds(
     lines = err.splitlines()
     assert len(lines) == 3, lines
     assert "join origin-1" in lines[0] and "leave stage1-3" in lines[1] and lines[2].startswith("[   7.5s]")
+
+
+def test_the_final_loss_is_the_origins_validation_after_the_last_step(tmp_path: Path) -> None:
+    """Read from the origins' own event logs: the furthest-along origins' latest validation, mean."""
+    from sim.config import load_sim_config
+    from sim.run import SimNode, Simulation
+
+    sim = Simulation(load_sim_config(None), tmp_path, progress=False)
+    try:
+        sim.nodes = [SimNode(name=n, stage=st, address="", region=0, slowdown=1.0)
+                     for n, st in (("origin-1", 0), ("origin-2", 0), ("origin-3", 0), ("stage1-4", 1))]
+        (tmp_path / "nodes").mkdir()
+        logs = {"origin-1": [(150, 2.5), (160, 2.2)], "origin-2": [(150, 2.4), (160, 2.4)],
+                "origin-3": [(40, 3.0)],             # killed early: its value must not count
+                "stage1-4": [(160, 9.9)]}            # not an origin
+        for name, evals in logs.items():
+            lines = [json.dumps({"kind": "eval", "step": s, "val_loss": v}) for s, v in evals]
+            lines.append(json.dumps({"kind": "eval", "step": 170, "val_loss": float("nan")}))   # failed eval
+            (tmp_path / "nodes" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        step, value = sim.final_evaluation()
+        assert step == 160 and abs(value - 2.3) < 1e-9
+    finally:
+        sim.close()
