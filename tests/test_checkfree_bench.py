@@ -7,15 +7,13 @@ on half the microbatches, and each method rebuilding a lost stage its own way.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from bench_loader import load_benchmark
 
 from node.data import Corpus
 
@@ -24,13 +22,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "recovery.py"
-    spec = importlib.util.spec_from_file_location("lowband_bench_recovery", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recovery")
 
 
 @pytest.fixture(scope="module")

@@ -180,6 +180,18 @@ def test_sim_refuses_netns_without_root_before_starting_anything(tmp_path: Path,
     assert not (out / "summary.json").exists()
 
 
+def _sim_run(out: Path, flags: list[str], timeout_s: float) -> tuple[dict, list[int]]:
+    """`lowband-sim run FLAGS --out OUT` to its end: its summary, and any process of it still alive."""
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", *flags, "--out", str(out), "--no-progress"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout_s)
+    finally:
+        survivors = reap(proc, str(out))
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    return json.loads((out / "summary.json").read_text()), survivors
+
+
 NETNS_RUN = """
 [model]
 stages = 3
@@ -216,15 +228,7 @@ def test_sim_run_on_namespace_hosts_counts_kernel_bytes_and_leaves_nothing(tmp_p
     config = tmp_path / "netns.toml"
     config.write_text(NETNS_RUN)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", "--config", str(config), "--out", str(out),
-                             "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=280)
-    finally:
-        survivors = reap(proc, str(out))
-    assert proc.returncode == 0, stderr.decode()[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary, survivors = _sim_run(out, ["--config", str(config)], timeout_s=280)
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.5
     network = summary["network_bytes"]
     assert set(network["per_host"]) == {"coordinator", "origin-1", "stage1-2", "stage2-3"}
@@ -269,15 +273,7 @@ def test_the_default_run_on_namespace_hosts_passes_the_loopback_defaults_checks(
     falling, and the kernel's byte count within 10% of what lowband counted."""
     namespaces_before = list_namespaces()
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", "--set", "sim.network=netns", "--out", str(out),
-                             "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=420)
-    finally:
-        survivors = reap(proc, str(out))
-    assert proc.returncode == 0, stderr.decode()[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary, survivors = _sim_run(out, ["--set", "sim.network=netns"], timeout_s=420)
     assert summary["steps"] >= 160
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 2.0
     assert summary["failures"] >= 2 and summary["recoveries"] >= 1

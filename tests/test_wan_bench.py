@@ -3,35 +3,22 @@ its all-reduce bytes, and the test network is gone afterwards."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from bench_loader import load_benchmark
+from netns_support import needs_netns
 
 from sim.netns import list_namespaces, owner_tag
 
-pytestmark = [
-    pytest.mark.skipif(sys.platform != "linux", reason="network namespaces need Linux"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(shutil.which("ip") is None or shutil.which("tc") is None, reason="needs iproute2 (ip, tc)"),
-    pytest.mark.timeout(240),
-]
+pytestmark = [needs_netns, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
 def wan() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "wan.py"
-    spec = importlib.util.spec_from_file_location("lowband_bench_wan", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("wan")
 
 
 def test_parse_rate(wan: ModuleType) -> None:
