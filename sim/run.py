@@ -444,7 +444,9 @@ class Simulation:
             self.sample_memory()
             status = self.poll()
             if status is not None:
-                rec = self.record(status)
+                # the run's step stays the one it ended at: once the first origins leave, the min over
+                # those still alive can read a laggard's older heartbeat
+                rec = {**self.record(status), "step": max(rec["step"], self.config.run.train.steps)}
         return rec
 
     def final_evaluation(self) -> tuple[int, float] | None:
