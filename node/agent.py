@@ -1,6 +1,6 @@
 """The pipeline agent: routes microbatches along their paths and drives origins' iterations.
 
-Push model (DESIGN.md): an origin embeds a microbatch and pushes it (Forward
+Push model: an origin embeds a microbatch and pushes it (Forward
 RPC) to the node at hop 1; each node computes and pushes to the next hop; the
 last hop is the origin again, which applies head and loss and starts the
 backward (Backward RPC) along the path in reverse; the origin's embedding
@@ -579,9 +579,6 @@ class PipelineAgent:
         tokens = sum(int(b[0].numel()) for b, r in zip(batches, results, strict=False) if r is not None)
         return IterationResult(iteration, losses, len(results) - len(losses), tokens, time.perf_counter() - start)
 
-    def evaluation_path(self) -> PathSpec | None:
-        return whole_model_path(self.node_id, self.num_stages, self.schedule)
-
     async def evaluate(self, iteration: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Mean validation loss over ``batches`` through the whole model in order (``whole_model_path``;
         along this origin's training paths only when some stage has no node), nothing trained."""
@@ -591,7 +588,7 @@ class PipelineAgent:
         if all(local_path(p) for p in paths):
             losses = await self.runtime.evaluate_local(batches)
             return sum(losses) / len(losses) if losses else math.nan
-        whole = self.evaluation_path()
+        whole = whole_model_path(self.node_id, self.num_stages, self.schedule)
         results = await asyncio.gather(*(
             self.run_microbatch(iteration, whole or paths[i % len(paths)], x, y, evaluate=True)
             for i, (x, y) in enumerate(batches)

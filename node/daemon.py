@@ -1,6 +1,6 @@
 """The node process: measure, join, hold a stage, serve and train, heartbeat, leave.
 
-Lifecycle (DESIGN.md, Node daemon): start the gRPC server; measure compute
+Lifecycle: start the gRPC server; measure compute
 speed on a short run of one block; join the coordinator (retrying with capped
 exponential backoff); obtain the stage's weights as the coordinator's plan says
 (``fresh`` from the run seed so all replicas start equal, ``replica-copy`` from

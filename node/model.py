@@ -3,7 +3,7 @@
 Read top to bottom: config and presets, the building blocks (RMSNorm, rotary
 attention, SwiGLU MLP, Block), the whole ``Transformer``, then the stages.
 
-Stage layout (see DESIGN.md):
+Stage layout:
 - stage 0, the ``Bookend``: token embedding + final RMSNorm + LM head (+ loss).
   The head is untied from the embedding so stage 0 is self-contained.
 - stages 1..S-1, ``BlockStage``: equal runs of consecutive blocks. Parameter

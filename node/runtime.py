@@ -6,7 +6,7 @@ executor), so the autograd state of the stage is only ever touched by one
 thread and the event loop stays free for gRPC. Bookkeeping (which microbatch
 of which iteration is open, done or abandoned) lives on the event loop.
 
-Iteration rule (DESIGN.md): the stage takes its inner step once every
+Iteration rule: the stage takes its inner step once every
 microbatch scheduled through it in the iteration has finished backward or been
 abandoned, never mid-microbatch. Its gradient for a parameter is the mean over
 the microbatches that actually contributed a gradient to it. Every wait is
