@@ -386,6 +386,10 @@ class Coordinator:
         validate.leave(req)
         m = self._member(req.node_id, live=False)
         if m.live:
+            if req.HasField("metrics"):
+                # the node's last step may have come after its last heartbeat; without these the run's
+                # status would end a step short of where the node did
+                m.metrics = req.metrics
             self._drop(m, LEFT, req.reason or "graceful leave")
         return pb.LeaveReply(ok=True)
 

@@ -95,6 +95,8 @@ def heartbeat(req: pb.HeartbeatRequest) -> None:
 def leave(req: pb.LeaveRequest) -> None:
     node_id(req.node_id)
     text(req.reason, "reason", MAX_TEXT)
+    if req.HasField("metrics"):
+        metrics(req.metrics)
 
 
 def sync_round(req: pb.SyncRoundRequest, num_stages: int, fragments: int) -> None:

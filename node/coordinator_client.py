@@ -145,10 +145,12 @@ class CoordinatorClient:
         if call is not None:
             call.cancel()
 
-    async def leave(self, node_id: str, reason: str, timeout_s: float = 2.0) -> bool:
+    async def leave(self, node_id: str, reason: str, metrics: pb.NodeMetrics | None = None,
+                    timeout_s: float = 2.0) -> bool:
         """Best effort: a leaving node does not wait long for a coordinator that is down."""
         try:
-            await self.call(self.stub.Leave, pb.LeaveRequest(node_id=node_id, reason=reason), timeout_s=timeout_s)
+            await self.call(self.stub.Leave, pb.LeaveRequest(node_id=node_id, reason=reason, metrics=metrics),
+                            timeout_s=timeout_s)
             return True
         except grpc.aio.AioRpcError as exc:
             logger.warning("leave not acknowledged: %s", exc.code().name)

@@ -233,7 +233,8 @@ class NodeDaemon:
             if extra is not None:
                 extra.cancel()
         if self.node_id:
-            left = await self.client.leave(self.node_id, self.exit_reason or "shutdown", timeout_s=LEAVE_TIMEOUT_S)
+            left = await self.client.leave(self.node_id, self.exit_reason or "shutdown", metrics=self.metrics(),
+                                           timeout_s=LEAVE_TIMEOUT_S)
             self.events.write("leave", reason=self.exit_reason, acknowledged=left)
         if self.outer is not None:   # first: releases a worker thread waiting for an outer round
             await self.outer.close()

@@ -154,12 +154,14 @@ class RecoveryPlan(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., method: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., weights: _Optional[_Iterable[float]] = ..., lr_scale: _Optional[float] = ..., plan_id: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("node_id", "reason")
+    __slots__ = ("node_id", "reason", "metrics")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     reason: str
-    def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    metrics: NodeMetrics
+    def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ..., metrics: _Optional[_Union[NodeMetrics, _Mapping]] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ("ok",)

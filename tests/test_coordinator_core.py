@@ -259,6 +259,25 @@ def test_leave_and_failure_report() -> None:
     assert core.members[b.node_id].state == "dead"
 
 
+def test_leave_carries_the_final_step_past_the_last_heartbeat() -> None:
+    core = Coordinator(config(), clock=Clock())
+    a, b, c = (join(core, 9000 + i) for i in range(3))
+    beat(core, a.node_id, core.epoch, step=59)
+    core.leave(pb.LeaveRequest(node_id=a.node_id, reason="run finished",
+                               metrics=pb.NodeMetrics(step=60, loss=1.5, tokens_per_s=10.0)))
+    status = {n.node_id: n for n in core.status(pb.StatusRequest()).nodes}
+    assert status[a.node_id].state == "left" and status[a.node_id].metrics.step == 60
+
+
+def test_leave_with_bad_metrics_is_refused_and_changes_nothing() -> None:
+    core = Coordinator(config(), clock=Clock())
+    a, b, c = (join(core, 9000 + i) for i in range(3))
+    beat(core, a.node_id, core.epoch, step=5)
+    with pytest.raises(InvalidRequest, match="loss"):
+        core.leave(pb.LeaveRequest(node_id=a.node_id, metrics=pb.NodeMetrics(step=6, loss=math.nan)))
+    assert core.members[a.node_id].state == "alive" and core.members[a.node_id].metrics.step == 5
+
+
 def test_restart_from_sqlite_keeps_identity_and_stage(tmp_path: Path) -> None:
     clock = Clock()
     core = Coordinator(config(), Store(tmp_path), clock=clock)
