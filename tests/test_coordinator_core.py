@@ -261,7 +261,8 @@ def test_leave_and_failure_report() -> None:
 
 def test_leave_carries_the_final_step_past_the_last_heartbeat() -> None:
     core = Coordinator(config(), clock=Clock())
-    a, b, c = (join(core, 9000 + i) for i in range(3))
+    a = join(core, 9000)
+    join(core, 9001), join(core, 9002)
     beat(core, a.node_id, core.epoch, step=59)
     core.leave(pb.LeaveRequest(node_id=a.node_id, reason="run finished",
                                metrics=pb.NodeMetrics(step=60, loss=1.5, tokens_per_s=10.0)))
@@ -271,7 +272,8 @@ def test_leave_carries_the_final_step_past_the_last_heartbeat() -> None:
 
 def test_leave_with_bad_metrics_is_refused_and_changes_nothing() -> None:
     core = Coordinator(config(), clock=Clock())
-    a, b, c = (join(core, 9000 + i) for i in range(3))
+    a = join(core, 9000)
+    join(core, 9001), join(core, 9002)
     beat(core, a.node_id, core.epoch, step=5)
     with pytest.raises(InvalidRequest, match="loss"):
         core.leave(pb.LeaveRequest(node_id=a.node_id, metrics=pb.NodeMetrics(step=6, loss=math.nan)))
