@@ -5,7 +5,7 @@ Started by wan.py inside a namespace host (``ip netns exec``), one process per h
 config, this host's rank and addresses; the worker writes ``spec["result"]`` (JSON) just
 before it exits: its validation curve (rank 0 only), train time and its own peak RSS.
 
-Data and model are lowband's (``node.data``, ``node.model``, ``node.optim``): rank r of K
+Data and model are lowband's (``lowband.node.train.data``, ``lowband.node.train.model``, ``lowband.node.train.optim``): rank r of K
 trains on ``origin_batches(config, corpus, r, K)``, the disjoint shard a lowband origin r of
 K reads; AdamW, lr schedule and grad clip as in the reference trainer. Rank 0 evaluates on
 ``run_val_batches(config, corpus)`` every ``train.eval_every`` steps and after the last.
@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from node.data import load_run_corpus, origin_batches, run_val_batches  # noqa: E402
-from node.diloco import fragment_of_params  # noqa: E402
-from node.model import Transformer, lm_loss, model_config_for  # noqa: E402
-from node.optim import build_inner_optimizer, lr_at, set_lr  # noqa: E402
-from node.reference import evaluate  # noqa: E402
-from protocols.config import RunConfig  # noqa: E402
+from lowband.node.sync.diloco import fragment_of_params  # noqa: E402
+from lowband.node.train.data import load_run_corpus, origin_batches, run_val_batches  # noqa: E402
+from lowband.node.train.model import Transformer, lm_loss, model_config_for  # noqa: E402
+from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr  # noqa: E402
+from lowband.node.train.reference import evaluate  # noqa: E402
+from lowband.protocols.config import RunConfig  # noqa: E402
 
 CPU = torch.device("cpu")
 BARRIER_TIMEOUT = timedelta(seconds=300)   # every host starts torch within this on a loaded 2-core machine

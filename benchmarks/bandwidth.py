@@ -3,7 +3,7 @@
 Same tiny model, same tokens, same data and the same number of replicas for every
 mode, in one process. Each replica trains a full copy of the model on its own
 disjoint shard of the training split (``Corpus.train_shard``) with the inner AdamW
-and schedule of node/optim.py; every mode sees the same total batch per step
+and schedule of node/train/optim.py; every mode sees the same total batch per step
 (replicas x batch sequences) and the same number of steps.
 
 Modes:
@@ -60,14 +60,14 @@ from typing import Any
 import grpc
 import torch
 
-from node.averager import ChannelPool, ShardReducer, allreduce_mean
-from node.data import BatchIterator, load_corpus, val_batches
-from node.diloco import StreamingDiLoCo, SyncJob
-from node.model import ModelConfig, Transformer
-from node.optim import build_inner_optimizer, lr_at, set_lr
-from protocols import node_pb2_grpc
-from protocols.config import DilocoSection, TrainSection
-from protocols.rpc import TokenAuthInterceptor, grpc_options
+from lowband.node.sync.diloco import StreamingDiLoCo, SyncJob
+from lowband.node.sync.grpc_averager import ChannelPool, ShardReducer, allreduce_mean
+from lowband.node.train.data import BatchIterator, load_corpus, val_batches
+from lowband.node.train.model import ModelConfig, Transformer
+from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr
+from lowband.protocols import node_pb2_grpc
+from lowband.protocols.config import DilocoSection, TrainSection
+from lowband.protocols.rpc import TokenAuthInterceptor, grpc_options
 
 logger = logging.getLogger("bandwidth")
 TOKEN = "bandwidth-benchmark"
@@ -224,7 +224,9 @@ class HivemindExchanger:
     """One hivemind DHT + per-fragment DecentralizedAverager per replica."""
 
     def __init__(self, n: int, cfg: DilocoSection, fragment_numels: list[int]) -> None:
-        from node.hivemind_backend import HivemindAverager  # optional dependency, imported only for this mode
+        from lowband.node.sync.hivemind_averager import (
+            HivemindAverager,  # optional dependency, imported only for this mode
+        )
 
         self.cfg = cfg
         self.averagers: list[Any] = []

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from protocols.codec import decode, encode, relative_error, wire_bytes
+from lowband.protocols.codec import decode, encode, relative_error, wire_bytes
 
 OUR_CODECS = ("bf16", "int8", "int4", "fp8", "fp4")
 

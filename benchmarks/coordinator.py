@@ -31,9 +31,9 @@ from typing import Any
 
 import grpc
 
-from protocols import coordinator_pb2 as pb
-from protocols import coordinator_pb2_grpc as pb_grpc
-from protocols.rpc import grpc_options, install_uvloop, token_metadata
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols import coordinator_pb2_grpc as pb_grpc
+from lowband.protocols.rpc import grpc_options, install_uvloop, token_metadata
 
 TOKEN = "bench-token"
 
@@ -51,7 +51,7 @@ def start_coordinator(run_dir: Path, stages: int) -> tuple[subprocess.Popen[byte
     port_file = run_dir / "port"
     env = dict(os.environ, LOWBAND_TOKEN=TOKEN)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator.cli", "serve", "--bind", "127.0.0.1:0", "--run-dir", str(run_dir / "state"),
+        [sys.executable, "-m", "lowband.coordinator.cli", "serve", "--bind", "127.0.0.1:0", "--run-dir", str(run_dir / "state"),
          "--port-file", str(port_file), "--log-level", "WARNING",
          "--set", f"model.stages={stages}", "--set", "membership.heartbeat_interval_s=1.0",
          "--set", "membership.lease_s=60"],

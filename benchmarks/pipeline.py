@@ -5,7 +5,7 @@
 - ``hop_ms``: one activation hop on loopback as the node does it: encode (the
   activation codec, bf16 by default), send to a node process, decode and check
   there, acknowledge. ``--transport wire`` (the default, what nodes use): the
-  activation wire (node/wire.py), a framed TCP connection beside the node's gRPC
+  activation wire (node/pipeline/wire.py), a framed TCP connection beside the node's gRPC
   service, whose receiver reads the payload straight into the decoded tensor.
   ``--transport grpc``: the gRPC activation pipe (one message on a long-lived
   stream), the fallback for peers without a wire. The activation is sized so that
@@ -53,11 +53,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from node import wire  # noqa: E402
-from node.service import NodeServicer, start_server, start_wire  # noqa: E402
-from node.transport import Transport  # noqa: E402
-from protocols import node_pb2  # noqa: E402
-from protocols.codec import (  # noqa: E402
+from lowband.node.pipeline.transport import Transport  # noqa: E402
+from lowband.node.service import NodeServicer, start_server, start_wire  # noqa: E402
+from lowband.protocols import node_pb2  # noqa: E402
+from lowband.protocols.codec import (  # noqa: E402
     RAW_CODECS,
     SegmentedPayload,
     check_finite,
@@ -70,8 +69,8 @@ from protocols.codec import (  # noqa: E402
     seal,
     tensor_bytes,
 )
-from protocols.rpc import install_uvloop  # noqa: E402
-from sim.procs import Supervisor  # noqa: E402
+from lowband.protocols.rpc import install_uvloop  # noqa: E402
+from lowband.sim.procs import Supervisor  # noqa: E402
 
 TOKEN = "bench-token"
 WIRE_BYTES = 1 << 20
@@ -259,11 +258,11 @@ def _overrides(steps: int) -> list[str]:
 
 
 def reference_tokens_per_s(steps: int) -> float:
-    from node.data import load_run_corpus, split_microbatches
-    from node.model import Transformer, lm_loss, model_config_for
-    from node.optim import build_inner_optimizer, lr_at, set_lr
-    from node.reference import reference_batches
-    from protocols.config import RunConfig, apply_overrides
+    from lowband.node.train.data import load_run_corpus, split_microbatches
+    from lowband.node.train.model import Transformer, lm_loss, model_config_for
+    from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr
+    from lowband.node.train.reference import reference_batches
+    from lowband.protocols.config import RunConfig, apply_overrides
 
     config = apply_overrides(RunConfig(), _overrides(steps))
     corpus = load_run_corpus(config)
@@ -289,7 +288,7 @@ def pipeline_tokens_per_s(steps: int) -> float:
     (work / "token").write_text(TOKEN)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     with Supervisor(work) as supervisor:   # every process group it started dies with it, however this ends
-        args = [sys.executable, "-m", "coordinator.cli", "serve", "--bind", "127.0.0.1:0", "--run-dir",
+        args = [sys.executable, "-m", "lowband.coordinator.cli", "serve", "--bind", "127.0.0.1:0", "--run-dir",
                 str(work / "run"), "--token-file", str(work / "token"), "--port-file", str(work / "port")]
         for item in _overrides(steps):
             args += ["--set", item]
@@ -301,7 +300,7 @@ def pipeline_tokens_per_s(steps: int) -> float:
             time.sleep(0.05)
         address = f"127.0.0.1:{(work / 'port').read_text().strip()}"
         nodes = [supervisor.spawn(f"node{stage}", [
-            sys.executable, "-m", "node.cli", "--coordinator", address, "--token-file", str(work / "token"),
+            sys.executable, "-m", "lowband.node.cli", "--coordinator", address, "--token-file", str(work / "token"),
             "--device", "cpu", "--preferred-stage", str(stage), "--log-json", str(work / f"node{stage}.jsonl"),
             "--log-level", "WARNING"], env=env, cwd=work) for stage in range(4)]
         deadline = time.monotonic() + 600
@@ -343,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         result["pipeline_tokens_per_s"] = round(pipeline_tokens_per_s(args.steps), 1)
         result["reference_tokens_per_s"] = round(reference_tokens_per_s(args.steps), 1)
     result.update({"wire_bytes": WIRE_BYTES, "codec": args.codec, "transport": args.transport, "grpc": grpc.__version__,
-                   "native_codec": native_codec(), "native_wire": wire._fastwire is not None, "cpus": os.cpu_count()})
+                   "native_codec": native_codec(), "cpus": os.cpu_count()})
     if args.json:
         print(json.dumps(result))
     else:

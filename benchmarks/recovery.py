@@ -2,7 +2,7 @@
 
 One process, the tiny model cut into S = 4 pipeline stages (2 blocks each), one
 replica per stage, so every failure loses a whole stage. Training runs for real
-(node/pipeline.py ``path_loss``, one AdamW per stage, per-stage gradient
+(node/train/along_path.py ``path_loss``, one AdamW per stage, per-stage gradient
 clipping, as each node would do); the wall clock is *emulated* so that failure
 rates per hour mean something on a CPU. Costs are in units of ``W``
 (``--weights-s``), the time to move one stage's weights over a node's link:
@@ -28,13 +28,13 @@ more time (checkpoint saves) meets the failures at earlier iterations, as it
 would in a real run.
 
 Methods (recovery planned by coordinator/recovery.py ``plan_recovery``, executed
-by node/checkfree.py ``rebuild_stage``):
+by node/recovery/checkfree.py ``rebuild_stage``):
 
 - ``checkfree``: intermediate stages rebuilt as the gradient-norm-weighted
   average of their neighbours; edge stages (1, S-1) randomly re-initialised,
   as in the paper, where plain CheckFree cannot recover the edges.
 - ``checkfree_plus``: the same, plus out-of-order execution during training
-  (every other microbatch runs 1<->2 and S-2<->S-1 swapped, coordinator/paths.py
+  (every other microbatch runs 1<->2 and S-2<->S-1 swapped, coordinator/skippipe/paths.py
   ``apply_edge_swaps``), and lost edge stages copied from their partner.
 - ``checkpoint``: periodic saves and per-stage rollback, as above.
 - ``random_reinit``: the lost stage restarts from random weights.
@@ -75,13 +75,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from coordinator.recovery import plan_recovery  # noqa: E402
-from node.checkfree import fresh_inner_optimizer, grad_norm, load_rebuilt, rebuild_stage  # noqa: E402
-from node.data import BatchIterator, load_corpus, val_batches  # noqa: E402
-from node.model import ModelConfig, build_stage  # noqa: E402
-from node.optim import build_inner_optimizer, lr_at, set_lr  # noqa: E402
-from node.pipeline import full_path, path_loss  # noqa: E402
-from protocols.config import RecoverySection, TrainSection  # noqa: E402
+from lowband.coordinator.recovery import plan_recovery  # noqa: E402
+from lowband.node.recovery.checkfree import fresh_inner_optimizer, grad_norm, load_rebuilt, rebuild_stage  # noqa: E402
+from lowband.node.train.along_path import full_path, path_loss  # noqa: E402
+from lowband.node.train.data import BatchIterator, load_corpus, val_batches  # noqa: E402
+from lowband.node.train.model import ModelConfig, build_stage  # noqa: E402
+from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr  # noqa: E402
+from lowband.protocols.config import RecoverySection, TrainSection  # noqa: E402
 
 log = logging.getLogger("benchmarks.recovery")
 
@@ -160,7 +160,7 @@ def iteration_paths(num_stages: int, microbatches: int, swap_edges: bool) -> lis
     """Per-iteration microbatch paths, cycled over iterations.
 
     Without ``swap_edges``: the full pipeline for every microbatch. With it,
-    CheckFree+ out-of-order execution as coordinator/paths.py
+    CheckFree+ out-of-order execution as coordinator/skippipe/paths.py
     ``apply_edge_swaps`` plans it (kept local here so the benchmark does not
     follow that planner's API): every other microbatch runs its edge pairs
     swapped; with S = 4 the two pairs share stage 2, so swapped microbatches
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, stream=sys.stderr)
-    for noisy in ("coordinator.recovery", "node.checkfree", "node.data"):
+    for noisy in ("lowband.coordinator.recovery", "lowband.node.recovery.checkfree", "lowband.node.train.data"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     settings = Settings(stages=args.stages, steps=args.steps, lr=args.lr, iter_s=args.iter_s, weights_s=args.weights_s,
                         join_s=args.join_s, save_every=args.save_every, target_frac=args.target_frac,

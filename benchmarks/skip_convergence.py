@@ -1,8 +1,8 @@
 """Does training with SkipPipe paths (skip ratio k) converge like the full pipeline?
 
 For each seed, two in-process runs of the staged tiny model
-(``sim.skiptrain.train_skip``) on the same tokens: the same number of
-iterations over the same batches in the same order (``node.reference`` data
+(``lowband.sim.skiptrain.train_skip``) on the same tokens: the same number of
+iterations over the same batches in the same order (``lowband.node.train.reference`` data
 order), the same initial weights, the same schedule and per-stage AdamW. The
 only difference is the paths:
 
@@ -25,7 +25,7 @@ skip run is never scored along the paths it trained on). Reported:
   several points (see benchmarks/skip_convergence.md);
 * ``full_val_loss``/``skip_val_loss``: means over seeds;
 * ``*_half_perplexity_ratio``: perplexity of each model run with half its
-  block stages (``node.evaluate``, strided: stages 1, 3, 6 of 6) over its
+  block stages (``lowband.node.train.evaluate``, strided: stages 1, 3, 6 of 6) over its
   full-path perplexity, mean over seeds.
 
 Stage count: the tiny preset has 6 blocks, so S - 1 must divide 6. With
@@ -56,10 +56,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import torch  # noqa: E402
 
-from node.data import load_run_corpus, run_val_batches  # noqa: E402
-from node.evaluate import evaluate_subsets  # noqa: E402
-from protocols.config import RunConfig, apply_overrides  # noqa: E402
-from sim.skiptrain import train_skip  # noqa: E402
+from lowband.node.train.data import load_run_corpus, run_val_batches  # noqa: E402
+from lowband.node.train.evaluate import evaluate_subsets  # noqa: E402
+from lowband.protocols.config import RunConfig, apply_overrides  # noqa: E402
+from lowband.sim.skiptrain import train_skip  # noqa: E402
 
 TARGET_GAP = 0.03
 

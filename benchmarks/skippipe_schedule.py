@@ -24,7 +24,7 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from sim.schedule import evaluate, register  # noqa: E402
+from lowband.sim.schedule import evaluate, register  # noqa: E402
 
 
 def schedule_args(*argv: str) -> argparse.Namespace:

@@ -5,8 +5,8 @@ to ``--rate`` (htb). Every mode trains the same model (the ``tiny`` preset, seq_
 same data (the default corpus, each host's origin reading its own disjoint shard) for the same
 token budget (``--steps`` x ``--seqs-per-step`` x 128 tokens, the global batch of a step being the
 same in every mode), with lowband's inner optimizer (AdamW and the lr schedule of
-``protocols.config.TrainSection``, node/optim.py). The target validation loss is fixed first from
-the single-process reference (node/reference.py, in this process, same tokens):
+``lowband.protocols.config.TrainSection``, node/train/optim.py). The target validation loss is fixed first from
+the single-process reference (node/train/reference.py, in this process, same tokens):
 ``--target-factor`` x its validation loss at the end of the budget, unless ``--target`` is given.
 
 Modes:
@@ -60,10 +60,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from node.reference import train_reference  # noqa: E402
-from protocols.config import RunConfig  # noqa: E402
-from sim.netns import Host, TestNetwork  # noqa: E402
-from sim.procs import Child, Supervisor  # noqa: E402
+from lowband.node.train.reference import train_reference  # noqa: E402
+from lowband.protocols.config import RunConfig  # noqa: E402
+from lowband.sim.netns import Host, TestNetwork  # noqa: E402
+from lowband.sim.procs import Child, Supervisor  # noqa: E402
 
 logger = logging.getLogger("wan")
 MODES = ("ddp", "torchft_diloco", "lowband_dp", "lowband")
@@ -363,7 +363,7 @@ def run_lowband(bench: Bench, mode: str, target: float, out: Path) -> dict[str, 
     toml = mode_dir / "config.toml"
     toml.write_text(lowband_toml(bench, mode))
     run_dir = mode_dir / "run"
-    argv = [sys.executable, "-m", "sim.cli", "run", "--config", str(toml),
+    argv = [sys.executable, "-m", "lowband.sim.cli", "run", "--config", str(toml),
             "--set", "sim.network=netns", "--set", f"sim.intra_bandwidth_Bps={bench.rate_bps / 8:.0f}",
             "--out", str(run_dir), "--no-progress"]
     with Supervisor(mode_dir / "logs") as sup:

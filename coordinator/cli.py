@@ -25,13 +25,13 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from coordinator.server import start_coordinator
-from protocols import coordinator_pb2 as pb
-from protocols import coordinator_pb2_grpc as pb_grpc
-from protocols.config import ConfigError, RunConfig, apply_overrides
-from protocols.rpc import grpc_options, install_uvloop, load_token, token_metadata
+from lowband.coordinator.server import start_coordinator
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols import coordinator_pb2_grpc as pb_grpc
+from lowband.protocols.config import ConfigError, RunConfig, apply_overrides
+from lowband.protocols.rpc import grpc_options, install_uvloop, load_token, token_metadata
 
-logger = logging.getLogger("coordinator.cli")
+logger = logging.getLogger("lowband.coordinator.cli")
 
 STATUS_TIMEOUT_S = 5.0   # one Status call; a healthy coordinator answers in milliseconds
 STOP_GRACE_S = 2.0

@@ -24,16 +24,16 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from coordinator import validate
-from coordinator.assignment import Move, choose_stage, rebalance
-from coordinator.errors import Conflict, UnknownNode
-from coordinator.planning import PlanInputs, compute_plan
-from coordinator.recovery import NodeRef, RecoveryError, plan_recovery
-from coordinator.rounds import FormedRound, SyncRounds
-from coordinator.schedule import Plan, PlannedPath
-from coordinator.store import EventRecord, MemberRecord, Store
-from protocols import coordinator_pb2 as pb
-from protocols.config import RunConfig
+from lowband.coordinator import validate
+from lowband.coordinator.assignment import Move, choose_stage, rebalance
+from lowband.coordinator.errors import Conflict, UnknownNode
+from lowband.coordinator.planning import PlanInputs, compute_plan
+from lowband.coordinator.recovery import NodeRef, RecoveryError, plan_recovery
+from lowband.coordinator.rounds import FormedRound, SyncRounds
+from lowband.coordinator.skippipe.schedule import Plan, PlannedPath
+from lowband.coordinator.store import EventRecord, MemberRecord, Store
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ class Coordinator:
         return PlanInputs(self.epoch, self.config, tuple((m.node_id, m.stage, m.throughput) for m in routable), links)
 
     def _plan(self) -> Plan:
-        """The one call site of the path planner (coordinator/planner.py via planning.compute_plan)."""
+        """The one call site of the path planner (coordinator/skippipe/planner.py via planning.compute_plan)."""
         return compute_plan(self.plan_inputs())
 
     def plan_stale(self) -> bool:

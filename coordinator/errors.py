@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocols.errors import ValidationError
+from lowband.protocols.errors import ValidationError
 
 
 class InvalidRequest(ValidationError):

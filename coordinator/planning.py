@@ -2,7 +2,7 @@
 
 `PlanInputs` is an immutable snapshot taken on the event loop; `compute_plan`
 is pure, so the server runs it in a worker thread (a large SkipPipe search
-must not stall heartbeats). The planner is coordinator/planner.py
+must not stall heartbeats). The planner is coordinator/skippipe/planner.py
 `plan_paths`; if it raises PlanError (e.g. a stage has no replica, or a
 memory cap cannot be met) the full-pipeline fallback in schedule.py is used.
 With ``model.stages = 1`` (data-parallel mode) the planner is bypassed: every
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.paths import NodeSpec, PlanError, PlanRequest, Topology
-from coordinator.planner import plan_paths
-from coordinator.schedule import Plan, PlannedPath, count_visits, full_pipeline_paths
-from protocols.config import RunConfig
+from lowband.coordinator.skippipe.paths import NodeSpec, PlanError, PlanRequest, Topology
+from lowband.coordinator.skippipe.planner import plan_paths
+from lowband.coordinator.skippipe.schedule import Plan, PlannedPath, count_visits, full_pipeline_paths
+from lowband.protocols.config import RunConfig
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 When a node's lease expires the coordinator asks :func:`plan_recovery` what to
 do about its stage. The answer, a :class:`RecoveryPlan`, names *how* the stage
 gets its weights back, *from whom*, with *which weights*, and *which node*
-hosts it. The node executes the plan with ``node/checkfree.py``; nothing on
+hosts it. The node executes the plan with ``node/recovery/checkfree.py``; nothing on
 this path ever reads or writes a checkpoint file.
 
 Methods, in the order they are tried:
@@ -68,8 +68,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocols import coordinator_pb2
-from protocols.config import RecoverySection
+from lowband.protocols import coordinator_pb2
+from lowband.protocols.config import RecoverySection
 
 log = logging.getLogger(__name__)
 

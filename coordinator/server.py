@@ -24,15 +24,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.core import Coordinator
-from coordinator.errors import Conflict, InvalidRequest, UnknownNode
-from coordinator.planning import compute_plan
-from coordinator.schedule import Plan
-from coordinator.store import Store
-from protocols import coordinator_pb2 as pb
-from protocols import coordinator_pb2_grpc as pb_grpc
-from protocols.config import ConfigError, RunConfig
-from protocols.rpc import TokenAuthInterceptor, grpc_options
+from lowband.coordinator.core import Coordinator
+from lowband.coordinator.errors import Conflict, InvalidRequest, UnknownNode
+from lowband.coordinator.planning import compute_plan
+from lowband.coordinator.skippipe.schedule import Plan
+from lowband.coordinator.store import Store
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols import coordinator_pb2_grpc as pb_grpc
+from lowband.protocols.config import ConfigError, RunConfig
+from lowband.protocols.rpc import TokenAuthInterceptor, grpc_options
 
 logger = logging.getLogger(__name__)
 

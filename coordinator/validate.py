@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import re
 
-from coordinator.errors import InvalidRequest
-from protocols import coordinator_pb2 as pb
+from lowband.coordinator.errors import InvalidRequest
+from lowband.protocols import coordinator_pb2 as pb
 
 MAX_ID = 64
 MAX_SHORT = 128

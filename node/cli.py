@@ -6,7 +6,7 @@ Simulator flags: ``--slowdown F`` (compute slow-down factor), ``--links-file F``
 (JSON per-peer latency_s/bandwidth_Bps emulation), ``--node-id``,
 ``--preferred-stage``, ``--log-json F`` (events and metrics as JSON lines).
 Activations go on the activation wire, a TCP port beside the node service
-(``--wire-port``, default any; see node/wire.py); ``--no-wire`` keeps them on gRPC.
+(``--wire-port``, default any; see node/pipeline/wire.py); ``--no-wire`` keeps them on gRPC.
 The run token comes from --token-file or the LOWBAND_TOKEN environment variable.
 Exit codes: 0 after a clean leave (SIGTERM/SIGINT, run finished, SHUTDOWN),
 2 for bad arguments.
@@ -18,8 +18,8 @@ import argparse
 import logging
 import sys
 
-from node.daemon import NodeOptions, run_node
-from protocols.rpc import load_token
+from lowband.node.daemon import NodeOptions, run_node
+from lowband.protocols.rpc import load_token
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from protocols import coordinator_pb2 as pb
-from protocols import coordinator_pb2_grpc as pb_grpc
-from protocols.rpc import grpc_options, token_metadata
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols import coordinator_pb2_grpc as pb_grpc
+from lowband.protocols.rpc import grpc_options, token_metadata
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ exit 0. The run ends for a node after ``train.steps`` iterations.
 ``join``, ``stage`` (method, iteration, ok), ``schedule`` (epoch, paths,
 expected), ``metrics`` (each heartbeat: step, loss, tokens_per_s, bytes_sent,
 bytes_received, activation_bytes_sent, grad_norm, val_loss, tokens,
-outer_step, sync_bytes_sent), ``step`` (every inner step: microbatches,
+outer_step, sync_bytes_sent, state_bytes_sent), ``step`` (every inner step: microbatches,
 abandoned, grad_norm, lr, forced), ``iteration`` (origins: loss, abandoned,
 tokens, seconds), ``eval`` (origins: val_loss), ``abandon`` (microbatch, reason,
 suspect), ``failure`` (suspect reported to the coordinator), ``outer-sync`` /
@@ -42,23 +42,23 @@ from typing import Any
 import grpc
 import torch
 
-from node.address import advertised_address
-from node.agent import PipelineAgent, Schedule
-from node.checkfree import load_rebuilt, rebuild_stage
-from node.coordinator_client import Backoff, CoordinatorClient
-from node.data import load_run_corpus, origin_batches, run_val_batches, split_microbatches
-from node.model import ModelConfig, build_stage, model_config_for
-from node.optim import build_inner_optimizer, lr_at
-from node.reference import resolve_device
-from node.runtime import StageRuntime, StepResult
-from node.service import NodeServicer, StateSnapshot, fetch_state, start_server, start_wire
-from node.sync import OuterSync
-from node.transport import LinkTable, Transport
-from node.wire import WireServer
-from protocols import coordinator_pb2 as pb
-from protocols.config import RunConfig, apply_overrides
-from protocols.errors import ValidationError
-from protocols.rpc import install_uvloop
+from lowband.node.address import advertised_address
+from lowband.node.coordinator_client import Backoff, CoordinatorClient
+from lowband.node.pipeline.agent import PipelineAgent, Schedule
+from lowband.node.pipeline.runtime import StageRuntime, StepResult
+from lowband.node.pipeline.transport import LinkTable, Transport
+from lowband.node.pipeline.wire import WireServer
+from lowband.node.recovery.checkfree import load_rebuilt, rebuild_stage
+from lowband.node.service import NodeServicer, StateSnapshot, fetch_state, start_server, start_wire
+from lowband.node.sync.outer import OuterSync
+from lowband.node.train.data import load_run_corpus, origin_batches, run_val_batches, split_microbatches
+from lowband.node.train.model import ModelConfig, build_stage, model_config_for
+from lowband.node.train.optim import build_inner_optimizer, lr_at
+from lowband.node.train.reference import resolve_device
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols.config import RunConfig, apply_overrides
+from lowband.protocols.errors import ValidationError
+from lowband.protocols.rpc import install_uvloop
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class NodeOptions:
     links_file: str = ""
     log_json: str = ""
     torch_threads: int = 1
-    wire: bool = True             # activation wire beside gRPC (node/wire.py); False: gRPC pipes only
+    wire: bool = True             # activation wire beside gRPC (node/pipeline/wire.py); False: gRPC pipes only
     wire_port: int = 0            # the wire's TCP port on the listen host (0: any free port)
 
 
@@ -416,7 +416,8 @@ class NodeDaemon:
             # a rebuilt stage enters its next outer sync with the rebuilt weights).
             module = module.to(self.device)
             outer = OuterSync(module, stage, self.node_id, config, self.client, self.opts.token,
-                              on_event=self._agent_event, resync=self._resync_outer)
+                              on_event=self._agent_event, resync=self._resync_outer,
+                              host=self.address.rpartition(":")[0])
             if outer_parts:
                 try:
                     outer.load_parts(outer_parts)
@@ -814,7 +815,7 @@ class NodeDaemon:
             step=agent.runtime.iteration if agent else 0,
             loss=self.loss if math.isfinite(self.loss) else 0.0,
             tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
-            bytes_sent=self.transport.bytes_sent + (
+            bytes_sent=self.transport.bytes_sent + self.servicer.state_bytes_sent + (
                 self.outer.wire_bytes_sent if self.outer else 0),
             bytes_received=self.servicer.bytes_received,
             grad_norm=agent.runtime.last_grad_norm if agent else 0.0,
@@ -823,6 +824,7 @@ class NodeDaemon:
             sync_bytes_sent=self.outer.wire_bytes_sent if self.outer else 0,
             val_loss=self.val_loss if math.isfinite(self.val_loss) else 0.0,
             tokens=self.tokens,
+            state_bytes_sent=self.servicer.state_bytes_sent,
         )
 
     def metrics_dict(self) -> dict[str, Any]:
@@ -830,7 +832,8 @@ class NodeDaemon:
         return {"step": m.step, "loss": m.loss, "tokens_per_s": m.tokens_per_s, "bytes_sent": m.bytes_sent,
                 "bytes_received": m.bytes_received, "grad_norm": m.grad_norm,
                 "activation_bytes_sent": m.activation_bytes_sent, "val_loss": m.val_loss, "tokens": m.tokens,
-                "outer_step": m.outer_step, "sync_bytes_sent": m.sync_bytes_sent}
+                "outer_step": m.outer_step, "sync_bytes_sent": m.sync_bytes_sent,
+                "state_bytes_sent": m.state_bytes_sent}
 
 
 def run_node(options: NodeOptions) -> int:

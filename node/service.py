@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 import grpc
 import torch
 
-from node.transport import channel_options
-from node.wire import WireFrame, WireServer, WireUnavailable
-from protocols import node_pb2, node_pb2_grpc, tensor_pb2
-from protocols.chunking import ChunkAssembler, chunk_tensor, reassemble_async
-from protocols.codec import decode, encode
-from protocols.errors import ValidationError, abort_invalid
-from protocols.rpc import TokenAuthInterceptor
+from lowband.node.pipeline.transport import channel_options
+from lowband.node.pipeline.wire import WireFrame, WireServer, WireUnavailable
+from lowband.protocols import node_pb2, node_pb2_grpc, tensor_pb2
+from lowband.protocols.chunking import ChunkAssembler, chunk_tensor, reassemble_async
+from lowband.protocols.codec import decode, encode
+from lowband.protocols.errors import ValidationError, abort_invalid
+from lowband.protocols.rpc import TokenAuthInterceptor
 
 if TYPE_CHECKING:
-    from node.agent import PipelineAgent
+    from lowband.node.pipeline.agent import PipelineAgent
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +85,13 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.state_provider: StateProvider | None = None
         self.max_tensor_bytes = max_tensor_bytes
         self.bytes_received = 0
+        self.state_bytes_sent = 0   # GetState replies: recovery traffic the links carry too
         self.state_chunk_bytes = 4 * 1024 * 1024
         self.wire_port = 0   # the activation wire's port, announced in Ping (0: none)
         self.outer_steps: Callable[[], int] = lambda: 0   # the DiLoCo state's outer steps, announced in Ping
 
     def wire_frame(self, frame: WireFrame) -> None:
-        """A microbatch that came on the activation wire (node/wire.py): the same checks as on a pipe."""
+        """A microbatch that came on the activation wire (node/pipeline/wire.py): the same checks as on a pipe."""
         if self.agent is None:
             raise WireUnavailable("node holds no stage yet")
         self.bytes_received += frame.meta.ByteSize() + len(frame.payload)   # as the sender counts it
@@ -207,9 +208,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             for name, tensor in tensors.items():
                 msg = encode(tensor.detach().float().contiguous(), "fp32", compress=False)
                 for chunk in chunk_tensor(msg, chunk_bytes=self.state_chunk_bytes):
-                    yield node_pb2.StateChunk(part=part, name=name, chunk=chunk,
-                                              inner_step=snapshot.inner_step, outer_step=snapshot.outer_step,
-                                              grad_norm=snapshot.grad_norm)
+                    reply = node_pb2.StateChunk(part=part, name=name, chunk=chunk,
+                                                inner_step=snapshot.inner_step, outer_step=snapshot.outer_step,
+                                                grad_norm=snapshot.grad_norm)
+                    self.state_bytes_sent += reply.ByteSize()
+                    yield reply
 
     async def Ping(self, request: node_pb2.PingRequest, context: grpc.aio.ServicerContext) -> node_pb2.PingReply:
         self.bytes_received += request.ByteSize()

@@ -4,7 +4,7 @@ The sender serializes the Tensor once and cuts it into `chunk_bytes` slices; eve
 chunk repeats the chunk count, total size and stream checksum, so the receiver
 can bound its buffer from the first chunk and reject a stream that is reordered,
 short, long, mixed with another stream, or corrupted. Reassembly raises only
-ValidationError. Messages stay well under ``protocols.rpc.MAX_MESSAGE_BYTES``.
+ValidationError. Messages stay well under ``lowband.protocols.rpc.MAX_MESSAGE_BYTES``.
 
 One checksum pass over the bulk bytes per side, not two: the Tensor already
 carries the checksum of its scales and payload (``Tensor.checksum``, see
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from google.protobuf.message import DecodeError
 
-from protocols import tensor_pb2
-from protocols.codec import DEFAULT_MAX_NUMEL, decode
-from protocols.errors import ValidationError
+from lowband.protocols import tensor_pb2
+from lowband.protocols.codec import DEFAULT_MAX_NUMEL, decode
+from lowband.protocols.errors import ValidationError
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 4 << 20          # half of rpc.MAX_MESSAGE_BYTES: room for headers

@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import zstandard
 
-from protocols import tensor_pb2
-from protocols.errors import ValidationError
+from lowband.protocols import tensor_pb2
+from lowband.protocols.errors import ValidationError
 
 try:   # optional native kernels for the per-hop cast and check (protocols/_fastcodec.c), built at install
-    from protocols import _fastcodec
+    from lowband.protocols import _fastcodec
 except ImportError:   # no C compiler at install: torch does the same, bit for bit, somewhat slower
     _fastcodec = None
 

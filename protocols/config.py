@@ -30,7 +30,7 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(f"{name}: {message}")
 
 
-MODEL_PRESETS = ("tiny", "small", "124m", "500m", "1.5b")   # defined in node/model.py
+MODEL_PRESETS = ("tiny", "small", "124m", "500m", "1.5b")   # defined in node/train/model.py
 
 
 @dataclass(kw_only=True, slots=True)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protocols import coordinator_pb2 as protocols_dot_coordinator__pb2
+from lowband.protocols import coordinator_pb2 as lowband_dot_protocols_dot_coordinator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protocols/coordinator_pb2_grpc.py depends on'
+        + ' but the generated code in lowband/protocols/coordinator_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,53 +36,53 @@ class CoordinatorStub:
         """
         self.Join = channel.unary_unary(
                 '/lowband.Coordinator/Join',
-                request_serializer=protocols_dot_coordinator__pb2.JoinRequest.SerializeToString,
-                response_deserializer=protocols_dot_coordinator__pb2.JoinReply.FromString,
+                request_serializer=lowband_dot_protocols_dot_coordinator__pb2.JoinRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_coordinator__pb2.JoinReply.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/lowband.Coordinator/Heartbeat',
-                request_serializer=protocols_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protocols_dot_coordinator__pb2.HeartbeatReply.FromString,
+                request_serializer=lowband_dot_protocols_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_coordinator__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
         self.HeartbeatStream = channel.stream_stream(
                 '/lowband.Coordinator/HeartbeatStream',
-                request_serializer=protocols_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protocols_dot_coordinator__pb2.HeartbeatReply.FromString,
+                request_serializer=lowband_dot_protocols_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_coordinator__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/lowband.Coordinator/Leave',
-                request_serializer=protocols_dot_coordinator__pb2.LeaveRequest.SerializeToString,
-                response_deserializer=protocols_dot_coordinator__pb2.LeaveReply.FromString,
+                request_serializer=lowband_dot_protocols_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_coordinator__pb2.LeaveReply.FromString,
                 _registered_method=True)
         self.GetSchedule = channel.unary_unary(
                 '/lowband.Coordinator/GetSchedule',
-                request_serializer=protocols_dot_coordinator__pb2.ScheduleRequest.SerializeToString,
-                response_deserializer=protocols_dot_coordinator__pb2.ScheduleReply.FromString,
+                request_serializer=lowband_dot_protocols_dot_coordinator__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_coordinator__pb2.ScheduleReply.FromString,
                 _registered_method=True)
         self.JoinSyncRound = channel.unary_unary(
                 '/lowband.Coordinator/JoinSyncRound',
-                request_serializer=protocols_dot_coordinator__pb2.SyncRoundRequest.SerializeToString,
-                response_deserializer=protocols_dot_coordinator__pb2.SyncRoundReply.FromString,
+                request_serializer=lowband_dot_protocols_dot_coordinator__pb2.SyncRoundRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_coordinator__pb2.SyncRoundReply.FromString,
                 _registered_method=True)
         self.ReportFailure = channel.unary_unary(
                 '/lowband.Coordinator/ReportFailure',
-                request_serializer=protocols_dot_coordinator__pb2.FailureReport.SerializeToString,
-                response_deserializer=protocols_dot_coordinator__pb2.Ack.FromString,
+                request_serializer=lowband_dot_protocols_dot_coordinator__pb2.FailureReport.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_coordinator__pb2.Ack.FromString,
                 _registered_method=True)
         self.ReportLinks = channel.unary_unary(
                 '/lowband.Coordinator/ReportLinks',
-                request_serializer=protocols_dot_coordinator__pb2.LinkReport.SerializeToString,
-                response_deserializer=protocols_dot_coordinator__pb2.Ack.FromString,
+                request_serializer=lowband_dot_protocols_dot_coordinator__pb2.LinkReport.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_coordinator__pb2.Ack.FromString,
                 _registered_method=True)
         self.ReportRecovery = channel.unary_unary(
                 '/lowband.Coordinator/ReportRecovery',
-                request_serializer=protocols_dot_coordinator__pb2.RecoveryReport.SerializeToString,
-                response_deserializer=protocols_dot_coordinator__pb2.Ack.FromString,
+                request_serializer=lowband_dot_protocols_dot_coordinator__pb2.RecoveryReport.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_coordinator__pb2.Ack.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/lowband.Coordinator/Status',
-                request_serializer=protocols_dot_coordinator__pb2.StatusRequest.SerializeToString,
-                response_deserializer=protocols_dot_coordinator__pb2.StatusReply.FromString,
+                request_serializer=lowband_dot_protocols_dot_coordinator__pb2.StatusRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_coordinator__pb2.StatusReply.FromString,
                 _registered_method=True)
 
 
@@ -158,53 +158,53 @@ def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
-                    request_deserializer=protocols_dot_coordinator__pb2.JoinRequest.FromString,
-                    response_serializer=protocols_dot_coordinator__pb2.JoinReply.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_coordinator__pb2.JoinRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_coordinator__pb2.JoinReply.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=protocols_dot_coordinator__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protocols_dot_coordinator__pb2.HeartbeatReply.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_coordinator__pb2.HeartbeatReply.SerializeToString,
             ),
             'HeartbeatStream': grpc.stream_stream_rpc_method_handler(
                     servicer.HeartbeatStream,
-                    request_deserializer=protocols_dot_coordinator__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protocols_dot_coordinator__pb2.HeartbeatReply.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_coordinator__pb2.HeartbeatReply.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
                     servicer.Leave,
-                    request_deserializer=protocols_dot_coordinator__pb2.LeaveRequest.FromString,
-                    response_serializer=protocols_dot_coordinator__pb2.LeaveReply.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_coordinator__pb2.LeaveRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_coordinator__pb2.LeaveReply.SerializeToString,
             ),
             'GetSchedule': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSchedule,
-                    request_deserializer=protocols_dot_coordinator__pb2.ScheduleRequest.FromString,
-                    response_serializer=protocols_dot_coordinator__pb2.ScheduleReply.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_coordinator__pb2.ScheduleRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_coordinator__pb2.ScheduleReply.SerializeToString,
             ),
             'JoinSyncRound': grpc.unary_unary_rpc_method_handler(
                     servicer.JoinSyncRound,
-                    request_deserializer=protocols_dot_coordinator__pb2.SyncRoundRequest.FromString,
-                    response_serializer=protocols_dot_coordinator__pb2.SyncRoundReply.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_coordinator__pb2.SyncRoundRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_coordinator__pb2.SyncRoundReply.SerializeToString,
             ),
             'ReportFailure': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportFailure,
-                    request_deserializer=protocols_dot_coordinator__pb2.FailureReport.FromString,
-                    response_serializer=protocols_dot_coordinator__pb2.Ack.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_coordinator__pb2.FailureReport.FromString,
+                    response_serializer=lowband_dot_protocols_dot_coordinator__pb2.Ack.SerializeToString,
             ),
             'ReportLinks': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportLinks,
-                    request_deserializer=protocols_dot_coordinator__pb2.LinkReport.FromString,
-                    response_serializer=protocols_dot_coordinator__pb2.Ack.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_coordinator__pb2.LinkReport.FromString,
+                    response_serializer=lowband_dot_protocols_dot_coordinator__pb2.Ack.SerializeToString,
             ),
             'ReportRecovery': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportRecovery,
-                    request_deserializer=protocols_dot_coordinator__pb2.RecoveryReport.FromString,
-                    response_serializer=protocols_dot_coordinator__pb2.Ack.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_coordinator__pb2.RecoveryReport.FromString,
+                    response_serializer=lowband_dot_protocols_dot_coordinator__pb2.Ack.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=protocols_dot_coordinator__pb2.StatusRequest.FromString,
-                    response_serializer=protocols_dot_coordinator__pb2.StatusReply.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_coordinator__pb2.StatusRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_coordinator__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,8 +232,8 @@ class Coordinator:
             request,
             target,
             '/lowband.Coordinator/Join',
-            protocols_dot_coordinator__pb2.JoinRequest.SerializeToString,
-            protocols_dot_coordinator__pb2.JoinReply.FromString,
+            lowband_dot_protocols_dot_coordinator__pb2.JoinRequest.SerializeToString,
+            lowband_dot_protocols_dot_coordinator__pb2.JoinReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -259,8 +259,8 @@ class Coordinator:
             request,
             target,
             '/lowband.Coordinator/Heartbeat',
-            protocols_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-            protocols_dot_coordinator__pb2.HeartbeatReply.FromString,
+            lowband_dot_protocols_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            lowband_dot_protocols_dot_coordinator__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -286,8 +286,8 @@ class Coordinator:
             request_iterator,
             target,
             '/lowband.Coordinator/HeartbeatStream',
-            protocols_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
-            protocols_dot_coordinator__pb2.HeartbeatReply.FromString,
+            lowband_dot_protocols_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            lowband_dot_protocols_dot_coordinator__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -313,8 +313,8 @@ class Coordinator:
             request,
             target,
             '/lowband.Coordinator/Leave',
-            protocols_dot_coordinator__pb2.LeaveRequest.SerializeToString,
-            protocols_dot_coordinator__pb2.LeaveReply.FromString,
+            lowband_dot_protocols_dot_coordinator__pb2.LeaveRequest.SerializeToString,
+            lowband_dot_protocols_dot_coordinator__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -340,8 +340,8 @@ class Coordinator:
             request,
             target,
             '/lowband.Coordinator/GetSchedule',
-            protocols_dot_coordinator__pb2.ScheduleRequest.SerializeToString,
-            protocols_dot_coordinator__pb2.ScheduleReply.FromString,
+            lowband_dot_protocols_dot_coordinator__pb2.ScheduleRequest.SerializeToString,
+            lowband_dot_protocols_dot_coordinator__pb2.ScheduleReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -367,8 +367,8 @@ class Coordinator:
             request,
             target,
             '/lowband.Coordinator/JoinSyncRound',
-            protocols_dot_coordinator__pb2.SyncRoundRequest.SerializeToString,
-            protocols_dot_coordinator__pb2.SyncRoundReply.FromString,
+            lowband_dot_protocols_dot_coordinator__pb2.SyncRoundRequest.SerializeToString,
+            lowband_dot_protocols_dot_coordinator__pb2.SyncRoundReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -394,8 +394,8 @@ class Coordinator:
             request,
             target,
             '/lowband.Coordinator/ReportFailure',
-            protocols_dot_coordinator__pb2.FailureReport.SerializeToString,
-            protocols_dot_coordinator__pb2.Ack.FromString,
+            lowband_dot_protocols_dot_coordinator__pb2.FailureReport.SerializeToString,
+            lowband_dot_protocols_dot_coordinator__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
@@ -421,8 +421,8 @@ class Coordinator:
             request,
             target,
             '/lowband.Coordinator/ReportLinks',
-            protocols_dot_coordinator__pb2.LinkReport.SerializeToString,
-            protocols_dot_coordinator__pb2.Ack.FromString,
+            lowband_dot_protocols_dot_coordinator__pb2.LinkReport.SerializeToString,
+            lowband_dot_protocols_dot_coordinator__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
@@ -448,8 +448,8 @@ class Coordinator:
             request,
             target,
             '/lowband.Coordinator/ReportRecovery',
-            protocols_dot_coordinator__pb2.RecoveryReport.SerializeToString,
-            protocols_dot_coordinator__pb2.Ack.FromString,
+            lowband_dot_protocols_dot_coordinator__pb2.RecoveryReport.SerializeToString,
+            lowband_dot_protocols_dot_coordinator__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
@@ -475,8 +475,8 @@ class Coordinator:
             request,
             target,
             '/lowband.Coordinator/Status',
-            protocols_dot_coordinator__pb2.StatusRequest.SerializeToString,
-            protocols_dot_coordinator__pb2.StatusReply.FromString,
+            lowband_dot_protocols_dot_coordinator__pb2.StatusRequest.SerializeToString,
+            lowband_dot_protocols_dot_coordinator__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,

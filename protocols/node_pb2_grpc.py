@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protocols import node_pb2 as protocols_dot_node__pb2
+from lowband.protocols import node_pb2 as lowband_dot_protocols_dot_node__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protocols/node_pb2_grpc.py depends on'
+        + ' but the generated code in lowband/protocols/node_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,48 +36,48 @@ class NodeStub:
         """
         self.Forward = channel.stream_unary(
                 '/lowband.Node/Forward',
-                request_serializer=protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-                response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
+                request_serializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
         self.Backward = channel.stream_unary(
                 '/lowband.Node/Backward',
-                request_serializer=protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-                response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
+                request_serializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
         self.ForwardPipe = channel.stream_stream(
                 '/lowband.Node/ForwardPipe',
-                request_serializer=protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-                response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
+                request_serializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
         self.BackwardPipe = channel.stream_stream(
                 '/lowband.Node/BackwardPipe',
-                request_serializer=protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-                response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
+                request_serializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
         self.Abandon = channel.unary_unary(
                 '/lowband.Node/Abandon',
-                request_serializer=protocols_dot_node__pb2.AbandonRequest.SerializeToString,
-                response_deserializer=protocols_dot_node__pb2.NodeAck.FromString,
+                request_serializer=lowband_dot_protocols_dot_node__pb2.AbandonRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
         self.IterationStatus = channel.unary_unary(
                 '/lowband.Node/IterationStatus',
-                request_serializer=protocols_dot_node__pb2.IterationStatusRequest.SerializeToString,
-                response_deserializer=protocols_dot_node__pb2.IterationStatusReply.FromString,
+                request_serializer=lowband_dot_protocols_dot_node__pb2.IterationStatusRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_node__pb2.IterationStatusReply.FromString,
                 _registered_method=True)
         self.ReduceShard = channel.stream_stream(
                 '/lowband.Node/ReduceShard',
-                request_serializer=protocols_dot_node__pb2.ShardChunk.SerializeToString,
-                response_deserializer=protocols_dot_node__pb2.ShardChunk.FromString,
+                request_serializer=lowband_dot_protocols_dot_node__pb2.ShardChunk.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_node__pb2.ShardChunk.FromString,
                 _registered_method=True)
         self.GetState = channel.unary_stream(
                 '/lowband.Node/GetState',
-                request_serializer=protocols_dot_node__pb2.StateRequest.SerializeToString,
-                response_deserializer=protocols_dot_node__pb2.StateChunk.FromString,
+                request_serializer=lowband_dot_protocols_dot_node__pb2.StateRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_node__pb2.StateChunk.FromString,
                 _registered_method=True)
         self.Ping = channel.unary_unary(
                 '/lowband.Node/Ping',
-                request_serializer=protocols_dot_node__pb2.PingRequest.SerializeToString,
-                response_deserializer=protocols_dot_node__pb2.PingReply.FromString,
+                request_serializer=lowband_dot_protocols_dot_node__pb2.PingRequest.SerializeToString,
+                response_deserializer=lowband_dot_protocols_dot_node__pb2.PingReply.FromString,
                 _registered_method=True)
 
 
@@ -159,48 +159,48 @@ def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Forward': grpc.stream_unary_rpc_method_handler(
                     servicer.Forward,
-                    request_deserializer=protocols_dot_node__pb2.MicrobatchChunk.FromString,
-                    response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.FromString,
+                    response_serializer=lowband_dot_protocols_dot_node__pb2.NodeAck.SerializeToString,
             ),
             'Backward': grpc.stream_unary_rpc_method_handler(
                     servicer.Backward,
-                    request_deserializer=protocols_dot_node__pb2.MicrobatchChunk.FromString,
-                    response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.FromString,
+                    response_serializer=lowband_dot_protocols_dot_node__pb2.NodeAck.SerializeToString,
             ),
             'ForwardPipe': grpc.stream_stream_rpc_method_handler(
                     servicer.ForwardPipe,
-                    request_deserializer=protocols_dot_node__pb2.MicrobatchChunk.FromString,
-                    response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.FromString,
+                    response_serializer=lowband_dot_protocols_dot_node__pb2.NodeAck.SerializeToString,
             ),
             'BackwardPipe': grpc.stream_stream_rpc_method_handler(
                     servicer.BackwardPipe,
-                    request_deserializer=protocols_dot_node__pb2.MicrobatchChunk.FromString,
-                    response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.FromString,
+                    response_serializer=lowband_dot_protocols_dot_node__pb2.NodeAck.SerializeToString,
             ),
             'Abandon': grpc.unary_unary_rpc_method_handler(
                     servicer.Abandon,
-                    request_deserializer=protocols_dot_node__pb2.AbandonRequest.FromString,
-                    response_serializer=protocols_dot_node__pb2.NodeAck.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_node__pb2.AbandonRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_node__pb2.NodeAck.SerializeToString,
             ),
             'IterationStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.IterationStatus,
-                    request_deserializer=protocols_dot_node__pb2.IterationStatusRequest.FromString,
-                    response_serializer=protocols_dot_node__pb2.IterationStatusReply.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_node__pb2.IterationStatusRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_node__pb2.IterationStatusReply.SerializeToString,
             ),
             'ReduceShard': grpc.stream_stream_rpc_method_handler(
                     servicer.ReduceShard,
-                    request_deserializer=protocols_dot_node__pb2.ShardChunk.FromString,
-                    response_serializer=protocols_dot_node__pb2.ShardChunk.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_node__pb2.ShardChunk.FromString,
+                    response_serializer=lowband_dot_protocols_dot_node__pb2.ShardChunk.SerializeToString,
             ),
             'GetState': grpc.unary_stream_rpc_method_handler(
                     servicer.GetState,
-                    request_deserializer=protocols_dot_node__pb2.StateRequest.FromString,
-                    response_serializer=protocols_dot_node__pb2.StateChunk.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_node__pb2.StateRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_node__pb2.StateChunk.SerializeToString,
             ),
             'Ping': grpc.unary_unary_rpc_method_handler(
                     servicer.Ping,
-                    request_deserializer=protocols_dot_node__pb2.PingRequest.FromString,
-                    response_serializer=protocols_dot_node__pb2.PingReply.SerializeToString,
+                    request_deserializer=lowband_dot_protocols_dot_node__pb2.PingRequest.FromString,
+                    response_serializer=lowband_dot_protocols_dot_node__pb2.PingReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,8 +228,8 @@ class Node:
             request_iterator,
             target,
             '/lowband.Node/Forward',
-            protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-            protocols_dot_node__pb2.NodeAck.FromString,
+            lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+            lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -255,8 +255,8 @@ class Node:
             request_iterator,
             target,
             '/lowband.Node/Backward',
-            protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-            protocols_dot_node__pb2.NodeAck.FromString,
+            lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+            lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -282,8 +282,8 @@ class Node:
             request_iterator,
             target,
             '/lowband.Node/ForwardPipe',
-            protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-            protocols_dot_node__pb2.NodeAck.FromString,
+            lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+            lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -309,8 +309,8 @@ class Node:
             request_iterator,
             target,
             '/lowband.Node/BackwardPipe',
-            protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-            protocols_dot_node__pb2.NodeAck.FromString,
+            lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
+            lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -336,8 +336,8 @@ class Node:
             request,
             target,
             '/lowband.Node/Abandon',
-            protocols_dot_node__pb2.AbandonRequest.SerializeToString,
-            protocols_dot_node__pb2.NodeAck.FromString,
+            lowband_dot_protocols_dot_node__pb2.AbandonRequest.SerializeToString,
+            lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -363,8 +363,8 @@ class Node:
             request,
             target,
             '/lowband.Node/IterationStatus',
-            protocols_dot_node__pb2.IterationStatusRequest.SerializeToString,
-            protocols_dot_node__pb2.IterationStatusReply.FromString,
+            lowband_dot_protocols_dot_node__pb2.IterationStatusRequest.SerializeToString,
+            lowband_dot_protocols_dot_node__pb2.IterationStatusReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -390,8 +390,8 @@ class Node:
             request_iterator,
             target,
             '/lowband.Node/ReduceShard',
-            protocols_dot_node__pb2.ShardChunk.SerializeToString,
-            protocols_dot_node__pb2.ShardChunk.FromString,
+            lowband_dot_protocols_dot_node__pb2.ShardChunk.SerializeToString,
+            lowband_dot_protocols_dot_node__pb2.ShardChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -417,8 +417,8 @@ class Node:
             request,
             target,
             '/lowband.Node/GetState',
-            protocols_dot_node__pb2.StateRequest.SerializeToString,
-            protocols_dot_node__pb2.StateChunk.FromString,
+            lowband_dot_protocols_dot_node__pb2.StateRequest.SerializeToString,
+            lowband_dot_protocols_dot_node__pb2.StateChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -444,8 +444,8 @@ class Node:
             request,
             target,
             '/lowband.Node/Ping',
-            protocols_dot_node__pb2.PingRequest.SerializeToString,
-            protocols_dot_node__pb2.PingReply.FromString,
+            lowband_dot_protocols_dot_node__pb2.PingRequest.SerializeToString,
+            lowband_dot_protocols_dot_node__pb2.PingReply.FromString,
             options,
             channel_credentials,
             insecure,

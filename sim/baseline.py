@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from node.data import DataError
-from node.reference import train_reference
-from protocols.config import ConfigError, RunConfig, apply_overrides
+from lowband.node.train.data import DataError
+from lowband.node.train.reference import train_reference
+from lowband.protocols.config import ConfigError, RunConfig, apply_overrides
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMAND_MODULES = ("sim.baseline", "sim.run", "sim.schedule", "sim.eval", "sim.skiptrain")
+SUBCOMMAND_MODULES = ("lowband.sim.baseline", "lowband.sim.run", "lowband.sim.schedule", "lowband.sim.eval", "lowband.sim.skiptrain")
 
 
 def build_parser() -> argparse.ArgumentParser:

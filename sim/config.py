@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocols.config import ConfigError, RunConfig, apply_overrides, build_dataclass, read_toml
+from lowband.protocols.config import ConfigError, RunConfig, apply_overrides, build_dataclass, read_toml
 
 SIGNALS = ("KILL", "TERM")
 NETWORKS = ("loopback", "netns")

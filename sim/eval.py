@@ -1,11 +1,11 @@
 """`lowband-sim eval`: perplexity of a trained model with all its stages and with a subset.
 
-Reads an exported model (``node.export``: ``sim.skiptrain --export``) or a
+Reads an exported model (``lowband.node.train.export``: ``sim.skiptrain --export``) or a
 ``lowband-sim baseline`` run folder / ``model.pt``, and evaluates it on the
-held-out split of the data (``node.data``; the default corpus unless
+held-out split of the data (``lowband.node.train.data``; the default corpus unless
 ``--data``) along the full path and along subsets of the block stages, each
 run in ascending order. With no ``--stages``, or with ``--half``, it reports
-the model run on half of its block stages (``node.evaluate``: ``strided`` by
+the model run on half of its block stages (``lowband.node.train.evaluate``: ``strided`` by
 default, or ``--half-method search``).
 """
 
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from node.data import DataError, load_corpus, val_batches
-from node.evaluate import HALF_METHODS, evaluate_subsets
-from node.export import ExportError, load_model
+from lowband.node.train.data import DataError, load_corpus, val_batches
+from lowband.node.train.evaluate import HALF_METHODS, evaluate_subsets
+from lowband.node.train.export import ExportError, load_model
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ other end is a port of a bridge that lives in a namespace of its own; nothing is
 to the root namespace's network. Every host's uplink (the egress of its ``eth0``) is
 shaped by the kernel with ``htb``: bandwidth, queueing and drops are the kernel's, not
 the application's. This kernel has no ``netem``, so one-way latency stays in the
-nodes' user-space link emulation (``node.transport.LinkTable``).
+nodes' user-space link emulation (``lowband.node.pipeline.transport.LinkTable``).
 
 Addresses come from one private /24 (:data:`SUBNET`) that exists only inside these
 namespaces and has no route out: a host can reach the other hosts and nothing else.
@@ -184,7 +184,7 @@ class TestNetwork:
         if self.reaper:
             # Its own session: a Ctrl-C to our process group does not reach it; it outlives a SIGKILL of us.
             self._reaper = subprocess.Popen(
-                [sys.executable, "-m", "sim.netns", "reap", "--tag", self.tag],
+                [sys.executable, "-m", "lowband.sim.netns", "reap", "--tag", self.tag],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True, cwd=str(Path(__file__).resolve().parent.parent))
         self._started = True

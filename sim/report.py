@@ -3,7 +3,7 @@
 Input records (one JSON object per line):
 - ``metrics.jsonl``: ``t`` (seconds since start), ``tokens``, ``loss``, ``val_loss``
   (null when not evaluated), ``sync_bytes_sent``, ``activation_bytes_sent``,
-  ``live_nodes``, ``live_per_stage`` ({stage: count}).
+  ``state_bytes_sent``, ``live_nodes``, ``live_per_stage`` ({stage: count}).
 - ``events.jsonl``: ``t``, ``kind`` (join, death, leave, preempt, recovery, ...),
   ``node_id``, ``stage``, ``detail``.
 """
@@ -78,7 +78,7 @@ def make_plots(run_dir: Path) -> list[Path]:
     written.append(path)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("sync_bytes_sent", "activation_bytes_sent"):
+    for key in ("sync_bytes_sent", "activation_bytes_sent", "state_bytes_sent"):
         xs, ys = _series(metrics, "t", key)
         ax.plot(xs, [y / 1e6 for y in ys], label=key)
     ax.set(xlabel="wall-clock (s)", ylabel="MB (cumulative)", title="bytes on the wire")

@@ -33,13 +33,13 @@ from typing import Any
 
 import grpc
 
-from protocols import coordinator_pb2, coordinator_pb2_grpc
-from protocols.config import ConfigError, to_toml
-from protocols.rpc import token_metadata
-from sim.config import ScriptedPreemption, SimConfig, load_sim_config
-from sim.netns import TestNetwork
-from sim.procs import Child, Supervisor, free_port, peak_rss_bytes
-from sim.report import read_jsonl, write_report
+from lowband.protocols import coordinator_pb2, coordinator_pb2_grpc
+from lowband.protocols.config import ConfigError, to_toml
+from lowband.protocols.rpc import token_metadata
+from lowband.sim.config import ScriptedPreemption, SimConfig, load_sim_config
+from lowband.sim.netns import TestNetwork
+from lowband.sim.procs import Child, Supervisor, free_port, peak_rss_bytes
+from lowband.sim.report import read_jsonl, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class Simulation:
             bind = f"{self._add_host(host, region=0)}:{NETNS_COORDINATOR_PORT}"
         control_socket = self.out_dir / "coordinator.sock"
         argv = [
-            *self._python(), "-m", "coordinator.cli", "serve",
+            *self._python(), "-m", "lowband.coordinator.cli", "serve",
             "--bind", bind,
             "--port-file", str(port_file),
             "--control-socket", str(control_socket),
@@ -223,7 +223,7 @@ class Simulation:
         for other in self.nodes:
             (self.out_dir / "links" / f"{other.name}.json").write_text(json.dumps(self._links_for(other)))
         argv = [
-            *self._python(), "-m", "node.cli",
+            *self._python(), "-m", "lowband.node.cli",
             "--coordinator", self.coordinator_address,
             "--token-file", str(self.out_dir / "token"),
             "--listen", node.address,
@@ -295,6 +295,7 @@ class Simulation:
                 "tokens": max(m.tokens, prev.get("tokens", 0)),
                 "sync_bytes_sent": max(m.sync_bytes_sent, prev.get("sync_bytes_sent", 0)),
                 "activation_bytes_sent": max(m.activation_bytes_sent, prev.get("activation_bytes_sent", 0)),
+                "state_bytes_sent": max(m.state_bytes_sent, prev.get("state_bytes_sent", 0)),
                 "alive": n.state == "alive", "state": n.state,
             }
             if n.state == "alive":
@@ -316,6 +317,7 @@ class Simulation:
             "val_loss": val_loss,
             "sync_bytes_sent": sum(m["sync_bytes_sent"] for m in st.last_metrics.values()),
             "activation_bytes_sent": sum(m["activation_bytes_sent"] for m in st.last_metrics.values()),
+            "state_bytes_sent": sum(m["state_bytes_sent"] for m in st.last_metrics.values()),
             "live_nodes": sum(live_per_stage.values()),
             "live_per_stage": live_per_stage,
             "outer_step": status.outer_step,
@@ -517,8 +519,9 @@ class Simulation:
         if self.net is not None:
             # Read at the run's end, beside the application's last counters (not after the shutdown).
             per_host = self.net.tx_bytes()
-            # What lowband itself counted (activations and sync), host by host, so the gap shows.
-            app = {name: m["sync_bytes_sent"] + m["activation_bytes_sent"] for name, m in st.last_metrics.items()}
+            # What lowband itself counted (activations, sync, recovery state), host by host, so the gap shows.
+            app = {name: m["sync_bytes_sent"] + m["activation_bytes_sent"] + m["state_bytes_sent"]
+                   for name, m in st.last_metrics.items()}
             app_total = sum(app.values())
             extra["network_bytes"] = {"total": sum(per_host.values()), "per_host": per_host}
             extra["application_bytes_sent"] = {"total": app_total, "per_host": app}
@@ -531,6 +534,7 @@ class Simulation:
             "steps": steps,
             "sync_bytes_sent": rec.get("sync_bytes_sent", 0),
             "activation_bytes_sent": rec.get("activation_bytes_sent", 0),
+            "state_bytes_sent": rec.get("state_bytes_sent", 0),
             "bytes_allreduce_equivalent": allreduce_equivalent_bytes(self.config, steps),
             "failures": st.failures,
             "recoveries": st.recoveries,
@@ -562,7 +566,7 @@ def allreduce_equivalent_bytes(config: SimConfig, steps: int) -> int:
 
     A ring all-reduce of B bytes among r peers sends 2(r-1)/r·B per peer, 2(r-1)·B in all.
     """
-    from node.model import ModelConfig, build_stage
+    from lowband.node.train.model import ModelConfig, build_stage
 
     model_cfg = ModelConfig.from_preset(config.run.model.preset)
     num_stages = config.run.model.stages

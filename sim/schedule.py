@@ -1,7 +1,7 @@
 """`lowband-sim schedule`: compare SkipPipe path planners on a generated topology, without training.
 
 Each planner plans one iteration; the discrete-event simulator
-(``coordinator.makespan``) scores it. ``skippipe-noskip`` is the skippipe
+(``lowband.coordinator.skippipe.makespan``) scores it. ``skippipe-noskip`` is the skippipe
 planner at skip ratio 0, to separate what routing gains from what skipping
 gains.
 """
@@ -16,10 +16,15 @@ import sys
 import time
 from typing import Any
 
-from coordinator.makespan import simulate
-from coordinator.paths import DEFAULT_ACTIVATION_BYTES, PlanError, PlanRequest, stage_coverage
-from coordinator.planner import PLANNERS, plan_paths
-from sim.topology import DEFAULT_COMPUTE_S_PER_LAYER, DEFAULT_TOTAL_LAYERS, KINDS, make_topology
+from lowband.coordinator.skippipe.makespan import simulate
+from lowband.coordinator.skippipe.paths import (
+    DEFAULT_ACTIVATION_BYTES,
+    PlanError,
+    PlanRequest,
+    stage_coverage,
+)
+from lowband.coordinator.skippipe.planner import PLANNERS, plan_paths
+from lowband.sim.topology import DEFAULT_COMPUTE_S_PER_LAYER, DEFAULT_TOTAL_LAYERS, KINDS, make_topology
 
 log = logging.getLogger(__name__)
 

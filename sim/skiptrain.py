@@ -2,15 +2,15 @@
 
 The numerics of a SkipPipe run without the network, to measure what skipping
 does to convergence. Each iteration draws exactly the reference trainer's
-batch (``node.reference.reference_batches``: same tokens, same order) and cuts
+batch (``lowband.node.train.reference.reference_batches``: same tokens, same order) and cuts
 it into ``train.microbatches`` microbatches; microbatch j runs along path j of
-the plan (forward and backward, ``node.pipeline.path_loss``). Then every stage
-takes one AdamW step (``node.optim``, the reference schedule) with the
+the plan (forward and backward, ``lowband.node.train.along_path.path_loss``). Then every stage
+takes one AdamW step (``lowband.node.train.optim``, the reference schedule) with the
 gradient averaged over the microbatches that actually visited it, clipped per
-stage (as ``node.runtime`` does), or over the whole model with
+stage (as ``lowband.node.pipeline.runtime`` does), or over the whole model with
 ``clip="global"`` (which makes a full-path run equal the reference trainer).
 
-Paths come from the SkipPipe planner (``coordinator.planner.plan_paths``) on a
+Paths come from the SkipPipe planner (``lowband.coordinator.skippipe.planner.plan_paths``) on a
 small uniform topology with one node per stage (one origin holding every
 microbatch), with skip ratio ``skippipe.skip_ratio`` and planner
 ``skippipe.planner``. As in a run with stable membership, one plan is reused
@@ -38,17 +38,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from coordinator.paths import PlanRequest, stages_visited
-from coordinator.planner import PLANNERS, plan_paths
-from node.data import DataError, load_run_corpus, run_val_batches, split_microbatches
-from node.evaluate import mean_loss
-from node.export import export_model
-from node.model import init_stage, model_config_for
-from node.optim import build_inner_optimizer, lr_at, set_lr
-from node.pipeline import full_path, path_loss, validate_path
-from node.reference import reference_batches
-from protocols.config import ConfigError, RunConfig, apply_overrides
-from sim.topology import make_topology
+from lowband.coordinator.skippipe.paths import PlanRequest, stages_visited
+from lowband.coordinator.skippipe.planner import PLANNERS, plan_paths
+from lowband.node.train.along_path import full_path, path_loss, validate_path
+from lowband.node.train.data import DataError, load_run_corpus, run_val_batches, split_microbatches
+from lowband.node.train.evaluate import mean_loss
+from lowband.node.train.export import export_model
+from lowband.node.train.model import init_stage, model_config_for
+from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr
+from lowband.node.train.reference import reference_batches
+from lowband.protocols.config import ConfigError, RunConfig, apply_overrides
+from lowband.sim.topology import make_topology
 
 log = logging.getLogger(__name__)
 

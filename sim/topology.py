@@ -1,7 +1,7 @@
 """Synthetic topologies for evaluating SkipPipe planners without training.
 
 ``make_topology(kind, nodes, stages, seed)`` returns a
-:class:`coordinator.paths.Topology`. Nodes are spread over the stages as
+:class:`lowband.coordinator.skippipe.paths.Topology`. Nodes are spread over the stages as
 evenly as possible (stage 0, the origins, gets the first extra node), in a
 random order so replicas of a stage land in different places.
 
@@ -13,7 +13,7 @@ Regime (documented so the numbers can be compared with the SkipPipe paper's
 * ``DEFAULT_COMPUTE_S_PER_LAYER`` — forward seconds per layer per microbatch
   (~0.8 TFLOP per layer at a few tens of effective TFLOP/s, with overheads);
 * ``DEFAULT_TOTAL_LAYERS`` — layers of the model, split over the S-1 block stages;
-* activations/gradients per hop: ``coordinator.paths.DEFAULT_ACTIVATION_BYTES``
+* activations/gradients per hop: ``lowband.coordinator.skippipe.paths.DEFAULT_ACTIVATION_BYTES``
   (32 MiB).
 
 Kinds:
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.paths import NodeSpec, PlanError, Topology
+from lowband.coordinator.skippipe.paths import NodeSpec, PlanError, Topology
 
 KINDS = ("uniform", "geo", "hetero")
 DEFAULT_COMPUTE_S_PER_LAYER = 0.05

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from sim.netns import NetnsUnavailable, check_available
+from lowband.sim.netns import NetnsUnavailable, check_available
 
 try:
     check_available()

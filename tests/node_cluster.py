@@ -8,11 +8,11 @@ import grpc
 import torch
 from torch import nn
 
-from node.agent import PathSpec, PipelineAgent, Schedule
-from node.runtime import StageRuntime
-from node.service import NodeServicer, start_server, start_wire
-from node.transport import LinkTable, Transport
-from node.wire import WireServer
+from lowband.node.pipeline.agent import PathSpec, PipelineAgent, Schedule
+from lowband.node.pipeline.runtime import StageRuntime
+from lowband.node.pipeline.transport import LinkTable, Transport
+from lowband.node.pipeline.wire import WireServer
+from lowband.node.service import NodeServicer, start_server, start_wire
 
 TOKEN = "test-token"
 RUN_ID = "test-run"

@@ -1,6 +1,6 @@
 """Multi-process runs for node tests: a coordinator and node daemons as real processes on loopback.
 
-The processes are the simulator's supervised children (``sim.procs.Supervisor``): each runs in its
+The processes are the simulator's supervised children (``lowband.sim.procs.Supervisor``): each runs in its
 own session (process group), and ``LocalRun.close`` kills every group it started, so a failing test
 leaves no processes behind.
 """
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sim.procs import Supervisor
+from lowband.sim.procs import Supervisor
 
 TOKEN = "node-test-token"
 
@@ -43,7 +43,7 @@ class LocalRun:
 
     def start_coordinator(self, timeout_s: float = 30.0, bind: str = "127.0.0.1:0") -> str:
         port_file = self.workdir / "coordinator.port"
-        args = [sys.executable, "-m", "coordinator.cli", "serve", "--bind", bind,
+        args = [sys.executable, "-m", "lowband.coordinator.cli", "serve", "--bind", bind,
                 "--run-dir", str(self.workdir / "run"), "--token-file", str(self.token_file),
                 "--port-file", str(port_file)]
         for item in self.overrides:
@@ -59,7 +59,7 @@ class LocalRun:
 
     def start_node(self, name: str, preferred_stage: int = -1, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
         log_json = self.workdir / f"{name}.jsonl"
-        args = [sys.executable, "-m", "node.cli", "--coordinator", self.address, "--token-file", str(self.token_file),
+        args = [sys.executable, "-m", "lowband.node.cli", "--coordinator", self.address, "--token-file", str(self.token_file),
                 "--device", "cpu", "--preferred-stage", str(preferred_stage), "--log-json", str(log_json),
                 *(extra or [])]
         proc = self._spawn(args, name)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from node.averager import ShardReducer
-from protocols import node_pb2_grpc
-from protocols.rpc import TokenAuthInterceptor, grpc_options
+from lowband.node.sync.grpc_averager import ShardReducer
+from lowband.protocols import node_pb2_grpc
+from lowband.protocols.rpc import TokenAuthInterceptor, grpc_options
 
 
 class ReduceOnlyServicer(node_pb2_grpc.NodeServicer):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.agent import PathSpec, Schedule, whole_model_path
+from lowband.node.pipeline.agent import PathSpec, Schedule, whole_model_path
 
 
 def _schedule(*paths: PathSpec, stages: dict[str, int]) -> Schedule:

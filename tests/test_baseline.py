@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.model import ModelConfig, Transformer
-from node.optim import build_inner_optimizer, lr_at, set_lr
-from node.reference import train_reference
-from protocols.config import RunConfig, TrainSection, apply_overrides
-from sim.cli import main as sim_main
+from lowband.node.train.model import ModelConfig, Transformer
+from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr
+from lowband.node.train.reference import train_reference
+from lowband.protocols.config import RunConfig, TrainSection, apply_overrides
+from lowband.sim.cli import main as sim_main
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from bench_loader import load_benchmark
 
-from node.data import Corpus
+from lowband.node.train.data import Corpus
 
 torch.set_num_threads(1)
 

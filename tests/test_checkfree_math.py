@@ -1,11 +1,11 @@
-"""Node-side rebuild math (node/checkfree.py) on hand-built states and on real tiny-model stages."""
+"""Node-side rebuild math (node/recovery/checkfree.py) on hand-built states and on real tiny-model stages."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from node.checkfree import (
+from lowband.node.recovery.checkfree import (
     BOOKEND_KEYS,
     CheckFreeError,
     bookend_copy_state,
@@ -17,8 +17,8 @@ from node.checkfree import (
     rebuild_stage,
     restore_bookend,
 )
-from node.model import ModelConfig, build_stage
-from protocols.config import TrainSection
+from lowband.node.train.model import ModelConfig, build_stage
+from lowband.protocols.config import TrainSection
 
 torch.set_num_threads(1)
 

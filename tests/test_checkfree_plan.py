@@ -1,13 +1,13 @@
 """Recovery planning (coordinator/recovery.py): method choice, sources, weights, replacement.
 
-The last tests send a plan through its wire form to the node-side reader (node/checkfree.py).
+The last tests send a plan through its wire form to the node-side reader (node/recovery/checkfree.py).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from coordinator.recovery import (
+from lowband.coordinator.recovery import (
     NodeRef,
     RecoveryError,
     checkfree_weights,
@@ -16,9 +16,9 @@ from coordinator.recovery import (
     plan_with_config,
     recovery_order,
 )
-from node.checkfree import CheckFreeError, read_plan
-from protocols import coordinator_pb2 as pb
-from protocols.config import ConfigError, RecoverySection, RunConfig, apply_overrides
+from lowband.node.recovery.checkfree import CheckFreeError, read_plan
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols.config import ConfigError, RecoverySection, RunConfig, apply_overrides
 
 
 def one_per_stage(num_stages: int, dead: set[int]) -> dict[int, list[str]]:

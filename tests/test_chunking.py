@@ -9,10 +9,16 @@ import grpc
 import pytest
 import torch
 
-from protocols import tensor_pb2
-from protocols.chunking import ChunkAssembler, chunk_tensor, iter_chunks, reassemble_async, receive_tensor
-from protocols.codec import decode, encode
-from protocols.errors import ValidationError, invalid_argument_on_validation_error
+from lowband.protocols import tensor_pb2
+from lowband.protocols.chunking import (
+    ChunkAssembler,
+    chunk_tensor,
+    iter_chunks,
+    reassemble_async,
+    receive_tensor,
+)
+from lowband.protocols.codec import decode, encode
+from lowband.protocols.errors import ValidationError, invalid_argument_on_validation_error
 
 torch.set_num_threads(1)
 # protocols.codec filters this at import (it wraps immutable protobuf bytes read-only); pytest resets filters

@@ -10,8 +10,8 @@ import pytest
 import torch
 import zstandard
 
-from protocols import codec, tensor_pb2
-from protocols.codec import (
+from lowband.protocols import codec, tensor_pb2
+from lowband.protocols.codec import (
     CODECS,
     ErrorFeedback,
     check_finite,
@@ -26,7 +26,7 @@ from protocols.codec import (
     tensor_bytes,
     wire_bytes,
 )
-from protocols.errors import ValidationError, abort_invalid, invalid_argument_on_validation_error
+from lowband.protocols.errors import ValidationError, abort_invalid, invalid_argument_on_validation_error
 
 torch.set_num_threads(1)
 # protocols.codec filters this at import (it wraps immutable protobuf bytes read-only); pytest resets filters
@@ -392,7 +392,7 @@ def test_payload_checksum_matches_plain_fletcher_sums(n: int) -> None:
     import struct
     import zlib
 
-    from protocols.codec import _word_sums
+    from lowband.protocols.codec import _word_sums
 
     rng = torch.Generator().manual_seed(n)
     buf = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=rng).numpy().tobytes()

@@ -20,10 +20,10 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols import tensor_pb2
-from protocols.chunking import ChunkAssembler, chunk_tensor
-from protocols.codec import CODECS, decode, encode, payload_checksum, relative_error
-from protocols.errors import ValidationError
+from lowband.protocols import tensor_pb2
+from lowband.protocols.chunking import ChunkAssembler, chunk_tensor
+from lowband.protocols.codec import CODECS, decode, encode, payload_checksum, relative_error
+from lowband.protocols.errors import ValidationError
 
 torch.set_num_threads(1)
 # protocols.codec filters this at import (it wraps immutable protobuf bytes read-only); pytest resets filters

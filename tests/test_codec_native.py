@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
 
-from protocols import codec
-from protocols.codec import check_finite, check_finite_bytes, encode_segmented, tensor_bytes
-from protocols.errors import ValidationError
+from lowband.protocols import codec
+from lowband.protocols.codec import check_finite, check_finite_bytes, encode_segmented, tensor_bytes
+from lowband.protocols.errors import ValidationError
 
 torch.set_num_threads(1)
 
 native_only = pytest.mark.skipif(not codec.native_codec(), reason="protocols._fastcodec was not built")
+REQUIRE_NATIVE = os.environ.get("LOWBAND_REQUIRE_NATIVE") == "1"
+
+
+def test_the_native_codec_was_built_where_it_is_required() -> None:
+    """CI sets LOWBAND_REQUIRE_NATIVE=1: there, a failed build of the optional extension is a failure,
+    not a skip of every native test below."""
+    if not REQUIRE_NATIVE:
+        pytest.skip("LOWBAND_REQUIRE_NATIVE is not set: the torch fallback is allowed")
+    assert codec.native_codec(), "protocols/_fastcodec.c was not built (see the pip install's output)"
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -95,7 +105,7 @@ def test_extremes_that_are_finite_pass(backend: str, dtype: torch.dtype) -> None
 
 @native_only
 def test_kernels_refuse_buffers_that_do_not_hold_whole_aligned_elements() -> None:
-    from protocols import _fastcodec
+    from lowband.protocols import _fastcodec
 
     x = torch.randn(64)
     raw = tensor_bytes(x)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.assignment import NodeView, choose_stage, rebalance, stage_counts
-from coordinator.schedule import count_visits, full_pipeline_paths
+from lowband.coordinator.assignment import NodeView, choose_stage, rebalance, stage_counts
+from lowband.coordinator.skippipe.schedule import count_visits, full_pipeline_paths
 
 
 def n(node_id: str, stage: int, tp: float = 1.0, data: bool = True) -> NodeView:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.core import Coordinator
-from coordinator.errors import Conflict, InvalidRequest, UnknownNode
-from coordinator.store import Store
-from protocols import coordinator_pb2 as pb
-from protocols.config import RunConfig, apply_overrides
+from lowband.coordinator.core import Coordinator
+from lowband.coordinator.errors import Conflict, InvalidRequest, UnknownNode
+from lowband.coordinator.store import Store
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols.config import RunConfig, apply_overrides
 
 Kind = pb.Instruction.Kind
 

@@ -15,11 +15,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.server import CoordinatorServer, start_coordinator
-from protocols import coordinator_pb2 as pb
-from protocols import coordinator_pb2_grpc as pb_grpc
-from protocols.config import RunConfig, apply_overrides
-from protocols.rpc import token_metadata
+from lowband.coordinator.server import CoordinatorServer, start_coordinator
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols import coordinator_pb2_grpc as pb_grpc
+from lowband.protocols.config import RunConfig, apply_overrides
+from lowband.protocols.rpc import token_metadata
 
 TOKEN = "test-token"
 MD = token_metadata(TOKEN)

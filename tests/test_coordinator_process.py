@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from protocols import coordinator_pb2 as pb
-from protocols import coordinator_pb2_grpc as pb_grpc
-from protocols.rpc import token_metadata
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols import coordinator_pb2_grpc as pb_grpc
+from lowband.protocols.rpc import token_metadata
 
 TOKEN = "process-test-token"
 MD = token_metadata(TOKEN)
@@ -36,7 +36,7 @@ def coordinator(run_dir: Path, *extra: str) -> Iterator[tuple[subprocess.Popen[b
     """A `serve` subprocess on a free port, killed (whole process group) however the test ends."""
     port_file = run_dir.parent / f"{run_dir.name}.port"
     port_file.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "coordinator.cli", "serve", "--bind", "127.0.0.1:0", "--run-dir", str(run_dir),
+    args = [sys.executable, "-m", "lowband.coordinator.cli", "serve", "--bind", "127.0.0.1:0", "--run-dir", str(run_dir),
             "--port-file", str(port_file), "--log-level", "WARNING"]
     for s in [*SETTINGS, *extra]:
         args += ["--set", s]
@@ -128,7 +128,7 @@ def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
 
 
 def _status_cli(port: int, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "coordinator.cli", "status", "--coordinator",
+    return subprocess.run([sys.executable, "-m", "lowband.coordinator.cli", "status", "--coordinator",
                            f"127.0.0.1:{port}", *args], env=env or _env(), capture_output=True, text=True,
                           timeout=60)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.rounds import FormedRound, SyncRounds
+from lowband.coordinator.rounds import FormedRound, SyncRounds
 
 
 class Clock:

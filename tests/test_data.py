@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from node.data import (
+from lowband.node.train.data import (
     BatchIterator,
     ByteTokenizer,
     Corpus,
@@ -19,7 +19,7 @@ from node.data import (
     split_microbatches,
     val_batches,
 )
-from protocols.config import RunConfig, apply_overrides
+from lowband.protocols.config import RunConfig, apply_overrides
 
 torch.set_num_threads(1)
 

@@ -15,14 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.core import Coordinator
-from coordinator.errors import Conflict
-from coordinator.planning import compute_plan
-from coordinator.recovery import plan_recovery
-from node.diloco import StreamingDiLoCo, exchange_open, fragment_due, fragment_of_params
-from node.evaluate import evaluate
-from node.export import export_transformer, load_model
-from node.model import (
+from lowband.coordinator.core import Coordinator
+from lowband.coordinator.errors import Conflict
+from lowband.coordinator.planning import compute_plan
+from lowband.coordinator.recovery import plan_recovery
+from lowband.node.pipeline.runtime import StageRuntime
+from lowband.node.sync.diloco import StreamingDiLoCo, exchange_open, fragment_due, fragment_of_params
+from lowband.node.sync.outer import OuterSync
+from lowband.node.train.along_path import run_path
+from lowband.node.train.evaluate import evaluate
+from lowband.node.train.export import export_transformer, load_model
+from lowband.node.train.model import (
     ModelConfig,
     Transformer,
     WholeStage,
@@ -32,14 +35,11 @@ from node.model import (
     split_model,
     stage_blocks,
 )
-from node.optim import build_inner_optimizer, lr_at
-from node.pipeline import run_path
-from node.runtime import StageRuntime
-from node.sync import OuterSync
-from protocols import coordinator_pb2 as pb
-from protocols.config import ConfigError, RunConfig, apply_overrides
-from sim.config import load_sim_config
-from sim.run import allreduce_equivalent_bytes
+from lowband.node.train.optim import build_inner_optimizer, lr_at
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols.config import ConfigError, RunConfig, apply_overrides
+from lowband.sim.config import load_sim_config
+from lowband.sim.run import allreduce_equivalent_bytes
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(60)

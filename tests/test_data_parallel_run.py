@@ -114,7 +114,7 @@ def test_simulation_with_a_config_of_its_own_replaces_a_killed_replica(tmp_path:
     out = tmp_path / "run"
     config = tmp_path / "dp.toml"
     config.write_text(DP_SIM)
-    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", "--config", str(config), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "lowband.sim.cli", "run", "--config", str(config), "--out", str(out),
                              "--no-progress"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:

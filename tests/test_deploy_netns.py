@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from netns_support import needs_netns
 
-from sim.netns import SUBNET, TestNetwork, list_namespaces
-from sim.procs import Supervisor
+from lowband.sim.netns import SUBNET, TestNetwork, list_namespaces
+from lowband.sim.procs import Supervisor
 
 pytestmark = [pytest.mark.slow, needs_netns]
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from node.averaging import robust_mean, shard_bounds
-from node.diloco import (
+from lowband.node.sync.diloco import (
     OuterOptimizer,
     StreamingDiLoCo,
     fragment_due,
@@ -19,7 +18,8 @@ from node.diloco import (
     state_from_items,
     state_to_items,
 )
-from protocols.config import ConfigError, DilocoSection
+from lowband.node.sync.robust_mean import robust_mean, shard_bounds
+from lowband.protocols.config import ConfigError, DilocoSection
 
 torch.set_num_threads(1)
 

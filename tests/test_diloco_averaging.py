@@ -14,11 +14,11 @@ import torch
 from reduce_servers import start_reduce_server
 from torch import nn
 
-from node.averager import AllReduceStats, ChannelPool, ShardReducer, allreduce_mean
-from node.diloco import StreamingDiLoCo, SyncJob, state_from_parts, state_to_parts
-from protocols import node_pb2, node_pb2_grpc, tensor_pb2
-from protocols.codec import encode, payload_checksum
-from protocols.config import ConfigError, DilocoSection, RunConfig, apply_overrides
+from lowband.node.sync.diloco import StreamingDiLoCo, SyncJob, state_from_parts, state_to_parts
+from lowband.node.sync.grpc_averager import AllReduceStats, ChannelPool, ShardReducer, allreduce_mean
+from lowband.protocols import node_pb2, node_pb2_grpc, tensor_pb2
+from lowband.protocols.codec import encode, payload_checksum
+from lowband.protocols.config import ConfigError, DilocoSection, RunConfig, apply_overrides
 
 torch.set_num_threads(1)
 TOKEN = "diloco-test-token"

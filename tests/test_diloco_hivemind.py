@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from protocols.config import DilocoSection
+from lowband.protocols.config import DilocoSection
 
-hivemind_backend = pytest.importorskip("node.hivemind_backend")
-from node.diloco import StreamingDiLoCo  # noqa: E402
+hivemind_backend = pytest.importorskip("lowband.node.sync.hivemind_averager")
+from lowband.node.sync.diloco import StreamingDiLoCo  # noqa: E402
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""The daemon's DiLoCo driver (``node.sync.OuterSync``) with two replicas over real gRPC
+"""The daemon's DiLoCo driver (``lowband.node.sync.outer.OuterSync``) with two replicas over real gRPC
 ReduceShard servers and a fake coordinator that forms every round at once: the merge
 step (overlap 0 merges in the snapshot's own step) and the byte count (requests and
 replies)."""
@@ -13,11 +13,11 @@ import torch
 from reduce_servers import start_reduce_server
 from torch import nn
 
-from node.averager import ShardReducer
-from node.diloco import fragment_due
-from node.sync import OuterSync
-from protocols import coordinator_pb2 as pb
-from protocols.config import RunConfig, apply_overrides
+from lowband.node.sync.diloco import fragment_due
+from lowband.node.sync.grpc_averager import ShardReducer
+from lowband.node.sync.outer import OuterSync
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols.config import RunConfig, apply_overrides
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(60)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.model import (
+from lowband.node.train.along_path import full_path, path_loss, run_path
+from lowband.node.train.model import (
     PRESETS,
     Block,
     BlockStage,
@@ -18,8 +19,7 @@ from node.model import (
     init_stage,
     split_model,
 )
-from node.pipeline import full_path, path_loss, run_path
-from protocols.config import MODEL_PRESETS
+from lowband.protocols.config import MODEL_PRESETS
 
 torch.set_num_threads(1)
 

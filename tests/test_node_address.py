@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from node import address
-from node.address import advertised_address, route_source
+from lowband.node import address
+from lowband.node.address import advertised_address, route_source
 
 
 def test_a_specific_listen_host_is_advertised_with_the_bound_port() -> None:

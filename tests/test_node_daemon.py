@@ -8,8 +8,8 @@ from pathlib import Path
 
 from node_procs import LocalRun
 
-from node.coordinator_client import Backoff
-from sim.procs import free_port
+from lowband.node.coordinator_client import Backoff
+from lowband.sim.procs import free_port
 
 
 def test_backoff_grows_and_is_capped() -> None:
@@ -55,7 +55,7 @@ def test_microbatches_naming_unknown_peers_share_one_schedule_reload_and_wait_fo
     import asyncio
     from types import SimpleNamespace
 
-    from node.daemon import NodeDaemon
+    from lowband.node.daemon import NodeDaemon
 
     async def main() -> tuple[list[bool], int]:
         reloads: list[float] = []

@@ -1,7 +1,7 @@
 """The distributed pipeline computes what the single-process reference computes.
 
 One origin and three stage nodes as separate processes on loopback (plus a
-coordinator process), same seed and data order as node/reference.py, one
+coordinator process), same seed and data order as node/train/reference.py, one
 microbatch per iteration, fp32 activation codec: the origin's losses equal the
 reference trainer's losses step by step. Stage 2 runs with ``--no-wire``, so hops
 to and from it go over the gRPC pipes while the others use the activation wire:
@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from node_procs import LocalRun
 
-from node.data import load_run_corpus
-from node.model import Transformer, lm_loss, model_config_for
-from node.optim import build_inner_optimizer, lr_at, set_lr
-from node.reference import reference_batches
-from protocols.config import RunConfig, apply_overrides
+from lowband.node.train.data import load_run_corpus
+from lowband.node.train.model import Transformer, lm_loss, model_config_for
+from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr
+from lowband.node.train.reference import reference_batches
+from lowband.protocols.config import RunConfig, apply_overrides
 
 STEPS = 6
 OVERRIDES = [

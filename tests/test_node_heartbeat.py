@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from node.coordinator_client import CoordinatorClient
-from protocols import coordinator_pb2 as pb
-from protocols import coordinator_pb2_grpc as pb_grpc
-from protocols.rpc import TokenAuthInterceptor
+from lowband.node.coordinator_client import CoordinatorClient
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols import coordinator_pb2_grpc as pb_grpc
+from lowband.protocols.rpc import TokenAuthInterceptor
 
 TOKEN = "hb-token"
 

@@ -11,13 +11,13 @@ import grpc
 import pytest
 import torch
 
-from node.service import NodeServicer, start_server
-from node.transport import Transport, channel_options, single_message_bytes
-from protocols import node_pb2, tensor_pb2
-from protocols.chunking import stream_checksum
-from protocols.codec import decode, encode
-from protocols.errors import ValidationError
-from protocols.rpc import TokenAuthInterceptor
+from lowband.node.pipeline.transport import Transport, channel_options, single_message_bytes
+from lowband.node.service import NodeServicer, start_server
+from lowband.protocols import node_pb2, tensor_pb2
+from lowband.protocols.chunking import stream_checksum
+from lowband.protocols.codec import decode, encode
+from lowband.protocols.errors import ValidationError
+from lowband.protocols.rpc import TokenAuthInterceptor
 
 TOKEN = "pipe-token"
 pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore:The given buffer is not writable")]

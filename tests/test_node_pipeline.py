@@ -11,13 +11,13 @@ import pytest
 import torch
 from node_cluster import RUN_ID, TOKEN, LocalNode, install_schedule, start_node
 
-from node.agent import PathSpec, Schedule
-from node.model import ModelConfig, init_stage
-from node.pipeline import path_loss
-from protocols import node_pb2, node_pb2_grpc
-from protocols.chunking import chunk_tensor
-from protocols.codec import encode
-from protocols.rpc import grpc_options, token_metadata
+from lowband.node.pipeline.agent import PathSpec, Schedule
+from lowband.node.train.along_path import path_loss
+from lowband.node.train.model import ModelConfig, init_stage
+from lowband.protocols import node_pb2, node_pb2_grpc
+from lowband.protocols.chunking import chunk_tensor
+from lowband.protocols.codec import encode
+from lowband.protocols.rpc import grpc_options, token_metadata
 
 torch.set_num_threads(1)
 
@@ -315,7 +315,7 @@ def test_a_gone_origins_unfinished_microbatches_do_not_hold_the_stages_iteration
     microbatch half-way (forward done on the stage nodes, backward never coming). Once the membership
     shows it, the stage nodes close the iteration with the live origin's microbatch instead of waiting
     for the other one until the iteration timeout."""
-    from node.runtime import MicrobatchKey
+    from lowband.node.pipeline.runtime import MicrobatchKey
 
     def path(origin: str) -> list[PathSpec]:
         return [PathSpec(0, (0, 1, 2, 3, 0), (origin, "n1", "n2", "n3", origin))]
@@ -370,7 +370,7 @@ def test_a_joiner_counts_an_iteration_launched_before_it_joined_by_what_reached_
     one microbatch of an iteration the origin launched under epoch 3, a plan that routed nothing here:
     once that one is done the iteration closes, instead of waiting a third of the iteration timeout for a
     second one that was sent elsewhere. Under its own plan it still waits for both."""
-    from node.runtime import MicrobatchKey
+    from lowband.node.pipeline.runtime import MicrobatchKey
 
     async def main() -> int:
         node = await start_node("n1", 1, init_stage(CFG, 1, S, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len,
@@ -400,7 +400,7 @@ def test_an_origin_seen_in_a_later_iteration_is_not_waited_for_in_the_open_one(i
     every microbatch of the one before is done or abandoned, so nothing more of ob's comes for iteration 0:
     the node closes it at once and takes ob's microbatch, instead of waiting a third of the iteration
     timeout. A microbatch of ob's iteration 0 still unfinished here was given up by ob: it is dropped."""
-    from node.runtime import MicrobatchKey
+    from lowband.node.pipeline.runtime import MicrobatchKey
 
     async def main() -> None:
         node = await start_node("n1", 1, init_stage(CFG, 1, S, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len,
@@ -433,7 +433,7 @@ def test_a_stalled_stage_node_asks_the_origin_whether_more_of_the_iteration_come
     other was given up before it reached n1 and the abandon notice never came. After a second without
     progress n1 asks the origin (IterationStatus); once the origin has finished that iteration, n1 closes
     it with what it has, long before the iteration timeout. An origin still in it keeps n1 waiting."""
-    from node.runtime import MicrobatchKey
+    from lowband.node.pipeline.runtime import MicrobatchKey
 
     async def main() -> tuple[int, float]:
         origin = await start_node("oa", 0, init_stage(CFG, 0, S, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len,

@@ -7,11 +7,11 @@ import asyncio
 import torch
 from node_cluster import TOKEN, start_node
 
-from node.daemon import NodeDaemon, NodeOptions
-from node.model import ModelConfig, build_stage, init_stage, model_config_for
-from node.service import StateSnapshot
-from protocols import coordinator_pb2 as pb
-from protocols.config import RunConfig, apply_overrides
+from lowband.node.daemon import NodeDaemon, NodeOptions
+from lowband.node.service import StateSnapshot
+from lowband.node.train.model import ModelConfig, build_stage, init_stage, model_config_for
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols.config import RunConfig, apply_overrides
 
 CFG = ModelConfig.from_preset("tiny")
 

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from node.runtime import MicrobatchKey, StageRuntime
+from lowband.node.pipeline.runtime import MicrobatchKey, StageRuntime
 
 
 def test_a_later_microbatch_waits_less_when_nothing_of_the_open_iteration_is_under_way_here() -> None:

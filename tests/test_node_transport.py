@@ -12,12 +12,12 @@ import pytest
 import torch
 from node_cluster import start_node
 
-from node.model import ModelConfig, init_stage
-from node.service import StateSnapshot, fetch_state
-from node.transport import Link, LinkTable, Transport
-from protocols import node_pb2
-from protocols.codec import encode
-from protocols.rpc import token_metadata
+from lowband.node.pipeline.transport import Link, LinkTable, Transport
+from lowband.node.service import StateSnapshot, fetch_state
+from lowband.node.train.model import ModelConfig, init_stage
+from lowband.protocols import node_pb2
+from lowband.protocols.codec import encode
+from lowband.protocols.rpc import token_metadata
 
 CFG = ModelConfig.from_preset("tiny")
 
@@ -87,6 +87,9 @@ def test_get_state_streams_the_stage_weights() -> None:
             assert set(snap.parts["local"]) == set(own)
             for name, t in own.items():
                 assert torch.equal(snap.parts["local"][name], t)
+            # The stream is counted as sent, so the network-bytes check can account for recoveries.
+            weights_bytes = sum(t.numel() * 4 for t in own.values())
+            assert weights_bytes <= node.servicer.state_bytes_sent <= weights_bytes * 1.1
             with pytest.raises(grpc.aio.AioRpcError) as err:   # asks for a stage the node does not hold
                 await fetch_state(transport.stub(node.address), 1, ["local"], "me",
                                   metadata=token_metadata("test-token"), timeout_s=10)

@@ -14,9 +14,8 @@ import grpc
 import pytest
 import torch
 
-from node.service import NodeServicer, start_server, start_wire
-from node.transport import Transport
-from node.wire import (
+from lowband.node.pipeline.transport import Transport
+from lowband.node.pipeline.wire import (
     ACCEPTED,
     INVALID,
     NONCE_BYTES,
@@ -32,9 +31,10 @@ from node.wire import (
     handshake_mac,
     scratch_fits,
 )
-from protocols import node_pb2, tensor_pb2
-from protocols.codec import RAW_CODECS, decode, encode, encode_segmented, encode_split
-from protocols.errors import ValidationError
+from lowband.node.service import NodeServicer, start_server, start_wire
+from lowband.protocols import node_pb2, tensor_pb2
+from lowband.protocols.codec import RAW_CODECS, decode, encode, encode_segmented, encode_split
+from lowband.protocols.errors import ValidationError
 
 TOKEN = "wire-token"
 pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore:The given buffer is not writable")]
@@ -460,7 +460,7 @@ def _feed(protocol: object, data: bytes, step: int) -> None:
 
 @pytest.mark.parametrize("step", [1, 7, 4096, 1 << 20])
 def test_server_protocol_reassembles_frames_from_reads_of_any_size(step: int) -> None:
-    from node.wire import _ServerProtocol
+    from lowband.node.pipeline.wire import _ServerProtocol
 
     async def main() -> None:
         frames = []
@@ -478,7 +478,7 @@ def test_server_protocol_reassembles_frames_from_reads_of_any_size(step: int) ->
             header_bytes, meta_bytes, _ = frame_parts(_header(mb), meta, payload)
             stream += REQUEST.pack(REQUEST_MAGIC, 0, len(header_bytes), len(meta_bytes), len(payload))
             stream += header_bytes + meta_bytes + bytes(payload)
-        import node.wire as wire
+        import lowband.node.pipeline.wire as wire
         old, wire.CHECK_BYTES = wire.CHECK_BYTES, 2048
         try:
             _feed(protocol, bytes(stream), step)

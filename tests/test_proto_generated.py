@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from protocols import generate
+from lowband.protocols import generate
 
 
 def test_generated_modules_match_protos(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools")
     generate.generate(tmp_path)
-    fresh_dir = tmp_path / "protocols"
+    fresh_dir = tmp_path
     protos = generate.proto_files()
     assert protos, "no .proto files found"
     stale = []
@@ -24,11 +24,11 @@ def test_generated_modules_match_protos(tmp_path: Path) -> None:
             assert fresh.exists(), f"protoc did not produce {name}"
             if not committed.exists() or committed.read_bytes() != fresh.read_bytes():
                 stale.append(name)
-    assert not stale, f"generated modules out of date: {stale}; run `python -m protocols.generate`"
+    assert not stale, f"generated modules out of date: {stale}; run `python -m lowband.protocols.generate`"
 
 
 def test_generated_modules_import_and_know_the_tensor_messages() -> None:
-    from protocols import node_pb2, tensor_pb2
+    from lowband.protocols import node_pb2, tensor_pb2
 
     chunk = tensor_pb2.TensorChunk(seq=1, num_chunks=2, total_size=3, checksum=4, data=b"x")
     wrapped = node_pb2.MicrobatchChunk(chunk=chunk)

@@ -62,7 +62,7 @@ def _run(tmp_path: Path, target: str, origins: int) -> tuple[dict, list[dict], l
     config = tmp_path / "sim.toml"
     config.write_text(RUN.format(target=target, origins=origins))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sim.cli", "run", "--config", str(config), "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "lowband.sim.cli", "run", "--config", str(config), "--out", str(out), "--no-progress"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from protocols.config import ConfigError
-from sim.config import load_sim_config
+from lowband.protocols.config import ConfigError
+from lowband.sim.config import load_sim_config
 
 
 def test_default_is_the_documented_embedded_run() -> None:

@@ -22,8 +22,8 @@ import pytest
 from netns_support import needs_netns
 from sim_leftovers import leftovers, reap
 
-from sim import netns
-from sim.netns import NetnsUnavailable, TestNetwork, check_available, list_namespaces
+from lowband.sim import netns
+from lowband.sim.netns import NetnsUnavailable, TestNetwork, check_available, list_namespaces
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,7 +101,7 @@ def test_hosts_of_other_regions_get_the_inter_region_rate() -> None:
 
 OWNER = textwrap.dedent("""
     import subprocess, sys, time
-    from sim.netns import TestNetwork
+    from lowband.sim.netns import TestNetwork
     net = TestNetwork(reaper={reaper}).start()
     host = net.add_host("a", rate_bps=10e6)
     subprocess.Popen(host.wrap(["sleep", "300"]), start_new_session=True)
@@ -165,7 +165,7 @@ def test_without_root_or_iproute2_the_error_says_so_and_names_loopback(monkeypat
 def test_sim_refuses_netns_without_root_before_starting_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """As another user (or without iproute2): exit code 1 and the message, and no process started."""
-    from sim import run as sim_run
+    from lowband.sim import run as sim_run
 
     monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
     spawned: list[str] = []
@@ -182,7 +182,7 @@ def test_sim_refuses_netns_without_root_before_starting_anything(tmp_path: Path,
 
 def _sim_run(out: Path, flags: list[str], timeout_s: float) -> tuple[dict, list[int]]:
     """`lowband-sim run FLAGS --out OUT` to its end: its summary, and any process of it still alive."""
-    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", *flags, "--out", str(out), "--no-progress"],
+    proc = subprocess.Popen([sys.executable, "-m", "lowband.sim.cli", "run", *flags, "--out", str(out), "--no-progress"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=timeout_s)
@@ -251,7 +251,7 @@ def test_sigkill_of_the_simulator_leaves_no_namespace_or_process(tmp_path: Path)
     config = tmp_path / "netns.toml"
     config.write_text(NETNS_RUN.replace("steps = 40", "steps = 400"))
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "run", "--config", str(config), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "lowband.sim.cli", "run", "--config", str(config), "--out", str(out),
                              "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_until(lambda: len(leftovers(str(out))) >= 4, 90, "the coordinator and nodes to start")

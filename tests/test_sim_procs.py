@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from sim.procs import Supervisor
+from lowband.sim.procs import Supervisor
 
 # A child that starts a grandchild (same process group) and ignores SIGTERM, like a stuck node.
 STUBBORN = (

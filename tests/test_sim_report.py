@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sim.report import read_jsonl, write_report
+from lowband.sim.report import read_jsonl, write_report
 
 
 def test_report_from_synthetic_run(tmp_path) -> None:

@@ -58,7 +58,7 @@ at_step = 5
 
 def _start(out: Path, config: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "sim.cli", "run", "--config", str(config), "--out", str(out), "--no-progress", *extra],
+        [sys.executable, "-m", "lowband.sim.cli", "run", "--config", str(config), "--out", str(out), "--no-progress", *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
 
@@ -112,7 +112,7 @@ def test_sigint_stops_every_process(tmp_path: Path) -> None:
 
 
 def test_the_runs_end_is_read_from_origins_that_finished_not_from_killed_ones() -> None:
-    from sim.run import _finished
+    from lowband.sim.run import _finished
     origins = [
         {"stage": 0, "step": 26, "val_loss": 2.7, "alive": False, "state": "dead"},     # SIGKILLed mid-run
         {"stage": 0, "step": 60, "val_loss": 2.5, "alive": False, "state": "left"},     # finished
@@ -127,8 +127,8 @@ def test_a_node_that_exits_before_joining_is_started_again_on_a_new_port(tmp_pat
     """A node that cannot bind its port (taken meanwhile) exits before it ever joins: the simulator
     starts it again on another port instead of waiting for a stage that never comes, and gives up
     with the log's path once it keeps failing."""
-    from sim.config import load_sim_config
-    from sim.run import MAX_RELAUNCHES, Simulation
+    from lowband.sim.config import load_sim_config
+    from lowband.sim.run import MAX_RELAUNCHES, Simulation
 
     sim = Simulation(load_sim_config(None), tmp_path, progress=False)
     launched: list[str] = []
@@ -162,8 +162,8 @@ def test_progress_without_a_terminal_is_a_line_per_event_or_every_few_seconds(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Piped into a log (CI, nohup), the live ``\\r`` line would pile up into one endless line: there each
     update is a line of its own, printed when something happens or every PLAIN_PROGRESS_S."""
-    from sim.config import load_sim_config
-    from sim.run import PLAIN_PROGRESS_S, Simulation
+    from lowband.sim.config import load_sim_config
+    from lowband.sim.run import PLAIN_PROGRESS_S, Simulation
 
     sim = Simulation(load_sim_config(None), tmp_path, progress=True)
     with sim.sup:   # no process is started; the supervisor is closed anyway
@@ -186,8 +186,8 @@ def test_progress_without_a_terminal_is_a_line_per_event_or_every_few_seconds(
 
 def test_the_final_loss_is_the_origins_validation_after_the_last_step(tmp_path: Path) -> None:
     """Read from the origins' own event logs: the furthest-along origins' latest validation, mean."""
-    from sim.config import load_sim_config
-    from sim.run import SimNode, Simulation
+    from lowband.sim.config import load_sim_config
+    from lowband.sim.run import SimNode, Simulation
 
     sim = Simulation(load_sim_config(None), tmp_path, progress=False)
     try:

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.paths import check_stage_sequence, stages_visited
-from node.data import Corpus, val_batches
-from node.evaluate import evaluate, evaluate_subsets, half_count, search_half, strided_half
-from node.export import ExportError, export_model, export_transformer, load_model
-from node.model import ModelConfig, Transformer, lm_loss, split_model
-from node.pipeline import full_path
-from node.reference import train_reference
-from protocols.config import RunConfig, apply_overrides
-from sim.cli import main as sim_main
-from sim.skiptrain import backward_iteration, plan_training_paths, train_skip
+from lowband.coordinator.skippipe.paths import check_stage_sequence, stages_visited
+from lowband.node.train.along_path import full_path
+from lowband.node.train.data import Corpus, val_batches
+from lowband.node.train.evaluate import evaluate, evaluate_subsets, half_count, search_half, strided_half
+from lowband.node.train.export import ExportError, export_model, export_transformer, load_model
+from lowband.node.train.model import ModelConfig, Transformer, lm_loss, split_model
+from lowband.node.train.reference import train_reference
+from lowband.protocols.config import RunConfig, apply_overrides
+from lowband.sim.cli import main as sim_main
+from lowband.sim.skiptrain import backward_iteration, plan_training_paths, train_skip
 
 torch.set_num_threads(1)
 
@@ -232,7 +232,7 @@ def test_eval_cli_table_and_json(exported: tuple[Path, Path], capsys: pytest.Cap
     assert subset["stages"] == [2, 3] and subset["path"] == [0, 2, 3, 0]
     # The CLI's numbers are node.evaluate's on the held-out split of the same data.
     loaded = load_model(model)
-    from node.data import load_corpus
+    from lowband.node.train.data import load_corpus
     vb = val_batches(load_corpus(data), 2, SEQ, 2)
     assert subset["loss"] == pytest.approx(evaluate(loaded.stages, vb, path=[0, 2, 3, 0])["loss"], rel=1e-6)
     assert report["results"][0]["loss"] == pytest.approx(evaluate(loaded.stages, vb)["loss"], rel=1e-6)
@@ -316,7 +316,7 @@ def test_full_path_skiptrain_equals_the_reference_trainer(tmp_path: Path) -> Non
 
 def test_skiptrain_steps_only_visited_stages() -> None:
     config = apply_overrides(RunConfig(), [*TINY_RUN, "train.steps=2"])
-    from node.model import init_stage
+    from lowband.node.train.model import init_stage
     initial = {s: init_stage(CFG, s, 4, seed=0).state_dict() for s in range(4)}
     result = train_skip(config, paths=[[0, 1, 3, 0], [0, 3, 0]], eval_every=0, eval_paths=False)
     assert result.summary["stage_visits"] == {"0": 4, "1": 2, "2": 0, "3": 4}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.makespan import simulate, simulate_iteration
-from coordinator.paths import NodeSpec, PlannedPath, PlanRequest, Topology
+from lowband.coordinator.skippipe.makespan import simulate, simulate_iteration
+from lowband.coordinator.skippipe.paths import NodeSpec, PlannedPath, PlanRequest, Topology
 
 
 def topo(specs: list[tuple[str, int, float]], latency: float | np.ndarray = 0.1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.paths import (
+from lowband.coordinator.skippipe.paths import (
     NodeSpec,
     PlanError,
     PlannedPath,
@@ -191,7 +191,7 @@ def test_validate_plan_enforces_memory_cap() -> None:
 
 
 def test_request_from_config_section() -> None:
-    from protocols.config import RunConfig
+    from lowband.protocols.config import RunConfig
 
     cfg = RunConfig.from_dict({"skippipe": {"skip_ratio": 0.33, "max_jump": 2, "max_swaps": 1, "memory_cap": 5}})
     topo = line_topology([0, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5])

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from coordinator.makespan import simulate
-from coordinator.paths import (
+from lowband.coordinator.skippipe.makespan import simulate
+from lowband.coordinator.skippipe.paths import (
     NodeSpec,
     PlanError,
     PlanRequest,
@@ -21,9 +21,9 @@ from coordinator.paths import (
     stage_coverage,
     validate_plan,
 )
-from coordinator.planner import PLANNERS, plan_paths
-from protocols.config import PLANNERS as CONFIG_PLANNERS
-from sim.topology import make_topology
+from lowband.coordinator.skippipe.planner import PLANNERS, plan_paths
+from lowband.protocols.config import PLANNERS as CONFIG_PLANNERS
+from lowband.sim.topology import make_topology
 
 
 def random_topology(seed: int, stages: int, extra: int) -> Topology:

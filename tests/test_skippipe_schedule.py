@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from coordinator.paths import PlanError
-from protocols.config import ConfigError, RunConfig
-from sim.cli import main
-from sim.topology import KINDS, make_topology
+from lowband.coordinator.skippipe.paths import PlanError
+from lowband.protocols.config import ConfigError, RunConfig
+from lowband.sim.cli import main
+from lowband.sim.topology import KINDS, make_topology
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -11,7 +11,7 @@ import pytest
 from bench_loader import load_benchmark
 from netns_support import needs_netns
 
-from sim.netns import list_namespaces, owner_tag
+from lowband.sim.netns import list_namespaces, owner_tag
 
 pytestmark = [needs_netns, pytest.mark.timeout(240)]
 

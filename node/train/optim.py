@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from protocols.config import TrainSection
+from lowband.protocols.config import TrainSection
 
 
 def build_inner_optimizer(

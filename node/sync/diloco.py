@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from protocols.config import DilocoSection
+from lowband.protocols.config import DilocoSection
 
 logger = logging.getLogger(__name__)
 

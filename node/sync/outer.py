@@ -5,8 +5,8 @@ After every inner step (on the stage's worker thread, between steps) the
 whose merge step has come, then snapshots the fragment due now, if any. The
 exchange runs on the event loop while training goes on: ask the coordinator
 for the round's participants (JoinSyncRound), then average peer to peer
-(ReduceShard, ``node.averager``). A round that is abandoned or fails changes
-nothing (``finish_sync(job, None)``). The math is in ``node.diloco``.
+(ReduceShard, ``lowband.node.sync.grpc_averager``). A round that is abandoned or fails changes
+nothing (``finish_sync(job, None)``). The math is in ``lowband.node.sync.diloco``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import grpc
 import torch
 from torch import nn
 
-from node.averager import ChannelPool, ShardReducer, average_job
-from node.coordinator_client import CoordinatorClient
-from node.diloco import StreamingDiLoCo, SyncJob, exchange_open, state_from_parts, state_to_parts
-from protocols import coordinator_pb2 as pb
-from protocols.config import RunConfig
+from lowband.node.coordinator_client import CoordinatorClient
+from lowband.node.sync.diloco import StreamingDiLoCo, SyncJob, exchange_open, state_from_parts, state_to_parts
+from lowband.node.sync.grpc_averager import ChannelPool, ShardReducer, average_job
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,9 @@ class OuterSync:
 
     def __init__(self, module: nn.Module, stage: int, node_id: str, config: RunConfig, client: CoordinatorClient,
                  token: str, *, on_event: Callable[..., None] | None = None,
-                 resync: Callable[[], Awaitable[None]] | None = None) -> None:
+                 resync: Callable[[], Awaitable[None]] | None = None, host: str = "127.0.0.1") -> None:
         self.stage = stage
+        self.host = host   # the address this node's peers reach it at (a backend binds its own sockets there)
         self.node_id = node_id
         self.cfg = config.diloco
         self.round_wait_s = config.membership.sync_timeout_s + config.membership.sync_join_window_s

@@ -5,12 +5,12 @@ stages, so the trained model should still work when run with fewer stages.
 ``evaluate`` measures one path; ``evaluate_subsets`` compares the full
 pipeline with a model run on half of its block stages.
 
-Validation data is the held-out split of ``node.data`` (``Corpus.val``): fixed
-windows evenly spaced over it (``node.data.val_batches``), so two evaluations
+Validation data is the held-out split of ``lowband.node.train.data`` (``Corpus.val``): fixed
+windows evenly spaced over it (``lowband.node.train.data.val_batches``), so two evaluations
 with the same arguments see the same tokens.
 
 Which half (``half_stages``), with n = S-1 block stages and
-m = round(n / 2) (half rounded up, as ``coordinator.paths.stages_visited``
+m = round(n / 2) (half rounded up, as ``lowband.coordinator.skippipe.paths.stages_visited``
 rounds a skip ratio of 0.5) kept, always in ascending order:
 
 * ``"strided"`` (default, no search): m stages evenly spaced over 1..n, first
@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from node.data import BatchIterator, Corpus, DataError, val_batches
-from node.model import Bookend
-from node.pipeline import path_loss, validate_path
+from lowband.node.train.along_path import path_loss, validate_path
+from lowband.node.train.data import BatchIterator, Corpus, DataError, val_batches
+from lowband.node.train.model import Bookend
 
 log = logging.getLogger(__name__)
 

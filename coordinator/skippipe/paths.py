@@ -1,13 +1,13 @@
 """SkipPipe path types and the rules every planned path obeys.
 
-The planner (``coordinator.planner``) produces one :class:`PlannedPath` per
+The planner (``lowband.coordinator.skippipe.planner``) produces one :class:`PlannedPath` per
 microbatch; this module defines the inputs it plans from (:class:`NodeSpec`,
 :class:`Topology`, :class:`PlanRequest`) and the rules a plan must satisfy, as
 checks that raise :class:`PlanError` with a reason a human can act on.
 
 Layout (the "bookend"): stage 0 holds embedding + head, so a stage-0 node is
 the *origin* of its microbatches. A path is written as the full stage list
-``[0, s_1, ..., s_m, 0]`` (the form ``node.pipeline.run_path`` takes) with the
+``[0, s_1, ..., s_m, 0]`` (the form ``lowband.node.train.along_path.run_path`` takes) with the
 node hosting each hop in ``node_ids`` (first and last are the origin).
 
 Rules (SkipPipe, adapted to the bookend layout), for the block stages
@@ -31,7 +31,7 @@ Rules (SkipPipe, adapted to the bookend layout), for the block stages
   bound on what it holds at any moment.
 
 Collision avoidance is the planner's objective, not a rule: it is measured by
-``coordinator.makespan``.
+``lowband.coordinator.skippipe.makespan``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from protocols.config import SkipPipeSection
+from lowband.protocols.config import SkipPipeSection
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Topology:
 class PlanRequest:
     """Everything a planner needs; validated on construction.
 
-    Cost model (see ``coordinator.makespan``): a hop costs
+    Cost model (see ``lowband.coordinator.skippipe.makespan``): a hop costs
     ``latency + activation_bytes / bandwidth + message_overhead_s``; a block
     stage's forward costs ``compute_s_per_layer * layers_per_stage`` on its
     node, its backward ``backward_factor`` times that; the origin's head + loss

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protocols.errors import ValidationError
+from lowband.protocols.errors import ValidationError
 
 
 def shard_bounds(numel: int, num_shards: int) -> list[tuple[int, int]]:

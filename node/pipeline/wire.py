@@ -10,8 +10,7 @@ node's own event loop straight into the tensor handed to the agent
 (``codec.receive_spec``; the tensor is made ahead of time when the shape repeats) and
 checked finite as it arrives: no extra threads, no copies of the bulk, no per-message
 gRPC state (benchmarks/pipeline.md: ~6x faster). Both sides write on the socket
-directly while the transport's buffer is empty (``write_now``), and the sender polls
-for a quick reply before it waits on the event loop (``node/_fastwire.c``).
+directly while the transport's buffer is empty (``write_now``).
 gRPC stays the control plane (membership, abandons, averaging, state, pings) and the
 fallback: a peer whose ``PingReply.wire_port`` is 0, or whose wire port cannot be
 reached, gets its microbatches on the gRPC activation pipes.
@@ -49,14 +48,15 @@ from typing import cast
 import torch
 from google.protobuf.message import DecodeError
 
-from protocols import node_pb2, tensor_pb2
-from protocols.codec import SegmentedPayload, check_finite_bytes, native_codec, receive_spec, tensor_bytes
-from protocols.errors import ValidationError
-
-try:   # optional native reply wait (node/_fastwire.c), built at install
-    from node import _fastwire
-except ImportError:   # no C compiler at install: replies are awaited on the event loop
-    _fastwire = None
+from lowband.protocols import node_pb2, tensor_pb2
+from lowband.protocols.codec import (
+    SegmentedPayload,
+    check_finite_bytes,
+    native_codec,
+    receive_spec,
+    tensor_bytes,
+)
+from lowband.protocols.errors import ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +86,6 @@ FIRST_SEGMENT_BYTES = 4 * 1024
 # it decodes) is replaced by a smaller one once it is this much (and 4x) larger than the payload: one
 # large tensor must not pin its size in memory for the rest of the run.
 SCRATCH_KEEP_BYTES = 8 * 1024 * 1024
-
-# A sender polls its socket for a frame's reply for up to this long before it waits on the event loop:
-# on loopback a 1 MiB hop's reply lands ~25-60 us after its last byte (100-200 us on a busy machine),
-# sooner than a round of the event loop and its wake-up (benchmarks/pipeline.md). A poll that comes back
-# empty-handed, or during which the core went to another process (polling takes it from them), makes the
-# connection skip the next 1, 2, 4 ... POLL_BACKOFF_MAX frames' polls: on a slow link, or a machine with
-# more busy processes than cores (the simulator), it rarely polls. One that gets its reply with the core
-# to itself makes it poll every frame again.
-REPLY_POLL_S = 200e-6
-POLL_BACKOFF_MAX = 32
 
 WirePayload = bytes | memoryview | SegmentedPayload
 TargetSpec = tuple[tuple[int, ...], torch.dtype]   # the shape and dtype a payload is read into
@@ -400,7 +390,7 @@ class _ClientProtocol(asyncio.Protocol):
         self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.reply: asyncio.Future[tuple[int, str]] | None = None
         self.closed = False
-        self.fd = -1   # the socket, written directly (``write_now``) and polled for replies
+        self.fd = -1   # the socket, written directly (``write_now``)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -461,8 +451,6 @@ class WireConnection:
     protocol: _ClientProtocol
     lock: asyncio.Lock
     scratch: bytearray | None = None   # where segmented payloads are cast (frames go out one at a time)
-    poll_backoff: int = 0              # frames to skip after the next missed reply poll (0: polls hit)
-    poll_skips: int = 0                # frames left to send without polling
 
     @classmethod
     async def open(cls, host: str, port: int, token: str, timeout_s: float) -> WireConnection:
@@ -496,8 +484,7 @@ class WireConnection:
         A ``SegmentedPayload`` that casts is cast into the connection's scratch buffer and written a
         segment at a time: a ``FIRST_SEGMENT_BYTES`` piece with the frame head, then the rest (one segment
         up to ``codec.SEGMENT_BYTES``); the scratch is free again once the reply is in, because the
-        receiver has then read every byte. The reply is polled for on the socket first (``_poll_reply``,
-        while such polls have been getting their replies), then awaited on the event loop.
+        receiver has then read every byte.
         """
         loop = asyncio.get_running_loop()
         if self.lock.locked() and deadline is not None:   # a frame in flight: wait for it within ours
@@ -529,7 +516,6 @@ class WireConnection:
             except OSError as exc:
                 protocol._fail(f"write failed: {exc}")
                 raise WireError(f"write failed: {exc}", sent=not head) from None
-            self._poll_reply()
             if not reply.done():
                 # a timer on the reply rather than asyncio.timeout_at around the wait: ~5 us less per hop
                 timer = loop.call_at(deadline, _expire, reply) if deadline is not None else None
@@ -552,29 +538,6 @@ class WireConnection:
         finally:
             protocol.reply = None
             self.lock.release()
-
-    def _poll_reply(self) -> None:
-        """Poll the socket for the reply for up to ``REPLY_POLL_S`` (``node/_fastwire.c``) and hand what
-        came to the protocol, as the event loop would; back off while polls miss. Nothing when the module
-        is not built."""
-        if _fastwire is None or self.fd < 0:
-            return
-        if self.poll_skips:
-            self.poll_skips -= 1
-            return
-        try:
-            data, contended = _fastwire.recv_within(self.fd, 65536, REPLY_POLL_S)
-        except OSError as exc:
-            self.protocol._fail(f"connection failed: {exc}")
-            return
-        if data:   # None: nothing in time; b"": the end of the stream, which the event loop reports too
-            self.protocol.data_received(data)
-        reply = self.protocol.reply
-        if reply is not None and reply.done() and not contended:
-            self.poll_backoff = 0
-        else:
-            self.poll_backoff = min(2 * self.poll_backoff or 1, POLL_BACKOFF_MAX)
-            self.poll_skips = self.poll_backoff
 
 
 def _expire(reply: asyncio.Future[tuple[int, str]]) -> None:

@@ -1,7 +1,7 @@
 """Final-weights export: one file holding every stage of a trained model, for evaluation.
 
 This is not a training checkpoint (no optimizer, no data position, no DiLoCo
-state): it is what ``lowband-sim eval`` and ``node.evaluate`` read. Format
+state): it is what ``lowband-sim eval`` and ``lowband.node.train.evaluate`` read. Format
 (``torch.save`` of plain dicts and tensors, so ``torch.load(weights_only=True)``
 reads it without running pickled code)::
 
@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from node.model import ModelConfig, Transformer, build_stage, model_config_for, split_model
-from protocols.config import ConfigError, RunConfig
+from lowband.node.train.model import ModelConfig, Transformer, build_stage, model_config_for, split_model
+from lowband.protocols.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 

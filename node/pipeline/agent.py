@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from node.runtime import MicrobatchKey, StageError, StageRuntime
-from node.transport import Transport
-from protocols import coordinator_pb2, node_pb2, tensor_pb2
-from protocols.codec import RAW_CODECS, decode, encode_segmented, encode_split
-from protocols.errors import ValidationError
+from lowband.node.pipeline.runtime import MicrobatchKey, StageError, StageRuntime
+from lowband.node.pipeline.transport import Transport
+from lowband.protocols import coordinator_pb2, node_pb2, tensor_pb2
+from lowband.protocols.codec import RAW_CODECS, decode, encode_segmented, encode_split
+from lowband.protocols.errors import ValidationError
 
 logger = logging.getLogger(__name__)
 

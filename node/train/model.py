@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protocols.config import ModelSection
+from lowband.protocols.config import ModelSection
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -339,7 +339,7 @@ class WholeStage(Bookend):
     """Stage 0 of a one-stage model (data-parallel mode): embedding, every block, final norm and head.
 
     A path is just the origin, so the blocks run between the embedding and the head: ``head`` applies
-    them, and every caller that goes embedding -> head (the runtime, ``node.pipeline.run_path`` with
+    them, and every caller that goes embedding -> head (the runtime, ``lowband.node.train.along_path.run_path`` with
     the path ``[0, 0]``) computes the whole model. Parameter names equal ``Transformer``'s.
     """
 

@@ -1,6 +1,6 @@
 """Paths for microbatches: the full-pipeline fallback planner and the per-node view of a plan (pure).
 
-The SkipPipe planner (coordinator/planner.py) plugs in at one call site,
+The SkipPipe planner (coordinator/skippipe/planner.py) plugs in at one call site,
 ``Coordinator._plan``; this module holds what the coordinator needs whatever
 planner is used: the plan's shape, visit counting, and a full-pipeline planner
 (each microbatch visits 0, 1, ..., S-1, 0) that picks each stage's replica by

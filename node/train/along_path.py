@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from node.model import Bookend
+from lowband.node.train.model import Bookend
 
 Stages = Mapping[int, nn.Module] | Sequence[nn.Module]
 

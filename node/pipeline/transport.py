@@ -12,7 +12,7 @@ chunks with the microbatch header on the first message. For the simulator a
 ``latency_s + bytes / bandwidth_Bps`` of that peer's link.
 
 Before any of that, a microbatch goes on the peer's activation wire when it has one
-(``node/wire.py``: a framed, token-authenticated TCP connection per peer and
+(``node/pipeline/wire.py``: a framed, token-authenticated TCP connection per peer and
 direction, its port learnt from the peer's ``PingReply``): that costs a small part
 of a gRPC message. Messages then carry no codec checksum (``encode(checksum=False)``);
 ``seal`` adds it when a message falls back to gRPC.
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import grpc
 
-from node.wire import OK, UNAVAILABLE, WireConnection, WireError, WirePayload, frame_parts
-from protocols import node_pb2, node_pb2_grpc, tensor_pb2
-from protocols.chunking import iter_chunks, stream_checksum
-from protocols.codec import SegmentedPayload, seal
-from protocols.rpc import MAX_MESSAGE_BYTES, grpc_options, token_metadata
+from lowband.node.pipeline.wire import OK, UNAVAILABLE, WireConnection, WireError, WirePayload, frame_parts
+from lowband.protocols import node_pb2, node_pb2_grpc, tensor_pb2
+from lowband.protocols.chunking import iter_chunks, stream_checksum
+from lowband.protocols.codec import SegmentedPayload, seal
+from lowband.protocols.rpc import MAX_MESSAGE_BYTES, grpc_options, token_metadata
 
 logger = logging.getLogger(__name__)
 

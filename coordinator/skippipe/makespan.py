@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.paths import PlannedPath, PlanRequest, Topology
+from lowband.coordinator.skippipe.paths import PlannedPath, PlanRequest, Topology
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ sorted by (origin in topology order, microbatch).
   node busy intervals, each routed by a dynamic programme over replicas that
   minimises its estimated forward completion plus the static cost of its
   backward; a few randomised restarts (path order, which path gets which stage
-  set) are scored with the exact simulator (``coordinator.makespan``), and the
+  set) are scored with the exact simulator (``lowband.coordinator.skippipe.makespan``), and the
   best is refined by local search (move a hop to another replica, trade stages
   or whole routes between paths, toggle adjacent swaps), again scored by the
   simulator. All budgets are counts, never wall time, so a seed gives one plan.
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.makespan import CostModel, simulate_steps
-from coordinator.paths import (
+from lowband.coordinator.skippipe.makespan import CostModel, simulate_steps
+from lowband.coordinator.skippipe.paths import (
     NodeSpec,
     PlanError,
     PlannedPath,

@@ -4,7 +4,7 @@ This is the baseline every distributed run is compared with (same model, same
 data order, same inner optimizer and schedule), and the numerical reference for
 the distributed runtime.
 
-Exact data order (reproduced by a distributed origin, see ``node.data.origin_batches``):
+Exact data order (reproduced by a distributed origin, see ``lowband.node.train.data.origin_batches``):
 - corpus: ``load_run_corpus(config)`` = ``load_corpus(train.data or None,
   seed=config.seed, max_bytes=train.data_max_bytes, val_fraction=train.val_fraction)``;
 - step t trains on the t-th batch of ``reference_batches(config, corpus)`` =
@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from node.data import BatchIterator, Corpus, load_run_corpus, origin_batches, run_val_batches
-from node.model import Transformer, lm_loss, model_config_for
-from node.optim import build_inner_optimizer, lr_at, set_lr
-from protocols.config import RunConfig
+from lowband.node.train.data import BatchIterator, Corpus, load_run_corpus, origin_batches, run_val_batches
+from lowband.node.train.model import Transformer, lm_loss, model_config_for
+from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr
+from lowband.protocols.config import RunConfig
 
 log = logging.getLogger(__name__)
 

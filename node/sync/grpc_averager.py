@@ -39,14 +39,14 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from node.averaging import robust_mean, shard_bounds
-from node.diloco import SyncJob
-from protocols import node_pb2, node_pb2_grpc, tensor_pb2
-from protocols.chunking import DEFAULT_CHUNK_BYTES, ChunkAssembler, iter_chunks
-from protocols.codec import CODECS, DEFAULT_MAX_NUMEL, decode, encode
-from protocols.config import DilocoSection
-from protocols.errors import ValidationError
-from protocols.rpc import grpc_options, token_metadata
+from lowband.node.sync.diloco import SyncJob
+from lowband.node.sync.robust_mean import robust_mean, shard_bounds
+from lowband.protocols import node_pb2, node_pb2_grpc, tensor_pb2
+from lowband.protocols.chunking import DEFAULT_CHUNK_BYTES, ChunkAssembler, iter_chunks
+from lowband.protocols.codec import CODECS, DEFAULT_MAX_NUMEL, decode, encode
+from lowband.protocols.config import DilocoSection
+from lowband.protocols.errors import ValidationError
+from lowband.protocols.rpc import grpc_options, token_metadata
 
 logger = logging.getLogger(__name__)
 

@@ -29,15 +29,15 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from node.optim import build_inner_optimizer
-from protocols import coordinator_pb2
-from protocols.config import TrainSection
+from lowband.node.train.optim import build_inner_optimizer
+from lowband.protocols import coordinator_pb2
+from lowband.protocols.config import TrainSection
 
 log = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 
-# The parts of stage 0 (node/model.py Bookend) that stages 1 and S-1 keep a copy of.
+# The parts of stage 0 (node/train/model.py Bookend) that stages 1 and S-1 keep a copy of.
 BOOKEND_KEYS = ("embed.weight", "norm.weight", "output.weight")
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocols.config import RunConfig
+from lowband.protocols.config import RunConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""SkipPipe: path types, the planners, the makespan model, per-node schedules."""

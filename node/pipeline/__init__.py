@@ -1,0 +1,1 @@
+"""The pipeline: the agent that routes microbatches, the stage runtime, the transports."""

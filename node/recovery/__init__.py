@@ -1,0 +1,1 @@
+"""CheckFree: rebuilding a stage whose every replica died, from its neighbours."""

@@ -1,0 +1,1 @@
+"""The pure-torch core: model, data, inner optimizer, reference trainer, evaluation, export."""
