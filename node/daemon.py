@@ -390,16 +390,14 @@ class NodeDaemon:
                 self._handled_plans.add(plan.plan_id)
             old = self.agent
             previous_iteration = old.runtime.iteration if old is not None else 0
+            self.servicer.detach()
             if old is not None:
-                self.servicer.agent = None
                 self.agent = None
                 await old.close()
                 old.runtime.shutdown()
             if self._watchdog is not None:
                 self._watchdog.cancel()
             if self.outer is not None:
-                self.servicer.shard_reducer = None
-                self.servicer.outer_steps = lambda: 0
                 await self.outer.close()
                 self.outer = None
             module = await asyncio.to_thread(build_stage, cfg, stage, config.model.stages, config.seed)
@@ -441,11 +439,8 @@ class NodeDaemon:
             self.agent = agent
             self._last_refresh = 0.0   # a schedule fetched for the previous agent never reached this one
             self.outer = outer
-            self.servicer.stage = stage
-            self.servicer.state_provider = self._state
-            self.servicer.shard_reducer = outer.reducer
-            self.servicer.outer_steps = outer.total_outer_steps
-            self.servicer.agent = agent
+            self.servicer.attach(stage=stage, agent=agent, state_provider=self._state,
+                                 shard_reducer=outer.reducer, outer_steps=outer.total_outer_steps)
             self._watchdog = asyncio.create_task(self._watch(runtime, agent), name="watchdog")
             self.events.context = {"node_id": self.node_id, "stage": stage}
             self.events.write("stage", method=method, iteration=iteration, ok=ok, message=message)

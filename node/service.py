@@ -90,6 +90,21 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.wire_port = 0   # the activation wire's port, announced in Ping (0: none)
         self.outer_steps: Callable[[], int] = lambda: 0   # the DiLoCo state's outer steps, announced in Ping
 
+    def attach(self, *, stage: int, agent: PipelineAgent, state_provider: StateProvider,
+               shard_reducer: ShardReducerLike | None, outer_steps: Callable[[], int]) -> None:
+        """Serve a stage: every collaborator at once, so no RPC sees a half-wired node."""
+        self.stage = stage
+        self.state_provider = state_provider
+        self.shard_reducer = shard_reducer
+        self.outer_steps = outer_steps
+        self.agent = agent
+
+    def detach(self) -> None:
+        """Stop serving the stage (the node is about to build another): RPCs answer 'no stage' meanwhile."""
+        self.agent = None
+        self.shard_reducer = None
+        self.outer_steps = lambda: 0
+
     def wire_frame(self, frame: WireFrame) -> None:
         """A microbatch that came on the activation wire (node/pipeline/wire.py): the same checks as on a pipe."""
         if self.agent is None:
