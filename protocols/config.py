@@ -234,6 +234,13 @@ def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+# What a numeric setting accepts (a TOML number, or a string from --set) and how an error names it.
+_NUMBERS: dict[type, tuple[tuple[type, ...], str]] = {
+    int: ((int, str), "an integer"),
+    float: ((int, float, str), "a number"),
+}
+
+
 def _coerce(key: str, value: Any, kind: type) -> Any:
     if kind is bool:
         if isinstance(value, bool):
@@ -241,20 +248,14 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if kind in _NUMBERS:
+        accepted, what = _NUMBERS[kind]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(f"{key}: expected {what}, got {value!r}")
         try:
-            return int(value)
+            return kind(value)
         except ValueError as exc:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from exc
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from exc
+            raise ConfigError(f"{key}: expected {what}, got {value!r}") from exc
     if kind is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

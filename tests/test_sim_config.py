@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from lowband.protocols.config import ConfigError
+from lowband.protocols.config import ConfigError, RunConfig, apply_overrides
 from lowband.sim.config import load_sim_config
 
 
@@ -58,3 +60,20 @@ def test_missing_and_malformed_files(tmp_path) -> None:
     bad.write_text("[sim\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_sim_config(bad)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.steps=abc", "train.steps: expected an integer, got 'abc'"),
+    ("train.steps=1.5", "train.steps: expected an integer, got '1.5'"),
+    ("train.lr=fast", "train.lr: expected a number, got 'fast'"),
+    ("train.lr=2e-3x", "train.lr: expected a number, got '2e-3x'"),
+])
+def test_a_setting_of_the_wrong_type_is_refused_by_name(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        apply_overrides(RunConfig(), [override])
+
+
+def test_numeric_settings_accept_strings_from_the_command_line() -> None:
+    config = apply_overrides(RunConfig(), ["train.steps=12", "train.lr=0.002"])
+    assert config.train.steps == 12 and isinstance(config.train.steps, int)
+    assert config.train.lr == 0.002
