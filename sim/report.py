@@ -36,6 +36,23 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _mark_events(ax: Any, events: list[dict[str, Any]], *, alpha: float, linestyle: str) -> None:
+    """Failures in red, recoveries in green, as vertical lines at their time."""
+    for e in events:
+        color = "red" if e.get("kind") in FAILURE_KINDS else "green" if e.get("kind") in RECOVERY_KINDS else None
+        if color is not None:
+            ax.axvline(float(e["t"]), color=color, alpha=alpha, linestyle=linestyle, linewidth=1)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in records:
@@ -62,20 +79,12 @@ def make_plots(run_dir: Path) -> list[Path]:
         ax_t.plot(xs, ys, style, label=key, markersize=3)
         xs, ys = _series(metrics, "tokens", key)
         ax_tok.plot(xs, ys, style, label=key, markersize=3)
-    for e in events:
-        if e.get("kind") in FAILURE_KINDS:
-            ax_t.axvline(float(e["t"]), color="red", alpha=0.3, linewidth=1)
-        elif e.get("kind") in RECOVERY_KINDS:
-            ax_t.axvline(float(e["t"]), color="green", alpha=0.3, linewidth=1)
+    _mark_events(ax_t, events, alpha=0.3, linestyle="-")
     ax_t.set(xlabel="wall-clock (s)", ylabel="loss (nats/byte)", title="loss vs time (red: failures, green: recoveries)")
     ax_tok.set(xlabel="tokens", ylabel="loss (nats/byte)", title="loss vs tokens")
     ax_t.legend()
     ax_tok.legend()
-    fig.tight_layout()
-    path = run_dir / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, run_dir / "loss.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("sync_bytes_sent", "activation_bytes_sent", "state_bytes_sent"):
@@ -83,11 +92,7 @@ def make_plots(run_dir: Path) -> list[Path]:
         ax.plot(xs, [y / 1e6 for y in ys], label=key)
     ax.set(xlabel="wall-clock (s)", ylabel="MB (cumulative)", title="bytes on the wire")
     ax.legend()
-    fig.tight_layout()
-    path = run_dir / "bytes.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, run_dir / "bytes.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4))
     stages = sorted({int(s) for r in metrics for s in (r.get("live_per_stage") or {})})
@@ -95,20 +100,11 @@ def make_plots(run_dir: Path) -> list[Path]:
         xs = [float(r["t"]) for r in metrics if "live_per_stage" in r]
         ys = [int((r.get("live_per_stage") or {}).get(str(stage), 0)) for r in metrics if "live_per_stage" in r]
         ax.step(xs, ys, where="post", label=f"stage {stage}")
-    for e in events:
-        kind = e.get("kind")
-        if kind in FAILURE_KINDS:
-            ax.axvline(float(e["t"]), color="red", alpha=0.4, linestyle="--", linewidth=1)
-        elif kind in RECOVERY_KINDS:
-            ax.axvline(float(e["t"]), color="green", alpha=0.4, linestyle="--", linewidth=1)
+    _mark_events(ax, events, alpha=0.4, linestyle="--")
     ax.set(xlabel="wall-clock (s)", ylabel="live replicas", title="membership (red: failures, green: recoveries)")
     if stages:
         ax.legend(ncol=min(4, len(stages)))
-    fig.tight_layout()
-    path = run_dir / "membership.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, run_dir / "membership.png"))
     return written
 
 
