@@ -30,7 +30,8 @@ from lowband.coordinator.errors import Conflict, UnknownNode
 from lowband.coordinator.planning import PlanInputs, compute_plan
 from lowband.coordinator.recovery import NodeRef, RecoveryError, plan_recovery
 from lowband.coordinator.rounds import FormedRound, SyncRounds
-from lowband.coordinator.skippipe.schedule import Plan, PlannedPath
+from lowband.coordinator.skippipe.paths import PlannedPath
+from lowband.coordinator.skippipe.schedule import Plan
 from lowband.coordinator.store import EventRecord, MemberRecord, Store
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.config import RunConfig

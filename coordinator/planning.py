@@ -4,7 +4,8 @@
 is pure, so the server runs it in a worker thread (a large SkipPipe search
 must not stall heartbeats). The planner is coordinator/skippipe/planner.py
 `plan_paths`; if it raises PlanError (e.g. a stage has no replica, or a
-memory cap cannot be met) the full-pipeline fallback in schedule.py is used.
+memory cap cannot be met) the full-pipeline fallback in schedule.py is used
+(not the planner's ``full`` mode: that one obeys the same rules, so it can fail too).
 With ``model.stages = 1`` (data-parallel mode) the planner is bypassed: every
 path is its origin alone.
 """
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowband.coordinator.skippipe.paths import NodeSpec, PlanError, PlanRequest, Topology
+from lowband.coordinator.skippipe.paths import NodeSpec, PlanError, PlannedPath, PlanRequest, Topology
 from lowband.coordinator.skippipe.planner import plan_paths
-from lowband.coordinator.skippipe.schedule import Plan, PlannedPath, count_visits, full_pipeline_paths
+from lowband.coordinator.skippipe.schedule import Plan, count_visits, full_pipeline_paths
 from lowband.protocols.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,12 @@ def compute_plan(inputs: PlanInputs) -> Plan:
         return fallback_plan(inputs)
     paths: dict[str, list[PlannedPath]] = {}
     for p in planned:
-        paths.setdefault(p.origin_id, []).append(PlannedPath(p.microbatch, tuple(p.stages), tuple(p.node_ids)))
+        paths.setdefault(p.origin_id, []).append(p)
     return Plan(paths=paths, visits=count_visits(paths))
 
 
 def fallback_plan(inputs: PlanInputs) -> Plan:
+    """Full-pipeline paths balanced by throughput and link latency: a plan whenever every stage has a node."""
     cfg = inputs.config
     replicas: dict[int, list[str]] = {}
     for node_id, stage, _ in inputs.nodes:

@@ -25,7 +25,7 @@ def request(t: Topology, S: int, M: int = 1, **kw: object) -> PlanRequest:
 
 
 def path(origin: str, mb: int, hops: list[tuple[int, str]]) -> PlannedPath:
-    return PlannedPath(origin, mb, [0, *(s for s, _ in hops), 0], [origin, *(n for _, n in hops), origin])
+    return PlannedPath(origin, mb, (0, *(s for s, _ in hops), 0), (origin, *(n for _, n in hops), origin))
 
 
 def test_single_microbatch_timeline() -> None:

@@ -28,7 +28,7 @@ def line_topology(stages: list[int]) -> Topology:
 
 def full_path(origin: str, mb: int, S: int, ids: dict[int, str]) -> PlannedPath:
     stages = list(range(1, S))
-    return PlannedPath(origin, mb, [0, *stages, 0], [origin, *(ids[s] for s in stages), origin])
+    return PlannedPath(origin, mb, (0, *stages, 0), (origin, *(ids[s] for s in stages), origin))
 
 
 @pytest.mark.parametrize(("S", "k", "m"), [(6, 0.33, 3), (24, 0.25, 17), (6, 0.0, 5), (6, 0.99, 1),
@@ -70,14 +70,14 @@ def test_forward_jump_limit_is_four_above_highest() -> None:
 def test_check_path_node_placement_and_origin() -> None:
     topo = line_topology([0, 1, 2, 3])
     req = PlanRequest(topology=topo, num_stages=4)
-    check_path(PlannedPath("n0", 0, [0, 1, 2, 3, 0], ["n0", "n1", "n2", "n3", "n0"]), req)
+    check_path(PlannedPath("n0", 0, (0, 1, 2, 3, 0), ("n0", "n1", "n2", "n3", "n0")), req)
     bad = [
-        (PlannedPath("n0", 0, [0, 1, 2, 3, 0], ["n0", "n2", "n1", "n3", "n0"]), "hosts stage"),
-        (PlannedPath("n0", 0, [0, 1, 2, 3, 0], ["n0", "n1", "n2", "nX", "n0"]), "unknown node"),
-        (PlannedPath("n1", 0, [0, 1, 2, 3, 0], ["n1", "n1", "n2", "n3", "n1"]), "origin does not host"),
-        (PlannedPath("n0", 0, [1, 2, 3, 0], ["n1", "n2", "n3", "n0"]), "start and end at stage 0"),
-        (PlannedPath("n0", 0, [0, 1, 2, 3, 0], ["n0", "n1", "n2", "n3"]), "node ids"),
-        (PlannedPath("n0", 3, [0, 1, 3, 0], ["n0", "n1", "n3", "n0"]), "expected m=3"),
+        (PlannedPath("n0", 0, (0, 1, 2, 3, 0), ("n0", "n2", "n1", "n3", "n0")), "hosts stage"),
+        (PlannedPath("n0", 0, (0, 1, 2, 3, 0), ("n0", "n1", "n2", "nX", "n0")), "unknown node"),
+        (PlannedPath("n1", 0, (0, 1, 2, 3, 0), ("n1", "n1", "n2", "n3", "n1")), "origin does not host"),
+        (PlannedPath("n0", 0, (1, 2, 3, 0), ("n1", "n2", "n3", "n0")), "start and end at stage 0"),
+        (PlannedPath("n0", 0, (0, 1, 2, 3, 0), ("n0", "n1", "n2", "n3")), "node ids"),
+        (PlannedPath("n0", 3, (0, 1, 3, 0), ("n0", "n1", "n3", "n0")), "expected m=3"),
     ]
     for path, reason in bad:
         with pytest.raises(PlanError, match=reason) as info:
@@ -89,16 +89,16 @@ def test_validate_plan_catches_plan_level_faults() -> None:
     topo = line_topology([0, 0, 1, 2, 3, 3])
     req = PlanRequest(topology=topo, num_stages=4, skip_ratio=0.34, microbatches_per_origin=1)
     assert req.visits == 2
-    good = [PlannedPath("n0", 0, [0, 1, 2, 0], ["n0", "n2", "n3", "n0"]),
-            PlannedPath("n1", 0, [0, 2, 3, 0], ["n1", "n3", "n5", "n1"])]
+    good = [PlannedPath("n0", 0, (0, 1, 2, 0), ("n0", "n2", "n3", "n0")),
+            PlannedPath("n1", 0, (0, 2, 3, 0), ("n1", "n3", "n5", "n1"))]
     # coverage 1,2,1 -> fine (max - min = 1)
     validate_plan(good, req)
     with pytest.raises(PlanError, match="no path for origin='n1'"):
         validate_plan(good[:1], req)
     with pytest.raises(PlanError, match="more than once"):
         validate_plan([*good, good[0]], req)
-    uneven = [PlannedPath("n0", 0, [0, 1, 2, 0], ["n0", "n2", "n3", "n0"]),
-              PlannedPath("n1", 0, [0, 2, 1, 0], ["n1", "n3", "n2", "n1"])]
+    uneven = [PlannedPath("n0", 0, (0, 1, 2, 0), ("n0", "n2", "n3", "n0")),
+              PlannedPath("n1", 0, (0, 2, 1, 0), ("n1", "n3", "n2", "n1"))]
     with pytest.raises(PlanError, match="uneven stage coverage"):
         validate_plan(uneven, req)
     full = PlanRequest(topology=line_topology([0, 1, 2, 3]), num_stages=4, microbatches_per_origin=2,
@@ -156,9 +156,9 @@ def test_apply_edge_swaps_full_paths() -> None:
     ids = {s: f"s{s}" for s in range(1, 6)}
     paths = [full_path("o", mb, 6, ids) for mb in range(4)]
     out = apply_edge_swaps(paths, 6)
-    assert [p.stages for p in out] == [[0, 1, 2, 3, 4, 5, 0], [0, 2, 1, 3, 5, 4, 0]] * 2
-    assert out[1].node_ids == ["o", "s2", "s1", "s3", "s5", "s4", "o"]   # nodes move with their stage
-    assert paths[1].stages == [0, 1, 2, 3, 4, 5, 0]                      # input untouched
+    assert [p.stages for p in out] == [(0, 1, 2, 3, 4, 5, 0), (0, 2, 1, 3, 5, 4, 0)] * 2
+    assert out[1].node_ids == ("o", "s2", "s1", "s3", "s5", "s4", "o")   # nodes move with their stage
+    assert paths[1].stages == (0, 1, 2, 3, 4, 5, 0)                      # input untouched
     for p in out:
         check_stage_sequence(p.stages[1:-1], 6, 5)
     assert [edge_swapped(p, 6) for p in out] == [False, True, False, True]
@@ -167,25 +167,25 @@ def test_apply_edge_swaps_full_paths() -> None:
 def test_apply_edge_swaps_small_and_skipping() -> None:
     ids = {s: f"s{s}" for s in range(1, 4)}
     out4 = apply_edge_swaps([full_path("o", mb, 4, ids) for mb in range(4)], 4)
-    assert [p.stages[1:-1] for p in out4] == [[1, 2, 3], [2, 1, 3], [1, 2, 3], [1, 3, 2]]
+    assert [p.stages[1:-1] for p in out4] == [(1, 2, 3), (2, 1, 3), (1, 2, 3), (1, 3, 2)]
     out3 = apply_edge_swaps([full_path("o", mb, 3, ids) for mb in range(2)], 3)
-    assert [p.stages[1:-1] for p in out3] == [[1, 2], [2, 1]]
+    assert [p.stages[1:-1] for p in out3] == [(1, 2), (2, 1)]
     # m = 3 of 5 (S = 6): selected paths alternate front and back swaps, only where the pair is in place
-    skip = [PlannedPath("o", i, [0, *b, 0], ["o", *(f"s{s}" for s in b), "o"])
+    skip = [PlannedPath("o", i, (0, *b, 0), ("o", *(f"s{s}" for s in b), "o"))
             for i, b in enumerate([[1, 2, 4], [1, 2, 4], [1, 3, 5], [2, 4, 5], [1, 3, 4]])]
     out = apply_edge_swaps(skip, 6)
-    assert [p.stages[1:-1] for p in out] == [[1, 2, 4], [2, 1, 4], [1, 3, 5], [2, 5, 4], [1, 3, 4]]
+    assert [p.stages[1:-1] for p in out] == [(1, 2, 4), (2, 1, 4), (1, 3, 5), (2, 5, 4), (1, 3, 4)]
     # a swap that would break the jump rule is not applied: 0 -> 2 skips one stage, max_jump=0 forbids it
-    assert apply_edge_swaps(skip[:2], 6, max_jump=0)[1].stages[1:-1] == [1, 2, 4]
+    assert apply_edge_swaps(skip[:2], 6, max_jump=0)[1].stages[1:-1] == (1, 2, 4)
 
 
 def test_validate_plan_enforces_memory_cap() -> None:
     topo = line_topology([0, 0, 1, 1])
     req = PlanRequest(topology=topo, num_stages=2, microbatches_per_origin=1, memory_cap=1)
-    spread = [PlannedPath("n0", 0, [0, 1, 0], ["n0", "n2", "n0"]),
-              PlannedPath("n1", 0, [0, 1, 0], ["n1", "n3", "n1"])]
+    spread = [PlannedPath("n0", 0, (0, 1, 0), ("n0", "n2", "n0")),
+              PlannedPath("n1", 0, (0, 1, 0), ("n1", "n3", "n1"))]
     validate_plan(spread, req)
-    crowded = [spread[0], PlannedPath("n1", 0, [0, 1, 0], ["n1", "n2", "n1"])]
+    crowded = [spread[0], PlannedPath("n1", 0, (0, 1, 0), ("n1", "n2", "n1"))]
     with pytest.raises(PlanError, match="node 'n2' is routed 2 microbatches, above memory_cap=1"):
         validate_plan(crowded, req)
 

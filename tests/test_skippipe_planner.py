@@ -98,10 +98,10 @@ def test_edge_swaps_on_half_the_microbatches() -> None:
         swapped = paths[1::2]
         assert all(edge_swapped(p, 6) for p in swapped), (skip, planner)
         if skip == 0.0:   # m = 5 holds both pairs: 2,1,3,5,4
-            assert all(p.stages == [0, 2, 1, 3, 5, 4, 0] for p in swapped)
+            assert all(p.stages == (0, 2, 1, 3, 5, 4, 0) for p in swapped)
         else:             # m = 3: front and back alternate
-            fronts = [p for p in swapped if p.stages[1:3] == [2, 1]]
-            backs = [p for p in swapped if p.stages[-3:-1] == [5, 4]]
+            fronts = [p for p in swapped if p.stages[1:3] == (2, 1)]
+            backs = [p for p in swapped if p.stages[-3:-1] == (5, 4)]
             assert len(fronts) == len(backs) == len(swapped) // 2
 
 

@@ -36,7 +36,6 @@ Collision avoidance is the planner's objective, not a rule: it is measured by
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections import Counter
@@ -223,17 +222,23 @@ class PlanRequest:
                    microbatches_per_origin=microbatches_per_origin, **kwargs)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class PlannedPath:
-    """One microbatch's route: ``stages`` and ``node_ids`` both start and end at the origin."""
+    """One microbatch's route: ``stages`` and ``node_ids`` both start and end at the origin.
+
+    The one path type of the coordinator: planners produce it, the coordinator caches plans of it
+    and serves them to every node (from the event loop, planned in a worker thread), so it is
+    immutable; with one stage (data-parallel mode) a path is ``stages=(0,)``, its origin alone.
+    """
 
     origin_id: str
     microbatch: int
-    stages: list[int]
-    node_ids: list[str]
+    stages: tuple[int, ...]      # e.g. (0, 1, 2, 3, 0)
+    node_ids: tuple[str, ...]    # node hosting each hop
 
     def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        return {"origin_id": self.origin_id, "microbatch": self.microbatch,
+                "stages": list(self.stages), "node_ids": list(self.node_ids)}
 
 
 def stages_visited(num_stages: int, skip_ratio: float) -> int:
@@ -389,7 +394,7 @@ def apply_edge_swaps(paths: Sequence[PlannedPath], num_stages: int, *, max_swaps
     selected. A selected path gets its swaps only where the pair is visited
     back to back at that end of the path and the swapped path still obeys the
     rules (jump and swap limits); otherwise it is left as it is. Node ids move
-    with their stages. Returns new path objects; the input is not modified.
+    with their stages. Returns a new list (paths are immutable: swapped ones are new objects).
     """
     visits = len(paths[0].stages) - 2 if paths else 0
     cycle = edge_swap_kinds(num_stages, visits)
@@ -409,10 +414,10 @@ def apply_edge_swaps(paths: Sequence[PlannedPath], num_stages: int, *, max_swaps
                     swapped = None
             if swapped is not None:
                 node_of = dict(zip(blocks, p.node_ids[1:-1], strict=True))
-                out.append(PlannedPath(p.origin_id, p.microbatch, [0, *swapped, 0],
-                                       [p.origin_id, *(node_of[s] for s in swapped), p.origin_id]))
+                out.append(PlannedPath(p.origin_id, p.microbatch, (0, *swapped, 0),
+                                       (p.origin_id, *(node_of[s] for s in swapped), p.origin_id)))
                 continue
-        out.append(PlannedPath(p.origin_id, p.microbatch, list(p.stages), list(p.node_ids)))
+        out.append(p)
     return out
 
 

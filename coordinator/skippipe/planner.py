@@ -5,7 +5,9 @@ planner returns a plan that passes :func:`~coordinator.paths.validate_plan`,
 sorted by (origin in topology order, microbatch).
 
 * ``full`` — the baseline: every stage, replicas taken round robin so each
-  replica of a stage gets the same number of microbatches.
+  replica of a stage gets the same number of microbatches. (The coordinator's
+  fallback, ``schedule.full_pipeline_paths``, also visits every stage but balances
+  by throughput and link latency and obeys no rule, so that it cannot fail.)
 * ``random`` — random valid skips (still evenly covering the stages), random
   adjacent swaps, random replicas.
 * ``skippipe-unaware`` — the skips below, each path routed to the replicas
@@ -49,6 +51,7 @@ from lowband.coordinator.skippipe.paths import (
     edge_swap_sequence,
     validate_plan,
 )
+from lowband.coordinator.skippipe.schedule import greedy_routes
 
 __all__ = [
     "PLANNERS",
@@ -150,7 +153,7 @@ class _Ctx:
 
     def to_paths(self, plan: _Plan) -> list[PlannedPath]:
         ids = [spec.node_id for spec in self.topo.nodes]
-        return [PlannedPath(ids[o], mb, [0, *b, 0], [ids[o], *(ids[h] for h in hs), ids[o]])
+        return [PlannedPath(ids[o], mb, (0, *b, 0), (ids[o], *(ids[h] for h in hs), ids[o]))
                 for o, mb, b, hs in zip(plan.origins, plan.mbs, plan.blocks, plan.hops, strict=True)]
 
 
@@ -304,15 +307,16 @@ def _priority(ctx: _Ctx) -> list[int]:
 
 
 def _plan_full(ctx: _Ctx, rng: random.Random) -> _Plan:
+    """The baseline: every stage, each stage's replicas round robin (the coordinator's throughput-aware
+    fallback is ``schedule.full_pipeline_paths``; both route with ``schedule.greedy_routes``)."""
     sets = [list(range(1, ctx.S)) for _ in range(ctx.P)]
     locks = _edge_locks(ctx, sets, rng)
-    counters = [0] * ctx.S
+    order = _priority(ctx)
+    routes = greedy_routes([(ctx.origins[p], sets[p]) for p in order], dict(enumerate(ctx.replicas)),
+                           lambda _prev, _node, load: load)
     hops: list[list[int]] = [[] for _ in range(ctx.P)]
-    for p in _priority(ctx):
-        for s in sets[p]:
-            reps = ctx.replicas[s]
-            hops[p].append(reps[counters[s] % len(reps)])
-            counters[s] += 1
+    for p, route in zip(order, routes, strict=True):
+        hops[p] = route
     return _Plan(list(ctx.origins), list(ctx.mbs), sets, hops, locks)
 
 
