@@ -1,15 +1,33 @@
-"""The node daemon as a process: waits out a coordinator that is not up yet, leaves cleanly on SIGTERM."""
+"""The node daemon: waits out a coordinator that is not up yet, leaves cleanly on SIGTERM, reports its memory
+when it joins; its schedule keeper shares one reload among the microbatches that name an unknown peer."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import grpc
+import pytest
 from node_procs import LocalRun
 
-from lowband.node.coordinator_client import Backoff
+from lowband.coordinator.server import start_coordinator
+from lowband.node.coordinator_client import Backoff, CoordinatorClient
+from lowband.node.daemon import NodeDaemon, NodeOptions
+from lowband.node.event_log import EventLog
+from lowband.node.membership import Membership
+from lowband.node.pipeline.agent import Schedule
+from lowband.node.schedule_keeper import ScheduleKeeper
+from lowband.node.stage_assembly import CurrentStage
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols import coordinator_pb2_grpc as pb_grpc
+from lowband.protocols.config import RunConfig, apply_overrides
+from lowband.protocols.rpc import TokenAuthInterceptor
 from lowband.sim.procs import free_port
+
+TOKEN = "daemon-token"
 
 
 def test_backoff_grows_and_is_capped() -> None:
@@ -48,38 +66,88 @@ def test_node_waits_for_coordinator_then_leaves_on_sigterm(tmp_path: Path) -> No
         run.close()
 
 
+class SlowScheduler(pb_grpc.CoordinatorServicer):
+    """Answers GetSchedule after a delay, with the number of the answer as its epoch."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.calls = 0
+
+    async def GetSchedule(self, request: pb.ScheduleRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleReply:
+        self.calls += 1
+        epoch = self.calls
+        await asyncio.sleep(self.delay_s)
+        return pb.ScheduleReply(epoch=epoch, stage=1)
+
+
+@pytest.mark.timeout(60)
 def test_microbatches_naming_unknown_peers_share_one_schedule_reload_and_wait_for_it() -> None:
     """Many microbatches naming a peer we do not know (a node that just moved stages has no schedule yet)
     trigger one reload, and those that arrive while it is under way wait for it instead of going on
-    without the address (they would give up their microbatch without telling its origin)."""
-    import asyncio
-    from types import SimpleNamespace
+    without the address (they would give up their microbatch without telling its origin). A schedule
+    fetched before the node changed stage does not count for the new stage's agent."""
 
-    from lowband.node.daemon import NodeDaemon
+    async def main() -> None:
+        fake = SlowScheduler(delay_s=0.1)
+        server = grpc.aio.server(interceptors=[TokenAuthInterceptor(TOKEN)])
+        pb_grpc.add_CoordinatorServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = CoordinatorClient(f"127.0.0.1:{port}", TOKEN)
+        membership, current = Membership(node_id="me"), CurrentStage()
+        keeper = ScheduleKeeper(client, membership, current, EventLog(""), asyncio.Event(), heartbeat_s=0.5,
+                                changed_at=time.monotonic())
+        try:
+            async def microbatch() -> int:
+                await keeper.refresh_for_unknown_peer()
+                return membership.epoch   # the schedule this microbatch goes on with
 
-    async def main() -> tuple[list[bool], int]:
-        reloads: list[float] = []
-        have_schedule = asyncio.Event()
-        fake = SimpleNamespace(_schedule_lock=asyncio.Lock(), _last_refresh=0.0)
+            first = await asyncio.gather(*(microbatch() for _ in range(5)))
+            assert first == [1] * 5 and fake.calls == 1   # one reload, and nobody went on before it was in
+            await asyncio.sleep(0.3)
+            assert await microbatch() == 2                # later: the schedule may have changed again
+            received: list[Schedule] = []
+            current.agent = SimpleNamespace(set_schedule=received.append, is_origin=False)  # type: ignore[assignment]
+            assert await microbatch() == 3 and len(received) == 1   # a new stage's agent: at once, not cached
+        finally:
+            await client.close()
+            await server.stop(None)
 
-        async def reload() -> None:   # what _reload_schedule does: fetch under the lock, then stamp
-            async with fake._schedule_lock:
-                reloads.append(time.monotonic())
-                await asyncio.sleep(0.1)
-                have_schedule.set()
-                fake._last_refresh = time.monotonic()
+    asyncio.run(main())
 
-        fake._reload_schedule = reload
 
-        async def microbatch() -> bool:
-            await NodeDaemon._refresh_for_unknown_peer(fake)  # type: ignore[arg-type]
-            return have_schedule.is_set()
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
 
-        first = await asyncio.gather(*(microbatch() for _ in range(5)))
-        await asyncio.sleep(0.3)
-        await microbatch()   # later: the schedule may have changed again
-        return first, len(reloads)
 
-    first, reloads = asyncio.run(main())
-    assert all(first)    # nobody went on before the schedule was in
-    assert reloads == 2  # one for the five at once, one for the later one
+def _mem_total_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemTotal in /proc/meminfo")
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="reads the process's memory from /proc")
+@pytest.mark.timeout(60)
+def test_join_reports_the_memory_the_node_has(tmp_path: Path) -> None:
+    """The coordinator learns a CPU node's memory in bytes: at least what this process already uses,
+    at most the host's RAM (0, a page count or KiB would fall outside)."""
+
+    async def main() -> None:
+        server = await start_coordinator(apply_overrides(RunConfig(), ["model.stages=2"]), tmp_path, TOKEN)
+        daemon = NodeDaemon(NodeOptions(coordinator=f"127.0.0.1:{server.port}", token=TOKEN, device="cpu"))
+        daemon.address = "127.0.0.1:1"
+        try:
+            reply = await daemon.join(throughput=1.0, stage=-1)
+            assert reply is not None
+            memory = server.core.members[reply.node_id].memory_bytes
+            assert _rss_bytes() <= memory <= _mem_total_bytes()
+        finally:
+            await daemon.transport.close()
+            await daemon.client.close()
+            await server.stop(0.2)
+
+    asyncio.run(main())

@@ -1,4 +1,4 @@
-"""The daemon executes a coordinator's recovery plan: fetch the sources over GetState, rebuild, load."""
+"""A node executes a coordinator's recovery plan: fetch the sources over GetState, rebuild, load."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import asyncio
 import torch
 from node_cluster import TOKEN, start_node
 
-from lowband.node.daemon import NodeDaemon, NodeOptions
+from lowband.node.pipeline.transport import Transport
+from lowband.node.recovery.obtain import obtain_weights
 from lowband.node.service import StateSnapshot
-from lowband.node.train.model import ModelConfig, build_stage, init_stage, model_config_for
+from lowband.node.train.model import ModelConfig, build_stage, init_stage
 from lowband.protocols import coordinator_pb2 as pb
-from lowband.protocols.config import RunConfig, apply_overrides
 
 CFG = ModelConfig.from_preset("tiny")
 
@@ -29,16 +29,14 @@ def test_checkfree_plan_rebuilds_from_neighbours_and_replica_copy_copies() -> No
         n3 = await start_node("n3", 3, init_stage(CFG, 3, 4, seed=3), dim=CFG.dim, max_seq_len=CFG.max_seq_len)
         for n in (n1, n3):
             _serve_state(n)
-        daemon = NodeDaemon(NodeOptions(coordinator="127.0.0.1:1", token=TOKEN, node_id="me"))
-        daemon.config = apply_overrides(RunConfig(), ["model.stages=4"])
-        daemon.model_cfg = model_config_for(daemon.config.model)
+        transport = Transport(TOKEN)
         try:
             plan = pb.RecoveryPlan(stage=2, method="checkfree", lr_scale=1.1, plan_id=5)
             plan.sources.add(node_id="n1", address=n1.address, stage=1)
             plan.sources.add(node_id="n3", address=n3.address, stage=3)
             plan.weights.extend([1.0, 3.0])
             module = build_stage(CFG, 2, 4, seed=99)
-            iteration, lr_scale, outer = await daemon._obtain(module, 2, "checkfree", plan)
+            iteration, lr_scale, outer = await obtain_weights(transport, "me", module, "checkfree", plan, 1.0)
             assert (iteration, lr_scale, outer) == (43, 1.1, {})
             s1, s3 = n1.runtime.module.state_dict(), n3.runtime.module.state_dict()
             for name, t in module.state_dict().items():
@@ -47,13 +45,12 @@ def test_checkfree_plan_rebuilds_from_neighbours_and_replica_copy_copies() -> No
             copy = pb.RecoveryPlan(stage=1, method="replica-copy", plan_id=6)
             copy.sources.add(node_id="n1", address=n1.address, stage=1)
             module = build_stage(CFG, 1, 4, seed=99)
-            iteration, lr_scale, _ = await daemon._obtain(module, 1, "replica-copy", copy)
+            iteration, lr_scale, _ = await obtain_weights(transport, "me", module, "replica-copy", copy, 1.0)
             assert (iteration, lr_scale) == (41, 1.0)
             for name, t in module.state_dict().items():
                 assert torch.equal(t, s1[name])
         finally:
-            await daemon.transport.close()
-            await daemon.client.close()
+            await transport.close()
             for n in (n1, n3):
                 await n.stop()
 
