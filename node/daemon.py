@@ -120,8 +120,8 @@ class NodeDaemon:
         self.device = resolve_device(options.device)
         self.membership = Membership(node_id=options.node_id)
         self.events = EventLog(options.log_json)
-        self.links = LinkTable(options.links_file) if options.links_file else None
-        self.transport = Transport(options.token, links=self.links, wire=options.wire)
+        links = LinkTable(options.links_file) if options.links_file else None   # emulated links (simulator)
+        self.transport = Transport(options.token, links=links, wire=options.wire)
         self.servicer = NodeServicer(options.node_id)
         self.client = CoordinatorClient(options.coordinator, options.token)
         self.current = CurrentStage()

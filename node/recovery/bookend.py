@@ -12,8 +12,7 @@ import torch
 from lowband.node.event_log import EventLog
 from lowband.node.membership import Membership
 from lowband.node.pipeline.transport import Transport
-from lowband.node.recovery.obtain import STATE_TIMEOUT_S
-from lowband.node.service import fetch_state
+from lowband.node.recovery.obtain import fetch_peer_state
 from lowband.node.stage_assembly import CurrentStage
 from lowband.protocols.errors import ValidationError
 
@@ -53,8 +52,7 @@ class BookendCopy:
             if address is None:
                 continue
             try:
-                snapshot = await fetch_state(self.transport.stub(address), 0, ["local"], self.membership.node_id,
-                                             metadata=self.transport.metadata, timeout_s=STATE_TIMEOUT_S)
+                snapshot = await fetch_peer_state(self.transport, address, 0, ["local"], self.membership.node_id)
             except (grpc.aio.AioRpcError, ValidationError) as exc:
                 logger.info("bookend copy from %s failed: %s", node_id, exc)
                 continue

@@ -6,11 +6,18 @@ import torch
 
 from lowband.node.pipeline.transport import Transport
 from lowband.node.recovery.checkfree import load_rebuilt, rebuild_stage
-from lowband.node.service import fetch_state
+from lowband.node.service import StateSnapshot, fetch_state
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.errors import ValidationError
 
 STATE_TIMEOUT_S = 60.0       # copying a stage from a replica (large models take a while)
+
+
+async def fetch_peer_state(transport: Transport, address: str, stage: int, parts: list[str],
+                           requester_id: str) -> StateSnapshot:
+    """GetState from the peer at ``address`` with this node's token, given a stage copy's time."""
+    return await fetch_state(transport.stub(address), stage, parts, requester_id, metadata=transport.metadata,
+                             timeout_s=STATE_TIMEOUT_S)
 
 
 async def obtain_weights(transport: Transport, requester_id: str, module: torch.nn.Module, method: str,
@@ -28,8 +35,7 @@ async def obtain_weights(transport: Transport, requester_id: str, module: torch.
     iteration = 0
     outer_parts: dict[str, dict[str, torch.Tensor]] = {}
     for i, source in enumerate(plan.sources):
-        snapshot = await fetch_state(transport.stub(source.address), source.stage, parts, requester_id,
-                                     metadata=transport.metadata, timeout_s=STATE_TIMEOUT_S)
+        snapshot = await fetch_peer_state(transport, source.address, source.stage, parts, requester_id)
         outer_parts = {k: v for k, v in snapshot.parts.items() if k in ("global", "outer")}
         if part not in snapshot.parts:
             raise ValidationError(f"source {source.node_id} sent no {part!r} state")

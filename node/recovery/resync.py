@@ -18,8 +18,7 @@ from lowband.node.event_log import EventLog
 from lowband.node.membership import Membership
 from lowband.node.pipeline.agent import PipelineAgent
 from lowband.node.pipeline.transport import Transport
-from lowband.node.recovery.obtain import STATE_TIMEOUT_S
-from lowband.node.service import fetch_state
+from lowband.node.recovery.obtain import fetch_peer_state
 from lowband.node.stage_assembly import CurrentStage
 from lowband.protocols.errors import ValidationError
 
@@ -68,8 +67,7 @@ class OuterResync:
                 ahead.append((pong.outer_steps, peer_id, address))
         for _, peer_id, address in sorted(ahead, reverse=True):
             try:
-                snapshot = await fetch_state(self.transport.stub(address), agent.stage, ["global", "outer"],
-                                             node_id, metadata=self.transport.metadata, timeout_s=STATE_TIMEOUT_S)
+                snapshot = await fetch_peer_state(self.transport, address, agent.stage, ["global", "outer"], node_id)
             except (grpc.aio.AioRpcError, ValidationError) as exc:
                 logger.info("outer state from %s unavailable: %s", peer_id, exc)
                 continue
