@@ -7,10 +7,11 @@
   there, acknowledge. ``--transport wire`` (the default, what nodes use): the
   activation wire (node/pipeline/wire.py), a framed TCP connection beside the node's gRPC
   service, whose receiver reads the payload straight into the decoded tensor.
-  ``--transport grpc``: the gRPC activation pipe (one message on a long-lived
-  stream), the fallback for peers without a wire. The activation is sized so that
-  1 MiB goes on the wire. Fastest repetition (see below); ``hop_ms_median`` is the
-  median.
+  ``--transport grpc``: the gRPC fallback for peers without a wire (a ``Forward`` call
+  streaming the message in chunks). The activation is sized so that 1 MiB goes on the
+  wire. Fastest repetition (see below); ``hop_ms_median`` is the median.
+  ``activation_bytes_per_hop``: what the transport counted as sent per hop (the tensor's
+  metadata and payload; on gRPC the whole serialized message).
 - ``raw_socket_ms``: the same bytes over a plain TCP socket to a process that reads them
   and answers one byte (the floor any transport pays on this machine, in Python). Fastest
   repetition; ``raw_socket_ms_median`` is the median.
@@ -53,22 +54,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lowband.coordinator.launch import launch_coordinator  # noqa: E402
+from lowband.node.pipeline.payload import SegmentedPayload, build_microbatch, receive_target  # noqa: E402
 from lowband.node.pipeline.transport import Transport  # noqa: E402
 from lowband.node.service import NodeServicer, start_server, start_wire  # noqa: E402
 from lowband.protocols import node_pb2  # noqa: E402
-from lowband.protocols.codec import (  # noqa: E402
-    RAW_CODECS,
-    SegmentedPayload,
-    check_finite,
-    decode,
-    encode,
-    encode_segmented,
-    encode_split,
-    native_codec,
-    receive_target,
-    seal,
-    tensor_bytes,
-)
+from lowband.protocols.codec import check_finite, decode, encode, native_codec, tensor_bytes  # noqa: E402
 from lowband.protocols.rpc import install_uvloop  # noqa: E402
 from lowband.sim.procs import Supervisor  # noqa: E402
 
@@ -137,12 +128,6 @@ def _activation(codec: str) -> torch.Tensor:
     return torch.randn(4, numel // (4 * dim), dim)
 
 
-def encode_activation(h: torch.Tensor, codec: str) -> tuple[Any, Any]:
-    """What PipelineAgent._push does: a raw codec's payload is cast to the wire dtype by the transport as it
-    is sent (the receiver reads it in place, and its runtime casts back in the compute thread)."""
-    return encode_segmented(h, codec) if codec in RAW_CODECS else encode_split(h, codec)
-
-
 def _proc_cpu_s(pid: int) -> float:
     """CPU seconds (user + system, all threads) a process has used; NaN where /proc is missing."""
     try:
@@ -177,10 +162,11 @@ def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
                 raise RuntimeError("raw server misbehaved")
             return time.perf_counter() - start
 
+        header = node_pb2.MicrobatchHeader(run_id="bench", iteration=0, microbatch=0, origin_id="o",
+                                           stages=[0, 1, 0], node_ids=["o", "sink", "o"], hop=1)
+
         async def client() -> tuple[list[float], list[float]]:
             transport = Transport(TOKEN, wire=wire)
-            header = node_pb2.MicrobatchHeader(run_id="bench", iteration=0, microbatch=0, origin_id="o",
-                                               stages=[0, 1, 0], node_ids=["o", "sink", "o"], hop=1)
             address = f"127.0.0.1:{grpc_port}"
             hops, raws = [], []
             for i in range(reps + 5):
@@ -189,8 +175,7 @@ def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
                     cpu["raw_server"] = -_proc_cpu_s(raw_proc.pid or 0)
                     cpu["hop_client"] = cpu["raw_client"] = 0.0
                 start, cpu_start = time.perf_counter(), time.process_time()
-                msg, data = encode_activation(activation, codec)
-                ack = await transport.send_microbatch(address, False, header, msg, timeout_s=30, payload=data)
+                ack = await transport.send_microbatch(address, False, header, activation, codec, timeout_s=30)
                 elapsed, cpu_mid = time.perf_counter() - start, time.process_time()
                 if not ack.ok:
                     raise RuntimeError(ack.message)
@@ -202,21 +187,23 @@ def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
                     cpu["raw_client"] += time.process_time() - cpu_mid
             cpu["hop_server"] += _proc_cpu_s(grpc_proc.pid or 0)
             cpu["raw_server"] += _proc_cpu_s(raw_proc.pid or 0)
+            sent["activation_bytes_per_hop"] = transport.activation_bytes_sent / (reps + 5)
             await transport.close()
             return hops, raws
 
         cpu: dict[str, float] = {}
+        sent: dict[str, float] = {}
         install_uvloop()
         hops, raws = asyncio.run(client())
         sock.close()
         encodes, decodes = [], []
         scratch = bytearray(4 * activation.numel())   # the wire connection's cast buffer
         for _ in range(reps):
-            start = time.perf_counter()
-            msg, data = encode_activation(activation, codec)
+            start = time.perf_counter()   # what the transport does before the first byte goes out
+            out = build_microbatch(header, activation, codec)
+            data = out.payload
             segments = list(data.segments(scratch if wire else None)) if isinstance(data, SegmentedPayload) else [data]
-            if not wire:
-                seal(msg, b"".join(segments))
+            msg = out.meta if wire else out.whole()
             encodes.append(time.perf_counter() - start)
             if wire:   # the receiver reads the payload straight into this tensor (the socket's work), checks it
                 start = time.perf_counter()
@@ -239,7 +226,7 @@ def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
                 "encode_ms": 1000 * min(encodes), "decode_ms": 1000 * min(decodes),
                 # CPU per hop, both processes (and all their threads): what load cannot inflate much
                 "hop_cpu_ms": 1000 * (cpu["hop_client"] + cpu["hop_server"]) / reps,
-                "raw_socket_cpu_ms": 1000 * (cpu["raw_client"] + cpu["raw_server"]) / reps}
+                "raw_socket_cpu_ms": 1000 * (cpu["raw_client"] + cpu["raw_server"]) / reps, **sent}
     finally:
         stop.set()
         for proc in (grpc_proc, raw_proc):
@@ -288,17 +275,10 @@ def pipeline_tokens_per_s(steps: int) -> float:
     (work / "token").write_text(TOKEN)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     with Supervisor(work) as supervisor:   # every process group it started dies with it, however this ends
-        args = [sys.executable, "-m", "lowband.coordinator.cli", "serve", "--bind", "127.0.0.1:0", "--run-dir",
-                str(work / "run"), "--token-file", str(work / "token"), "--port-file", str(work / "port")]
-        for item in _overrides(steps):
-            args += ["--set", item]
-        supervisor.spawn("coordinator", args, env=env, cwd=work)
-        deadline = time.monotonic() + 60
-        while not (work / "port").exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError("coordinator did not start")
-            time.sleep(0.05)
-        address = f"127.0.0.1:{(work / 'port').read_text().strip()}"
+        coordinator = launch_coordinator(work / "run", log_path=supervisor.log_path("coordinator"),
+                                         token_file=work / "token", overrides=_overrides(steps), env=env, cwd=work)
+        supervisor.adopt("coordinator", coordinator.popen)
+        address = coordinator.address
         nodes = [supervisor.spawn(f"node{stage}", [
             sys.executable, "-m", "lowband.node.cli", "--coordinator", address, "--token-file", str(work / "token"),
             "--device", "cpu", "--preferred-stage", str(stage), "--log-json", str(work / f"node{stage}.jsonl"),
@@ -324,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="training iterations for the throughput runs")
     parser.add_argument("--skip-pipeline", action="store_true", help="only the hop measurement")
     parser.add_argument("--transport", default="wire", choices=("wire", "grpc"),
-                        help="hop over the activation wire (what nodes use) or over the gRPC activation pipes")
+                        help="hop over the activation wire (what nodes use) or over its gRPC fallback")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     hop = measure_hops(args.reps, args.codec, wire=args.transport == "wire")
@@ -337,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                               "encode_ms": round(hop["encode_ms"], 3), "decode_ms": round(hop["decode_ms"], 3),
                               "hop_cpu_ms": round(hop["hop_cpu_ms"], 3),
                               "raw_socket_cpu_ms": round(hop["raw_socket_cpu_ms"], 3),
-                              "hop_cpu_ratio": round(hop["hop_cpu_ms"] / hop["raw_socket_cpu_ms"], 2)}
+                              "hop_cpu_ratio": round(hop["hop_cpu_ms"] / hop["raw_socket_cpu_ms"], 2),
+                              "activation_bytes_per_hop": round(hop["activation_bytes_per_hop"])}
     if not args.skip_pipeline:
         result["pipeline_tokens_per_s"] = round(pipeline_tokens_per_s(args.steps), 1)
         result["reference_tokens_per_s"] = round(reference_tokens_per_s(args.steps), 1)

@@ -9,7 +9,6 @@ UNAVAILABLE so the sender treats it like an unreachable hop.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -106,7 +105,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.outer_steps = lambda: 0
 
     def wire_frame(self, frame: WireFrame) -> None:
-        """A microbatch that came on the activation wire (node/pipeline/wire.py): the same checks as on a pipe."""
+        """A microbatch that came on the activation wire (node/pipeline/wire.py): the same checks as by gRPC."""
         if self.agent is None:
             raise WireUnavailable("node holds no stage yet")
         self.bytes_received += frame.meta.ByteSize() + len(frame.payload)   # as the sender counts it
@@ -129,47 +128,6 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         except ValidationError as exc:
             await abort_invalid(context, exc)
         return node_pb2.NodeAck(ok=True)
-
-    def _accept_one(self, agent: PipelineAgent, request: node_pb2.MicrobatchChunk, backward: bool) -> None:
-        """A whole microbatch in one message: the same checks as a one-chunk stream."""
-        if not request.HasField("header"):
-            raise ValidationError("a pipe message must carry its microbatch header")
-        assembler = ChunkAssembler(self.max_tensor_bytes)
-        if not assembler.add(request.chunk):
-            raise ValidationError(f"a pipe message must hold a whole tensor, got 1 of {request.chunk.num_chunks} chunks")
-        received = assembler.received_bytes
-        tensor = assembler.finish()
-        self.bytes_received += received
-        agent.accept(request.header, tensor, backward=backward)
-
-    async def _pipe(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
-                    context: grpc.aio.ServicerContext, backward: bool) -> AsyncIterator[node_pb2.NodeAck]:
-        """One ack per message, in order; a bad message is refused (ok=False) without ending the stream.
-        With no stage held the stream ends UNAVAILABLE, as a single call would."""
-        try:
-            async for request in request_iterator:
-                agent = await self._require_agent(context)
-                try:
-                    self._accept_one(agent, request, backward)
-                except ValidationError as exc:
-                    logger.warning("invalid %s pipe message from %s: %s", "backward" if backward else "forward",
-                                   context.peer(), exc)
-                    yield node_pb2.NodeAck(ok=False, message=f"invalid: {exc}")
-                    continue
-                yield node_pb2.NodeAck(ok=True)
-        except asyncio.CancelledError:
-            # the peer closed its pipe or this server is stopping: the call is over, nothing to answer
-            return
-
-    async def ForwardPipe(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.NodeAck]:
-        async for ack in self._pipe(request_iterator, context, backward=False):
-            yield ack
-
-    async def BackwardPipe(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.NodeAck]:
-        async for ack in self._pipe(request_iterator, context, backward=True):
-            yield ack
 
     async def Forward(self, request_iterator: AsyncIterator[node_pb2.MicrobatchChunk],
                       context: grpc.aio.ServicerContext) -> node_pb2.NodeAck:

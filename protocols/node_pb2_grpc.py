@@ -44,16 +44,6 @@ class NodeStub:
                 request_serializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
                 response_deserializer=lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
                 _registered_method=True)
-        self.ForwardPipe = channel.stream_stream(
-                '/lowband.Node/ForwardPipe',
-                request_serializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-                response_deserializer=lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
-                _registered_method=True)
-        self.BackwardPipe = channel.stream_stream(
-                '/lowband.Node/BackwardPipe',
-                request_serializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-                response_deserializer=lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
-                _registered_method=True)
         self.Abandon = channel.unary_unary(
                 '/lowband.Node/Abandon',
                 request_serializer=lowband_dot_protocols_dot_node__pb2.AbandonRequest.SerializeToString,
@@ -87,29 +77,14 @@ class NodeServicer:
     def Forward(self, request_iterator, context):
         """Push activations (forward) or activation gradients (backward) of one
         microbatch to the node at `header.hop`. The stream is TensorChunks of one
-        Tensor; the header rides on the first message.
+        Tensor; the header rides on the first message. The fallback for peers
+        without an activation wire (node/pipeline/wire.py), which carries the same.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Backward(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ForwardPipe(self, request_iterator, context):
-        """The same over one long-lived stream per peer and direction, for tensors under the message-size
-        bound: each message is a whole microbatch (header + a chunk with num_chunks = 1) and gets one
-        NodeAck, in order (ok = false with the reason for a malformed one; the stream goes on). Saves
-        grpc.aio's per-call cost: ~0.4 ms per 1 MiB hop against a call per microbatch.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def BackwardPipe(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,16 +139,6 @@ def add_NodeServicer_to_server(servicer, server):
             ),
             'Backward': grpc.stream_unary_rpc_method_handler(
                     servicer.Backward,
-                    request_deserializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.FromString,
-                    response_serializer=lowband_dot_protocols_dot_node__pb2.NodeAck.SerializeToString,
-            ),
-            'ForwardPipe': grpc.stream_stream_rpc_method_handler(
-                    servicer.ForwardPipe,
-                    request_deserializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.FromString,
-                    response_serializer=lowband_dot_protocols_dot_node__pb2.NodeAck.SerializeToString,
-            ),
-            'BackwardPipe': grpc.stream_stream_rpc_method_handler(
-                    servicer.BackwardPipe,
                     request_deserializer=lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.FromString,
                     response_serializer=lowband_dot_protocols_dot_node__pb2.NodeAck.SerializeToString,
             ),
@@ -255,60 +220,6 @@ class Node:
             request_iterator,
             target,
             '/lowband.Node/Backward',
-            lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-            lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ForwardPipe(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/lowband.Node/ForwardPipe',
-            lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
-            lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def BackwardPipe(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/lowband.Node/BackwardPipe',
             lowband_dot_protocols_dot_node__pb2.MicrobatchChunk.SerializeToString,
             lowband_dot_protocols_dot_node__pb2.NodeAck.FromString,
             options,

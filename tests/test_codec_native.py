@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from lowband.node.pipeline.payload import encode_segmented
 from lowband.protocols import codec
-from lowband.protocols.codec import check_finite, check_finite_bytes, encode_segmented, tensor_bytes
+from lowband.protocols.codec import check_finite, check_finite_bytes, tensor_bytes
 from lowband.protocols.errors import ValidationError
 
 torch.set_num_threads(1)

@@ -47,15 +47,15 @@ def test_send_waits_for_the_emulated_link(tmp_path: Path) -> None:
         node = await start_node("n1", 1, init_stage(CFG, 1, 4, seed=0), dim=CFG.dim, max_seq_len=CFG.max_seq_len)
         try:
             path = tmp_path / "links.json"
-            msg = encode(torch.zeros(1, 4, CFG.dim), "fp32")
-            nbytes = msg.ByteSize()
+            x = torch.zeros(1, 4, CFG.dim)
+            nbytes = encode(x, "fp32", compress=False).ByteSize()
             path.write_text(json.dumps({"peers": {node.address: {"latency_s": 0.2, "bandwidth_Bps": nbytes / 0.3}}}))
             header = node_pb2.MicrobatchHeader(run_id="other-run", hop=1)   # refused by the node; timing only
             timings = []
             for links in (None, LinkTable(path)):
                 transport = Transport("test-token", links=links)
                 start = time.monotonic()
-                ack = await transport.send_microbatch(node.address, False, header, msg, timeout_s=5)
+                ack = await transport.send_microbatch(node.address, False, header, x, "fp32", timeout_s=5)
                 assert not ack.ok and "other-run" in ack.message   # refused, but the send itself happened
                 timings.append(time.monotonic() - start)
                 await transport.close()

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import torch
 
+from lowband.node.pipeline.payload import OutgoingMicrobatch, build_microbatch
 from lowband.node.pipeline.transport import Transport
 from lowband.node.pipeline.wire import (
     ACCEPTED,
@@ -25,15 +26,13 @@ from lowband.node.pipeline.wire import (
     REQUEST_MAGIC,
     SCRATCH_KEEP_BYTES,
     WireConnection,
-    WirePayload,
     WireServer,
-    frame_parts,
     handshake_mac,
     scratch_fits,
 )
 from lowband.node.service import NodeServicer, start_server, start_wire
 from lowband.protocols import node_pb2, tensor_pb2
-from lowband.protocols.codec import RAW_CODECS, decode, encode, encode_segmented, encode_split
+from lowband.protocols.codec import decode, encode
 from lowband.protocols.errors import ValidationError
 
 TOKEN = "wire-token"
@@ -95,18 +94,20 @@ def _header(mb: int) -> node_pb2.MicrobatchHeader:
                                      node_ids=["o", "n", "o"], hop=1)
 
 
-def _split(x: torch.Tensor, codec: str, *, segment_bytes: int = 64) -> tuple[tensor_pb2.Tensor, WirePayload]:
-    """As PipelineAgent._push: a raw codec's payload is cast segment by segment as it is written (small
-    segments here, so that the receiver sees them arrive in pieces); others are encoded whole."""
-    if codec in RAW_CODECS:
-        return encode_segmented(x, codec, segment_bytes=segment_bytes)
-    return encode_split(x, codec)
+def _built(mb: int, x: torch.Tensor, codec: str = "bf16", *, segment_bytes: int = 64) -> OutgoingMicrobatch:
+    """A frame's parts as the transport builds them: a raw codec's payload is cast segment by segment as it
+    is written (small segments here, so that the receiver sees them arrive in pieces)."""
+    return build_microbatch(_header(mb), x, codec, segment_bytes=segment_bytes)
 
 
 async def _send(transport: Transport, address: str, mb: int, x: torch.Tensor, *, codec: str = "bf16",
                 backward: bool = False, timeout_s: float = 10, segment_bytes: int = 64) -> node_pb2.NodeAck:
-    msg, payload = _split(x, codec, segment_bytes=segment_bytes)
-    return await transport.send_microbatch(address, backward, _header(mb), msg, timeout_s=timeout_s, payload=payload)
+    transport.segment_bytes = segment_bytes
+    return await transport.send_microbatch(address, backward, _header(mb), x, codec, timeout_s=timeout_s)
+
+
+async def _no_grpc(*args: object) -> node_pb2.NodeAck:
+    raise AssertionError("a microbatch went by gRPC")
 
 
 async def _authenticated_socket(port: int, token: str = TOKEN) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -138,21 +139,18 @@ async def _closed_by_peer(reader: asyncio.StreamReader) -> bool:
 def test_microbatches_arrive_intact_on_one_connection_per_direction() -> None:
     async def main() -> None:
         async with _wired() as (node, transport):
+            transport._send_on_grpc = _no_grpc  # type: ignore[method-assign]
             xs = [torch.randn(2, 5, 8) for _ in range(6)]
             codecs = ["bf16", "fp32", "fp4", "bf16", "fp16", "int8"]
             for i, (x, codec) in enumerate(zip(xs, codecs, strict=True)):
                 ack = await _send(transport, node.address, i, x, codec=codec, backward=i % 2 == 1)
                 assert ack.ok, ack.message
-            # a whole message (payload inside, with its checksum) goes on the wire too
-            ack = await transport.send_microbatch(node.address, False, _header(6), encode(xs[0], "fp32"), timeout_s=10)
-            assert ack.ok
             # concurrent sends of different sizes: one frame in flight per connection (each cast into the
             # connection's reused scratch only once the previous frame is answered), every one answered
             ys = [torch.randn(3, i + 1, 8) for i in (5, 1, 7, 0, 3, 6, 2, 4)]
             acks = await asyncio.gather(*(_send(transport, node.address, 100 + i, y) for i, y in enumerate(ys)))
             assert all(a.ok for a in acks)
             assert set(transport._wires) == {(node.address, False), (node.address, True)}
-            assert not transport._pipes   # nothing went over gRPC
             got = node.got
             assert [(mb, bw) for mb, bw, _, _ in got[:6]] == [(i, i % 2 == 1) for i in range(6)]
             for (_, _, h, in_place), x, codec in zip(got[:6], xs, codecs, strict=True):
@@ -165,9 +163,8 @@ def test_microbatches_arrive_intact_on_one_connection_per_direction() -> None:
                     assert torch.equal(h, x.to(h.dtype))
                 else:   # exactly what the codec's own round trip gives
                     assert torch.equal(h, decode(encode(x, codec, compress=False)))
-            torch.testing.assert_close(got[6][2], xs[0], rtol=0, atol=0)
-            assert sorted(mb for mb, _, _, _ in got[7:]) == list(range(100, 108))
-            for mb, _, h, _ in got[7:]:
+            assert sorted(mb for mb, _, _, _ in got[6:]) == list(range(100, 108))
+            for mb, _, h, _ in got[6:]:
                 assert torch.equal(h, ys[mb - 100].to(torch.bfloat16))
             assert node.servicer.bytes_received == transport.bytes_sent   # activations and the one Ping
     asyncio.run(main())
@@ -205,7 +202,8 @@ def test_a_wrong_token_is_refused_at_the_handshake_and_changes_nothing() -> None
             reader, writer = await asyncio.open_connection("127.0.0.1", node.wire.port)
             await reader.readexactly(NONCE_BYTES)
             good = await WireConnection.open("127.0.0.1", node.wire.port, TOKEN, 5)
-            status, _ = await good.send(0, *frame_parts(_header(3), *_split(torch.randn(1, 4, 8), "bf16")))
+            out = _built(3, torch.randn(1, 4, 8))
+            status, _ = await good.send(0, out.header_bytes, out.meta_bytes, out.payload)
             assert status == OK and [mb for mb, _, _, _ in node.got] == [3]
             good.close()
             writer.close()
@@ -237,15 +235,16 @@ def test_malformed_frames_close_the_connection_or_are_refused_without_harm() -> 
             message = (await reader.readexactly(length)).decode()
             assert status == INVALID and "unparsable" in message
             # a payload that does not fit its shape: decoded from the scratch buffer, refused
-            meta, payload = _split(torch.randn(1, 4, 8), "bf16")
-            header_bytes, meta_bytes, _ = frame_parts(_header(4), meta, payload)
-            short = bytes(payload)[:-2]
+            out = _built(4, torch.randn(1, 4, 8))
+            header_bytes, meta_bytes = out.header_bytes, out.meta_bytes
+            short = bytes(out.payload)[:-2]
             writer.write(REQUEST.pack(REQUEST_MAGIC, 0, len(header_bytes), len(meta_bytes), len(short))
                          + header_bytes + meta_bytes + short)
             _, status, length = REPLY.unpack(await reader.readexactly(REPLY.size))
             assert status == INVALID and "payload" in (await reader.readexactly(length)).decode()
             # non-finite values are the agent's to refuse; a good frame on the same connection still lands
-            header_bytes, meta_bytes, payload = frame_parts(_header(5), *_split(torch.randn(1, 4, 8), "bf16"))
+            out = _built(5, torch.randn(1, 4, 8))
+            header_bytes, meta_bytes, payload = out.header_bytes, out.meta_bytes, out.payload
             writer.write(REQUEST.pack(REQUEST_MAGIC, 1, len(header_bytes), len(meta_bytes), len(payload))
                          + header_bytes + meta_bytes + bytes(payload))
             _, status, length = REPLY.unpack(await reader.readexactly(REPLY.size))
@@ -278,14 +277,17 @@ def test_no_stage_yet_is_unavailable() -> None:
     asyncio.run(main())
 
 
-def test_a_peer_without_a_wire_gets_the_grpc_pipes() -> None:
+def test_a_peer_without_a_wire_gets_grpc() -> None:
     async def main() -> None:
         async with _wired(wire=False) as (node, transport):
             x = torch.randn(2, 3, 8)
             assert (await _send(transport, node.address, 1, x)).ok
+            ack = await _send(transport, node.address, 13, x)
+            assert not ack.ok and "13 is refused" in ack.message   # refused as on the wire: a negative ack
             assert transport._wire_ports[node.address] == 0 and not transport._wires
-            assert (node.address, False) in transport._pipes
-            torch.testing.assert_close(node.got[0][2].float(), x, rtol=1e-2, atol=1e-2)
+            assert [(mb, in_place) for mb, _, _, in_place in node.got] == [(1, False)]   # decoded: it came by gRPC
+            assert torch.equal(node.got[0][2], x.to(torch.bfloat16))
+            assert node.servicer.bytes_received == transport.bytes_sent   # the Ping and both microbatches
     asyncio.run(main())
 
 
@@ -394,17 +396,6 @@ def test_a_restarted_peer_on_the_same_address_is_reached_again() -> None:
     asyncio.run(main())
 
 
-def test_frame_parts_of_a_whole_message_leave_it_unchanged() -> None:
-    msg = encode(torch.randn(3, 4), "bf16")
-    before = msg.SerializeToString()
-    header_bytes, meta_bytes, payload = frame_parts(_header(1), msg)
-    assert msg.SerializeToString() == before
-    meta = tensor_pb2.Tensor.FromString(meta_bytes)
-    assert not meta.payload and meta.checksum == msg.checksum and bytes(payload) == msg.payload
-    assert node_pb2.MicrobatchHeader.FromString(header_bytes) == _header(1)
-
-
-
 def test_non_finite_values_read_in_place_are_refused_and_the_connection_goes_on() -> None:
     async def main() -> None:
         async with _wired() as (node, transport):
@@ -474,10 +465,9 @@ def test_server_protocol_reassembles_frames_from_reads_of_any_size(step: int) ->
         bad = torch.randn(3, 40, 64)
         bad.view(-1)[5000] = float("nan")
         for mb, x in ((1, good), (2, bad), (3, good)):
-            meta, payload = _split(x, "bf16", segment_bytes=1000)
-            header_bytes, meta_bytes, _ = frame_parts(_header(mb), meta, payload)
-            stream += REQUEST.pack(REQUEST_MAGIC, 0, len(header_bytes), len(meta_bytes), len(payload))
-            stream += header_bytes + meta_bytes + bytes(payload)
+            out = _built(mb, x, segment_bytes=1000)
+            stream += REQUEST.pack(REQUEST_MAGIC, 0, len(out.header_bytes), len(out.meta_bytes), len(out.payload))
+            stream += out.header_bytes + out.meta_bytes + bytes(out.payload)
         import lowband.node.pipeline.wire as wire
         old, wire.CHECK_BYTES = wire.CHECK_BYTES, 2048
         try:

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from lowband.node.pipeline import wire
+from lowband.node.pipeline.payload import encode_segmented
 from lowband.node.pipeline.wire import OK, WireConnection, WireError, WireFrame, WireServer, write_now
 from lowband.protocols import node_pb2
-from lowband.protocols.codec import encode_segmented
 from lowband.protocols.errors import ValidationError
 
 TOKEN = "fast-token"

@@ -35,7 +35,7 @@ import torch
 from lowband.node.pipeline.runtime import MicrobatchKey, StageError, StageRuntime
 from lowband.node.pipeline.transport import Transport
 from lowband.protocols import coordinator_pb2, node_pb2, tensor_pb2
-from lowband.protocols.codec import RAW_CODECS, decode, encode_segmented, encode_split
+from lowband.protocols.codec import decode
 from lowband.protocols.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -378,15 +378,9 @@ class PipelineAgent:
         if address is None:
             await self._give_up(header, f"no address for node {node_id}", suspect=None)
             return
-        # A raw codec decodes into its wire dtype (the receiver reads it in place), cast by the transport as
-        # the bytes go out; the transport seals the message if it has to go by gRPC.
-        if self.codec in RAW_CODECS:
-            msg, payload = encode_segmented(tensor, self.codec)
-        else:
-            msg, payload = encode_split(tensor, self.codec)
         try:
-            ack = await self.transport.send_microbatch(address, backward, out, msg, timeout_s=self.hop_timeout_s,
-                                                       node_id=node_id, payload=payload)
+            ack = await self.transport.send_microbatch(address, backward, out, tensor, self.codec,
+                                                       timeout_s=self.hop_timeout_s, node_id=node_id)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -5,15 +5,15 @@ hand-offs per message on each side (the poller thread, the event loop, protobuf
 copies), several times what the same bytes cost on a socket. On the wire a hop is
 a small frame head and the payload written straight from the encoded tensor (a raw
 codec's payload is cast as it is written, into a buffer the connection reuses:
-``codec.encode_segmented``), read on the other side by a ``BufferedProtocol`` on the
+``payload.encode_segmented``), read on the other side by a ``BufferedProtocol`` on the
 node's own event loop straight into the tensor handed to the agent
-(``codec.receive_spec``; the tensor is made ahead of time when the shape repeats) and
+(``payload.receive_spec``; the tensor is made ahead of time when the shape repeats) and
 checked finite as it arrives: no extra threads, no copies of the bulk, no per-message
 gRPC state (benchmarks/pipeline.md: ~6x faster). Both sides write on the socket
 directly while the transport's buffer is empty (``write_now``).
 gRPC stays the control plane (membership, abandons, averaging, state, pings) and the
 fallback: a peer whose ``PingReply.wire_port`` is 0, or whose wire port cannot be
-reached, gets its microbatches on the gRPC activation pipes.
+reached, gets its microbatches by gRPC (``node/pipeline/transport.py``).
 
 Connection: the server sends a random nonce; the client answers
 HMAC-SHA256(run token, ``HANDSHAKE_CONTEXT`` + nonce); the server answers one byte,
@@ -48,14 +48,9 @@ from typing import cast
 import torch
 from google.protobuf.message import DecodeError
 
+from lowband.node.pipeline.payload import SegmentedPayload, WirePayload, receive_spec
 from lowband.protocols import node_pb2, tensor_pb2
-from lowband.protocols.codec import (
-    SegmentedPayload,
-    check_finite_bytes,
-    native_codec,
-    receive_spec,
-    tensor_bytes,
-)
+from lowband.protocols.codec import check_finite_bytes, native_codec, tensor_bytes
 from lowband.protocols.errors import ValidationError
 
 logger = logging.getLogger(__name__)
@@ -87,7 +82,6 @@ FIRST_SEGMENT_BYTES = 4 * 1024
 # large tensor must not pin its size in memory for the rest of the run.
 SCRATCH_KEEP_BYTES = 8 * 1024 * 1024
 
-WirePayload = bytes | memoryview | SegmentedPayload
 TargetSpec = tuple[tuple[int, ...], torch.dtype]   # the shape and dtype a payload is read into
 
 
@@ -161,7 +155,7 @@ def write_now(transport: asyncio.Transport, fd: int, pieces: list[bytes | memory
 @dataclass(slots=True)
 class WireFrame:
     """One received frame. With ``tensor`` set the payload was read straight into it (already decoded:
-    ``codec.receive_spec``) and checked finite; otherwise ``payload`` still needs ``codec.decode``."""
+    ``payload.receive_spec``) and checked finite; otherwise ``payload`` still needs ``codec.decode``."""
 
     header: node_pb2.MicrobatchHeader
     meta: tensor_pb2.Tensor
@@ -483,7 +477,7 @@ class WireConnection:
 
         A ``SegmentedPayload`` that casts is cast into the connection's scratch buffer and written a
         segment at a time: a ``FIRST_SEGMENT_BYTES`` piece with the frame head, then the rest (one segment
-        up to ``codec.SEGMENT_BYTES``); the scratch is free again once the reply is in, because the
+        up to ``payload.SEGMENT_BYTES``); the scratch is free again once the reply is in, because the
         receiver has then read every byte.
         """
         loop = asyncio.get_running_loop()
@@ -545,18 +539,4 @@ def _expire(reply: asyncio.Future[tuple[int, str]]) -> None:
         reply.set_exception(TimeoutError("no reply in time"))
 
 
-def frame_parts(header: node_pb2.MicrobatchHeader, tensor: tensor_pb2.Tensor,
-                payload: WirePayload | None = None) -> tuple[bytes, bytes, WirePayload]:
-    """(header bytes, tensor metadata bytes, payload) of a frame. ``tensor`` is a whole message, or with
-    ``payload`` the payload-less message of ``codec.encode_split``; the payload is not copied."""
-    if payload is None:
-        payload = tensor.payload
-        meta = tensor_pb2.Tensor()
-        meta.CopyFrom(tensor)
-        meta.ClearField("payload")
-        tensor = meta
-    return header.SerializeToString(), tensor.SerializeToString(), payload
-
-
-__all__ = ["WireConnection", "WireError", "WireFrame", "WireServer", "WireUnavailable", "frame_parts",
-           "handshake_mac"]
+__all__ = ["WireConnection", "WireError", "WireFrame", "WireServer", "WireUnavailable", "handshake_mac"]

@@ -40,6 +40,7 @@ import grpc
 import torch
 
 from lowband.node.sync.diloco import SyncJob
+from lowband.node.sync.error_feedback import ErrorFeedback
 from lowband.node.sync.robust_mean import robust_mean, shard_bounds
 from lowband.protocols import node_pb2, node_pb2_grpc, tensor_pb2
 from lowband.protocols.chunking import DEFAULT_CHUNK_BYTES, ChunkAssembler, iter_chunks
@@ -112,12 +113,12 @@ class ShardReducer:
         self.max_numel = max_numel
         self.ttl_s = ttl_s if ttl_s is not None else 4 * timeout_s + 30.0
         self.node_id = node_id
-        # Error feedback: what quantization left out of this node's last part (per fragment)
-        # and of its last reply (per owned shard), added to the next one. allreduce_mean
-        # uses `part_residuals`; replies use `_reply_residuals`.
+        # Error feedback: what quantization left out of this node's last part (per (stage, fragment))
+        # and of its last reply (per owned (stage, fragment, shard)), added to the next one.
+        # allreduce_mean uses `part_feedback`; replies use `reply_feedback`.
         self.error_feedback = error_feedback
-        self.part_residuals: dict[tuple[int, int], torch.Tensor] = {}
-        self._reply_residuals: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.part_feedback = ErrorFeedback()
+        self.reply_feedback = ErrorFeedback()
         self._rounds: dict[tuple[int, int, int, int], _Round] = {}
         self.bytes_sent = 0                  # replies (what this owner put on the wire)
         self.bytes_received = 0
@@ -192,14 +193,12 @@ class ShardReducer:
             res = robust_mean(parts, reject_norm_ratio=self.reject_norm_ratio)
             if res.mean is None:
                 return None, None, 0, res.rejected_norm
-            mean = res.mean
-            residual = self._reply_residuals.get(ef_key) if self.error_feedback else None
-            if residual is not None and residual.shape == mean.shape:
-                mean = mean + residual
+            use_ef = self.error_feedback and codec != "fp32"   # fp32 loses nothing to feed back
+            mean = self.reply_feedback.compensate(ef_key, res.mean) if use_ef else res.mean
             msg = encode(mean, codec)
             decoded = decode(msg)                # the owner applies exactly what its callers decode
-            if self.error_feedback and codec != "fp32":
-                self._reply_residuals[ef_key] = mean - decoded
+            if use_ef:
+                self.reply_feedback.store(ef_key, mean, decoded)
             return decoded, msg, res.contributors, res.rejected_norm
 
         try:
@@ -415,20 +414,20 @@ async def allreduce_mean(
     bounds = shard_bounds(flat.numel(), n)
     ef_key = (stage, fragment)
     use_ef = reducer.error_feedback and contribute and codec != "fp32"
-    old_residual = reducer.part_residuals.get(ef_key) if use_ef else None
+    feedback = reducer.part_feedback
+    old_residual = feedback.residual(ef_key) if use_ef else None
     encoded: list[tensor_pb2.Tensor] = []
     if use_ef:
         # error feedback: send Q(Δ + e), keep e' = (Δ + e) - Q(Δ + e) for this fragment's next round;
         # the own shard goes to the local reducer already quantized, so it is charged the same error
-        if old_residual is not None and old_residual.shape == flat.shape:
-            flat = flat + old_residual
+        flat = feedback.compensate(ef_key, flat)
 
         def encode_all() -> tuple[list[tensor_pb2.Tensor], torch.Tensor]:
             msgs = [encoder(flat[s:e].clone(), codec) for s, e in bounds]
             return msgs, torch.cat([decode(m).reshape(-1).float() for m in msgs]) if msgs else flat
 
         encoded, sent_values = await asyncio.to_thread(encode_all)
-        reducer.part_residuals[ef_key] = flat - sent_values
+        feedback.store(ef_key, flat, sent_values)
         flat_to_send = sent_values
     else:
         flat_to_send = flat
@@ -514,9 +513,7 @@ async def allreduce_mean(
                 valid[start:end] = False
                 stats.contributors[j] = 0
                 if use_ef:  # nothing of this shard was applied: its old debt stays as it was
-                    residual = reducer.part_residuals[ef_key]
-                    residual[start:end] = old_residual[start:end] if old_residual is not None and \
-                        old_residual.shape == own.shape else 0.0
+                    feedback.restore(ef_key, start, end, old_residual)
             continue
         out[start:end] = res
     stats.valid = valid
