@@ -21,8 +21,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from lowband.coordinator.launch import CoordinatorProcess, launch_coordinator
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols import coordinator_pb2_grpc as pb_grpc
 from lowband.protocols.rpc import grpc_options, install_uvloop, token_metadata
@@ -47,21 +46,11 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def start_coordinator(run_dir: Path, stages: int) -> tuple[subprocess.Popen[bytes], int]:
-    port_file = run_dir / "port"
-    env = dict(os.environ, LOWBAND_TOKEN=TOKEN)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lowband.coordinator.cli", "serve", "--bind", "127.0.0.1:0", "--run-dir", str(run_dir / "state"),
-         "--port-file", str(port_file), "--log-level", "WARNING",
-         "--set", f"model.stages={stages}", "--set", "membership.heartbeat_interval_s=1.0",
-         "--set", "membership.lease_s=60"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("coordinator did not start")
-        time.sleep(0.05)
-    return proc, int(port_file.read_text())
+def start_coordinator(run_dir: Path, stages: int) -> CoordinatorProcess:
+    return launch_coordinator(
+        run_dir / "state", log_path=run_dir / "coordinator.log", log_level="WARNING",
+        overrides=[f"model.stages={stages}", "membership.heartbeat_interval_s=1.0", "membership.lease_s=60"],
+        env=dict(os.environ, LOWBAND_TOKEN=TOKEN), timeout_s=30)
 
 
 async def _client(port: int, first: int, count: int, channels: int, interval: float, warmup: float,
@@ -159,7 +148,8 @@ def main() -> int:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lowband-bench-") as tmp:
-        proc, port = start_coordinator(Path(tmp), args.stages) if not args.port else (None, args.port)
+        coordinator = start_coordinator(Path(tmp), args.stages) if not args.port else None
+        port = coordinator.port if coordinator is not None else args.port
         try:
             ctx = mp.get_context("spawn")
             queue, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -175,7 +165,7 @@ def main() -> int:
             joined = sum(ready.get(timeout=300) for _ in procs)
             assert joined == args.nodes, joined
             go.set()
-            server_pid = proc.pid if proc is not None else args.server_pid
+            server_pid = coordinator.pid if coordinator is not None else args.server_pid
             time.sleep(args.warmup)
             cpu0 = _cpu_seconds(server_pid)
             time.sleep(args.duration)
@@ -184,13 +174,8 @@ def main() -> int:
             for p in procs:
                 p.join(timeout=30)
         finally:
-            if proc is not None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            if coordinator is not None:
+                coordinator.stop(timeout_s=10)
 
     lat = sorted(x for r in results for x in r["latencies"])
     errors = sum(r["errors"] for r in results)

@@ -5,14 +5,15 @@ whole subtree can be signalled with ``killpg``. The supervisor kills every
 group it started on every exit path: normal return, exception, SIGINT/SIGTERM
 (handled by the caller turning them into ``KeyboardInterrupt``/``SystemExit``)
 and interpreter exit (``atexit``). Groups are tracked by pid so only our own
-processes are ever signalled.
+processes are ever signalled. Children start and stop with the process-group
+helpers of ``lowband.coordinator.launch``; a coordinator its launcher started is
+adopted (``Supervisor.adopt``).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import os
 import random
 import signal
 import socket
@@ -21,6 +22,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lowband.coordinator.launch import signal_group, start_in_session, stop_group
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +88,7 @@ class Child:
 
     def signal_group(self, sig: int) -> None:
         """Signal the child's whole process group; a group already gone is fine."""
-        try:
-            os.killpg(self.popen.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_group(self.popen.pid, sig)
 
 
 class Supervisor:
@@ -101,25 +101,21 @@ class Supervisor:
         self._closed = False
         atexit.register(self.kill_all)
 
+    def log_path(self, name: str) -> Path:
+        """Where the child called ``name`` logs (stdout and stderr)."""
+        return self.log_dir / f"{name}.log"
+
     def spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None,
               cwd: Path | None = None) -> Child:
-        log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "ab")
-        try:
-            popen = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
-            )
-        finally:
-            log_file.close()
-        child = Child(name=name, popen=popen, log_path=log_path)
-        self.children.append(child)
+        popen = start_in_session(argv, self.log_path(name), env=env, cwd=cwd)
         logger.debug("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
+        return self.adopt(name, popen)
+
+    def adopt(self, name: str, popen: subprocess.Popen) -> Child:
+        """Supervise a child started elsewhere in its own session and logging to ``log_path(name)``
+        (a coordinator from ``lowband.coordinator.launch``)."""
+        child = Child(name=name, popen=popen, log_path=self.log_path(name))
+        self.children.append(child)
         return child
 
     def live(self) -> list[Child]:
@@ -127,16 +123,8 @@ class Supervisor:
 
     def stop(self, child: Child, *, graceful: bool, timeout_s: float = 5.0) -> None:
         """SIGTERM (graceful) or SIGKILL a child's group; escalate to SIGKILL on timeout."""
-        if not child.alive():
-            return
-        child.signal_group(signal.SIGTERM if graceful else signal.SIGKILL)
-        try:
-            child.popen.wait(timeout=timeout_s if graceful else 2.0)
-        except subprocess.TimeoutExpired:
-            child.signal_group(signal.SIGKILL)
-            child.popen.wait(timeout=5.0)
-        # Reap any grandchildren left in the group.
-        child.signal_group(signal.SIGKILL)
+        if child.alive():
+            stop_group(child.popen, graceful=graceful, timeout_s=timeout_s)
 
     def kill_all(self, graceful_s: float = 3.0) -> None:
         """Terminate every group we started: SIGTERM, short grace, then SIGKILL."""

@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 
+from lowband.coordinator.launch import launch_coordinator
 from lowband.protocols import coordinator_pb2, coordinator_pb2_grpc
 from lowband.protocols.config import ConfigError, to_toml
 from lowband.protocols.rpc import token_metadata
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 STATUS_TIMEOUT_S = 2.0  # a status poll that takes longer is skipped, the loop goes on
 PLAIN_PROGRESS_S = 5.0  # without a terminal, a progress line at least this often (and one per event)
 FINAL_EVAL_WAIT_S = 60.0  # how long the origins' validation after the last step may take
+COORDINATOR_START_TIMEOUT_S = 60.0
 # On namespace hosts every machine has its own ports: fixed ones, as a deployment would use.
 NETNS_COORDINATOR_PORT = 7000
 NETNS_NODE_PORT = 7100
@@ -116,7 +118,6 @@ class Simulation:
         self._channel: grpc.Channel | None = None
         self._stub: coordinator_pb2_grpc.CoordinatorStub | None = None
         self.net: TestNetwork | None = None
-        self._coordinator_child: Child | None = None
 
     @property
     def netns(self) -> bool:
@@ -154,36 +155,18 @@ class Simulation:
         token_file = self.out_dir / "token"
         token_file.write_text(self.token)
         token_file.chmod(0o600)
-        port_file = self.out_dir / "coordinator.port"
-        port_file.unlink(missing_ok=True)
         host = ""
         bind = "127.0.0.1:0"
         if self.netns:
             host = "coordinator"
             bind = f"{self._add_host(host, region=0)}:{NETNS_COORDINATOR_PORT}"
         control_socket = self.out_dir / "coordinator.sock"
-        argv = [
-            *self._python(), "-m", "lowband.coordinator.cli", "serve",
-            "--bind", bind,
-            "--port-file", str(port_file),
-            "--control-socket", str(control_socket),
-            "--run-dir", str(self.out_dir / "coordinator"),
-            "--config", str(run_toml),
-            "--token-file", str(token_file),
-        ]
-        child = self.sup.spawn("coordinator", self._wrap(host, argv), env=self._child_env())
-        self._coordinator_child = child
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if port_file.exists() and port_file.read_text().strip():
-                port = int(port_file.read_text().strip())
-                self.coordinator_address = f"{bind.rpartition(':')[0]}:{port}"
-                break
-            if not child.alive():
-                raise RuntimeError(f"coordinator exited early; see {child.log_path}")
-            time.sleep(0.1)
-        else:
-            raise RuntimeError(f"coordinator did not start within 60 s; see {child.log_path}")
+        coordinator = launch_coordinator(
+            self.out_dir / "coordinator", log_path=self.sup.log_path("coordinator"), bind=bind,
+            token_file=token_file, config=run_toml, control_socket=control_socket, env=self._child_env(),
+            wrap=lambda argv: self._wrap(host, argv), timeout_s=COORDINATOR_START_TIMEOUT_S)
+        self.sup.adopt("coordinator", coordinator.popen)
+        self.coordinator_address = coordinator.address
         # The Unix socket reaches the coordinator from any network namespace, the root one included.
         self._channel = grpc.insecure_channel(f"unix:{control_socket}")
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)

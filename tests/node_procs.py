@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lowband.coordinator.launch import CoordinatorProcess, launch_coordinator
 from lowband.sim.procs import Supervisor
 
 TOKEN = "node-test-token"
@@ -27,7 +28,7 @@ class LocalRun:
         self.token_file = workdir / "token"
         self.token_file.write_text(TOKEN + "\n")
         self.supervisor = Supervisor(workdir)
-        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.coordinator: CoordinatorProcess | None = None
         self.nodes: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
         self.address = ""
@@ -42,19 +43,12 @@ class LocalRun:
         return self.supervisor.spawn(name, args, env=self._env(), cwd=self.workdir).popen
 
     def start_coordinator(self, timeout_s: float = 30.0, bind: str = "127.0.0.1:0") -> str:
-        port_file = self.workdir / "coordinator.port"
-        args = [sys.executable, "-m", "lowband.coordinator.cli", "serve", "--bind", bind,
-                "--run-dir", str(self.workdir / "run"), "--token-file", str(self.token_file),
-                "--port-file", str(port_file)]
-        for item in self.overrides:
-            args += ["--set", item]
-        self.coordinator = self._spawn(args, "coordinator")
-        deadline = time.monotonic() + timeout_s
-        while not port_file.exists():
-            if self.coordinator.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("coordinator did not start:\n" + (self.workdir / "coordinator.log").read_text())
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{port_file.read_text().strip()}"
+        process = launch_coordinator(self.workdir / "run", log_path=self.supervisor.log_path("coordinator"),
+                                     bind=bind, token_file=self.token_file, overrides=self.overrides,
+                                     env=self._env(), cwd=self.workdir, timeout_s=timeout_s)
+        self.supervisor.adopt("coordinator", process.popen)
+        self.coordinator = process
+        self.address = process.address
         return self.address
 
     def start_node(self, name: str, preferred_stage: int = -1, extra: list[str] | None = None) -> subprocess.Popen[bytes]:

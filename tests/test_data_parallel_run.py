@@ -9,8 +9,11 @@ rounds they shared (the nodes' ``final`` records: equal outer steps, equal diges
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,42 +33,37 @@ OVERRIDES = [
 
 
 @pytest.mark.timeout(240)
-def test_three_replicas_train_and_agree_on_theta_global(tmp_path: Path) -> None:
-    run = LocalRun(tmp_path, OVERRIDES)
+def test_three_replicas_train_and_agree_on_theta_global(local_run: Callable[..., LocalRun]) -> None:
     started = time.monotonic()
-    try:
-        run.start_coordinator()
-        for i in range(NODES):
-            run.start_node(f"dp{i}", preferred_stage=0)
-        codes = run.wait_nodes(timeout_s=200)
-        assert codes == [0] * NODES, f"exit codes {codes}\n{run.tail()}"
-        for i in range(NODES):
-            assert {r["stage"] for r in run.records(i, "stage")} == {0}, run.tail()
-            evals = run.records(i, "eval")
-            assert evals[-1]["step"] == STEPS and math.isfinite(evals[-1]["val_loss"]), evals
-            assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals
-            iterations = run.records(i, "iteration")
-            assert all(r["abandoned"] == 0 and r["loss"] is not None for r in iterations), run.tail()
-            assert not run.records(i, "bookend-copy") and not run.records(i, "abandon")
-            metrics = run.records(i, "metrics")
-            assert max(m["activation_bytes_sent"] for m in metrics) == 0   # no pipeline: nothing but sync
-            assert max(m["sync_bytes_sent"] for m in metrics) > 0
-        syncs = [r for i in range(NODES) for r in run.records(i, "outer-sync")]
-        assert any(r["participants"] == NODES for r in syncs), syncs
-        finals = [run.records(i, "final")[-1] for i in range(NODES)]
-        shared = 0
-        for fragment in ("0", "1"):
-            by_step: dict[int, set[str]] = {}
-            for f in finals:
-                by_step.setdefault(f["outer_steps"].get(fragment, 0), set()).add(f["global_digest"][fragment])
-            for outer_step, digests in by_step.items():
-                assert len(digests) == 1, (fragment, outer_step, finals)
-            shared += sum(1 for f in finals if f["outer_steps"].get(fragment, 0) > 0) >= 2
-        assert shared >= 1, finals   # at least one fragment synced among several replicas
-        assert time.monotonic() - started < 220
-    finally:
-        run.close()
-    assert all(p.poll() is not None for p in [*run.nodes, run.coordinator])
+    run = local_run(OVERRIDES)
+    for i in range(NODES):
+        run.start_node(f"dp{i}", preferred_stage=0)
+    codes = run.wait_nodes(timeout_s=200)
+    assert codes == [0] * NODES, f"exit codes {codes}\n{run.tail()}"
+    for i in range(NODES):
+        assert {r["stage"] for r in run.records(i, "stage")} == {0}, run.tail()
+        evals = run.records(i, "eval")
+        assert evals[-1]["step"] == STEPS and math.isfinite(evals[-1]["val_loss"]), evals
+        assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals
+        iterations = run.records(i, "iteration")
+        assert all(r["abandoned"] == 0 and r["loss"] is not None for r in iterations), run.tail()
+        assert not run.records(i, "bookend-copy") and not run.records(i, "abandon")
+        metrics = run.records(i, "metrics")
+        assert max(m["activation_bytes_sent"] for m in metrics) == 0   # no pipeline: nothing but sync
+        assert max(m["sync_bytes_sent"] for m in metrics) > 0
+    syncs = [r for i in range(NODES) for r in run.records(i, "outer-sync")]
+    assert any(r["participants"] == NODES for r in syncs), syncs
+    finals = [run.records(i, "final")[-1] for i in range(NODES)]
+    shared = 0
+    for fragment in ("0", "1"):
+        by_step: dict[int, set[str]] = {}
+        for f in finals:
+            by_step.setdefault(f["outer_steps"].get(fragment, 0), set()).add(f["global_digest"][fragment])
+        for outer_step, digests in by_step.items():
+            assert len(digests) == 1, (fragment, outer_step, finals)
+        shared += sum(1 for f in finals if f["outer_steps"].get(fragment, 0) > 0) >= 2
+    assert shared >= 1, finals   # at least one fragment synced among several replicas
+    assert time.monotonic() - started < 220
 
 
 DP_SIM = """
@@ -102,31 +100,20 @@ at_step = 10
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_simulation_with_a_config_of_its_own_replaces_a_killed_replica(tmp_path: Path) -> None:
+def test_simulation_with_a_config_of_its_own_replaces_a_killed_replica(
+        tmp_path: Path, sim_process: Callable[..., subprocess.Popen]) -> None:
     """``lowband-sim run --config`` with ``model.stages = 1``: three origins, one SIGKILLed; its replacement
     copies a live replica (θ_global, outer state, weights) and trains with the group; nothing is left."""
-    import json
-    import subprocess
-    import sys
-
-    from sim_leftovers import reap
-
     out = tmp_path / "run"
     config = tmp_path / "dp.toml"
     config.write_text(DP_SIM)
-    proc = subprocess.Popen([sys.executable, "-m", "lowband.sim.cli", "run", "--config", str(config), "--out", str(out),
-                             "--no-progress"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=260)
-        assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["steps"] == 60 and summary["final_val_loss"] < summary["initial_val_loss"] - 0.3
-        assert summary["activation_bytes_sent"] == 0 and summary["sync_bytes_sent"] > 0
-        assert summary["failures"] == 1 and summary["recoveries"] >= 1
-        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-        assert any(e["kind"] == "recovery" and "replica-copy" in e["detail"] for e in events), events
-        assert {e["stage"] for e in events if e["kind"] == "join"} == {0}
-    finally:
-        left = reap(proc, str(out))
-    assert left == [], f"processes left behind: {left}"
+    proc = sim_process(out, "--config", str(config))
+    output, _ = proc.communicate(timeout=260)
+    assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["final_val_loss"] < summary["initial_val_loss"] - 0.3
+    assert summary["activation_bytes_sent"] == 0 and summary["sync_bytes_sent"] > 0
+    assert summary["failures"] == 1 and summary["recoveries"] >= 1
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "recovery" and "replica-copy" in e["detail"] for e in events), events
+    assert {e["stage"] for e in events if e["kind"] == "join"} == {0}

@@ -11,7 +11,7 @@ both transports carry the same numbers.
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from node_procs import LocalRun
@@ -51,27 +51,23 @@ def reference_losses(config: RunConfig, steps: int) -> list[float]:
     return out
 
 
-def test_pipeline_of_processes_matches_reference(tmp_path: Path) -> None:
+def test_pipeline_of_processes_matches_reference(local_run: Callable[..., LocalRun]) -> None:
     config = apply_overrides(RunConfig(), OVERRIDES)
     expected = reference_losses(config, STEPS)
-    run = LocalRun(tmp_path, OVERRIDES)
-    try:
-        run.start_coordinator()
-        for stage in range(4):
-            run.start_node(f"stage{stage}", preferred_stage=stage, extra=["--no-wire"] if stage == 2 else None)
-        codes = run.wait_nodes(timeout_s=150)
-        assert codes == [0, 0, 0, 0], run.tail()
-        iterations = run.records(0, "iteration")
-        losses = [r["loss"] for r in iterations]
-        assert len(losses) == STEPS, run.tail()
-        assert all(r["abandoned"] == 0 for r in iterations)
-        assert all(math.isfinite(v) for v in losses)
-        assert losses[-1] < losses[0]
-        # Same ops on the same fp32 numbers, cut at stage boundaries: equal up to float rounding.
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-5)
-        # every stage took every step
-        for i in range(1, 4):
-            steps = run.records(i, "step")
-            assert [r["step"] for r in steps] == list(range(1, STEPS + 1)), run.tail()
-    finally:
-        run.close()
+    run = local_run(OVERRIDES)
+    for stage in range(4):
+        run.start_node(f"stage{stage}", preferred_stage=stage, extra=["--no-wire"] if stage == 2 else None)
+    codes = run.wait_nodes(timeout_s=150)
+    assert codes == [0, 0, 0, 0], run.tail()
+    iterations = run.records(0, "iteration")
+    losses = [r["loss"] for r in iterations]
+    assert len(losses) == STEPS, run.tail()
+    assert all(r["abandoned"] == 0 for r in iterations)
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    # Same ops on the same fp32 numbers, cut at stage boundaries: equal up to float rounding.
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    # every stage took every step
+    for i in range(1, 4):
+        steps = run.records(i, "step")
+        assert [r["step"] for r in steps] == list(range(1, STEPS + 1)), run.tail()

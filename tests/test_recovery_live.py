@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sim_leftovers import reap
 
 RUN = """
 [model]
@@ -57,20 +56,14 @@ at_step = 12
 """
 
 
-def _run(tmp_path: Path, target: str, origins: int) -> tuple[dict, list[dict], list[dict]]:
+def _run(tmp_path: Path, sim_process: Callable[..., subprocess.Popen], target: str,
+         origins: int) -> tuple[dict, list[dict], list[dict]]:
     out = tmp_path / "run"
     config = tmp_path / "sim.toml"
     config.write_text(RUN.format(target=target, origins=origins))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lowband.sim.cli", "run", "--config", str(config), "--out", str(out), "--no-progress"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=280)
-        assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
-    finally:
-        left = reap(proc, str(out))
-    assert left == [], f"processes left behind: {left}"
+    proc = sim_process(out, "--config", str(config))
+    output, _ = proc.communicate(timeout=280)
+    assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -84,9 +77,9 @@ def _run(tmp_path: Path, target: str, origins: int) -> tuple[dict, list[dict], l
     [("stage:2", 1, "checkfree"), ("stage:1", 1, "checkfree-plus"), ("origin", 2, "bookend-copy")],
     ids=["middle-stage", "edge-stage", "all-origins"],
 )
-def test_whole_stage_loss_is_rebuilt_and_training_goes_on(tmp_path: Path, target: str, origins: int,
-                                                          method: str) -> None:
-    summary, events, metrics = _run(tmp_path, target, origins)
+def test_whole_stage_loss_is_rebuilt_and_training_goes_on(tmp_path: Path, sim_process: Callable[..., subprocess.Popen],
+                                                          target: str, origins: int, method: str) -> None:
+    summary, events, metrics = _run(tmp_path, sim_process, target, origins)
     kill_t = min(e["t"] for e in events if e["kind"] == "preempt")
     stage = 0 if target == "origin" else int(target.split(":")[1])
     rebuilt = [e for e in events if e["kind"] == "recovery" and e["stage"] == stage and e["t"] > kill_t]

@@ -12,10 +12,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sim_leftovers import leftovers, reap
+from sim_leftovers import leftovers
 
 SHORT_RUN = """
 [model]
@@ -56,59 +57,44 @@ at_step = 5
 """
 
 
-def _start(out: Path, config: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lowband.sim.cli", "run", "--config", str(config), "--out", str(out), "--no-progress", *extra],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-
-
 @pytest.mark.timeout(240)
-def test_short_simulation_with_a_sigkill(tmp_path: Path) -> None:
+def test_short_simulation_with_a_sigkill(tmp_path: Path, sim_process: Callable[..., subprocess.Popen]) -> None:
     out = tmp_path / "run"
     config = tmp_path / "sim.toml"
     config.write_text(SHORT_RUN)
-    proc = _start(out, config)
-    try:
-        output, _ = proc.communicate(timeout=200)
-        text = output.decode(errors="replace")
-        assert proc.returncode == 0, text[-3000:]
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["initial_val_loss"] is not None and summary["final_val_loss"] is not None
-        assert summary["final_val_loss"] < summary["initial_val_loss"]
-        assert summary["failures"] >= 1
-        assert summary["recoveries"] >= 1, (out / "events.jsonl").read_text()
-        assert summary["activation_bytes_sent"] > 0
-        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-        kinds = [e["kind"] for e in events]
-        assert "preempt" in kinds and "recovery" in kinds
-        assert any(e["kind"] == "death" for e in events)  # the coordinator noticed the SIGKILL
-        for name in ("metrics.jsonl", "loss.png", "bytes.png", "membership.png", "report.html"):
-            assert (out / name).stat().st_size > 0, name
-    finally:
-        left = reap(proc, str(out))
-    assert left == [], f"processes left behind: {left}"
+    proc = sim_process(out, "--config", str(config))
+    output, _ = proc.communicate(timeout=200)
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["initial_val_loss"] is not None and summary["final_val_loss"] is not None
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    assert summary["failures"] >= 1
+    assert summary["recoveries"] >= 1, (out / "events.jsonl").read_text()
+    assert summary["activation_bytes_sent"] > 0
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert "preempt" in kinds and "recovery" in kinds
+    assert any(e["kind"] == "death" for e in events)  # the coordinator noticed the SIGKILL
+    for name in ("metrics.jsonl", "loss.png", "bytes.png", "membership.png", "report.html"):
+        assert (out / name).stat().st_size > 0, name
 
 
 @pytest.mark.timeout(120)
-def test_sigint_stops_every_process(tmp_path: Path) -> None:
+def test_sigint_stops_every_process(tmp_path: Path, sim_process: Callable[..., subprocess.Popen]) -> None:
     out = tmp_path / "run"
     config = tmp_path / "sim.toml"
     config.write_text(SHORT_RUN)
-    proc = _start(out, config, "--steps", "1000")
-    try:
-        # Wait until the nodes are up (their logs appear), then interrupt like Ctrl-C would.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(list((out / "logs").glob("stage*.log"))) < 4:
-            time.sleep(0.2)
-        assert len(leftovers(str(out))) >= 5, "simulation did not start its processes"
-        time.sleep(2)
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
-        assert proc.returncode == 130
-    finally:
-        left = reap(proc, str(out))
-    assert left == [], f"processes left behind: {left}"
+    proc = sim_process(out, "--config", str(config), "--steps", "1000")
+    # Wait until the nodes are up (their logs appear), then interrupt like Ctrl-C would.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list((out / "logs").glob("stage*.log"))) < 4:
+        time.sleep(0.2)
+    assert len(leftovers(str(out))) >= 5, "simulation did not start its processes"
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
 
 
 def test_the_runs_end_is_read_from_origins_that_finished_not_from_killed_ones() -> None:
