@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -64,6 +66,17 @@ async def start_node(node_id: str, stage: int, module: nn.Module, *, dim: int, m
     servicer.agent = agent
     return LocalNode(node_id, stage, runtime, agent, servicer, server, f"127.0.0.1:{port}", transport, failures,
                      wire_server)
+
+
+@asynccontextmanager
+async def stopping(nodes: list[LocalNode]) -> AsyncIterator[list[LocalNode]]:
+    """``async with stopping(nodes) as nodes:`` — every node in the list when the block ends (appended inside it
+    too) is stopped, whatever happened: a failing test leaves no server, wire or runtime thread behind."""
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
 
 
 def install_schedule(nodes: list[LocalNode], paths: dict[str, list[PathSpec]], epoch: int = 1,

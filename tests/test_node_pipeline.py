@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
 import torch
-from node_cluster import RUN_ID, TOKEN, LocalNode, install_schedule, start_node
+from node_cluster import RUN_ID, TOKEN, LocalNode, install_schedule, start_node, stopping
 
 from lowband.node.pipeline.agent import PathSpec, Schedule
 from lowband.node.train.along_path import path_loss
@@ -36,15 +38,16 @@ def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :-1], x[:, 1:]
 
 
-async def _cluster(stages: dict[int, torch.nn.Module], lr: float, **kw: object) -> list[LocalNode]:
-    ids = ["origin", "n1", "n2", "n3"]
-    nodes = []
-    for s, node_id in enumerate(ids):
-        module = stages[s]
-        opt = torch.optim.SGD(module.parameters(), lr=lr)
-        nodes.append(await start_node(node_id, s, module, dim=CFG.dim, max_seq_len=CFG.max_seq_len,
-                                      optimizer=opt, **kw))
-    return nodes
+@asynccontextmanager
+async def _cluster(stages: dict[int, torch.nn.Module], lr: float, **kw: object) -> AsyncIterator[list[LocalNode]]:
+    """One node per stage; all stopped on the way out, also when a later one fails to start."""
+    async with stopping([]) as nodes:
+        for s, node_id in enumerate(["origin", "n1", "n2", "n3"]):
+            module = stages[s]
+            opt = torch.optim.SGD(module.parameters(), lr=lr)
+            nodes.append(await start_node(node_id, s, module, dim=CFG.dim, max_seq_len=CFG.max_seq_len,
+                                          optimizer=opt, **kw))
+        yield nodes
 
 
 def test_skip_paths_match_reference_mean_over_visits() -> None:
@@ -70,8 +73,7 @@ def test_skip_paths_match_reference_mean_over_visits() -> None:
             p -= lr * torch.stack(visiting).mean(0)
 
     async def main() -> tuple[list[float | None], list[LocalNode]]:
-        nodes = await _cluster(_stages(), lr)
-        try:
+        async with _cluster(_stages(), lr) as nodes:
             install_schedule(nodes, {"origin": paths})
             assert [n.runtime.expected for n in nodes] == [2, 2, 1, 2]
             result = await asyncio.wait_for(nodes[0].agent.run_iteration(0, batches), 30)
@@ -82,9 +84,6 @@ def test_skip_paths_match_reference_mean_over_visits() -> None:
                         break
                     await asyncio.sleep(0.02)
             return result.losses, nodes
-        finally:
-            for n in nodes:
-                await n.stop()
 
     losses, nodes = asyncio.run(main())
     assert len(losses) == 2
@@ -112,8 +111,7 @@ def test_training_iterations_match_single_process() -> None:
         ref_losses.append(loss.item())
 
     async def main() -> list[float]:
-        nodes = await _cluster(_stages(), lr)
-        try:
+        async with _cluster(_stages(), lr) as nodes:
             install_schedule(nodes, {"origin": paths})
             out = []
             for it in range(3):
@@ -121,9 +119,6 @@ def test_training_iterations_match_single_process() -> None:
                 assert result.abandoned == 0
                 out.append(result.loss)
             return out
-        finally:
-            for n in nodes:
-                await n.stop()
 
     losses = asyncio.run(main())
     assert ref_losses[2] < ref_losses[0]   # it trains
@@ -136,8 +131,7 @@ def test_dead_hop_abandons_without_hanging() -> None:
     paths = [PathSpec(m, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin")) for m in range(2)]
 
     async def main() -> None:
-        nodes = await _cluster(_stages(), 0.1, hop_timeout_s=2.0, iteration_timeout_s=3.0)
-        try:
+        async with _cluster(_stages(), 0.1, hop_timeout_s=2.0, iteration_timeout_s=3.0) as nodes:
             install_schedule(nodes, {"origin": paths})
             await nodes[2].server.stop(None)   # n2 disappears
             start = time.monotonic()
@@ -156,9 +150,6 @@ def test_dead_hop_abandons_without_hanging() -> None:
             assert nodes[1].runtime.iteration == 1
             assert nodes[3].runtime.iteration == 1
             assert time.monotonic() - start < 3.0   # closed by notices, not by the 3 s iteration timeout
-        finally:
-            for n in nodes:
-                await n.stop()
 
     asyncio.run(main())
 
@@ -171,8 +162,7 @@ def test_membership_change_abandons_microbatches_through_a_departed_node(change:
     paths = [PathSpec(m, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin")) for m in range(2)]
 
     async def main() -> None:
-        nodes = await _cluster(_stages(), 0.1, hop_timeout_s=5.0, iteration_timeout_s=30.0)
-        try:
+        async with _cluster(_stages(), 0.1, hop_timeout_s=5.0, iteration_timeout_s=30.0) as nodes:
             install_schedule(nodes, {"origin": paths})
 
             async def swallow(*args: object, **kwargs: object) -> None:
@@ -194,9 +184,6 @@ def test_membership_change_abandons_microbatches_through_a_departed_node(change:
             result = await asyncio.wait_for(run, 10)
             assert result.abandoned == 2 and result.losses == []
             assert time.monotonic() - start < 4.0   # the microbatch timeout here is 40 s
-        finally:
-            for n in nodes:
-                await n.stop()
 
     asyncio.run(main())
 
@@ -210,8 +197,7 @@ def test_a_plan_change_mid_iteration_counts_its_microbatches_by_the_plan_they_we
     new = [PathSpec(m, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin")) for m in range(3)]
 
     async def main() -> None:
-        nodes = await _cluster(_stages(), 0.1, hop_timeout_s=5.0, iteration_timeout_s=30.0)
-        try:
+        async with _cluster(_stages(), 0.1, hop_timeout_s=5.0, iteration_timeout_s=30.0) as nodes:
             install_schedule(nodes, {"origin": old}, epoch=1)
             origin = nodes[0].agent
             start = time.monotonic()
@@ -231,9 +217,6 @@ def test_a_plan_change_mid_iteration_counts_its_microbatches_by_the_plan_they_we
             assert [n.runtime.iteration for n in nodes] == [2, 2, 2, 2]
             assert [n.runtime.steps_applied for n in nodes] == [2, 2, 2, 2]
             assert time.monotonic() - start < 10.0   # the iteration timeout here is 30 s
-        finally:
-            for n in nodes:
-                await n.stop()
 
     asyncio.run(main())
 
@@ -242,8 +225,7 @@ def test_bad_input_refused_and_changes_nothing() -> None:
     paths = [PathSpec(0, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin"))]
 
     async def main() -> None:
-        nodes = await _cluster(_stages(), 0.1)
-        try:
+        async with _cluster(_stages(), 0.1) as nodes:
             install_schedule(nodes, {"origin": paths})
             target = nodes[1]
             before = {k: v.clone() for k, v in target.runtime.module.state_dict().items()}
@@ -302,9 +284,6 @@ def test_bad_input_refused_and_changes_nothing() -> None:
             for k, v in before.items():
                 assert torch.equal(v, after[k])
             assert target.runtime.iteration == 0 and target.runtime.steps_applied == 0
-        finally:
-            for n in nodes:
-                await n.stop()
 
     asyncio.run(main())
 
