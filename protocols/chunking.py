@@ -17,16 +17,13 @@ way a Tensor is used).
 
 from __future__ import annotations
 
-import asyncio
 import zlib
-from collections.abc import AsyncIterable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterable, Callable, Iterator
 from typing import Any
 
-import torch
 from google.protobuf.message import DecodeError
 
 from lowband.protocols import tensor_pb2
-from lowband.protocols.codec import DEFAULT_MAX_NUMEL, decode
 from lowband.protocols.errors import ValidationError
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -183,21 +180,6 @@ async def reassemble_async(
     return assembler.finish()  # raises: the stream ended early
 
 
-async def receive_tensor(
-    chunks: AsyncIterable[Any],
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    *,
-    get_chunk: Callable[[Any], tensor_pb2.TensorChunk] | None = None,
-    max_numel: int = DEFAULT_MAX_NUMEL,
-    expected_shape: Sequence[int] | None = None,
-    require_finite: bool = False,
-) -> torch.Tensor:
-    """Reassemble and decode one tensor; decoding runs in a worker thread, off the event loop."""
-    msg = await reassemble_async(chunks, max_bytes, get_chunk=get_chunk)
-    return await asyncio.to_thread(decode, msg, max_numel=max_numel, expected_shape=expected_shape,
-                                   require_finite=require_finite)
-
-
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_BYTES",
@@ -205,6 +187,5 @@ __all__ = [
     "chunk_tensor",
     "iter_chunks",
     "reassemble_async",
-    "receive_tensor",
     "stream_checksum",
 ]

@@ -15,7 +15,6 @@ from lowband.protocols.chunking import (
     chunk_tensor,
     iter_chunks,
     reassemble_async,
-    receive_tensor,
 )
 from lowband.protocols.codec import decode, encode
 from lowband.protocols.errors import ValidationError, invalid_argument_on_validation_error
@@ -217,21 +216,6 @@ def test_reassemble_async_returns_at_last_chunk_and_unwraps() -> None:
             await reassemble_async(_aiter(chunks[:-1]))
         with pytest.raises(ValidationError, match="starts"):
             await reassemble_async(_aiter(chunks[1:]))
-
-    asyncio.run(scenario())
-
-
-def test_receive_tensor_decodes_with_bounds() -> None:
-    x = torch.randn(30, 40)
-    chunks = chunk_tensor(encode(x, "int8"), 1000)
-
-    async def scenario() -> None:
-        y = await receive_tensor(_aiter(chunks), expected_shape=(30, 40), require_finite=True)
-        assert y.shape == (30, 40) and (y - x).abs().max() < 0.05
-        with pytest.raises(ValidationError, match="bound"):
-            await receive_tensor(_aiter(chunks), max_numel=100)
-        with pytest.raises(ValidationError, match="expected"):
-            await receive_tensor(_aiter(chunks), expected_shape=(40, 30))
 
     asyncio.run(scenario())
 

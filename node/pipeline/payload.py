@@ -5,9 +5,10 @@ zero-copy helpers of the wire's payloads.
 tensor's metadata (a ``Tensor`` without payload or checksum) and the payload beside it. The wire
 sends those three as they are (``node/pipeline/wire.py``); the gRPC fallback streams
 ``OutgoingMicrobatch.whole()``, the same message with the payload inside and its checksum (what
-``codec.encode(compress=False)`` gives), in chunks (``grpc_stream``). A raw codec's payload is a ``SegmentedPayload``:
-cast to its wire dtype as the transport writes it, into a buffer the connection reuses. On the
-receiving side ``receive_spec`` says whether a payload can be read straight into the tensor.
+``codec.encode(compress=False)`` gives), in chunks (``grpc_stream``). A raw codec's payload is a
+``SegmentedPayload``: cast to its wire dtype as the transport writes it, into a buffer the
+connection reuses. On the receiving side ``receive_spec`` says whether a payload can be read
+straight into the tensor.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ class OutgoingMicrobatch:
 
 def build_microbatch(header: node_pb2.MicrobatchHeader, tensor: torch.Tensor, codec: str, *,
                      segment_bytes: int = SEGMENT_BYTES) -> OutgoingMicrobatch:
-    """A hop's message: ``header`` and ``tensor`` in ``codec``, uncompressed (as activations always went).
+    """A hop's message: ``header`` and ``tensor`` in ``codec``, uncompressed (no zstd pass on the hop).
     A raw codec decodes into its wire dtype (the receiver reads it in place) and is cast as the bytes go
     out; a quantised one is encoded here. Raises ValidationError for a codec or dtype the codec refuses."""
     if codec in RAW_CODECS:
