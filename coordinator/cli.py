@@ -6,7 +6,7 @@
 The run token comes from --token-file or the LOWBAND_TOKEN environment variable.
 `serve` prints ``listening on HOST:PORT`` once bound and, with --port-file,
 writes the port there (atomically), so a parent process started with
-``--bind 127.0.0.1:0`` can find it.
+``--bind 127.0.0.1:0`` can find it (``lowband.coordinator.launch`` waits on it).
 """
 
 from __future__ import annotations

@@ -97,9 +97,6 @@ class CoordinatorProcess:
         """SIGTERM (``serve`` then stops its server within its grace), SIGKILL after ``timeout_s``; the exit code."""
         return stop_group(self.popen, graceful=graceful, timeout_s=timeout_s)
 
-    def log(self) -> str:
-        return log_tail(self.log_path)
-
 
 def port_file_for(run_dir: Path) -> Path:
     """Where ``serve`` writes its port: next to the run directory, so a restart on it finds none left over."""

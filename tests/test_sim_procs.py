@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from lowband.coordinator.launch import start_in_session
 from lowband.sim.procs import Supervisor
 
 # A child that starts a grandchild (same process group) and ignores SIGTERM, like a stuck node.
@@ -75,3 +76,12 @@ def test_stop_graceful_then_forced(tmp_path) -> None:
     sup.stop(stubborn, graceful=True, timeout_s=0.5)
     assert stubborn.popen.returncode == -signal.SIGKILL
     sup.kill_all()
+
+
+def test_an_adopted_child_is_ended_like_a_spawned_one(tmp_path) -> None:
+    sup = Supervisor(tmp_path)
+    popen = start_in_session([sys.executable, "-c", "import time; time.sleep(60)"], sup.log_path("adopted"))
+    child = sup.adopt("adopted", popen)
+    assert os.getpgid(child.pid) == child.pid and child.log_path == tmp_path / "adopted.log"
+    sup.kill_all(graceful_s=0.5)
+    assert not child.alive()

@@ -130,3 +130,12 @@ def test_skippipe_beats_random_and_full_on_geo(seed: int) -> None:
     span = {name: simulate(plan_paths(req, name), req).makespan_s for name in PLANNERS}
     assert span["skippipe"] < span["random"] < span["full"]
     assert span["skippipe"] < span["skippipe-unaware"]
+
+
+def test_full_takes_each_stages_replicas_round_robin_whatever_their_speed() -> None:
+    """The baseline ignores speed and links; the coordinator's fallback (``schedule.full_pipeline_paths``,
+    tests/test_coordinator_assignment.py) balances by throughput instead."""
+    nodes = [NodeSpec("o", 0, 0.1), NodeSpec("fast", 1, 0.01), NodeSpec("slow", 1, 1.0), NodeSpec("s2", 2, 0.1)]
+    topo = Topology(nodes, np.full((4, 4), 0.01), np.full((4, 4), 1e8))
+    paths = plan_paths(PlanRequest(topology=topo, num_stages=3, microbatches_per_origin=4), "full")
+    assert [p.node_ids for p in paths] == [("o", hop, "s2", "o") for hop in ("fast", "slow") * 2]
