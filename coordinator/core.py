@@ -559,7 +559,7 @@ class Coordinator:
             raise Conflict(f"node {req.node_id!r} is {m.state}: it joins sync rounds once it holds the weights")
         healthy = [x.node_id for x in self.members.values() if x.state == ALIVE and x.stage == req.stage]
         status = self.rounds.request(req.node_id, req.stage, req.fragment, req.outer_step, healthy,
-                                     self._scheduled(healthy))
+                                     self._scheduled(healthy), maddrs=req.sync_maddrs)
         for formed in self.rounds.formed:
             if self._store is not None:
                 self._store.save_round(formed.stage, formed.fragment, formed.round_id, formed.outer_step,
@@ -571,10 +571,10 @@ class Coordinator:
         reply = pb.SyncRoundReply(round_id=status.round_id, ready=status.ready, retry_after_s=status.retry_after_s,
                                   abandoned=status.abandoned, reason=status.reason, outer_step=status.outer_step,
                                   adopt_outer_step=status.adopt_outer_step)
-        for node_id in status.participants:
+        for node_id, maddrs in zip(status.participants, status.maddrs, strict=True):
             p = self.members.get(node_id)
             reply.participants.add(node_id=node_id, address=p.address if p else "",
-                                   stage=p.stage if p else req.stage)
+                                   stage=p.stage if p else req.stage, sync_maddrs=maddrs)
         return reply
 
     def _scheduled(self, node_ids: list[str]) -> list[str] | None:

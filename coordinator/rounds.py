@@ -22,13 +22,18 @@ rebuilt), there is nobody to copy from: such a reply carries
 ``adopt_outer_step``, the last outer step formed, so the rebuilt replicas
 continue the round numbering together instead of asking for past rounds
 forever. The clock is injected so tests can drive it.
+
+With ``diloco.backend = "hivemind"`` each caller also says where its DHT
+listens (``maddrs``); the round hands every participant's latest maddrs back
+with the participants, so the replicas of a stage connect their DHTs to each
+other without a bootstrap peer of their own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 Key = tuple[int, int]  # (stage, fragment)
@@ -46,6 +51,7 @@ class RoundStatus:
     abandoned: bool = False
     reason: str = ""
     adopt_outer_step: int = 0    # > 0: the stage's lineage died; continue from this outer step
+    maddrs: tuple[tuple[str, ...], ...] = ()   # per participant (same order): its DHT multiaddrs, if any
 
 
 @dataclass(slots=True)
@@ -91,6 +97,7 @@ class SyncRounds:
         self._max_formed: dict[Key, int] = {}              # the last outer step a round formed for
         self._last_formed: dict[Key, tuple[str, ...]] = {}
         self._known: dict[Key, set[str]] = {}             # healthy replicas when the last round formed
+        self._maddrs: dict[int, dict[str, tuple[str, ...]]] = {}   # stage -> node -> its latest DHT maddrs
         self.formed: list[FormedRound] = []                # newly formed, drained by the caller
 
     def restore(self, rounds: Collection[FormedRound]) -> None:
@@ -113,15 +120,17 @@ class SyncRounds:
 
     def request(
         self, node_id: str, stage: int, fragment: int, outer_step: int, healthy: Collection[str],
-        expected: Collection[str] | None = None,
+        expected: Collection[str] | None = None, maddrs: Sequence[str] = (),
     ) -> RoundStatus:
         """One poll by `node_id` (a healthy replica of `stage`) for the round completing `outer_step`.
 
         `healthy` is the set of healthy replicas of the stage right now: any of them that asks takes
         part. `expected` (default: all of `healthy`) are those the round waits for: a replica that the
         path plan routes no microbatch through takes no inner steps, so it never asks, and waiting the
-        join window for it at every round would only slow the others down.
+        join window for it at every round would only slow the others down. `maddrs` (may be empty) is
+        where the caller's hivemind DHT listens now.
         """
+        self._note_maddrs(node_id, stage, maddrs, healthy)
         key = (stage, fragment)
         rounds = self._rounds.setdefault(key, {})
         r = rounds.get(outer_step)
@@ -143,9 +152,22 @@ class SyncRounds:
         if r.participants is None and not r.abandoned:
             self._evaluate(key, r, healthy, healthy if expected is None else expected)
         status = self._status(r)
+        if status.ready:
+            known = self._maddrs.get(stage, {})
+            status = dataclasses.replace(status, maddrs=tuple(known.get(p, ()) for p in status.participants))
         if status.ready and node_id not in status.participants:
             status = dataclasses.replace(status, adopt_outer_step=self._orphaned(key, healthy))
         return status
+
+    def _note_maddrs(self, node_id: str, stage: int, maddrs: Sequence[str], healthy: Collection[str]) -> None:
+        """Remember the caller's latest DHT maddrs (a restarted DHT listens elsewhere); only the stage's
+        healthy replicas are kept, so the table is bounded by the stage's size."""
+        known = self._maddrs.setdefault(stage, {})
+        if maddrs:
+            known[node_id] = tuple(maddrs)
+        alive = set(healthy)
+        for gone in [n for n in known if n not in alive]:
+            del known[gone]
 
     def _orphaned(self, key: Key, healthy: Collection[str]) -> int:
         """The last formed outer step of ``key`` when none of its last round's participants is healthy

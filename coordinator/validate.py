@@ -12,6 +12,8 @@ MAX_ID = 64
 MAX_SHORT = 128
 MAX_TEXT = 1024
 MAX_LINKS = 10_000
+MAX_SYNC_MADDRS = 8        # a DHT listens on a few addresses (one per interface and transport)
+MAX_MADDR = 256
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*\Z")
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])\Z")
 
@@ -106,6 +108,12 @@ def sync_round(req: pb.SyncRoundRequest, num_stages: int, fragments: int) -> Non
         raise InvalidRequest(f"fragment {req.fragment} out of range: must be 0..{fragments - 1}")
     if req.outer_step < 0:
         raise InvalidRequest(f"outer_step must be >= 0, got {req.outer_step}")
+    if len(req.sync_maddrs) > MAX_SYNC_MADDRS:
+        raise InvalidRequest(f"sync_maddrs: at most {MAX_SYNC_MADDRS} multiaddrs, got {len(req.sync_maddrs)}")
+    for i, maddr in enumerate(req.sync_maddrs):
+        text(maddr, f"sync_maddrs[{i}]", MAX_MADDR, required=True)
+        if not maddr.startswith("/") or not maddr.isprintable() or " " in maddr:
+            raise InvalidRequest(f"sync_maddrs[{i}] {maddr[:MAX_MADDR]!r} is not a multiaddr (/ip4/.../tcp/...)")
 
 
 def failure(req: pb.FailureReport) -> None:

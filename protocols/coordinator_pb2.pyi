@@ -16,14 +16,16 @@ class Ack(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("node_id", "address", "stage")
+    __slots__ = ("node_id", "address", "stage", "sync_maddrs")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_MADDRS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     stage: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
+    sync_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., sync_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeMetrics(_message.Message):
     __slots__ = ("step", "loss", "tokens_per_s", "bytes_sent", "bytes_received", "grad_norm", "outer_step", "sync_bytes_sent", "activation_bytes_sent", "val_loss", "tokens", "state_bytes_sent")
@@ -213,16 +215,18 @@ class ScheduleReply(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., paths: _Optional[_Iterable[_Union[Path, _Mapping]]] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., visits: _Optional[_Mapping[str, int]] = ..., stage: _Optional[int] = ..., origin_index: _Optional[int] = ..., num_origins: _Optional[int] = ...) -> None: ...
 
 class SyncRoundRequest(_message.Message):
-    __slots__ = ("node_id", "stage", "fragment", "outer_step")
+    __slots__ = ("node_id", "stage", "fragment", "outer_step", "sync_maddrs")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     FRAGMENT_FIELD_NUMBER: _ClassVar[int]
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    SYNC_MADDRS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     stage: int
     fragment: int
     outer_step: int
-    def __init__(self, node_id: _Optional[str] = ..., stage: _Optional[int] = ..., fragment: _Optional[int] = ..., outer_step: _Optional[int] = ...) -> None: ...
+    sync_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., stage: _Optional[int] = ..., fragment: _Optional[int] = ..., outer_step: _Optional[int] = ..., sync_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SyncRoundReply(_message.Message):
     __slots__ = ("round_id", "participants", "ready", "retry_after_s", "abandoned", "reason", "outer_step", "adopt_outer_step")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
+from lowband.coordinator import validate
+from lowband.coordinator.errors import InvalidRequest
 from lowband.coordinator.rounds import FormedRound, SyncRounds
+from lowband.protocols import coordinator_pb2 as pb
 
 
 class Clock:
@@ -192,3 +197,34 @@ def test_a_participant_gets_no_adopt_hint() -> None:
     rounds, _ = make()
     s = rounds.request("a", 1, 0, 1, ["a"])
     assert s.ready and s.participants == ("a",) and s.adopt_outer_step == 0
+
+
+def test_a_formed_round_carries_each_participants_latest_dht_maddrs() -> None:
+    rounds, _ = make()
+    healthy = ["a", "b", "c"]
+    rounds.request("b", 1, 0, 1, healthy, maddrs=["/ip4/10.0.0.2/tcp/1/p2p/B"])
+    rounds.request("a", 1, 0, 1, healthy, maddrs=["/ip4/10.0.0.1/tcp/9/p2p/A"])   # an earlier DHT of a
+    rounds.request("a", 1, 0, 1, healthy, maddrs=["/ip4/10.0.0.1/tcp/1/p2p/A"])
+    s = rounds.request("c", 1, 0, 1, healthy)   # grpc-style caller: no maddrs
+    assert s.participants == ("a", "b", "c")
+    assert s.maddrs == (("/ip4/10.0.0.1/tcp/1/p2p/A",), ("/ip4/10.0.0.2/tcp/1/p2p/B",), ())
+    assert not rounds.request("a", 1, 0, 2, healthy).maddrs   # not formed yet: nobody to connect to
+    # b died: its maddrs are forgotten (the table is bounded by the stage's healthy replicas)
+    rounds.request("a", 1, 1, 1, ["a", "c"], maddrs=["/ip4/10.0.0.1/tcp/1/p2p/A"])
+    s = rounds.request("c", 1, 1, 1, ["a", "c"])
+    assert s.participants == ("a", "c") and s.maddrs == (("/ip4/10.0.0.1/tcp/1/p2p/A",), ())
+    assert "b" not in rounds._maddrs[1]
+
+
+def request(maddrs: list[str]) -> pb.SyncRoundRequest:
+    return pb.SyncRoundRequest(node_id="a", stage=0, fragment=0, outer_step=1, sync_maddrs=maddrs)
+
+
+def test_sync_maddrs_are_bounded() -> None:
+    validate.sync_round(request(["/ip4/10.0.0.1/tcp/4001/p2p/QmPeer"] * validate.MAX_SYNC_MADDRS), 2, 1)
+    for bad, why in ([["/ip4/1/tcp/1"] * (validate.MAX_SYNC_MADDRS + 1), "at most"],
+                     [["/" + "x" * validate.MAX_MADDR], "longer than"],
+                     [[""], "empty"], [["10.0.0.1:4001"], "not a multiaddr"],
+                     [["/ip4/1 /tcp/1"], "not a multiaddr"], [["/ip4/1\n"], "not a multiaddr"]):
+        with pytest.raises(InvalidRequest, match=why):
+            validate.sync_round(request(bad), 2, 1)

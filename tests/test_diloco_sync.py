@@ -13,7 +13,8 @@ import torch
 from reduce_servers import start_reduce_server
 from torch import nn
 
-from lowband.node.sync.diloco import fragment_due
+from lowband.node.sync.averaging_backend import Averaged
+from lowband.node.sync.diloco import SyncJob, fragment_due
 from lowband.node.sync.grpc_averager import ShardReducer
 from lowband.node.sync.outer import OuterSync
 from lowband.protocols import coordinator_pb2 as pb
@@ -211,3 +212,84 @@ def test_after_a_resync_only_the_fragment_whose_round_was_missed_is_adopted_and_
     asked, adopted, steps = asyncio.run(main())
     assert adopted == [1] and steps == {0: 2, 1: 3}   # fragment 0 is not taken back to the source's step
     assert asked == [1]   # fragment 1 catches up; fragment 0 waits for its own sync point
+
+
+class RecordingCoordinator(FakeCoordinator):
+    """Forms every round at once with `peers`, and keeps every request."""
+
+    def __init__(self, peers: list[pb.PeerInfo]) -> None:
+        super().__init__()
+        self.peers = peers
+        self.requests: list[pb.SyncRoundRequest] = []
+
+    async def join_sync_round(self, request: pb.SyncRoundRequest) -> pb.SyncRoundReply:
+        self.requests.append(request)
+        return await super().join_sync_round(request)
+
+
+class ScriptedBackend:
+    """A backend whose rounds fail first, then average to a fixed mean; it publishes DHT-style maddrs."""
+
+    name = "scripted"
+    reducer = None
+    served_bytes = 7
+    maddrs = ["/ip4/10.0.0.1/tcp/4001/p2p/QmMe"]
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[str], int]] = []
+        self.closed = False
+
+    async def start(self) -> None:
+        return None
+
+    async def average(self, job: SyncJob, reply: pb.SyncRoundReply, my_index: int) -> Averaged:
+        self.calls.append((reply.round_id, [p.node_id for p in reply.participants], my_index))
+        if len(self.calls) == 1:
+            return Averaged(None, bytes_sent=3, fields={"group_size": 0})
+        return Averaged(torch.full_like(job.delta, 0.5), bytes_sent=5, fields={"group_size": 2})
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_the_configured_backend_averages_the_coordinators_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OuterSync asks the coordinator for the round with the backend's maddrs, lets the backend average
+    it, skips a round it averaged nothing in (θ_global unchanged) and says which backend synced."""
+    backend = ScriptedBackend()
+    chosen: list[str] = []
+
+    def fake_make_backend(cfg: object, *_: object, **__: object) -> ScriptedBackend:
+        chosen.append(cfg.backend)   # type: ignore[attr-defined]
+        return backend
+
+    monkeypatch.setattr("lowband.node.sync.outer.make_backend", fake_make_backend)
+
+    async def main() -> tuple[OuterSync, RecordingCoordinator, list[tuple[str, dict]], list[int]]:
+        cfg = apply_overrides(RunConfig(), ["diloco.inner_steps=2", "diloco.fragments=1", "diloco.overlap=0",
+                                            "diloco.backend=hivemind", "membership.sync_join_window_s=1",
+                                            "membership.sync_timeout_s=2"])
+        coordinator = RecordingCoordinator([pb.PeerInfo(node_id="n0", stage=1), pb.PeerInfo(node_id="n1", stage=1)])
+        events: list[tuple[str, dict]] = []
+        sync = OuterSync(TinyStage(), stage=1, node_id="n1", config=cfg, client=coordinator,  # type: ignore[arg-type]
+                         token=TOKEN, on_event=lambda kind, **f: events.append((kind, f)))
+        counts: list[int] = []
+        try:
+            def replica() -> None:
+                for step in range(1, 5):
+                    sync.after_step(step)
+                    counts.append(sync.total_outer_steps())
+            await asyncio.to_thread(replica)
+            await asyncio.sleep(0.05)   # let the events reach the loop
+        finally:
+            await sync.close()
+        return sync, coordinator, events, counts
+
+    sync, coordinator, events, counts = asyncio.run(main())
+    assert chosen == ["hivemind"] and sync.reducer is None and backend.closed
+    assert [list(r.sync_maddrs) for r in coordinator.requests] == [ScriptedBackend.maddrs] * 2
+    assert [(c[1], c[2]) for c in backend.calls] == [(["n0", "n1"], 1)] * 2
+    assert counts == [0, 0, 0, 1]   # the first round averaged nothing: no outer step
+    kinds = [(kind, f.get("backend"), f.get("reason")) for kind, f in events if kind.startswith("outer-")]
+    assert ("outer-skip", None, "scripted averaged nothing") in kinds
+    assert ("outer-sync", "scripted", None) in kinds
+    assert sync.outer_steps == 1 and sync.wire_bytes_sent == 3 + 5 + 7

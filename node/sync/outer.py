@@ -4,9 +4,10 @@ After every inner step (on the stage's worker thread, between steps) the
 ``OuterSync`` merges fragments whose averaged pseudo-gradient has arrived and
 whose merge step has come, then snapshots the fragment due now, if any. The
 exchange runs on the event loop while training goes on: ask the coordinator
-for the round's participants (JoinSyncRound), then average peer to peer
-(ReduceShard, ``lowband.node.sync.grpc_averager``). A round that is abandoned or fails changes
-nothing (``finish_sync(job, None)``). The math is in ``lowband.node.sync.diloco``.
+for the round's participants (JoinSyncRound), then average peer to peer with the
+backend ``diloco.backend`` names (``lowband.node.sync.averaging_backend``: gRPC
+ReduceShard or hivemind). A round that is abandoned or fails changes nothing
+(``finish_sync(job, None)``). The math is in ``lowband.node.sync.diloco``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from torch import nn
 
 from lowband.node.coordinator_client import CoordinatorClient
+from lowband.node.sync.averaging_backend import make_backend
 from lowband.node.sync.diloco import StreamingDiLoCo, SyncJob, exchange_open, state_from_parts, state_to_parts
-from lowband.node.sync.grpc_averager import ChannelPool, ShardReducer, average_job
+from lowband.node.sync.grpc_averager import ShardReducer
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.config import RunConfig
 
@@ -46,8 +48,9 @@ class OuterSync:
         self.round_wait_s = config.membership.sync_timeout_s + config.membership.sync_join_window_s
         self.client = client
         self.diloco = StreamingDiLoCo(module, config.diloco)
-        self.reducer = ShardReducer.from_config(config.diloco, node_id)
-        self.channels = ChannelPool(token)
+        numels = [sum(self.diloco.params[n].numel() for n in names) for names in self.diloco.fragments]
+        self.backend = make_backend(config.diloco, numels, run_id=config.run_id, stage=stage, node_id=node_id,
+                                    token=token, host=host)
         self.on_event = on_event
         self.resync = resync   # adopt a live replica's θ_global and outer state (we fell behind the group)
         self._resyncing: asyncio.Task[None] | None = None
@@ -65,6 +68,15 @@ class OuterSync:
         self._catch_up: set[int] = set()   # fragments to snapshot after the next step, off schedule
         self._missed: set[int] = set()     # fragments whose round formed without us, until the resync lands
         self.step = 0   # the last committed step ``after_step`` saw (worker thread): the step a state copy is from
+        # a backend may need a while to come up (hivemind's DHT); rounds wait for it, training does not
+        self._backend_up = self.loop.create_task(self.backend.start())
+        self._tasks.add(self._backend_up)
+        self._backend_up.add_done_callback(self._tasks.discard)
+
+    @property
+    def reducer(self) -> ShardReducer | None:
+        """What the servicer answers ReduceShard with (None: this backend takes no ReduceShard calls)."""
+        return self.backend.reducer
 
     # ------------------------------------------------------------------ worker thread
 
@@ -133,16 +145,17 @@ class OuterSync:
                     self._event("outer-skip", fragment=job.fragment, step=job.step, reason="round formed without us")
                     self._behind(job, reply)
                 else:
-                    mean, stats = await average_job(
-                        job, [p.address for p in reply.participants], ids.index(self.node_id),
-                        round_id=reply.round_id, cfg=self.cfg, reducer=self.reducer, channels=self.channels,
-                        stage=self.stage, node_id=self.node_id)
-                    valid = stats.valid
-                    self.sync_bytes_sent += stats.bytes_sent
-                    self.outer_steps += 1
-                    self._event("outer-sync", fragment=job.fragment, step=job.step, round_id=reply.round_id,
-                                participants=len(ids), lost_shards=stats.lost_shards,
-                                bytes_sent=stats.bytes_sent, seconds=round(time.monotonic() - started, 3))
+                    result = await self.backend.average(job, reply, ids.index(self.node_id))
+                    self.sync_bytes_sent += result.bytes_sent
+                    if result.mean is None:
+                        self._event("outer-skip", fragment=job.fragment, step=job.step, round_id=reply.round_id,
+                                    reason=f"{self.backend.name} averaged nothing", **result.fields)
+                    else:
+                        mean, valid = result.mean, result.valid
+                        self.outer_steps += 1
+                        self._event("outer-sync", fragment=job.fragment, step=job.step, round_id=reply.round_id,
+                                    backend=self.backend.name, participants=len(ids), bytes_sent=result.bytes_sent,
+                                    seconds=round(time.monotonic() - started, 3), **result.fields)
         except Exception:   # a failed round must never take the node down: it changes nothing
             logger.exception("outer sync of fragment %d at step %d failed", job.fragment, job.step)
             mean, valid = None, None
@@ -153,8 +166,9 @@ class OuterSync:
 
     async def _round(self, job: SyncJob) -> pb.SyncRoundReply | None:
         """Poll the coordinator until the round is formed (None when abandoned or timed out)."""
+        await asyncio.shield(self._backend_up)   # its maddrs go into the request (shield: other rounds wait too)
         request = pb.SyncRoundRequest(node_id=self.node_id, stage=self.stage, fragment=job.fragment,
-                                      outer_step=job.outer_step + 1)
+                                      outer_step=job.outer_step + 1, sync_maddrs=self.backend.maddrs)
         deadline = time.monotonic() + self.round_wait_s
         while time.monotonic() < deadline:
             try:
@@ -198,7 +212,7 @@ class OuterSync:
         """Bytes this node put on the wire for DiLoCo exchanges: its requests as a caller plus
         its replies as a shard owner (``reducer.bytes_sent``); counting only the requests
         would miss about half of an all-reduce's traffic."""
-        return self.sync_bytes_sent + self.reducer.bytes_sent
+        return self.sync_bytes_sent + self.backend.served_bytes
 
     def total_outer_steps(self) -> int:
         return sum(self.diloco.outer.steps.values())
@@ -209,7 +223,7 @@ class OuterSync:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.channels.close()
+        await self.backend.close()   # hivemind: its averager and DHT processes (and their p2pd) end here
 
     # ------------------------------------------------------------------ state for newcomers
 
