@@ -559,7 +559,8 @@ def _plan_skippipe(ctx: _Ctx, rng: random.Random) -> _Plan:
     restarts = 6 if small else 1
     pool_size = 8 if small else 1
     evals = ctx.req.search_evals
-    if evals is None:  # ~0.5 s of simulation on one core for small plans; ~1 s for 1000 nodes
+    if evals is None:  # a count of simulated events, not wall time (a seed gives one plan), sized so
+        # that planning stays around a second of one core from small runs up to 1000 nodes
         evals = max(10, min(3000, 150_000 // max(1, events)))
     base_sets = _balanced_sets(ctx.P, ctx.S, ctx.m, ctx.J, rng)
     # Critical path first: origins whose cheapest route is longest enter the table first.
