@@ -69,6 +69,7 @@ logger = logging.getLogger(__name__)
 # must time out well within it (hivemind warns of rare matchmaking deadlocks otherwise)
 MATCHMAKING_TIME_S = 5.0
 REQUEST_TIMEOUT_S = 3.0
+RESULT_SLACK_S = 5.0       # past hivemind's own deadlines before we stop waiting for a step's result
 STARTUP_TIMEOUT_S = 30.0   # an averager process comes up in about a second; a busy machine may take far longer
 
 
@@ -299,7 +300,7 @@ class HivemindAverager:
             self._steps.add(control)
             try:
                 # hivemind's own deadline covers matchmaking only: bound the whole wait, never hang the caller
-                gathered = control.result(timeout=timeout_s + (self.allreduce_timeout_s or timeout_s) + 5.0)
+                gathered = control.result(timeout=timeout_s + (self.allreduce_timeout_s or timeout_s) + RESULT_SLACK_S)
             finally:
                 self._steps.discard(control)
         except Exception as exc:  # hivemind raises assorted errors on failed rounds
@@ -352,7 +353,11 @@ class HivemindBackend:
         self.node_id = node_id
         self.cfg = cfg
         self.host = host
-        self.timeout_s = 2 * cfg.peer_timeout_s   # finding the group: the gRPC path's call deadline
+        # finding the group, then the all-reduce, each within the peer timeout: the exchange ends within the
+        # two peer timeouts OuterSync's merge waits for (the gRPC owner's wait, then its reply)
+        self.timeout_s = cfg.peer_timeout_s
+        self.matchmaking_time_s = min(MATCHMAKING_TIME_S, cfg.peer_timeout_s / 2)   # must end before the timeout
+        self.request_timeout_s = min(REQUEST_TIMEOUT_S, self.matchmaking_time_s / 2)
         # the DHT's start, in a thread; kept (not just awaited) so that close() stops a DHT whose start
         # was still under way when the node began to leave
         self._starting: asyncio.Future[HivemindAverager] | None = None
@@ -364,7 +369,9 @@ class HivemindBackend:
 
     def _start(self) -> HivemindAverager:
         averager = HivemindAverager(self.fragment_numels, run_id=self.run_id, stage=self.stage, codec=self.cfg.codec,
-                                    target_group_size=2, allreduce_timeout_s=self.cfg.peer_timeout_s, host=self.host)
+                                    target_group_size=2, matchmaking_time_s=self.matchmaking_time_s,
+                                    request_timeout_s=self.request_timeout_s,
+                                    allreduce_timeout_s=self.cfg.peer_timeout_s, host=self.host)
         try:
             self._maddrs = averager.maddrs
         except BaseException:

@@ -210,8 +210,9 @@ class OuterSync:
     @property
     def wire_bytes_sent(self) -> int:
         """Bytes this node put on the wire for DiLoCo exchanges: its requests as a caller plus
-        its replies as a shard owner (``reducer.bytes_sent``); counting only the requests
-        would miss about half of an all-reduce's traffic."""
+        what it sent answering peers (gRPC: its replies as a shard owner; hivemind counts both
+        halves of its all-reduce per caller); counting only the requests would miss about half
+        of an all-reduce's traffic."""
         return self.sync_bytes_sent + self.backend.served_bytes
 
     def total_outer_steps(self) -> int:
