@@ -187,6 +187,7 @@ class NodeDaemon:
                 task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
         if self.parts is not None:
+            self.parts.stages.stop_watchdog()
             self.parts.bookend.close()
         if self.membership.node_id:
             left = await self.client.leave(self.membership.node_id, self.exit_reason or "shutdown",

@@ -164,10 +164,14 @@ class StageAssembler:
             await self.current.outer.close()
             self.current.outer = None
 
-    async def close(self) -> None:
-        """At exit. The outer sync first: that releases a worker thread waiting for an outer round."""
+    def stop_watchdog(self) -> None:
+        """The node is leaving: no stalled iteration is closed or asked about any more."""
         if self._watchdog is not None:
             self._watchdog.cancel()
+
+    async def close(self) -> None:
+        """At exit. The outer sync first: that releases a worker thread waiting for an outer round."""
+        self.stop_watchdog()
         if self.current.outer is not None:
             await self.current.outer.close()
         agent = self.current.agent
