@@ -237,6 +237,7 @@ class HivemindAverager:
         # (fragment, group size) -> averager: a round of another size matches only rounds of that size
         self.averagers: dict[tuple[int, int], _MeanAverager] = {}
         self._steps: set[Any] = set()   # StepControls in flight, cancelled by shutdown
+        self._closed = False
 
     @property
     def maddrs(self) -> list[str]:
@@ -251,6 +252,8 @@ class HivemindAverager:
         key = (fragment, group_size)
         averager = self.averagers.get(key)
         if averager is None:
+            if self._closed:   # a round still running in a thread as the node leaves starts no new process
+                raise RuntimeError("the hivemind averager is shut down")
             averager = _MeanAverager(
                 [torch.zeros(self.fragment_numels[fragment])],
                 self.dht,
@@ -326,6 +329,7 @@ class HivemindAverager:
 
     def shutdown(self) -> None:
         """Stop the averagers' processes, then the DHT's (which stops its p2pd)."""
+        self._closed = True
         for control in list(self._steps):   # a caller waiting in average() returns now, with None
             control.cancel()
         for averager in self.averagers.values():

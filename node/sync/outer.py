@@ -68,10 +68,11 @@ class OuterSync:
         self._catch_up: set[int] = set()   # fragments to snapshot after the next step, off schedule
         self._missed: set[int] = set()     # fragments whose round formed without us, until the resync lands
         self.step = 0   # the last committed step ``after_step`` saw (worker thread): the step a state copy is from
-        # a backend may need a while to come up (hivemind's DHT); rounds wait for it, training does not
-        self._backend_up = self.loop.create_task(self.backend.start())
-        self._tasks.add(self._backend_up)
-        self._backend_up.add_done_callback(self._tasks.discard)
+        # a backend may need a while to come up (hivemind's DHT): start it now, before the first round
+        # needs it; rounds wait for it, training does not
+        starting = self.loop.create_task(self._start_backend())
+        self._tasks.add(starting)
+        starting.add_done_callback(self._tasks.discard)
 
     @property
     def reducer(self) -> ShardReducer | None:
@@ -127,6 +128,12 @@ class OuterSync:
         if self.on_event is not None:
             self.loop.call_soon_threadsafe(lambda: self.on_event(kind, **fields))   # type: ignore[misc]
 
+    async def _start_backend(self) -> None:
+        try:
+            await self.backend.start()
+        except Exception as exc:   # the first round tries again, and fails alone if it must
+            logger.warning("stage %d: the %s averaging backend did not start: %s", self.stage, self.backend.name, exc)
+
     def _start(self, job: SyncJob) -> None:
         task = asyncio.create_task(self._exchange(job))
         self._tasks.add(task)
@@ -166,7 +173,7 @@ class OuterSync:
 
     async def _round(self, job: SyncJob) -> pb.SyncRoundReply | None:
         """Poll the coordinator until the round is formed (None when abandoned or timed out)."""
-        await asyncio.shield(self._backend_up)   # its maddrs go into the request (shield: other rounds wait too)
+        await self.backend.start()   # once: its maddrs go into the request
         request = pb.SyncRoundRequest(node_id=self.node_id, stage=self.stage, fragment=job.fragment,
                                       outer_step=job.outer_step + 1, sync_maddrs=self.backend.maddrs)
         deadline = time.monotonic() + self.round_wait_s
