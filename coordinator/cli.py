@@ -119,7 +119,7 @@ def status_dict(reply: pb.StatusReply, coordinator: str = "") -> dict[str, Any]:
         nodes.append({
             "node_id": n.node_id, "address": n.address, "stage": n.stage, "state": n.state,
             "heartbeat_age_s": round(n.heartbeat_age_s, 3), "device": n.device, "throughput": n.throughput,
-            "has_data": n.has_data, "step": m.step, "outer_step": m.outer_step, "loss": m.loss,
+            "has_data": n.has_data, "memory_bytes": n.memory_bytes, "step": m.step, "outer_step": m.outer_step, "loss": m.loss,
             "tokens_per_s": m.tokens_per_s, "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received,
             "grad_norm": m.grad_norm,
         })
@@ -148,12 +148,13 @@ def format_status(data: dict[str, Any]) -> str:
     cov = "  ".join(f"{s}:{c}" for s, c in data["stage_coverage"].items())
     lines.append(f"stage coverage (live replicas)  {cov}")
     header = f"{'node':<16} {'address':<21} {'stage':>5} {'state':<10} {'hb age':>7} {'tok/s':>9} {'loss':>7} " \
-             f"{'sent':>8} {'recv':>8}"
+             f"{'sent':>8} {'recv':>8} {'memory':>8}"
     lines += ["", header, "-" * len(header)]
     for n in sorted(data["nodes"], key=lambda n: (n["state"] not in ("alive", "recovering"), n["stage"], n["node_id"])):
         lines.append(f"{n['node_id']:<16} {n['address']:<21} {n['stage']:>5} {n['state']:<10} "
                      f"{n['heartbeat_age_s']:>6.1f}s {n['tokens_per_s']:>9.1f} {n['loss']:>7.3f} "
-                     f"{_bytes(n['bytes_sent']):>8} {_bytes(n['bytes_received']):>8}")
+                     f"{_bytes(n['bytes_sent']):>8} {_bytes(n['bytes_received']):>8} "
+                     f"{_bytes(n['memory_bytes']) if n['memory_bytes'] else '-':>8}")
     if not data["nodes"]:
         lines.append("(no nodes)")
     lines += ["", "recent events"]

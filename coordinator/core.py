@@ -599,7 +599,8 @@ class Coordinator:
         for m in self.members.values():
             reply.nodes.add(node_id=m.node_id, address=m.address, stage=m.stage, state=m.state,
                             heartbeat_age_s=max(0.0, now - m.last_seen), metrics=m.metrics,
-                            throughput=m.throughput, device=m.device, has_data=m.has_data)
+                            throughput=m.throughput, device=m.device, has_data=m.has_data,
+                            memory_bytes=m.memory_bytes)
         for stage, count in self.coverage().items():
             reply.stage_coverage[stage] = count
         limit = req.max_events or DEFAULT_STATUS_EVENTS

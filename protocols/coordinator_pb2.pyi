@@ -295,7 +295,7 @@ class StatusRequest(_message.Message):
     def __init__(self, max_events: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "address", "stage", "state", "heartbeat_age_s", "metrics", "throughput", "device", "has_data")
+    __slots__ = ("node_id", "address", "stage", "state", "heartbeat_age_s", "metrics", "throughput", "device", "has_data", "memory_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -305,6 +305,7 @@ class NodeStatus(_message.Message):
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HAS_DATA_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     stage: int
@@ -314,7 +315,8 @@ class NodeStatus(_message.Message):
     throughput: float
     device: str
     has_data: bool
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., state: _Optional[str] = ..., heartbeat_age_s: _Optional[float] = ..., metrics: _Optional[_Union[NodeMetrics, _Mapping]] = ..., throughput: _Optional[float] = ..., device: _Optional[str] = ..., has_data: _Optional[bool] = ...) -> None: ...
+    memory_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., state: _Optional[str] = ..., heartbeat_age_s: _Optional[float] = ..., metrics: _Optional[_Union[NodeMetrics, _Mapping]] = ..., throughput: _Optional[float] = ..., device: _Optional[str] = ..., has_data: _Optional[bool] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("time", "kind", "node_id", "stage", "detail")

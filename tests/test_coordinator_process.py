@@ -48,7 +48,8 @@ def _stub(port: int) -> tuple[grpc.Channel, pb_grpc.CoordinatorStub]:
 
 def _join(stub: pb_grpc.CoordinatorStub, port: int, node_id: str = "", stage: int = -1) -> pb.JoinReply:
     return stub.Join(pb.JoinRequest(node_id=node_id, address=f"127.0.0.1:{port}", device="cpu", throughput=2.0,
-                                    version="0.1", stage=stage, preferred_stage=-1, has_data=True),
+                                    version="0.1", stage=stage, preferred_stage=-1, has_data=True,
+                                    memory_bytes=8_000_000_000),
                      metadata=MD, timeout=10)
 
 
@@ -134,6 +135,7 @@ def test_status_cli_against_live_coordinator(tmp_path: Path, serve: Callable[...
     assert by_id[nodes[3].node_id]["state"] == "left"
     assert by_id[nodes[0].node_id]["tokens_per_s"] == pytest.approx(321.0)
     assert by_id[nodes[0].node_id]["bytes_sent"] == 4096
+    assert by_id[nodes[0].node_id]["memory_bytes"] == 8_000_000_000   # as the node reported it at join
     assert data["stage_coverage"] == {"0": 1, "1": 1, "2": 1}
     assert [e["kind"] for e in data["events"]].count("join") == 4
     assert "leave" in [e["kind"] for e in data["events"]]
@@ -145,6 +147,7 @@ def test_status_cli_against_live_coordinator(tmp_path: Path, serve: Callable[...
         assert r.node_id in text
     assert "stage coverage" in text and "0:1  1:1  2:1" in text
     assert "321.0" in text and "left" in text and "recent events" in text
+    assert "8.0GB" in text
 
     token_file = tmp_path / "wrong.token"
     token_file.write_text("not-the-token\n")
