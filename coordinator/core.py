@@ -32,7 +32,7 @@ from lowband.coordinator.recovery import NodeRef, RecoveryError, plan_recovery
 from lowband.coordinator.rounds import FormedRound, SyncRounds
 from lowband.coordinator.skippipe.paths import PlannedPath
 from lowband.coordinator.skippipe.schedule import Plan
-from lowband.coordinator.store import EventRecord, MemberRecord, Store
+from lowband.coordinator.store import EventRecord, MemberInfo, MemberRecord, Store
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.config import RunConfig
 
@@ -46,17 +46,7 @@ Kind = pb.Instruction.Kind
 
 
 @dataclass(slots=True, eq=False)
-class Member:
-    node_id: str
-    address: str
-    device: str
-    memory_bytes: int
-    throughput: float
-    version: str
-    has_data: bool
-    stage: int
-    state: str
-    joined_at: float                 # wall clock, for humans
+class Member(MemberInfo):
     last_seen: float                 # coordinator clock, for the lease
     metrics: pb.NodeMetrics = field(default_factory=pb.NodeMetrics)
     registered: bool = True          # False after a restart until the node joins again
@@ -75,9 +65,7 @@ class Member:
         return pb.PeerInfo(node_id=self.node_id, address=self.address, stage=self.stage)
 
     def record(self) -> MemberRecord:
-        return MemberRecord(self.node_id, self.address, self.device, self.memory_bytes, self.throughput,
-                            self.version, self.has_data, self.stage, self.state, self.joined_at,
-                            self.metrics.SerializeToString())
+        return MemberRecord(**self.info(), metrics=self.metrics.SerializeToString())
 
 
 class Coordinator:
@@ -130,9 +118,7 @@ class Coordinator:
             if rec.metrics:
                 metrics.ParseFromString(rec.metrics)
             # Live nodes get a fresh lease to re-register; until then their heartbeats get REJOIN.
-            self.members[rec.node_id] = Member(
-                rec.node_id, rec.address, rec.device, rec.memory_bytes, rec.throughput, rec.version,
-                rec.has_data, rec.stage, rec.state, rec.joined_at, now, metrics, registered=False)
+            self.members[rec.node_id] = Member(**rec.info(), last_seen=now, metrics=metrics, registered=False)
             self._trained = self._trained or metrics.step > 0
         self.events.extend(store.recent_events(self.events.maxlen or 1000))
         self.rounds.restore([FormedRound(*row) for row in store.load_rounds()])

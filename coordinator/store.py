@@ -13,8 +13,9 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,10 @@ CREATE TABLE IF NOT EXISTS rounds (
 """
 
 
-@dataclass(slots=True)
-class MemberRecord:
+@dataclass(slots=True, eq=False)
+class MemberInfo:
+    """What the coordinator keeps of a node across its own restarts (the live member adds its lease)."""
+
     node_id: str
     address: str
     device: str
@@ -65,7 +68,14 @@ class MemberRecord:
     has_data: bool
     stage: int
     state: str
-    joined_at: float
+    joined_at: float                 # wall clock, for humans
+
+    def info(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(MemberInfo)}
+
+
+@dataclass(slots=True)
+class MemberRecord(MemberInfo):
     metrics: bytes = b""  # a serialized NodeMetrics
 
 
