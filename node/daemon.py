@@ -63,6 +63,7 @@ from lowband.node.recovery.state_source import StateSource
 from lowband.node.schedule_keeper import ScheduleKeeper
 from lowband.node.service import NodeServicer, start_server, start_wire
 from lowband.node.stage_assembly import CurrentStage, StageAssembler, StageHooks
+from lowband.node.sync.averaging_backend import require_backend
 from lowband.node.train.model import model_config_for
 from lowband.node.train.reference import resolve_device
 from lowband.node.train_loop import TrainLoop
@@ -210,6 +211,7 @@ class NodeDaemon:
     def _compose(self, reply: pb.JoinReply) -> RunParts:
         """Build the node's parts for the run config the first join reply carries."""
         config = RunConfig.from_json(reply.run_config_json)
+        require_backend(config.diloco)
         heartbeat_s = reply.heartbeat_interval_s or config.membership.heartbeat_interval_s
         lease_s = reply.lease_s or config.membership.lease_s
         logger.info("joined as %s, stage %d; run config %s", reply.node_id, reply.stage, config.to_json())

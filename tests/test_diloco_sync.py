@@ -18,7 +18,7 @@ from lowband.node.sync.diloco import SyncJob, fragment_due
 from lowband.node.sync.grpc_averager import ShardReducer
 from lowband.node.sync.outer import OuterSync
 from lowband.protocols import coordinator_pb2 as pb
-from lowband.protocols.config import RunConfig, apply_overrides
+from lowband.protocols.config import ConfigError, RunConfig, apply_overrides
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(60)
@@ -293,3 +293,15 @@ def test_the_configured_backend_averages_the_coordinators_round(monkeypatch: pyt
     assert ("outer-skip", None, "scripted averaged nothing") in kinds
     assert ("outer-sync", "scripted", None) in kinds
     assert sync.outer_steps == 1 and sync.wire_bytes_sent == 3 + 5 + 7
+
+
+def test_a_hivemind_run_without_hivemind_installed_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lowband.node.sync import averaging_backend
+
+    cfg = RunConfig().diloco
+    cfg.backend = "hivemind"
+    monkeypatch.setattr(averaging_backend.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"diloco\.backend: 'hivemind' needs hivemind"):
+        averaging_backend.require_backend(cfg)
+    cfg.backend = "grpc"
+    averaging_backend.require_backend(cfg)   # nothing to install

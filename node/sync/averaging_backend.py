@@ -13,6 +13,7 @@ backend only turns this replica's ``job.delta`` and the formed round into the me
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +22,7 @@ import torch
 from lowband.node.sync.diloco import SyncJob
 from lowband.node.sync.grpc_averager import ChannelPool, ShardReducer, average_job
 from lowband.protocols import coordinator_pb2 as pb
-from lowband.protocols.config import DilocoSection
+from lowband.protocols.config import ConfigError, DilocoSection
 
 
 @dataclass(slots=True)
@@ -89,6 +90,13 @@ class GrpcBackend:
 
     async def close(self) -> None:
         await self.channels.close()
+
+
+def require_backend(cfg: DilocoSection) -> None:
+    """Refuse, before any stage is built, a backend this install cannot run (hivemind is an extra)."""
+    if cfg.backend == "hivemind" and importlib.util.find_spec("hivemind") is None:
+        raise ConfigError("diloco.backend: 'hivemind' needs hivemind installed on every node "
+                          "(pip install 'lowband[hivemind]'), or use 'grpc'")
 
 
 def make_backend(cfg: DilocoSection, fragment_numels: list[int], *, run_id: str, stage: int, node_id: str,
