@@ -27,6 +27,7 @@ _FP4_MIN_ABS_BITS = (127 - 7) << 23   # float32 bits of 2^-7: below this (x/scal
 
 
 def num_blocks(numel: int, block_size: int) -> int:
+    """Blocks (each with one scale) that ``numel`` values take; the last may be short."""
     return (numel + block_size - 1) // block_size
 
 
@@ -163,3 +164,6 @@ def dequantize(payload: torch.Tensor, scales: torch.Tensor, codec: str, block_si
         table = _INT4_PAIRS if codec == "int4" else _FP4_PAIRS
         out = torch.index_select(table.to(device), 0, idx).view(torch.float32)[:numel]
     return _scale_blocks_(out, scales, block_size)
+
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "MAX_BLOCK_SIZE", "QUANT_CODECS", "dequantize", "num_blocks", "quantize"]

@@ -34,14 +34,13 @@ from lowband.protocols.codec import (
 )
 from lowband.protocols.errors import ValidationError
 
-# A segmented payload is cast in pieces of this many wire bytes. One piece per activation of the usual
-# sizes: on loopback, casting 1 MiB whole and writing it once was ~0.05 ms faster than four interleaved
-# cast-and-write rounds (benchmarks/pipeline.md); past this size the receiver's reads and checks of
-# the first pieces overlap the cast of the later ones.
+# A segmented payload is cast in pieces of this many wire bytes: one piece for an activation of the usual
+# sizes (every cast-and-write round has a fixed cost; benchmarks/pipeline.md, third session); past this
+# size the receiver's reads and checks of the first pieces overlap the cast of the later ones.
 SEGMENT_BYTES = 4 << 20
 
 
-@dataclass(slots=True)   # not frozen: a frozen dataclass's __init__ costs ~0.4 us a field, on every hop
+@dataclass(slots=True)   # not frozen: one is made per hop, and a frozen dataclass's __init__ pays per field
 class SegmentedPayload:
     """The payload of a raw codec, cast to its wire dtype one segment at a time as a transport asks for it:
     the first bytes can be on the wire (and being checked by the receiver) while the rest is still being
