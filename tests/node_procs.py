@@ -8,6 +8,7 @@ leaves no processes behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,3 +92,23 @@ class LocalRun:
     def close(self) -> None:
         """SIGKILL every process group this run started (tests need no grace) and reap them."""
         self.supervisor.kill_all(graceful_s=0.0)
+
+
+def data_parallel_overrides(*, steps: int, fragments: int, eval_every: int, backend: str = "grpc") -> list[str]:
+    """A short data-parallel run (``model.stages = 1``) of a few node processes on a busy 2-core machine."""
+    return [
+        "model.stages=1", "model.seq_len=32",
+        "train.microbatch_size=4", "train.microbatches=2", f"train.steps={steps}", "train.lr=0.004",
+        "train.warmup_steps=5", f"train.eval_every={eval_every}", "train.eval_batches=2",
+        "membership.heartbeat_interval_s=0.5", "membership.lease_s=3",
+        "diloco.inner_steps=10", f"diloco.fragments={fragments}", "diloco.codec=int8", f"diloco.backend={backend}",
+        # replicas drift apart by seconds on a busy 2-core machine: let a round wait for the later ones
+        "membership.sync_join_window_s=8", "membership.sync_timeout_s=12",
+    ]
+
+
+def assert_val_loss_fell(run: LocalRun, index: int, steps: int, by: float) -> None:
+    """The node's last evaluation is at the run's last step, finite, and ``by`` below its first."""
+    evals = run.records(index, "eval")
+    assert evals[-1]["step"] == steps and math.isfinite(evals[-1]["val_loss"]), evals
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - by, evals

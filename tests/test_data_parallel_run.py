@@ -10,26 +10,17 @@ rounds they shared (the nodes' ``final`` records: equal outer steps, equal diges
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from node_procs import LocalRun
+from node_procs import LocalRun, assert_val_loss_fell, data_parallel_overrides
 
 STEPS = 60
 NODES = 3
-OVERRIDES = [
-    "model.stages=1", "model.seq_len=32",
-    "train.microbatch_size=4", "train.microbatches=2", f"train.steps={STEPS}", "train.lr=0.004",
-    "train.warmup_steps=5", "train.eval_every=30", "train.eval_batches=2",
-    "membership.heartbeat_interval_s=0.5", "membership.lease_s=3",
-    "diloco.inner_steps=10", "diloco.fragments=2", "diloco.codec=int8",
-    # replicas drift apart by seconds on a busy 2-core machine: let a round wait for the later ones
-    "membership.sync_join_window_s=8", "membership.sync_timeout_s=12",
-]
+OVERRIDES = data_parallel_overrides(steps=STEPS, fragments=2, eval_every=30)
 
 
 @pytest.mark.timeout(240)
@@ -42,9 +33,7 @@ def test_three_replicas_train_and_agree_on_theta_global(local_run: Callable[...,
     assert codes == [0] * NODES, f"exit codes {codes}\n{run.tail()}"
     for i in range(NODES):
         assert {r["stage"] for r in run.records(i, "stage")} == {0}, run.tail()
-        evals = run.records(i, "eval")
-        assert evals[-1]["step"] == STEPS and math.isfinite(evals[-1]["val_loss"]), evals
-        assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3, evals
+        assert_val_loss_fell(run, i, STEPS, by=0.3)
         iterations = run.records(i, "iteration")
         assert all(r["abandoned"] == 0 and r["loss"] is not None for r in iterations), run.tail()
         assert not run.records(i, "bookend-copy") and not run.records(i, "abandon")
