@@ -95,7 +95,7 @@ class NodeOptions:
     links_file: str = ""
     log_json: str = ""
     torch_threads: int = 1
-    wire: bool = True             # activation wire beside gRPC (node/pipeline/wire.py); False: gRPC pipes only
+    wire: bool = True             # activation wire beside gRPC (node/pipeline/wire.py); False: gRPC only (the chunked Forward/Backward streams)
     wire_port: int = 0            # the wire's TCP port on the listen host (0: any free port)
 
 

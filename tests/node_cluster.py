@@ -46,7 +46,7 @@ async def start_node(node_id: str, stage: int, module: nn.Module, *, dim: int, m
                      optimizer: torch.optim.Optimizer | None = None, codec: str = "fp32",
                      hop_timeout_s: float = 3.0, iteration_timeout_s: float = 5.0,
                      links: LinkTable | None = None, wire: bool = True) -> LocalNode:
-    """A node as the daemon builds one; ``wire=False``: activations on the gRPC pipes only (no wire server,
+    """A node as the daemon builds one; ``wire=False``: activations by gRPC only (no wire server,
     and its transport never tries one)."""
     if optimizer is None:
         optimizer = torch.optim.SGD(module.parameters(), lr=0.1)

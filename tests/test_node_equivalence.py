@@ -4,7 +4,7 @@ One origin and three stage nodes as separate processes on loopback (plus a
 coordinator process), same seed and data order as node/train/reference.py, one
 microbatch per iteration, fp32 activation codec: the origin's losses equal the
 reference trainer's losses step by step. Stage 2 runs with ``--no-wire``, so hops
-to and from it go over the gRPC pipes while the others use the activation wire:
+to and from it go by gRPC (the chunked Forward/Backward fallback) while the others use the activation wire:
 both transports carry the same numbers.
 """
 
