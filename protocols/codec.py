@@ -58,8 +58,8 @@ DEFAULT_MAX_NUMEL = 1 << 28       # 1 GiB of fp32: far above any single tensor w
 MAX_NDIM = 16
 ZSTD_LEVEL = 1                    # level 1 is ~all of the gain on quantized data, at a fraction of the cost
 _ZSTD_PROBE_BYTES = 1 << 16       # try a sample first so incompressible payloads cost little
-# zstd is kept only when it saves >= 10%: int8 gradient codes save ~7% for ~7 ms per 4 MB
-# (compress + decompress), which pays off only on links slower than ~300 Mbit/s.
+# zstd is kept only when it saves >= 10%: quantized gradient codes shrink by less than that, and
+# compressing plus decompressing them costs more time than it saves except on very slow links.
 ZSTD_MIN_SAVING = 0.10
 _ZSTD_PROBE_MIN_PAYLOAD = 1 << 18
 _ZSTD_MAX_WINDOW = 1 << 23        # our frames use far less; refuse frames that demand more memory
