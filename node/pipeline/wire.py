@@ -9,7 +9,7 @@ codec's payload is cast as it is written, into a buffer the connection reuses:
 node's own event loop straight into the tensor handed to the agent
 (``payload.receive_spec``; the tensor is made ahead of time when the shape repeats) and
 checked finite as it arrives: no extra threads, no copies of the bulk, no per-message
-gRPC state (benchmarks/pipeline.md: ~6x faster). Both sides write on the socket
+gRPC state (benchmarks/pipeline.md has the figures). Both sides write on the socket
 directly while the transport's buffer is empty (``write_now``).
 gRPC stays the control plane (membership, abandons, averaging, state, pings) and the
 fallback: a peer whose ``PingReply.wire_port`` is 0, or whose wire port cannot be
@@ -74,8 +74,8 @@ CHECK_BYTES = 64 * 1024 if native_codec() else 256 * 1024
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 # A payload that is cast on the way out (fp32 activations, bf16 on the wire) goes out with the frame head
 # in a first piece of this many bytes: the receiver wakes up and parses the metadata while the rest is
-# cast (a separate head-only write was ~10% slower in medians; with the receiver's target made ahead of
-# time, 4 KiB was 1-5% faster than 16 or 64 KiB: benchmarks/pipeline.md).
+# cast. One small first piece beats both a separate head-only write (one more system call) and larger
+# first pieces (the receiver waits longer before it can start; sizes compared in benchmarks/pipeline.md).
 FIRST_SEGMENT_BYTES = 4 * 1024
 # A payload buffer reused frame after frame (the sender's cast buffer, the receiver's buffer for payloads
 # it decodes) is replaced by a smaller one once it is this much (and 4x) larger than the payload: one
@@ -110,11 +110,9 @@ def handshake_mac(token: str, nonce: bytes) -> bytes:
 
 def _tune(sock: socket.socket | None) -> int:
     """No Nagle delay, and a send buffer that holds a whole activation: a 1 MiB write then completes in one
-    syscall instead of a dozen event-loop rounds while the kernel's autotuning grows the buffer (~25% off a
-    loopback hop when the receiver was slower). The receive buffer is left to autotuning: a fixed one turns
-    autotuning off, and now that the receiver keeps pace with the sender (native checks) the autotuned one
-    was 3-10% faster on loopback (benchmarks/pipeline.md); it also grows past 4 MiB on long fat links.
-    4 MiB of send buffer covers ~300 Mbit/s at 100 ms RTT per connection. Returns the socket's descriptor
+    syscall instead of a dozen event-loop rounds while the kernel's autotuning grows the buffer. The
+    receive buffer is left to autotuning: a fixed one turns autotuning off, and the autotuned one grows
+    past 4 MiB on long fat links. 4 MiB of send buffer covers ~300 Mbit/s at 100 ms RTT per connection. Returns the socket's descriptor
     (-1: none), which the connection writes on directly (``write_now``)."""
     if sock is None:
         return -1
@@ -131,7 +129,7 @@ def _new_target(spec: TargetSpec) -> tuple[torch.Tensor, memoryview]:
 
 def write_now(transport: asyncio.Transport, fd: int, pieces: list[bytes | memoryview]) -> None:
     """Write ``pieces`` now, in one system call on the transport's socket ``fd``: the transport, with its
-    buffer empty, would do the same but with its own per-call costs (~5% of a 1 MiB loopback hop). What
+    buffer empty, would do the same but with its own per-call bookkeeping. What
     the socket does not take (its buffer full, on a slow link) goes to the transport, which sends it as
     the socket drains; with bytes already queued (or no socket) all of it does. Raises OSError when the
     socket has failed."""
