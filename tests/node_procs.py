@@ -62,6 +62,13 @@ class LocalRun:
         self.logs.append(log_json)
         return proc
 
+    def run_nodes(self, prefix: str, count: int, *, timeout_s: float, preferred_stage: int = -1) -> None:
+        """Start ``count`` nodes and wait for all of them to exit 0 (the log tails say why when not)."""
+        for i in range(count):
+            self.start_node(f"{prefix}{i}", preferred_stage=preferred_stage)
+        codes = self.wait_nodes(timeout_s=timeout_s)
+        assert codes == [0] * count, f"exit codes {codes}\n{self.tail()}"
+
     def wait_nodes(self, timeout_s: float) -> list[int | None]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(p.poll() is None for p in self.nodes):

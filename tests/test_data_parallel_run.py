@@ -27,10 +27,7 @@ OVERRIDES = data_parallel_overrides(steps=STEPS, fragments=2, eval_every=30)
 def test_three_replicas_train_and_agree_on_theta_global(local_run: Callable[..., LocalRun]) -> None:
     started = time.monotonic()
     run = local_run(OVERRIDES)
-    for i in range(NODES):
-        run.start_node(f"dp{i}", preferred_stage=0)
-    codes = run.wait_nodes(timeout_s=200)
-    assert codes == [0] * NODES, f"exit codes {codes}\n{run.tail()}"
+    run.run_nodes("dp", NODES, timeout_s=200, preferred_stage=0)
     for i in range(NODES):
         assert {r["stage"] for r in run.records(i, "stage")} == {0}, run.tail()
         assert_val_loss_fell(run, i, STEPS, by=0.3)

@@ -47,10 +47,7 @@ def in_session(leader: int) -> list[str]:
 def test_two_replicas_train_through_hivemind_and_agree_on_theta_global(
         local_run: Callable[..., LocalRun]) -> None:
     run = local_run(OVERRIDES)
-    for i in range(NODES):
-        run.start_node(f"hm{i}", preferred_stage=0)
-    codes = run.wait_nodes(timeout_s=200)
-    assert codes == [0] * NODES, f"exit codes {codes}\n{run.tail()}"
+    run.run_nodes("hm", NODES, timeout_s=200, preferred_stage=0)
     for i in range(NODES):
         assert_val_loss_fell(run, i, STEPS, by=0.2)
         syncs = run.records(i, "outer-sync")

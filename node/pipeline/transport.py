@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -266,19 +267,20 @@ class Transport:
                 raise
             return node_pb2.NodeAck(ok=False, message=exc.details() or "invalid")
 
+    async def _unary(self, address: str, method: str, request: Any, timeout_s: float) -> Any:
+        """A small control RPC to a peer, on the emulated link and counted as sent."""
+        await self.emulate(address, request.ByteSize())
+        reply = await getattr(self.stub(address), method)(request, timeout=timeout_s, metadata=self.metadata)
+        self.bytes_sent += request.ByteSize()
+        return reply
+
     async def abandon(self, address: str, request: node_pb2.AbandonRequest, *, timeout_s: float
                       ) -> node_pb2.NodeAck:
-        await self.emulate(address, request.ByteSize())
-        ack = await self.stub(address).Abandon(request, timeout=timeout_s, metadata=self.metadata)
-        self.bytes_sent += request.ByteSize()
-        return ack
+        return await self._unary(address, "Abandon", request, timeout_s)
 
     async def iteration_status(self, address: str, request: node_pb2.IterationStatusRequest, *, timeout_s: float
                                ) -> node_pb2.IterationStatusReply:
-        await self.emulate(address, request.ByteSize())
-        reply = await self.stub(address).IterationStatus(request, timeout=timeout_s, metadata=self.metadata)
-        self.bytes_sent += request.ByteSize()
-        return reply
+        return await self._unary(address, "IterationStatus", request, timeout_s)
 
     async def ping(self, address: str, *, timeout_s: float, padding: int = 0) -> tuple[float, node_pb2.PingReply]:
         """Round-trip time in seconds to a peer (and its identity)."""
