@@ -40,7 +40,7 @@ from torch import nn
 
 from lowband.coordinator.skippipe.paths import PlanRequest, stages_visited
 from lowband.coordinator.skippipe.planner import PLANNERS, plan_paths
-from lowband.node.train.along_path import full_path, path_loss, validate_path
+from lowband.node.train.along_path import Hop, full_path, path_loss, validate_path
 from lowband.node.train.data import DataError, load_run_corpus, run_val_batches, split_microbatches
 from lowband.node.train.evaluate import mean_loss
 from lowband.node.train.export import export_model
@@ -90,6 +90,7 @@ def backward_iteration(
     stages: Mapping[int, nn.Module] | Sequence[nn.Module],
     plan: Sequence[Sequence[int]],
     microbatches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    hop: Hop | None = None,
 ) -> tuple[list[float], Counter[int]]:
     """Forward and backward every microbatch along its path (microbatch j takes ``plan[j % len(plan)]``).
 
@@ -101,7 +102,7 @@ def backward_iteration(
     losses: list[float] = []
     for j, (x, y) in enumerate(microbatches):
         path = plan[j % len(plan)]
-        loss = path_loss(stages, path, x, y)
+        loss = path_loss(stages, path, x, y, hop)
         loss.backward()   # .grad accumulates the sum over the visiting microbatches
         losses.append(float(loss.detach()))
         counts.update(set(path))
@@ -122,13 +123,16 @@ def train_skip(
     export: str | Path | None = None,
     eval_every: int | None = None,
     eval_paths: bool = True,
+    hop: Hop | None = None,
 ) -> SkipTrainResult:
     """Train ``config.model.stages`` stages along planned paths; validate on the full path.
 
     ``paths``: one path per microbatch (cycled if shorter), overriding the
     planner. ``eval_every``: steps between validations (default
     ``train.eval_every``; 0 = only before and after). ``eval_paths``: also
-    report the final validation loss along each distinct training path.
+    report the final validation loss along each distinct training path. ``hop``: what crossing the
+    network does to activations and their gradients in training (``lowband.node.train.along_path.Hop``);
+    validation runs without it, so it measures the model.
     """
     if clip not in CLIP_MODES:
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
@@ -172,7 +176,8 @@ def train_skip(
         if replan_every and step and step % replan_every == 0:
             plan = make_plan(step // replan_every)
         inputs, targets = next(batches)
-        losses, counts = backward_iteration(stages, plan, split_microbatches(inputs, targets, train.microbatch_size))
+        losses, counts = backward_iteration(stages, plan, split_microbatches(inputs, targets, train.microbatch_size),
+                                            hop)
         visits.update(counts)
         lr = lr_at(step, train)
         if clip == "global":

@@ -9,7 +9,7 @@ trainer use to check that skipping and swapping still produce a valid model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from lowband.node.train.model import Bookend
 
 Stages = Mapping[int, nn.Module] | Sequence[nn.Module]
+# What crossing the network does to the hidden states between two stages (a codec's round trip);
+# None: they cross unchanged, as inside one process.
+Hop = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _has_stage(stages: Stages, index: int) -> bool:
@@ -41,11 +44,16 @@ def validate_path(stages: Stages, path: Sequence[int]) -> None:
         raise ValueError("stages must include stage 0 (a Bookend)")
 
 
-def run_blocks(stages: Stages, path: Sequence[int], h_BTD: torch.Tensor) -> torch.Tensor:
-    """Apply the block stages of ``path`` (everything between the two zeros) to hidden states."""
+def run_blocks(stages: Stages, path: Sequence[int], h_BTD: torch.Tensor, hop: Hop | None = None) -> torch.Tensor:
+    """Apply the block stages of ``path`` (everything between the two zeros) to hidden states.
+
+    ``hop`` is applied wherever the states leave one node for the next: from the origin to the first
+    block stage, between block stages, and from the last back to the origin."""
     for index in list(path)[1:-1]:
+        if hop is not None:
+            h_BTD = hop(h_BTD)
         h_BTD = stages[index](h_BTD)
-    return h_BTD
+    return hop(h_BTD) if hop is not None else h_BTD
 
 
 def run_path(stages: Stages, path: Sequence[int], tokens_BT: torch.Tensor) -> torch.Tensor:
@@ -58,12 +66,12 @@ def run_path(stages: Stages, path: Sequence[int], tokens_BT: torch.Tensor) -> to
 
 
 def path_loss(
-    stages: Stages, path: Sequence[int], tokens_BT: torch.Tensor, targets_BT: torch.Tensor
+    stages: Stages, path: Sequence[int], tokens_BT: torch.Tensor, targets_BT: torch.Tensor, hop: Hop | None = None
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of ``tokens_BT`` sent along ``path``."""
+    """Mean next-token cross-entropy (nats) of ``tokens_BT`` sent along ``path`` (through ``hop``s)."""
     validate_path(stages, path)
     bookend = stages[0]
-    h_BTD = run_blocks(stages, path, bookend.embed(tokens_BT))
+    h_BTD = run_blocks(stages, path, bookend.embed(tokens_BT), hop)
     return bookend.loss(h_BTD, targets_BT)
 
 
