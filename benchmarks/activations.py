@@ -33,49 +33,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import torch  # noqa: E402
 
-from lowband.node.pipeline.payload import build_microbatch  # noqa: E402
-from lowband.protocols import node_pb2  # noqa: E402
-from lowband.protocols.codec import decode  # noqa: E402
+from lowband.node.pipeline.local_hop import CodecHop  # noqa: E402
 from lowband.protocols.config import CODECS, RunConfig, apply_overrides  # noqa: E402
 from lowband.sim.skiptrain import train_skip  # noqa: E402
 
 log = logging.getLogger("activations")
 DEFAULT_CODECS = "bf16,int8,fp8,int4,fp4,int8/bf16,fp4/int8"
-
-
-class CodecHop:
-    """A network hop as an autograd step: encode and decode activations forward, gradients backward."""
-
-    def __init__(self, activation_codec: str, gradient_codec: str) -> None:
-        self.activation_codec = activation_codec
-        self.gradient_codec = gradient_codec
-        self.bytes = {"forward": 0, "backward": 0}
-        self.hops = 0
-        self._header = node_pb2.MicrobatchHeader(run_id="bench", origin_id="o", microbatch=0, iteration=0)
-
-    def cross(self, tensor: torch.Tensor, codec: str, direction: str) -> torch.Tensor:
-        out = build_microbatch(self._header, tensor.detach().float().contiguous(), codec)
-        self.bytes[direction] += len(out.header_bytes) + out.nbytes
-        # as a receiving node reads it: bounded, shape-checked, finite (the wire's TCP stream stands in
-        # for the checksum)
-        received = decode(out.meta, payload=bytearray(bytes(out.payload)), expected_shape=list(tensor.shape),
-                          require_finite=True, require_checksum=False)
-        return received.to(tensor.dtype)
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        self.hops += 1
-        return _Hop.apply(hidden, self)
-
-
-class _Hop(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, hop: CodecHop) -> torch.Tensor:   # type: ignore[override]
-        ctx.hop = hop
-        return hop.cross(hidden, hop.activation_codec, "forward")
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:   # type: ignore[override]
-        return ctx.hop.cross(grad, ctx.hop.gradient_codec, "backward"), None
 
 
 def parse_pair(name: str) -> tuple[str, str]:

@@ -140,6 +140,7 @@ class StageAssembler:
         runtime.adopt_next_iteration = adopt_next_iteration
         return PipelineAgent(self.membership.node_id, config.run_id, runtime, self.transport, dim=cfg.dim,
                              max_seq_len=cfg.max_seq_len, codec=train.activation_codec,
+                             gradient_codec=train.gradient_codec,
                              hop_timeout_s=train.hop_timeout_s, num_stages=config.model.stages,
                              on_failure=self.hooks.on_failure, on_event=self.hooks.on_event,
                              refresh_schedule=self.hooks.refresh_schedule)

@@ -1,26 +1,17 @@
-"""Hops in one process: where activations cross the network, and the benchmark's codec round trip."""
+"""Hops in one process: where activations cross the network, and a hop's codec round trip."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
+from lowband.node.pipeline.local_hop import CodecHop
 from lowband.node.train.along_path import full_path, path_loss, run_blocks
 from lowband.node.train.model import ModelConfig, init_stage
 from lowband.protocols.errors import ValidationError
 
 CFG = ModelConfig.from_preset("tiny")
 STAGES = 4
-
-_spec = importlib.util.spec_from_file_location(
-    "activations_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "activations.py")
-assert _spec is not None and _spec.loader is not None
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
-
 
 def _stages() -> list[torch.nn.Module]:
     return [init_stage(CFG, s, STAGES, seed=0) for s in range(STAGES)]
@@ -58,7 +49,7 @@ def test_a_hop_is_applied_wherever_the_states_leave_a_node() -> None:
 def test_an_exact_codec_hop_changes_nothing_and_counts_both_directions() -> None:
     stages = _stages()
     plain = _grads(stages, None)
-    hop = bench.CodecHop("fp32", "fp32")
+    hop = CodecHop("fp32", "fp32")
     exact = _grads(stages, hop)
     assert all(torch.equal(a, b) for a, b in zip(plain, exact, strict=True))
     hidden_bytes = 2 * 16 * CFG.dim * 4 * STAGES   # fp32 states, one message per hop
@@ -75,24 +66,17 @@ def test_a_quantised_hop_sends_fewer_bytes_and_stays_near_the_exact_gradient(
         pair: tuple[str, str], max_rel_error: float, max_bytes_vs_bf16: float) -> None:
     stages = _stages()
     exact = torch.cat([g.flatten() for g in _grads(stages, None)])
-    bf16 = bench.CodecHop("bf16", "bf16")
+    bf16 = CodecHop("bf16", "bf16")
     _grads(stages, bf16)
-    hop = bench.CodecHop(*pair)
+    hop = CodecHop(*pair)
     approx = torch.cat([g.flatten() for g in _grads(stages, hop)])
     assert float((approx - exact).norm() / exact.norm()) < max_rel_error
     assert hop.bytes["forward"] < bf16.bytes["forward"] * max_bytes_vs_bf16
 
 
 def test_a_non_finite_activation_is_refused_as_a_receiving_node_would() -> None:
-    hop = bench.CodecHop("int8", "int8")
+    hop = CodecHop("int8", "int8")
     bad = torch.randn(2, 4, CFG.dim)
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValidationError):
         hop.cross(bad, "bf16", "forward")
-
-
-def test_an_unknown_codec_pair_is_refused_by_name() -> None:
-    assert bench.parse_pair("int8/bf16") == ("int8", "bf16")
-    assert bench.parse_pair("fp4") == ("fp4", "fp4")
-    with pytest.raises(Exception, match="unknown codec 'int3'"):
-        bench.parse_pair("int3/bf16")

@@ -14,6 +14,7 @@ import torch
 from node_cluster import RUN_ID, TOKEN, LocalNode, install_schedule, start_node, stopping
 
 from lowband.node.pipeline.agent import PathSpec, Schedule
+from lowband.node.pipeline.local_hop import CodecHop
 from lowband.node.train.along_path import path_loss
 from lowband.node.train.model import ModelConfig, init_stage
 from lowband.protocols import node_pb2, node_pb2_grpc
@@ -123,6 +124,44 @@ def test_training_iterations_match_single_process() -> None:
     losses = asyncio.run(main())
     assert ref_losses[2] < ref_losses[0]   # it trains
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("codecs", [("int8", "bf16"), ("fp4", "int8")])
+def test_compressed_hops_train_as_the_in_process_codec_hop_does(codecs: tuple[str, str]) -> None:
+    """Activations in one codec, their gradients in another: the pipeline's losses are those of one process
+    whose hops go through the same encoder and decoder (``local_hop.CodecHop``), so what
+    benchmarks/activations.py measures is what a run does."""
+    activation_codec, gradient_codec = codecs
+    paths = [PathSpec(0, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin"))]
+    lr = 0.3
+    ref = _stages()
+    opt = torch.optim.SGD([p for s in range(S) for p in ref[s].parameters()], lr=lr)
+    hop = CodecHop(activation_codec, gradient_codec)
+    ref_losses = []
+    for _ in range(3):
+        x, y = _batch(10)
+        loss = path_loss(ref, [0, 1, 2, 3, 0], x, y, hop)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+
+    async def main() -> tuple[list[float], dict[str, int]]:
+        async with _cluster(_stages(), lr, codec=activation_codec, gradient_codec=gradient_codec) as nodes:
+            install_schedule(nodes, {"origin": paths})
+            out = []
+            for it in range(3):
+                result = await asyncio.wait_for(nodes[0].agent.run_iteration(it, [_batch(10)]), 30)
+                assert result.abandoned == 0
+                out.append(result.loss)
+            sent = {n.node_id: n.transport.activation_bytes_sent for n in nodes}
+            return out, sent
+
+    losses, sent = asyncio.run(main())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    # the stages send what the in-process hop counted (its headers are smaller than a path's)
+    assert sum(sent.values()) <= sum(hop.bytes.values())
+    assert sum(sent.values()) >= 0.9 * sum(hop.bytes.values())
 
 
 def test_dead_hop_abandons_without_hanging() -> None:

@@ -153,6 +153,7 @@ class PipelineAgent:
         dim: int,
         max_seq_len: int,
         codec: str = "bf16",
+        gradient_codec: str | None = None,
         hop_timeout_s: float = 10.0,
         num_stages: int = 0,
         on_failure: FailureCallback | None = None,
@@ -165,7 +166,8 @@ class PipelineAgent:
         self.transport = transport
         self.dim = dim
         self.max_seq_len = max_seq_len
-        self.codec = codec
+        self.codec = codec                            # activations, forward
+        self.gradient_codec = gradient_codec or codec  # their gradients, backward
         self.hop_timeout_s = hop_timeout_s
         self.num_stages = num_stages   # S: evaluation runs the whole model, stage by stage (0 = unknown)
         self.on_failure = on_failure
@@ -379,7 +381,8 @@ class PipelineAgent:
             await self._give_up(header, f"no address for node {node_id}", suspect=None)
             return
         try:
-            ack = await self.transport.send_microbatch(address, backward, out, tensor, self.codec,
+            codec = self.gradient_codec if backward else self.codec
+            ack = await self.transport.send_microbatch(address, backward, out, tensor, codec,
                                                        timeout_s=self.hop_timeout_s, node_id=node_id)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
