@@ -61,7 +61,7 @@ class TrainSection:
     eval_every: int = 25
     eval_batches: int = 4
     activation_codec: str = "bf16"   # the activations a hop sends forward
-    gradient_codec: str = "bf16"     # their gradients, sent back on the backward pass
+    gradient_codec: str = ""         # their gradients, sent back on the backward pass ("": as activations)
     hop_timeout_s: float = 10.0
     data: str = ""                    # empty: the embedded standard-library corpus
     data_max_bytes: int = 8 << 20     # cap on tokens loaded from any source; 0 = no cap
@@ -80,7 +80,8 @@ class TrainSection:
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.eval_batches >= 1, "train.eval_batches", "must be >= 1")
         _check(self.activation_codec in CODECS, "train.activation_codec", f"must be one of {CODECS}")
-        _check(self.gradient_codec in CODECS, "train.gradient_codec", f"must be one of {CODECS}")
+        _check(self.gradient_codec in ("", *CODECS), "train.gradient_codec",
+               f"must be one of {CODECS}, or empty for the activation codec")
         _check(self.hop_timeout_s > 0, "train.hop_timeout_s", "must be > 0")
         _check(self.data_max_bytes >= 0, "train.data_max_bytes", "must be >= 0 (0 = no cap)")
         _check(0 < self.val_fraction < 1, "train.val_fraction", "must be in (0, 1)")

@@ -96,32 +96,43 @@ def test_skip_paths_match_reference_mean_over_visits() -> None:
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"stage {n.stage} {name}")
 
 
-def test_training_iterations_match_single_process() -> None:
-    """Three iterations of the full pipeline (fp32 codec) give the losses of the same model trained in one process."""
-    paths = [PathSpec(0, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin"))]
-    lr = 0.3
+FULL = [PathSpec(0, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin"))]
+
+
+def _train_in_one_process(lr: float, hop: CodecHop | None = None) -> list[float]:
+    """Three SGD iterations of the full path in one process (the same model and batch as the cluster's)."""
     ref = _stages()
     opt = torch.optim.SGD([p for s in range(S) for p in ref[s].parameters()], lr=lr)
-    ref_losses = []
+    losses = []
     for _ in range(3):
         x, y = _batch(10)
-        loss = path_loss(ref, [0, 1, 2, 3, 0], x, y)
+        loss = path_loss(ref, [0, 1, 2, 3, 0], x, y, hop)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        ref_losses.append(loss.item())
+        losses.append(loss.item())
+    return losses
 
-    async def main() -> list[float]:
-        async with _cluster(_stages(), lr) as nodes:
-            install_schedule(nodes, {"origin": paths})
+
+def _train_on_cluster(lr: float, **kw: object) -> tuple[list[float], int]:
+    """The same three iterations on one node per stage: the origin's losses and the activation bytes sent."""
+    async def main() -> tuple[list[float], int]:
+        async with _cluster(_stages(), lr, **kw) as nodes:
+            install_schedule(nodes, {"origin": FULL})
             out = []
             for it in range(3):
                 result = await asyncio.wait_for(nodes[0].agent.run_iteration(it, [_batch(10)]), 30)
                 assert result.abandoned == 0
                 out.append(result.loss)
-            return out
+            return out, sum(n.transport.activation_bytes_sent for n in nodes)
 
-    losses = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_training_iterations_match_single_process() -> None:
+    """Three iterations of the full pipeline (fp32 codec) give the losses of the same model trained in one process."""
+    ref_losses = _train_in_one_process(0.3)
+    losses, _ = _train_on_cluster(0.3)
     assert ref_losses[2] < ref_losses[0]   # it trains
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
 
@@ -132,36 +143,12 @@ def test_compressed_hops_train_as_the_in_process_codec_hop_does(codecs: tuple[st
     whose hops go through the same encoder and decoder (``local_hop.CodecHop``), so what
     benchmarks/activations.py measures is what a run does."""
     activation_codec, gradient_codec = codecs
-    paths = [PathSpec(0, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin"))]
-    lr = 0.3
-    ref = _stages()
-    opt = torch.optim.SGD([p for s in range(S) for p in ref[s].parameters()], lr=lr)
     hop = CodecHop(activation_codec, gradient_codec)
-    ref_losses = []
-    for _ in range(3):
-        x, y = _batch(10)
-        loss = path_loss(ref, [0, 1, 2, 3, 0], x, y, hop)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ref_losses.append(loss.item())
-
-    async def main() -> tuple[list[float], dict[str, int]]:
-        async with _cluster(_stages(), lr, codec=activation_codec, gradient_codec=gradient_codec) as nodes:
-            install_schedule(nodes, {"origin": paths})
-            out = []
-            for it in range(3):
-                result = await asyncio.wait_for(nodes[0].agent.run_iteration(it, [_batch(10)]), 30)
-                assert result.abandoned == 0
-                out.append(result.loss)
-            sent = {n.node_id: n.transport.activation_bytes_sent for n in nodes}
-            return out, sent
-
-    losses, sent = asyncio.run(main())
+    ref_losses = _train_in_one_process(0.3, hop)
+    losses, sent = _train_on_cluster(0.3, codec=activation_codec, gradient_codec=gradient_codec)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
     # the stages send what the in-process hop counted (its headers are smaller than a path's)
-    assert sum(sent.values()) <= sum(hop.bytes.values())
-    assert sum(sent.values()) >= 0.9 * sum(hop.bytes.values())
+    assert 0.9 * sum(hop.bytes.values()) <= sent <= sum(hop.bytes.values())
 
 
 def test_dead_hop_abandons_without_hanging() -> None:

@@ -77,3 +77,10 @@ def test_numeric_settings_accept_strings_from_the_command_line() -> None:
     config = apply_overrides(RunConfig(), ["train.steps=12", "train.lr=0.002"])
     assert config.train.steps == 12 and isinstance(config.train.steps, int)
     assert config.train.lr == 0.002
+
+
+def test_gradients_cross_in_the_activation_codec_unless_told_otherwise() -> None:
+    assert RunConfig().train.gradient_codec == ""   # the agent then uses train.activation_codec
+    assert apply_overrides(RunConfig(), ["train.gradient_codec=int8"]).train.gradient_codec == "int8"
+    with pytest.raises(ConfigError, match=r"train\.gradient_codec"):
+        apply_overrides(RunConfig(), ["train.gradient_codec=int3"])
