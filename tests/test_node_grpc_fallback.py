@@ -7,6 +7,9 @@ transport has its activation wire turned off, so every hop takes the fallback.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 import pytest
@@ -48,11 +51,21 @@ async def _node(port: int = 0, agent: bool = True) -> tuple[grpc.aio.Server, Nod
     return server, servicer, f"127.0.0.1:{bound}"
 
 
+@asynccontextmanager
+async def _fallback(agent: bool = True, **transport_options: Any) -> AsyncIterator[tuple[NodeServicer, str, Transport]]:
+    """A node and a transport that never tries the wire; both closed however the block ends."""
+    server, servicer, address = await _node(agent=agent)
+    transport = Transport(TOKEN, wire=False, **transport_options)
+    try:
+        yield servicer, address, transport
+    finally:
+        await transport.close()
+        await server.stop(None)
+
+
 def test_microbatches_arrive_intact_in_both_directions_and_are_counted_alike() -> None:
     async def main() -> None:
-        server, servicer, address = await _node()
-        transport = Transport(TOKEN, wire=False)
-        try:
+        async with _fallback() as (servicer, address, transport):
             xs = [torch.randn(2, 3, 8) for _ in range(6)]
             codecs = ["fp32", "bf16", "int8", "fp32", "fp4", "fp16"]
             for i, (x, codec) in enumerate(zip(xs, codecs, strict=True)):
@@ -68,41 +81,28 @@ def test_microbatches_arrive_intact_in_both_directions_and_are_counted_alike() -
             torch.testing.assert_close(got[2][2], xs[2], atol=0.05, rtol=0.05)
             assert sorted(mb for mb, _, _ in got[6:]) == list(range(100, 108))
             assert servicer.bytes_received == transport.activation_bytes_sent == transport.bytes_sent
-        finally:
-            await transport.close()
-            await server.stop(None)
     asyncio.run(main())
 
 
 def test_a_refused_microbatch_gets_a_negative_ack() -> None:
     async def main() -> None:
-        server, servicer, address = await _node()
-        transport = Transport(TOKEN, wire=False)
-        try:
+        async with _fallback() as (servicer, address, transport):
             x = torch.randn(2, 3, 8)
             ack = await transport.send_microbatch(address, False, _header(13), x, "fp32", timeout_s=10)
             assert not ack.ok and "13 is refused" in ack.message
             ack = await transport.send_microbatch(address, False, _header(2), x, "fp32", timeout_s=10)
             assert ack.ok and [mb for mb, _, _ in servicer.agent.got] == [2]  # type: ignore[union-attr]
-        finally:
-            await transport.close()
-            await server.stop(None)
     asyncio.run(main())
 
 
 def test_large_tensors_are_chunked_over_the_stream() -> None:
     async def main() -> None:
-        server, servicer, address = await _node()
-        transport = Transport(TOKEN, chunk_bytes=4096, wire=False)
-        try:
+        async with _fallback(chunk_bytes=4096) as (servicer, address, transport):
             x = torch.randn(4, 16, 64)   # 16 KiB in fp32: 5 chunks
             ack = await transport.send_microbatch(address, False, _header(3), x, "fp32", timeout_s=10)
             assert ack.ok
             torch.testing.assert_close(servicer.agent.got[0][2], x, rtol=0, atol=0)  # type: ignore[union-attr]
             assert servicer.bytes_received == transport.activation_bytes_sent
-        finally:
-            await transport.close()
-            await server.stop(None)
     asyncio.run(main())
 
 
@@ -136,13 +136,8 @@ def test_a_restarted_peer_is_reached_again() -> None:
 
 def test_node_without_stage_answers_unavailable() -> None:
     async def main() -> None:
-        server, _, address = await _node(agent=False)
-        transport = Transport(TOKEN, wire=False)
-        try:
+        async with _fallback(agent=False) as (_, address, transport):
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await transport.send_microbatch(address, False, _header(1), torch.ones(1, 2, 8), "fp32", timeout_s=5)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        finally:
-            await transport.close()
-            await server.stop(None)
     asyncio.run(main())
