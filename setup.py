@@ -29,7 +29,7 @@ def packages() -> list[str]:
 setup(
     packages=packages(),
     package_dir={f"lowband.{folder}": folder for folder in FOLDERS},
-    package_data={"lowband.protocols": ["*.proto", "*.pyi"]},
+    package_data={"lowband.protocols": ["*.proto", "*.pyi"], "lowband.coordinator": ["static/*.html"]},
     ext_modules=[Extension("lowband.protocols._fastcodec", ["protocols/_fastcodec.c"], optional=True,
                            extra_compile_args=["-O3"])],
 )

@@ -1,12 +1,18 @@
 """`lowband-coordinator`: run the coordinator (`serve`) or look at a running one (`status`).
 
     lowband-coordinator serve --bind 0.0.0.0:7000 --run-dir runs/a [--config run.toml] [--set k=v ...]
+                              [--http HOST:PORT [--viewer-token-file F] [--metrics-open]]
     lowband-coordinator status --coordinator HOST:PORT [--json] [--watch]
 
 The run token comes from --token-file or the LOWBAND_TOKEN environment variable.
 `serve` prints ``listening on HOST:PORT`` once bound and, with --port-file,
 writes the port there (atomically), so a parent process started with
 ``--bind 127.0.0.1:0`` can find it (``lowband.coordinator.launch`` waits on it).
+With --http it also serves the dashboard (coordinator/dashboard.py), prints
+``dashboard on http://HOST:PORT/`` and, with --http-port-file, writes that port
+before the gRPC one. `status --json` prints the dashboard's status document
+(coordinator/watch.py); `status --watch` keeps asking through a coordinator
+restart, saying on stderr that it is reconnecting.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from lowband.coordinator.server import start_coordinator
 from lowband.protocols import coordinator_pb2 as pb
@@ -51,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port-file", type=Path, help="write the bound port here once listening")
     serve.add_argument("--control-socket", type=Path,
                        help="also serve on this Unix socket (status then takes --coordinator unix:PATH)")
+    serve.add_argument("--http", metavar="HOST:PORT",
+                       help="serve the dashboard, /api/status and /metrics here (port 0: any free port)")
+    serve.add_argument("--http-port-file", type=Path, help="write the dashboard's bound port here")
+    serve.add_argument("--viewer-token-file",
+                       help="file holding a read-only token for the dashboard (not accepted by the gRPC service)")
+    serve.add_argument("--metrics-open", action="store_true",
+                       help="serve /metrics without a token (for a scraper on a private network)")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
 
@@ -72,27 +84,45 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         token = load_token(args.token_file)
+        viewer_token = _read_token(args.viewer_token_file) if args.viewer_token_file else ""
         config = RunConfig.from_toml(args.config) if args.config else RunConfig()
         config = apply_overrides(config, args.set)
-    except (ValueError, ConfigError) as exc:
+    except (ValueError, OSError, ConfigError) as exc:
         print(f"lowband-coordinator: error: {exc}", file=sys.stderr)
         return 2
     install_uvloop()
     try:
-        return asyncio.run(_serve_async(args, config, token))
+        return asyncio.run(_serve_async(args, config, token, viewer_token))
     except (OSError, ConfigError) as exc:
         print(f"lowband-coordinator: error: {exc}", file=sys.stderr)
         return 1
 
 
-async def _serve_async(args: argparse.Namespace, config: RunConfig, token: str) -> int:
-    server = await start_coordinator(config, args.run_dir, token, args.bind, control_socket=args.control_socket)
+def _read_token(path: str) -> str:
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"{path} holds no token")
+    return token
+
+
+def _write_port(path: Path, port: int) -> None:
+    """Atomically: a reader that sees the file sees the whole port."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{port}\n")
+    os.replace(tmp, path)
+
+
+async def _serve_async(args: argparse.Namespace, config: RunConfig, token: str, viewer_token: str) -> int:
+    server = await start_coordinator(config, args.run_dir, token, args.bind, control_socket=args.control_socket,
+                                     http=args.http, viewer_token=viewer_token, metrics_open=args.metrics_open)
     logger.info("resolved run config: %s", server.core.config.to_json())
     print(f"lowband-coordinator listening on {server.address}", flush=True)
+    if server.dashboard is not None:
+        print(f"lowband-coordinator dashboard on {server.dashboard.url}", flush=True)
+        if args.http_port_file:
+            _write_port(args.http_port_file, server.dashboard.port)
     if args.port_file:
-        tmp = args.port_file.with_name(args.port_file.name + ".tmp")
-        tmp.write_text(f"{server.port}\n")
-        os.replace(tmp, args.port_file)
+        _write_port(args.port_file, server.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,35 +133,18 @@ async def _serve_async(args: argparse.Namespace, config: RunConfig, token: str) 
     return 0
 
 
-# -- status ------------------------------------------------------------------------
+# -- status ---------------------------------------------------------------------
 def fetch_status(address: str, token: str, max_events: int = 20, timeout: float = STATUS_TIMEOUT_S) -> pb.StatusReply:
-    """One Status call; raises grpc.RpcError."""
+    """One Status call asking for the status document; raises grpc.RpcError."""
     with grpc.insecure_channel(address, options=grpc_options()) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        return stub.Status(pb.StatusRequest(max_events=max_events), metadata=token_metadata(token), timeout=timeout)
+        return stub.Status(pb.StatusRequest(max_events=max_events, document=True), metadata=token_metadata(token),
+                           timeout=timeout)
 
 
-def status_dict(reply: pb.StatusReply, coordinator: str = "") -> dict[str, Any]:
-    """The status as plain JSON-friendly data (what --json prints)."""
-    nodes = []
-    for n in reply.nodes:
-        m = n.metrics
-        nodes.append({
-            "node_id": n.node_id, "address": n.address, "stage": n.stage, "state": n.state,
-            "heartbeat_age_s": round(n.heartbeat_age_s, 3), "device": n.device, "throughput": n.throughput,
-            "has_data": n.has_data, "memory_bytes": n.memory_bytes, "step": m.step, "outer_step": m.outer_step, "loss": m.loss,
-            "tokens_per_s": m.tokens_per_s, "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received,
-            "grad_norm": m.grad_norm,
-        })
-    return {
-        "coordinator": coordinator,
-        "epoch": reply.epoch,
-        "outer_step": reply.outer_step,
-        "stage_coverage": {str(k): v for k, v in sorted(reply.stage_coverage.items())},
-        "nodes": nodes,
-        "events": [json_format.MessageToDict(e, preserving_proto_field_name=True,
-                                             always_print_fields_with_no_presence=True) for e in reply.events],
-    }
+def status_document(reply: pb.StatusReply, coordinator: str = "") -> dict[str, Any]:
+    """The status document the coordinator built (the same JSON its ``/api/status`` serves)."""
+    return {**json.loads(reply.status_json), "coordinator": coordinator}
 
 
 def _bytes(n: float) -> str:
@@ -176,27 +189,49 @@ def _status_error(address: str, exc: grpc.RpcError) -> str:
     return f"error: status call to {address} failed: {code.name if code else 'unknown'}: {details}"
 
 
+def _reconnectable(exc: grpc.RpcError) -> bool:
+    """A coordinator that is restarting (or briefly unreachable), as opposed to one that refuses us."""
+    return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _status(args: argparse.Namespace) -> int:
     try:
         token = load_token(args.token_file)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.watch:   # a supervisor's SIGTERM ends the watch like Ctrl-C does
+        signal.signal(signal.SIGTERM, _interrupt)
+    interval = max(0.1, args.interval)
+    lost = False
     try:
         while True:
             try:
                 reply = fetch_status(args.coordinator, token, max_events=max(0, min(args.events, 10_000)))
             except grpc.RpcError as exc:
-                print(_status_error(args.coordinator, exc), file=sys.stderr)
-                return 3 if exc.code() == grpc.StatusCode.UNAUTHENTICATED else 1
-            data = status_dict(reply, args.coordinator)
+                if not (args.watch and _reconnectable(exc)):
+                    print(_status_error(args.coordinator, exc), file=sys.stderr)
+                    return 3 if exc.code() == grpc.StatusCode.UNAUTHENTICATED else 1
+                print(f"{_status_error(args.coordinator, exc)}: reconnecting in {interval:g} s",
+                      file=sys.stderr, flush=True)
+                lost = True
+                time.sleep(interval)
+                continue
+            if lost:
+                print(f"reconnected to {args.coordinator}", file=sys.stderr, flush=True)
+                lost = False
+            data = status_document(reply, args.coordinator)
             text = json.dumps(data, sort_keys=True) if args.json else format_status(data)
             if args.watch and not args.json and sys.stdout.isatty():
                 print("\x1b[2J\x1b[H", end="")
             print(text, flush=True)
             if not args.watch:
                 return 0
-            time.sleep(max(0.1, args.interval))
+            time.sleep(interval)
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:  # `status --watch | head`: the reader went away

@@ -93,6 +93,7 @@ class Coordinator:
         self.rounds = SyncRounds(window, ms.min_sync_participants, ms.sync_timeout_s, clock)
         self.members: dict[str, Member] = {}
         self.events: deque[EventRecord] = deque(maxlen=max_events)
+        self.event_counts: dict[str, int] = {}   # events by kind since this process started (the deque forgets)
         self.epoch = 1
         self._links: dict[tuple[str, str], tuple[float, float]] = {}
         self._plan_cache: tuple[int, Plan] | None = None
@@ -162,6 +163,7 @@ class Coordinator:
     def _event(self, kind: str, node_id: str, stage: int, detail: str = "") -> None:
         event = EventRecord(self._wall(), kind, node_id, stage, detail)
         self.events.append(event)
+        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
         if self._store is not None:
             self._store.add_event(event)
         logger.info("event %s node=%s stage=%d epoch=%d %s", kind, node_id or "-", stage, self.epoch, detail)
@@ -182,6 +184,10 @@ class Coordinator:
 
     def live_members(self) -> list[Member]:
         return [m for m in self.members.values() if m.live]
+
+    def heartbeat_age_s(self, member: Member) -> float:
+        """Seconds since ``member``'s last heartbeat, on the lease clock."""
+        return max(0.0, self._clock() - member.last_seen)
 
     def coverage(self) -> dict[int, int]:
         """Live replicas per stage (every stage listed)."""
@@ -490,6 +496,10 @@ class Coordinator:
         """Keep a plan for an older epoch as the best available (served with allow_stale)."""
         if self._plan_cache is None or self._plan_cache[0] < epoch:
             self._plan_cache = (epoch, plan)
+
+    def cached_plan(self) -> tuple[int, Plan] | None:
+        """The last plan computed and its epoch, without planning (what the dashboard draws)."""
+        return self._plan_cache
 
     def current_plan(self) -> Plan:
         if self.plan_stale():

@@ -80,6 +80,12 @@ class CoordinatorProcess:
     popen: subprocess.Popen[bytes]
     address: str          # HOST:PORT, HOST from --bind, PORT the one it bound
     log_path: Path
+    http_address: str = ""   # the dashboard's HOST:PORT when started with ``http`` ('' without)
+
+    @property
+    def dashboard_url(self) -> str:
+        """The dashboard's address ('' without one); the page wants the token as ``?token=``."""
+        return f"http://{self.http_address}/" if self.http_address else ""
 
     @property
     def pid(self) -> int:
@@ -103,16 +109,26 @@ def port_file_for(run_dir: Path) -> Path:
     return run_dir.parent / f"{run_dir.name}.port"
 
 
+def http_port_file_for(run_dir: Path) -> Path:
+    """Where ``serve --http`` writes the dashboard's port (before the gRPC port file)."""
+    return run_dir.parent / f"{run_dir.name}.http-port"
+
+
 def serve_argv(run_dir: Path, *, bind: str, port_file: Path, token_file: Path | None = None,
                config: Path | None = None, overrides: Sequence[str] = (), control_socket: Path | None = None,
-               log_level: str | None = None) -> list[str]:
+               log_level: str | None = None, http: str | None = None, viewer_token_file: Path | None = None,
+               metrics_open: bool = False) -> list[str]:
     """The ``serve`` command line (this interpreter, the installed package)."""
     argv = [sys.executable, "-m", "lowband.coordinator.cli", "serve", "--bind", bind,
             "--run-dir", str(run_dir), "--port-file", str(port_file)]
+    if http is not None:
+        argv += ["--http", http, "--http-port-file", str(http_port_file_for(run_dir))]
     for flag, value in (("--token-file", token_file), ("--config", config), ("--control-socket", control_socket),
-                        ("--log-level", log_level)):
+                        ("--log-level", log_level), ("--viewer-token-file", viewer_token_file)):
         if value is not None:
             argv += [flag, str(value)]
+    if metrics_open:
+        argv.append("--metrics-open")
     for item in overrides:
         argv += ["--set", item]
     return argv
@@ -123,17 +139,23 @@ def launch_coordinator(run_dir: Path, *, log_path: Path, bind: str = "127.0.0.1:
                        control_socket: Path | None = None, log_level: str | None = None,
                        env: Mapping[str, str] | None = None, cwd: Path | None = None,
                        wrap: Callable[[list[str]], list[str]] | None = None,
-                       timeout_s: float = DEFAULT_START_TIMEOUT_S) -> CoordinatorProcess:
+                       timeout_s: float = DEFAULT_START_TIMEOUT_S, http: str | None = None,
+                       viewer_token_file: Path | None = None, metrics_open: bool = False) -> CoordinatorProcess:
     """Start ``serve`` and return once it listens; raise :class:`CoordinatorStartError` (child gone) if it does not.
 
     ``wrap`` rewrites the command line before it runs (``ip netns exec HOST ...`` for a namespace
     host); the address is ``bind``'s host with the bound port. ``env`` is the child's whole
-    environment (None: ours), e.g. with ``LOWBAND_TOKEN`` instead of ``token_file``.
+    environment (None: ours), e.g. with ``LOWBAND_TOKEN`` instead of ``token_file``. ``http``
+    (HOST:PORT, port 0: any) turns the dashboard on; ``viewer_token_file`` and ``metrics_open`` as
+    ``serve``'s flags of those names.
     """
     port_file = port_file_for(run_dir)
     port_file.unlink(missing_ok=True)
+    http_port_file = http_port_file_for(run_dir)
+    http_port_file.unlink(missing_ok=True)
     argv = serve_argv(run_dir, bind=bind, port_file=port_file, token_file=token_file, config=config,
-                      overrides=overrides, control_socket=control_socket, log_level=log_level)
+                      overrides=overrides, control_socket=control_socket, log_level=log_level, http=http,
+                      viewer_token_file=viewer_token_file, metrics_open=metrics_open)
     popen = start_in_session(wrap(argv) if wrap else argv, log_path, env=env, cwd=cwd)
     try:
         port = _wait_for_port(popen, port_file, log_path, timeout_s)
@@ -141,8 +163,11 @@ def launch_coordinator(run_dir: Path, *, log_path: Path, bind: str = "127.0.0.1:
         stop_group(popen, graceful=False)
         raise
     address = f"{bind.rpartition(':')[0]}:{port}"
+    http_address = ""
+    if http is not None:   # written before the gRPC port file, so it is there now
+        http_address = f"{http.rpartition(':')[0]}:{int(http_port_file.read_text().strip())}"
     logger.debug("coordinator (pid %d) listening on %s", popen.pid, address)
-    return CoordinatorProcess(popen, address, log_path)
+    return CoordinatorProcess(popen, address, log_path, http_address)
 
 
 def _wait_for_port(popen: subprocess.Popen[bytes], port_file: Path, log_path: Path, timeout_s: float) -> int:

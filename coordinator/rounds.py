@@ -99,6 +99,9 @@ class SyncRounds:
         self._known: dict[Key, set[str]] = {}             # healthy replicas when the last round formed
         self._maddrs: dict[int, dict[str, tuple[str, ...]]] = {}   # stage -> node -> its latest DHT maddrs
         self.formed: list[FormedRound] = []                # newly formed, drained by the caller
+        # rounds formed and abandoned since this coordinator started, per key (the dashboard's counters)
+        self.formed_count: dict[Key, int] = {}
+        self.failed_count: dict[Key, int] = {}
 
     def restore(self, rounds: Collection[FormedRound]) -> None:
         """Resume after a restart from the last formed round of each key."""
@@ -111,6 +114,10 @@ class SyncRounds:
             self._known[key] = set(r.participants)
             self._rounds.setdefault(key, {})[r.outer_step] = _Round(
                 r.round_id, r.outer_step, self._clock(), list(r.participants), r.participants)
+
+    def last_formed_step(self, key: Key) -> int:
+        """The last outer step a round of ``key`` formed for (0 before the first)."""
+        return self._max_formed.get(key, 0)
 
     def max_outer_step(self) -> int:
         """The highest outer step any formed round completes (-1 before the first)."""
@@ -198,7 +205,9 @@ class SyncRounds:
             self._max_formed[key] = max(self._max_formed.get(key, 0), r.outer_step)
             self._known[key] = waited_for
             self.formed.append(FormedRound(key[0], key[1], r.round_id, r.outer_step, r.participants))
+            self.formed_count[key] = self.formed_count.get(key, 0) + 1
         elif waited >= self.timeout_s:
+            self.failed_count[key] = self.failed_count.get(key, 0) + 1
             r.abandoned = (f"quorum not reached: {len(present)} of at least {self.min_participants} "
                            f"participants within {self.timeout_s:g} s")
 

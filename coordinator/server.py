@@ -7,7 +7,8 @@ In-process use (tests, the simulator)::
     await server.stop()
 
 The standard gRPC health service (grpc.health.v1) is registered and exempt
-from the run token, so generic probes work.
+from the run token, so generic probes work. With ``http=HOST:PORT`` the
+dashboard (coordinator/dashboard.py) listens there too, on the same event loop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,10 +27,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lowband.coordinator.core import Coordinator
+from lowband.coordinator.dashboard import Dashboard
 from lowband.coordinator.errors import Conflict, InvalidRequest, UnknownNode
 from lowband.coordinator.planning import compute_plan
 from lowband.coordinator.skippipe.schedule import Plan
 from lowband.coordinator.store import Store
+from lowband.coordinator.watch import SAMPLE_S, RunWatch
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols import coordinator_pb2_grpc as pb_grpc
 from lowband.protocols.config import ConfigError, RunConfig
@@ -43,8 +47,9 @@ METRICS_FLUSH_S = 2.0
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """Maps each RPC to one `Coordinator` method and its typed errors to gRPC status codes."""
 
-    def __init__(self, core: Coordinator) -> None:
+    def __init__(self, core: Coordinator, watch: RunWatch) -> None:
         self.core = core
+        self.watch = watch
         self._planning: tuple[int, asyncio.Future[Plan]] | None = None
 
     async def _ensure_plan(self) -> None:
@@ -118,7 +123,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return await self._call(self.core.report_recovery, request, context)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
-        return await self._call(self.core.status, request, context)
+        reply = await self._call(self.core.status, request, context)
+        if request.document:
+            reply.status_json = json.dumps(self.watch.document(max_events=request.max_events or 50))
+        return reply
 
 
 def resolve_config(store: Store, config: RunConfig) -> RunConfig:
@@ -134,12 +142,14 @@ def resolve_config(store: Store, config: RunConfig) -> RunConfig:
 
 
 class CoordinatorServer:
-    """A running coordinator: gRPC server, lease sweeper and metrics flusher."""
+    """A running coordinator: gRPC server, lease sweeper, metrics flusher, status sampler and dashboard."""
 
     def __init__(self, server: grpc.aio.Server, core: Coordinator, health_servicer: Any, host: str,
-                 port: int) -> None:
+                 port: int, watch: RunWatch, dashboard: Dashboard | None = None) -> None:
         self.server = server
         self.core = core
+        self.watch = watch
+        self.dashboard = dashboard
         self.port = port
         self.address = f"{host}:{port}"
         self._health = health_servicer
@@ -150,7 +160,8 @@ class CoordinatorServer:
         ms = self.core.config.membership
         sweep = max(0.02, min(ms.heartbeat_interval_s, ms.lease_s / 5.0))
         self._tasks = [asyncio.create_task(self._every(sweep, self.core.expire_leases), name="lease-sweeper"),
-                       asyncio.create_task(self._every(METRICS_FLUSH_S, self.core.flush_metrics), name="flush")]
+                       asyncio.create_task(self._every(METRICS_FLUSH_S, self.core.flush_metrics), name="flush"),
+                       asyncio.create_task(self._every(SAMPLE_S, self.watch.sample), name="watch")]
 
     async def _every(self, period: float, fn: Callable[[], Any]) -> None:
         while True:
@@ -172,6 +183,8 @@ class CoordinatorServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.server.stop(grace)
         self.core.close()
         logger.info("coordinator on %s stopped", self.address)
@@ -188,11 +201,16 @@ async def start_coordinator(
     *,
     control_socket: str | Path | None = None,
     clock: Callable[[], float] = time.monotonic,
+    http: str | None = None,
+    viewer_token: str = "",
+    metrics_open: bool = False,
 ) -> CoordinatorServer:
     """Start a coordinator on `bind` (port 0 picks a free port), resuming from `run_dir` if it holds state.
 
     `control_socket`: also serve on this Unix socket (token still required), so a local supervisor
-    reaches a coordinator whose network it does not share (the simulator's namespace hosts)."""
+    reaches a coordinator whose network it does not share (the simulator's namespace hosts).
+    `http`: HOST:PORT of the dashboard (coordinator/dashboard.py; `viewer_token` and `metrics_open` as
+    there); None: no dashboard."""
     store = Store(run_dir)
     try:
         config = resolve_config(store, config)
@@ -200,8 +218,9 @@ async def start_coordinator(
         store.close()
         raise
     core = Coordinator(config, store, clock=clock)
+    watch = RunWatch(core)
     server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=grpc_options())
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(core), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(core, watch), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host = bind.rpartition(":")[0] or "127.0.0.1"
@@ -218,10 +237,18 @@ async def start_coordinator(
         if server.add_insecure_port(f"unix:{control_socket}") == 0:
             core.close()
             raise OSError(f"cannot bind the control socket {control_socket}")
+    dashboard = None
+    if http is not None:
+        dashboard = Dashboard(watch, token, viewer_token=viewer_token, metrics_open=metrics_open)
+        try:
+            await dashboard.start(http)
+        except OSError as exc:
+            core.close()
+            raise OSError(f"cannot bind the dashboard on {http}: {exc}") from exc
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = CoordinatorServer(server, core, health_servicer, host, port)
+    running = CoordinatorServer(server, core, health_servicer, host, port, watch, dashboard)
     running._start_loops()
     logger.info("coordinator listening on %s (run dir %s, epoch %d)", running.address, run_dir, core.epoch)
     return running

@@ -28,7 +28,7 @@ class PeerInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., sync_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeMetrics(_message.Message):
-    __slots__ = ("step", "loss", "tokens_per_s", "bytes_sent", "bytes_received", "grad_norm", "outer_step", "sync_bytes_sent", "activation_bytes_sent", "val_loss", "tokens", "state_bytes_sent")
+    __slots__ = ("step", "loss", "tokens_per_s", "bytes_sent", "bytes_received", "grad_norm", "outer_step", "sync_bytes_sent", "activation_bytes_sent", "val_loss", "tokens", "state_bytes_sent", "rejected_updates", "heartbeat_rtt_s")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class NodeMetrics(_message.Message):
     VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_RTT_S_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     tokens_per_s: float
@@ -53,7 +55,9 @@ class NodeMetrics(_message.Message):
     val_loss: float
     tokens: int
     state_bytes_sent: int
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., grad_norm: _Optional[float] = ..., outer_step: _Optional[int] = ..., sync_bytes_sent: _Optional[int] = ..., activation_bytes_sent: _Optional[int] = ..., val_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., state_bytes_sent: _Optional[int] = ...) -> None: ...
+    rejected_updates: int
+    heartbeat_rtt_s: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., grad_norm: _Optional[float] = ..., outer_step: _Optional[int] = ..., sync_bytes_sent: _Optional[int] = ..., activation_bytes_sent: _Optional[int] = ..., val_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., state_bytes_sent: _Optional[int] = ..., rejected_updates: _Optional[int] = ..., heartbeat_rtt_s: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("node_id", "address", "device", "memory_bytes", "throughput", "version", "stage", "has_data", "preferred_stage")
@@ -289,10 +293,12 @@ class RecoveryReport(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., plan_id: _Optional[int] = ..., success: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("max_events",)
+    __slots__ = ("max_events", "document")
     MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     max_events: int
-    def __init__(self, max_events: _Optional[int] = ...) -> None: ...
+    document: bool
+    def __init__(self, max_events: _Optional[int] = ..., document: _Optional[bool] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node_id", "address", "stage", "state", "heartbeat_age_s", "metrics", "throughput", "device", "has_data", "memory_bytes")
@@ -333,7 +339,7 @@ class Event(_message.Message):
     def __init__(self, time: _Optional[float] = ..., kind: _Optional[str] = ..., node_id: _Optional[str] = ..., stage: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("epoch", "nodes", "stage_coverage", "outer_step", "events", "run_config_json")
+    __slots__ = ("epoch", "nodes", "stage_coverage", "outer_step", "events", "run_config_json", "status_json")
     class StageCoverageEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -347,10 +353,12 @@ class StatusReply(_message.Message):
     OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     stage_coverage: _containers.ScalarMap[int, int]
     outer_step: int
     events: _containers.RepeatedCompositeFieldContainer[Event]
     run_config_json: str
-    def __init__(self, epoch: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., stage_coverage: _Optional[_Mapping[int, int]] = ..., outer_step: _Optional[int] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., run_config_json: _Optional[str] = ...) -> None: ...
+    status_json: str
+    def __init__(self, epoch: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., stage_coverage: _Optional[_Mapping[int, int]] = ..., outer_step: _Optional[int] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., run_config_json: _Optional[str] = ..., status_json: _Optional[str] = ...) -> None: ...

@@ -63,6 +63,9 @@ class SimSection:
     # machine in a network namespace of its own, uplinks shaped by the kernel at the bandwidths above
     # (latency stays emulated: this kernel has no netem); needs root and iproute2 (sim/netns.py).
     network: str = "loopback"
+    # HOST:PORT of the coordinator's live dashboard (port 0: any free port; the run prints its address);
+    # "": no dashboard. With network = "netns" it listens on the coordinator's namespace address.
+    dashboard: str = "127.0.0.1:0"
     preemptions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -83,6 +86,9 @@ class SimSection:
         check(self.replacement_delay_s >= 0, "replacement_delay_s", "must be >= 0")
         check(self.max_wall_s > 0, "max_wall_s", "must be > 0")
         check(self.network in NETWORKS, "network", f"must be one of {NETWORKS}, got {self.network!r}")
+        port = self.dashboard.rpartition(":")[2]
+        check(self.dashboard == "" or (port.isdigit() and int(port) <= 65535), "dashboard",
+              f"must be HOST:PORT or empty, got {self.dashboard!r}")
         parsed = []
         for item in self.preemptions:
             if isinstance(item, ScriptedPreemption):

@@ -161,12 +161,17 @@ class Simulation:
             host = "coordinator"
             bind = f"{self._add_host(host, region=0)}:{NETNS_COORDINATOR_PORT}"
         control_socket = self.out_dir / "coordinator.sock"
+        dashboard = self.config.sim.dashboard or None
+        if dashboard and self.netns:   # on the coordinator's namespace host, the port as configured
+            dashboard = f"{bind.rpartition(':')[0]}:{dashboard.rpartition(':')[2]}"
         coordinator = launch_coordinator(
             self.out_dir / "coordinator", log_path=self.sup.log_path("coordinator"), bind=bind,
             token_file=token_file, config=run_toml, control_socket=control_socket, env=self._child_env(),
-            wrap=lambda argv: self._wrap(host, argv), timeout_s=COORDINATOR_START_TIMEOUT_S)
+            wrap=lambda argv: self._wrap(host, argv), timeout_s=COORDINATOR_START_TIMEOUT_S, http=dashboard)
         self.sup.adopt("coordinator", coordinator.popen)
         self.coordinator_address = coordinator.address
+        if coordinator.dashboard_url:
+            print(f"dashboard: {coordinator.dashboard_url}?token={self.token}", file=sys.stderr, flush=True)
         # The Unix socket reaches the coordinator from any network namespace, the root one included.
         self._channel = grpc.insecure_channel(f"unix:{control_socket}")
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
