@@ -1,4 +1,4 @@
-"""Bytes on the wire vs loss: data-parallel, DiLoCo, Streaming DiLoCo (fp4), hivemind backend.
+"""Bytes on the wire vs loss: data-parallel, DiLoCo, Streaming DiLoCo (fp4 and sparse), hivemind backend.
 
 Same tiny model, same tokens, same data and the same number of replicas for every
 mode, in one process. Each replica trains a full copy of the model on its own
@@ -15,12 +15,16 @@ Modes:
   fp32 (P=1, no overlap, alpha 0, outer lr 0.7).
 - ``streaming``: P strided fragments with offsets spread over H, overlap tau=1,
   alpha 0.5, outer lr 0.7, fp4 codec.
+- ``sparse``: the streaming schedule and overlap with SparseLoCo's outer update
+  (``protocols/sparse.py``): per fragment, chunked top-k of β·e + Δ with 1-2 bit values and
+  bit-packed indices, error feedback in place of outer momentum, plain outer SGD; owners
+  re-sparsify the mean of the (differently placed) parts and every replica applies that reply.
 - ``hivemind``: the streaming outer loop averaged through hivemind's
   DecentralizedAverager (hivemind has no 4-bit codec: 8-bit uniform quantization).
 
 How bytes are counted (the same rule for every mode): bytes a replica puts on the
 wire for averaging, summed over replicas.
-- grpc modes (diloco, streaming): the serialized size (protobuf ``ByteSize``) of
+- grpc modes (diloco, streaming, sparse): the serialized size (protobuf ``ByteSize``) of
   every ReduceShard message actually sent over loopback gRPC: parts sent by each
   replica to the other shard owners, and averaged shards each owner sends back.
   That is reduce-scatter + all-gather: 2(n-1)/n x the encoded fragment per replica.
@@ -36,9 +40,14 @@ HTTP/2 and libp2p framing are not counted anywhere.
 validation batches (ddp: its one model) after the last step; no extra exchange.
 ``init_val_loss`` is the shared starting point's; ``streaming_progress_vs_ddp`` =
 (init - streaming) / (init - ddp): the share of ddp's progress over the measured
-steps that streaming made.
+steps that streaming made. Every mode's ``loss_gap`` is val_loss / ddp's - 1.
+
+Protocols: by default every mode continues from one shared init trained
+``--warm-start-steps`` steps (the DiLoCo paper's protocol); ``--from-scratch`` starts
+every mode from the random init instead.
 
     python benchmarks/bandwidth.py --json
+    python benchmarks/bandwidth.py --json --from-scratch
 """
 
 from __future__ import annotations
@@ -71,7 +80,7 @@ from lowband.protocols.rpc import TokenAuthInterceptor, grpc_options
 
 logger = logging.getLogger("bandwidth")
 TOKEN = "bandwidth-benchmark"
-MODES = ("ddp", "diloco", "streaming", "hivemind")
+MODES = ("ddp", "diloco", "streaming", "sparse", "hivemind")
 
 
 @dataclass
@@ -208,7 +217,7 @@ class GrpcExchanger:
             allreduce_mean(self.peers, i, job.delta, round_id=job.step, codec=self.cfg.codec,
                            timeout_s=self.cfg.peer_timeout_s, reducer=self.reducers[i], channels=self.pools[i],
                            fragment=job.fragment, outer_step=job.outer_step, sender_id=f"r{i}",
-                           contribute=job.finite)
+                           contribute=job.finite, sparse=job.sparse)
             for i, job in enumerate(jobs)))
         sent = sum(stats.bytes_sent for _, stats in results) + sum(r.bytes_sent for r in self.reducers) - before
         return [(avg, stats.valid) for avg, stats in results], sent
@@ -340,17 +349,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hivemind-codec", default="int8")
     parser.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, default=False,
                         help="streaming: carry fp4 quantization error into the next send")
+    parser.add_argument("--sparse-outer-lr", type=float, default=1.0, help="sparse: outer SGD lr (no momentum)")
+    parser.add_argument("--sparse-alpha", type=float, default=0.5, help="sparse: merge mixing")
+    parser.add_argument("--sparse-inner-steps", type=int, default=0, help="sparse: H (0: --inner-steps)")
+    parser.add_argument("--sparse-chunk", type=int, default=4096)
+    parser.add_argument("--sparse-topk", type=int, default=64, help="sparse: entries kept per chunk")
+    parser.add_argument("--sparse-bits", type=int, default=2)
+    parser.add_argument("--sparse-error-decay", type=float, default=0.95)
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--data-bytes", type=int, default=4 << 20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warm-start-steps", type=int, default=1500,
                         help="first train one shared init this many steps (single model, not counted in any mode; "
                              "the DiLoCo paper's protocol of starting every method from one pretrained checkpoint)")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="no warm start: every mode starts from the random init (--warm-start-steps 0)")
     parser.add_argument("--warm-start-batch", type=int, default=16)
     parser.add_argument("--warm-start-lr", type=float, default=2e-3)
     parser.add_argument("--init-cache", default="",
                         help="tuning aid: load the warm-started init from this file if it exists, else save it there")
     args = parser.parse_args(argv)
+    if args.from_scratch:
+        args.warm_start_steps = 0
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, stream=sys.stderr,
@@ -392,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
                                   outer_lr=args.streaming_outer_lr, outer_momentum=args.streaming_outer_momentum,
                                   codec=args.streaming_codec, peer_timeout_s=30.0, error_feedback=args.error_feedback)
     hivemind_cfg = dataclasses.replace(streaming_cfg, codec=args.hivemind_codec, backend="hivemind")
+    sparse_cfg = DilocoSection(inner_steps=args.sparse_inner_steps or h, fragments=args.fragments, overlap=args.overlap,
+                               alpha=args.sparse_alpha, outer_lr=args.sparse_outer_lr, outer_momentum=0.0,
+                               codec="sparse", peer_timeout_s=30.0, sparse_chunk=args.sparse_chunk,
+                               sparse_topk=args.sparse_topk, sparse_bits=args.sparse_bits,
+                               sparse_error_decay=args.sparse_error_decay)
 
     results: dict[str, ModeResult] = {}
     for mode in modes:
@@ -405,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         elif mode == "streaming":
             res = asyncio.run(run_outer(setup, corpus, init, val, streaming_cfg,
                                         lambda reps: GrpcExchanger(args.replicas, streaming_cfg)))
+        elif mode == "sparse":
+            res = asyncio.run(run_outer(setup, corpus, init, val, sparse_cfg,
+                                        lambda reps: GrpcExchanger(args.replicas, sparse_cfg)))
         else:
             res = asyncio.run(run_outer(
                 setup, corpus, init, val, hivemind_cfg,
@@ -426,6 +454,10 @@ def main(argv: list[str] | None = None) -> int:
                   "diloco_outer_momentum": args.diloco_outer_momentum, "streaming_outer_lr": args.streaming_outer_lr,
                   "streaming_outer_momentum": args.streaming_outer_momentum, "alpha": args.alpha,
                   "overlap": args.overlap,
+                  "sparse": {"inner_steps": sparse_cfg.inner_steps, "alpha": args.sparse_alpha,
+                             "outer_lr": args.sparse_outer_lr, "chunk": args.sparse_chunk, "topk": args.sparse_topk,
+                             "bits": args.sparse_bits, "error_decay": args.sparse_error_decay},
+                  "protocol": "from-scratch" if args.warm_start_steps == 0 else "warm-start",
                   "warm_start_steps": args.warm_start_steps},
         "init_val_loss": round(init_val_loss, 5),
     }
@@ -439,6 +471,16 @@ def main(argv: list[str] | None = None) -> int:
     if "diloco" in results and "streaming" in results:
         out["streaming_peak_reduction_vs_diloco"] = round(
             results["diloco"].peak_step_bytes / max(1, results["streaming"].peak_step_bytes), 2)
+    if "ddp" in results:
+        ddp_loss = results["ddp"].val_loss
+        for mode, res in results.items():
+            out["modes"][mode]["loss_gap"] = round(res.val_loss / ddp_loss - 1, 5)
+            out["modes"][mode]["bytes_reduction_vs_ddp"] = round(results["ddp"].bytes_sent / max(1, res.bytes_sent), 2)
+    if "ddp" in results and "sparse" in results:
+        out["sparse_bytes_reduction"] = round(results["ddp"].bytes_sent / max(1, results["sparse"].bytes_sent), 2)
+        out["sparse_loss_gap"] = round(results["sparse"].val_loss / results["ddp"].val_loss - 1, 5)
+    if "streaming" in results and "sparse" in results:
+        out["sparse_minus_streaming_val_loss"] = round(results["sparse"].val_loss - results["streaming"].val_loss, 5)
     if "ddp" in results and "diloco" in results:
         out["diloco_loss_gap"] = round(results["diloco"].val_loss / results["ddp"].val_loss - 1, 5)
     if not all(math.isfinite(r.val_loss) for r in results.values()):

@@ -100,6 +100,13 @@ class DilocoSection:
     reject_norm_ratio: float = 0.0    # >0: drop a peer whose update norm exceeds ratio x median
     peer_timeout_s: float = 10.0
     error_feedback: bool = False      # carry each quantized send's error into the next send of that fragment
+    # codec = "sparse" (SparseLoCo, protocols/sparse.py): each chunk of sparse_chunk elements sends its
+    # sparse_topk largest entries in sparse_bits bits; error feedback (e <- sparse_error_decay*e + delta)
+    # replaces the outer momentum (outer_momentum is not used)
+    sparse_chunk: int = 4096
+    sparse_topk: int = 64
+    sparse_bits: int = 2
+    sparse_error_decay: float = 0.95
 
     def __post_init__(self) -> None:
         _check(self.inner_steps >= 1, "diloco.inner_steps", "must be >= 1")
@@ -110,8 +117,14 @@ class DilocoSection:
         _check(0.0 <= self.alpha <= 1.0, "diloco.alpha", "must be in [0, 1]")
         _check(self.outer_lr > 0, "diloco.outer_lr", "must be > 0")
         _check(0.0 <= self.outer_momentum < 1.0, "diloco.outer_momentum", "must be in [0, 1)")
-        _check(self.codec in CODECS, "diloco.codec", f"must be one of {CODECS}")
+        _check(self.codec in (*CODECS, "sparse"), "diloco.codec", f"must be one of {(*CODECS, 'sparse')}")
         _check(self.backend in ("grpc", "hivemind"), "diloco.backend", "must be 'grpc' or 'hivemind'")
+        _check(self.codec != "sparse" or self.backend == "grpc", "diloco.codec",
+               "'sparse' is averaged by the grpc backend only (set diloco.backend = 'grpc')")
+        _check(1 <= self.sparse_chunk <= 1 << 15, "diloco.sparse_chunk", "must be in [1, 32768]")
+        _check(1 <= self.sparse_topk <= self.sparse_chunk, "diloco.sparse_topk", "must be in [1, diloco.sparse_chunk]")
+        _check(self.sparse_bits in (1, 2), "diloco.sparse_bits", "must be 1 or 2")
+        _check(0.0 < self.sparse_error_decay <= 1.0, "diloco.sparse_error_decay", "must be in (0, 1]")
         _check(self.reject_norm_ratio >= 0, "diloco.reject_norm_ratio", "must be >= 0")
         _check(self.peer_timeout_s > 0, "diloco.peer_timeout_s", "must be > 0")
 

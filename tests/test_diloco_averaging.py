@@ -20,6 +20,7 @@ from lowband.node.sync.grpc_averager import AllReduceStats, ChannelPool, ShardRe
 from lowband.protocols import node_pb2, node_pb2_grpc, tensor_pb2
 from lowband.protocols.codec import decode, encode, payload_checksum, relative_error
 from lowband.protocols.config import ConfigError, DilocoSection, RunConfig, apply_overrides
+from lowband.protocols.sparse import params_of
 
 torch.set_num_threads(1)
 TOKEN = "diloco-test-token"
@@ -92,7 +93,7 @@ class Faults:
 async def make_replica(idx: int, cfg: DilocoSection) -> Replica:
     model = TinyStage()
     reducer = ShardReducer(timeout_s=cfg.peer_timeout_s, reject_norm_ratio=cfg.reject_norm_ratio,
-                           node_id=f"r{idx}")
+                           node_id=f"r{idx}", sparse=params_of(cfg))
     server, address = await start_server(reducer)
     g = torch.Generator().manual_seed(100 + idx)  # each replica its own data shard
     return Replica(
@@ -138,7 +139,7 @@ async def exchange(rep: Replica, job: SyncJob, members: list[Replica], faults: F
             [m.address for m in members], members.index(rep), delta,
             round_id=job.step, codec=codec, timeout_s=timeout_s, reducer=rep.reducer, channels=channels,
             fragment=job.fragment, outer_step=job.outer_step, sender_id=f"r{rep.idx}", contribute=contribute,
-            encoder=encoder)
+            encoder=encoder, sparse=job.sparse)
     finally:
         if channels is not rep.channels:
             await channels.close()
@@ -260,6 +261,25 @@ def test_crash_mid_run_costs_one_shard_never_a_hang() -> None:
     assert all(s.contributors[:2] == [2, 2] for s in round4)  # the dead part is simply missing
     later = [s for r in survivors for s in r.stats[-2:]]
     assert all(len(s.contributors) == 2 and not s.lost_shards for s in later)
+
+
+def test_sparse_rounds_with_a_crashed_peer_leave_identical_theta_global() -> None:
+    """codec "sparse": replicas select different entries, owners re-sparsify the mean; after rounds
+    with a peer that died mid-run the survivors hold bit-identical θ_global, and what they sent to
+    the dead owner's shard is owed again in their error feedback."""
+    c = cfg(codec="sparse", outer_momentum=0.0, outer_lr=1.0, sparse_chunk=8, sparse_topk=2, peer_timeout_s=0.5)
+    faults = Faults(crash={(2, 4)})
+    reps = asyncio.run(simulate(3, 10, c, faults))
+    survivors = [r for r in reps if r.alive]
+    assert_same_outer_state(survivors)
+    init = StreamingDiLoCo(TinyStage(), c).global_params
+    moved = sum(int((survivors[0].diloco.global_params[n] != t).sum()) for n, t in init.items())
+    assert 0 < moved < sum(t.numel() for t in init.values())   # sparse: some entries moved, not all
+    round4 = [s for r in survivors for s in r.stats if len(s.contributors) == 3 and s.lost_shards]
+    assert len(round4) == 2 and all(s.lost_shards == [2] for s in round4)
+    for rep in survivors:   # the error feedback is per replica (own selections), kept per fragment
+        assert set(rep.diloco.error.keys()) == {0, 1}
+        assert all(bool(torch.isfinite(rep.diloco.error.residual(p)).all()) for p in (0, 1))
 
 
 def test_failed_exchange_is_retried_and_delayed_part_still_gets_the_mean() -> None:

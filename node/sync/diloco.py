@@ -44,7 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowband.node.sync.error_feedback import ErrorFeedback
 from lowband.protocols.config import DilocoSection
+from lowband.protocols.sparse import SPARSE_CODEC, SparseSelection, params_of, select
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +174,7 @@ class SyncJob:
     delta: torch.Tensor            # flat fp32 Δ = θ_global - θ_local at `step`
     finite: bool                   # False: Δ is non-finite, the replica must not contribute it
     stats: dict[str, Any] = field(default_factory=dict)
+    sparse: SparseSelection | None = None   # codec "sparse": the entries `delta` holds, for the wire
 
     @property
     def numel(self) -> int:
@@ -207,7 +210,11 @@ class StreamingDiLoCo:
         self.global_params: dict[str, torch.Tensor] = {
             n: p.detach().to(torch.float32, copy=True) for n, p in self.params.items()
         }
-        self.outer = OuterOptimizer(cfg.outer_lr, cfg.outer_momentum)
+        self.sparse = params_of(cfg) if cfg.codec == SPARSE_CODEC else None
+        # SparseLoCo: the error feedback of the sparse sends takes the place of the outer momentum
+        self.outer = OuterOptimizer(cfg.outer_lr, 0.0 if self.sparse else cfg.outer_momentum)
+        # codec "sparse": per fragment, what the selections left out (flat, fp32); outer state, copied with it
+        self.error = ErrorFeedback()
         self.pending: list[SyncJob] = []
 
     # -- Δ ------------------------------------------------------------------
@@ -241,6 +248,13 @@ class StreamingDiLoCo:
             logger.warning("non-finite pseudo-gradient for fragment %d at step %d: not contributing", fragment,
                            step)
             flat = torch.zeros_like(flat)
+        selection = None
+        if self.sparse is not None and finite:
+            # send the top entries of e = β·e + Δ, keep the rest for a later round (given back if lost)
+            meant = self.error.compensate(fragment, flat, self.sparse.error_decay)
+            selection = select(meant, self.sparse)
+            flat = selection.dense()
+            self.error.store(fragment, meant, flat)
         job = SyncJob(
             fragment=fragment,
             step=step,
@@ -250,6 +264,7 @@ class StreamingDiLoCo:
             shapes=[delta[n].shape for n in names],
             delta=flat,
             finite=finite,
+            sparse=selection,
         )
         self.pending.append(job)
         return job
@@ -279,6 +294,8 @@ class StreamingDiLoCo:
         stats: dict[str, Any] = {"fragment": job.fragment, "step": job.step, "applied": 0}
         if averaged_delta is None:
             logger.warning("fragment %d sync from step %d failed: keeping θ_global", job.fragment, job.step)
+            if job.sparse is not None:
+                self.error.give_back(job.fragment, job.delta)
             return stats
         flat = averaged_delta.detach().to(torch.float32).reshape(-1)
         if flat.numel() != job.numel:
@@ -288,6 +305,8 @@ class StreamingDiLoCo:
             mask &= valid.reshape(-1).to(torch.bool)
         flat = torch.where(mask, flat, torch.zeros_like(flat))
         full = bool(mask.all())
+        if job.sparse is not None and not full:   # a lost shard: what we sent there is still owed
+            self.error.give_back(job.fragment, job.delta, ~mask)
         grads = job.unflatten(flat)
         masks = None if full else job.unflatten(mask)
         self.outer.step(job.fragment, self.global_params, grads, masks)
@@ -338,7 +357,18 @@ class StreamingDiLoCo:
             "global": {n: t.clone() for n, t in self.global_params.items()},
             "momentum": {p: {n: t.clone() for n, t in bufs.items()} for p, bufs in self.outer.buffers.items()},
             "outer_steps": dict(self.outer.steps),
+            "error": {p: self._unflatten(p, residual.clone()) for p in self.error.keys()
+                      if (residual := self.error.residual(p)) is not None},
         }
+
+    def _unflatten(self, fragment: int, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name in self.fragments[fragment]:
+            shape = self.global_params[name].shape
+            out[name] = flat[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return out
 
     def fragments_behind(self, state: Mapping[str, Any]) -> list[int]:
         """The fragments whose outer step in another replica's ``state`` is past ours."""
@@ -374,6 +404,14 @@ class StreamingDiLoCo:
                     raise ValueError(f"momentum {name} is not in fragment {p}")
                 _check_tensor(t, self.global_params[name].shape, f"momentum {name}")
             momentum[p] = {n: t.detach().to(torch.float32, copy=True) for n, t in bufs.items()}
+        errors: dict[int, torch.Tensor] = {}
+        for p, bufs in state.get("error", {}).items():
+            p = int(p)
+            if not 0 <= p < len(self.fragments) or set(bufs) != set(self.fragments[p]):
+                raise ValueError(f"error feedback of fragment {p} does not hold exactly that fragment's parameters")
+            for name, t in bufs.items():
+                _check_tensor(t, self.global_params[name].shape, f"error feedback {name}")
+            errors[p] = torch.cat([bufs[n].detach().to(torch.float32).reshape(-1) for n in self.fragments[p]])
         steps = {int(p): int(s) for p, s in state.get("outer_steps", {}).items()}
         if any(p < 0 or p >= len(self.fragments) or s < 0 for p, s in steps.items()):
             raise ValueError("DiLoCo state has out-of-range outer steps")
@@ -392,6 +430,7 @@ class StreamingDiLoCo:
                 self.outer.steps[p] = steps[p]
             else:
                 self.outer.steps.pop(p, None)
+            self.error.set(p, errors.get(p))
         self.pending = [j for j in self.pending if j.fragment not in chosen]
         if reset_local:
             for name in names:
@@ -411,11 +450,14 @@ def state_to_items(state: Mapping[str, Any]) -> list[tuple[str, str, torch.Tenso
     """Flatten a DiLoCo state_dict into (part, name, fp32 tensor) for GetState streaming.
 
     Parts: "global" (name = parameter), "outer" (name = "{fragment}/{parameter}"
-    for momentum, "steps" for the per-fragment outer steps as a float tensor).
+    for momentum, "ef/{fragment}/{parameter}" for the sparse codec's error feedback, "steps" for
+    the per-fragment outer steps as a float tensor).
     """
     items: list[tuple[str, str, torch.Tensor]] = [("global", n, t) for n, t in state["global"].items()]
     for p, bufs in sorted(state["momentum"].items()):
         items.extend(("outer", f"{p}/{n}", t) for n, t in bufs.items())
+    for p, bufs in sorted(state.get("error", {}).items()):
+        items.extend(("outer", f"ef/{p}/{n}", t) for n, t in bufs.items())
     num = len(state["fragments"])
     steps = torch.tensor([float(state["outer_steps"].get(p, 0)) for p in range(num)], dtype=torch.float32)
     items.append(("outer", "steps", steps))
@@ -430,6 +472,7 @@ def state_from_items(items: Iterable[tuple[str, str, torch.Tensor]], fragments: 
         "global": {},
         "momentum": {},
         "outer_steps": {},
+        "error": {},
     }
     for part, name, t in items:
         if part == "global":
@@ -438,6 +481,11 @@ def state_from_items(items: Iterable[tuple[str, str, torch.Tensor]], fragments: 
             if t.dim() != 1 or t.numel() != len(fragments):
                 raise ValueError(f"outer steps: expected {len(fragments)} values, got shape {tuple(t.shape)}")
             state["outer_steps"] = {p: int(v) for p, v in enumerate(t.tolist()) if v > 0}
+        elif part == "outer" and name.startswith("ef/"):
+            p_text, _, param = name[3:].partition("/")
+            if not p_text.isdigit() or not param:
+                raise ValueError(f"error feedback name {name!r}: expected 'ef/<fragment>/<parameter>'")
+            state["error"].setdefault(int(p_text), {})[param] = t
         elif part == "outer" and "/" in name:
             p_text, param = name.split("/", 1)
             if not p_text.isdigit():

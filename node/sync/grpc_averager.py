@@ -48,6 +48,8 @@ from lowband.protocols.codec import CODECS, DEFAULT_MAX_NUMEL, decode, encode
 from lowband.protocols.config import DilocoSection
 from lowband.protocols.errors import ValidationError
 from lowband.protocols.rpc import grpc_options, token_metadata
+from lowband.protocols.sparse import SPARSE_CODEC, SparseParams, SparseSelection, params_of, resparsify
+from lowband.protocols.sparse_codec import decode_any, decode_sparse, encode_sparse
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ class ShardReducer:
         ttl_s: float | None = None,
         node_id: str = "",
         error_feedback: bool = False,
+        sparse: SparseParams | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -119,6 +122,9 @@ class ShardReducer:
         self.error_feedback = error_feedback
         self.part_feedback = ErrorFeedback()
         self.reply_feedback = ErrorFeedback()
+        # how a round of sparse parts is re-sparsified for the reply (protocols/sparse.py, reduce rule);
+        # what that leaves out is carried in reply_feedback, whatever `error_feedback` says
+        self.sparse = sparse or SparseParams()
         self._rounds: dict[tuple[int, int, int, int], _Round] = {}
         self.bytes_sent = 0                  # replies (what this owner put on the wire)
         self.bytes_received = 0
@@ -128,7 +134,7 @@ class ShardReducer:
     def from_config(cls, cfg: DilocoSection, node_id: str = "") -> ShardReducer:
         """A reducer with the run's [diloco] peer timeout and outlier rule."""
         return cls(timeout_s=cfg.peer_timeout_s, reject_norm_ratio=cfg.reject_norm_ratio, node_id=node_id,
-                   error_feedback=cfg.error_feedback)
+                   error_feedback=cfg.error_feedback, sparse=params_of(cfg))
 
     # -- rounds ---------------------------------------------------------------
 
@@ -193,6 +199,14 @@ class ShardReducer:
             res = robust_mean(parts, reject_norm_ratio=self.reject_norm_ratio)
             if res.mean is None:
                 return None, None, 0, res.rejected_norm
+            if codec == SPARSE_CODEC:
+                residual = self.reply_feedback.residual(ef_key)
+                if residual is not None and residual.shape != res.mean.shape:
+                    residual = None   # the round's shard layout changed: that debt belongs to nothing now
+                sel, _, new_residual = resparsify(res.mean, residual, self.sparse)
+                msg = encode_sparse(sel)
+                self.reply_feedback.set(ef_key, new_residual)
+                return decode_sparse(msg), msg, res.contributors, res.rejected_norm
             use_ef = self.error_feedback and codec != "fp32"   # fp32 loses nothing to feed back
             mean = self.reply_feedback.compensate(ef_key, res.mean) if use_ef else res.mean
             msg = encode(mean, codec)
@@ -241,7 +255,10 @@ class ShardReducer:
             if flat.numel() != rnd.shard_numel:
                 raise ValueError(f"local part has {flat.numel()} elements, shard needs {rnd.shard_numel}")
             try:
-                part = await asyncio.to_thread(lambda: decode(encode(flat, codec), require_finite=True))
+                if codec == SPARSE_CODEC:   # the caller decoded it from its own wire message already
+                    part = await asyncio.to_thread(lambda: decode_any(encode(flat, "fp32"), require_finite=True))
+                else:
+                    part = await asyncio.to_thread(lambda: decode(encode(flat, codec), require_finite=True))
             except ValidationError as exc:  # still wait for the mean: this replica must apply it too
                 logger.warning("round %s: own part not averaged: %s", rnd.key, exc)
                 part = None
@@ -322,10 +339,10 @@ class ShardReducer:
                 raise ValidationError("stream ended before the part was complete") from exc
             self.bytes_received += message.ByteSize()
         msg = assembler.finish()
-        if msg.codec not in CODECS:
+        if msg.codec not in CODECS and msg.codec != SPARSE_CODEC:
             raise ValidationError(f"unknown codec {msg.codec!r}")
         part = await asyncio.to_thread(
-            decode, msg, max_numel=self.max_numel, expected_shape=(rnd.shard_numel,), require_finite=True)
+            decode_any, msg, max_numel=self.max_numel, expected_shape=(rnd.shard_numel,), require_finite=True)
         return part.to(torch.float32), msg.codec
 
 
@@ -385,6 +402,8 @@ async def allreduce_mean(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_attempts: int = 3,
     encoder: Callable[[torch.Tensor, str], tensor_pb2.Tensor] = encode,
+    sparse: SparseSelection | None = None,
+    sparse_encoder: Callable[[SparseSelection, int, int], tensor_pb2.Tensor] = encode_sparse,
 ) -> tuple[torch.Tensor, AllReduceStats]:
     """Average `flat_tensor` with the other participants; returns (mean fp32, stats).
 
@@ -398,11 +417,16 @@ async def allreduce_mean(
     quantization error of this node's part is carried into its next part of the
     same fragment. Lost shards hold this node's own values and are False in
     ``stats.valid``. Never raises for a peer's failure.
+
+    Codec "sparse": `flat_tensor` is ``sparse.dense()`` (``job.sparse``, the replica's selection);
+    each shard's entries go out as ``sparse_encoder(sparse, start, end)`` and every owner answers
+    with its re-sparsified mean (``ShardReducer``); error feedback is the caller's (per fragment,
+    in ``StreamingDiLoCo``), not the reducer's.
     """
     n = len(peers)
     if not 0 <= my_index < n:
         raise ValueError(f"my_index {my_index} out of range for {n} peers")
-    if codec not in CODECS:
+    if codec not in CODECS and codec != SPARSE_CODEC:
         raise ValueError(f"unknown codec {codec!r}")
     sender = sender_id or peers[my_index]
     started = time.monotonic()
@@ -413,11 +437,22 @@ async def allreduce_mean(
     own = flat
     bounds = shard_bounds(flat.numel(), n)
     ef_key = (stage, fragment)
-    use_ef = reducer.error_feedback and contribute and codec != "fp32"
+    use_ef = reducer.error_feedback and contribute and codec not in ("fp32", SPARSE_CODEC)
     feedback = reducer.part_feedback
     old_residual = feedback.residual(ef_key) if use_ef else None
     encoded: list[tensor_pb2.Tensor] = []
-    if use_ef:
+    if codec == SPARSE_CODEC and contribute:
+        if sparse is None or sparse.numel != flat.numel():
+            raise ValueError("codec 'sparse' needs the selection the pseudo-gradient came from (job.sparse)")
+        selection = sparse
+
+        def encode_sparse_all() -> tuple[list[tensor_pb2.Tensor], torch.Tensor]:
+            msgs = [sparse_encoder(selection, s, e) for s, e in bounds]
+            # the own shard goes to the local reducer exactly as a remote owner would decode it
+            return msgs, torch.cat([decode_sparse(m).reshape(-1) for m in msgs]) if msgs else flat
+
+        encoded, flat_to_send = await asyncio.to_thread(encode_sparse_all)
+    elif use_ef:
         # error feedback: send Q(Δ + e), keep e' = (Δ + e) - Q(Δ + e) for this fragment's next round;
         # the own shard goes to the local reducer already quantized, so it is charged the same error
         flat = feedback.compensate(ef_key, flat)
@@ -481,7 +516,7 @@ async def allreduce_mean(
             if assembler.add(reply.chunk):
                 break
         result_msg = assembler.finish()
-        out = await asyncio.to_thread(decode, result_msg, expected_shape=(end - start,), require_finite=True)
+        out = await asyncio.to_thread(decode_any, result_msg, expected_shape=(end - start,), require_finite=True)
         return out.to(torch.float32)
 
     async def local(j: int) -> torch.Tensor | None:
@@ -545,4 +580,4 @@ async def average_job(
     return await allreduce_mean(
         peers, my_index, job.delta, round_id=round_id, codec=cfg.codec, timeout_s=cfg.peer_timeout_s,
         reducer=reducer, channels=channels, stage=stage, fragment=job.fragment, outer_step=job.outer_step,
-        sender_id=node_id, contribute=job.finite)
+        sender_id=node_id, contribute=job.finite, sparse=job.sparse)
