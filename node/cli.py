@@ -7,6 +7,7 @@ Simulator flags: ``--slowdown F`` (compute slow-down factor), ``--links-file F``
 ``--preferred-stage``, ``--log-json F`` (events and metrics as JSON lines).
 Activations go on the activation wire, a TCP port beside the node service
 (``--wire-port``, default any; see node/pipeline/wire.py); ``--no-wire`` keeps them on gRPC.
+``--metrics HOST:PORT`` serves the node's own Prometheus ``/metrics`` (node/metrics_http.py).
 The run token comes from --token-file or the LOWBAND_TOKEN environment variable.
 Exit codes: 0 after a clean leave (SIGTERM/SIGINT, run finished, SHUTDOWN),
 2 for bad arguments.
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TCP port of the activation wire, on the --listen host (default 0: any free port)")
     parser.add_argument("--no-wire", action="store_true",
                         help="send activations on gRPC only (no TCP activation wire beside the node service)")
+    parser.add_argument("--metrics", default="", metavar="HOST:PORT",
+                        help="serve this node's Prometheus /metrics here, without a token (port 0: any free port)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                           preferred_stage=args.preferred_stage, has_data=not args.no_data,
                           slowdown=args.slowdown, links_file=args.links_file, log_json=args.log_json,
                           torch_threads=args.threads, wire=not args.no_wire,
-                          wire_port=args.wire_port)
+                          wire_port=args.wire_port, metrics=args.metrics)
     try:
         return run_node(options)
     except ValueError as exc:

@@ -53,6 +53,7 @@ from lowband.node.event_log import EventLog
 from lowband.node.link_probe import LinkProber
 from lowband.node.membership import Membership
 from lowband.node.metrics import TrainingCounters, metrics_record, node_metrics
+from lowband.node.metrics_http import NodeMetricsServer
 from lowband.node.origin_loop import OriginLoop
 from lowband.node.pipeline.runtime import StepResult
 from lowband.node.pipeline.transport import LinkTable, Transport
@@ -97,6 +98,7 @@ class NodeOptions:
     torch_threads: int = 1
     wire: bool = True             # activation wire beside gRPC (node/pipeline/wire.py); False: gRPC only (the chunked Forward/Backward streams)
     wire_port: int = 0            # the wire's TCP port on the listen host (0: any free port)
+    metrics: str = ""             # HOST:PORT of the node's own Prometheus /metrics ('': none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,8 @@ class NodeDaemon:
         self._wire_server: WireServer | None = None
         self._handled_plans: set[int] = set()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._heartbeat_rtt_s = 0.0
+        self.metrics_server = NodeMetricsServer(self.metrics, self._identity) if options.metrics else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -152,6 +156,11 @@ class NodeDaemon:
                 self._wire_server = await start_wire(self.servicer, self.opts.listen.rpartition(":")[0],
                                                      self.opts.token, self.opts.wire_port)
             self.address = advertised_address(self.opts.listen, port, self.opts.advertise, self.opts.coordinator)
+            if self.metrics_server is not None:
+                try:
+                    await self.metrics_server.start(self.opts.metrics)
+                except OSError as exc:
+                    raise ValueError(f"--metrics {self.opts.metrics}: {exc}") from exc
             self.events.write("start", address=self.address, pid=os.getpid(), device=str(self.device))
             throughput = await asyncio.to_thread(measure_throughput, self.device, self.opts.slowdown)
             logger.info("node listening on %s; throughput %.1f samples/s", self.address, throughput)
@@ -202,6 +211,8 @@ class NodeDaemon:
             await self._server.stop(0.5)
         await self.transport.close()
         await self.client.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         self.events.close()
 
     def _parts(self) -> RunParts:
@@ -278,9 +289,13 @@ class NodeDaemon:
         while not self.stop_event.is_set():
             delay = parts.heartbeat_s
             try:
+                sent = time.monotonic()
                 reply = await self.client.heartbeat(pb.HeartbeatRequest(node_id=self.membership.node_id,
                                                                         metrics=self.metrics(),
                                                                         epoch=self.membership.epoch))
+                self._heartbeat_rtt_s = time.monotonic() - sent
+                if self.metrics_server is not None:
+                    self.metrics_server.heartbeat_latency.observe(self._heartbeat_rtt_s)
                 backoff.reset()
                 await self._follow(reply)
             except grpc.aio.AioRpcError as exc:
@@ -344,7 +359,14 @@ class NodeDaemon:
         self._parts().bookend.after_step(result.iteration + 1)
 
     def metrics(self) -> pb.NodeMetrics:
-        return node_metrics(self.counters, self.current, self.transport, self.servicer)
+        metrics = node_metrics(self.counters, self.current, self.transport, self.servicer)
+        metrics.heartbeat_rtt_s = self._heartbeat_rtt_s
+        return metrics
+
+    def _identity(self) -> tuple[str, int]:
+        """The labels of the node's own metrics: its id and the stage it holds (-1: none yet)."""
+        agent = self.current.agent
+        return self.membership.node_id, agent.stage if agent is not None else -1
 
 
 def run_node(options: NodeOptions) -> int:

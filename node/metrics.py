@@ -35,6 +35,7 @@ def node_metrics(counters: TrainingCounters, current: CurrentStage, transport: T
     elapsed = time.monotonic() - counters.started if counters.started else 0.0
     tokens = counters.tokens - counters.tokens_at_start
     sync_bytes = outer.wire_bytes_sent if outer is not None else 0
+    reducer = outer.reducer if outer is not None else None   # None: a backend that takes no ReduceShard calls
     return pb.NodeMetrics(
         step=agent.runtime.iteration if agent else 0,
         loss=_finite(counters.loss),
@@ -48,6 +49,7 @@ def node_metrics(counters: TrainingCounters, current: CurrentStage, transport: T
         val_loss=_finite(counters.val_loss),
         tokens=counters.tokens,
         state_bytes_sent=servicer.state_bytes_sent,
+        rejected_updates=len(reducer.rejected) if reducer is not None else 0,
     )
 
 
