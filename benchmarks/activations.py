@@ -34,25 +34,36 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import torch  # noqa: E402
 
 from lowband.node.pipeline.local_hop import CodecHop  # noqa: E402
-from lowband.protocols.config import CODECS, RunConfig, apply_overrides  # noqa: E402
+from lowband.node.train.model import model_config_for  # noqa: E402
+from lowband.protocols.config import HOP_CODECS, RunConfig, apply_overrides  # noqa: E402
+from lowband.protocols.subspace import is_subspace, make_basis  # noqa: E402
 from lowband.sim.skiptrain import train_skip  # noqa: E402
 
 log = logging.getLogger("activations")
 DEFAULT_CODECS = "bf16,int8,fp8,int4,fp4,int8/bf16,fp4/int8"
 
 
-def parse_pair(name: str) -> tuple[str, str]:
-    activation, _, gradient = name.partition("/")
+def parse_pair(name: str) -> tuple[str, str, int]:
+    """``ACTIVATION[/GRADIENT][@RANK]`` -> (activation codec, gradient codec, model.subspace_rank)."""
+    pair, _, rank_text = name.partition("@")
+    activation, _, gradient = pair.partition("/")
     gradient = gradient or activation
     for codec in (activation, gradient):
-        if codec not in CODECS:
-            raise argparse.ArgumentTypeError(f"unknown codec {codec!r} in {name!r}; choose from {CODECS}")
-    return activation, gradient
+        if codec not in HOP_CODECS:
+            raise argparse.ArgumentTypeError(f"unknown codec {codec!r} in {name!r}; choose from {HOP_CODECS}")
+    try:
+        rank = int(rank_text) if rank_text else 0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name!r}: the subspace rank after '@' must be an integer") from None
+    if rank < 0 or (rank == 0 and (is_subspace(activation) or is_subspace(gradient))):
+        raise argparse.ArgumentTypeError(f"{name!r}: a subspace codec needs a rank > 0 ('{pair}@32')")
+    return activation, gradient, rank
 
 
-def config_for(args: argparse.Namespace, seed: int) -> RunConfig:
+def config_for(args: argparse.Namespace, seed: int, rank: int = 0) -> RunConfig:
     return apply_overrides(RunConfig(), [
         f"seed={seed}", "model.preset=tiny", f"model.stages={args.stages}", f"model.seq_len={args.seq_len}",
+        f"model.subspace_rank={rank}",
         f"train.steps={args.steps}", f"train.warmup_steps={args.warmup}", f"train.lr={args.lr}",
         f"train.microbatches={args.microbatches}", f"train.microbatch_size={args.microbatch_size}",
         "train.eval_every=1000000", f"train.eval_batches={args.eval_batches}",
@@ -61,10 +72,12 @@ def config_for(args: argparse.Namespace, seed: int) -> RunConfig:
 
 
 def run_codec(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
-    activation, gradient = parse_pair(name)
-    hop = CodecHop(activation, gradient)
+    activation, gradient, rank = parse_pair(name)
+    config = config_for(args, seed, rank)
+    basis = make_basis(model_config_for(config.model).dim, rank, 256) if rank else None
+    hop = CodecHop(activation, gradient, subspace=basis)
     start = time.perf_counter()
-    result = train_skip(config_for(args, seed), eval_every=0, eval_paths=False, hop=hop)
+    result = train_skip(config, eval_every=0, eval_paths=False, hop=hop)
     tokens = result.summary["tokens"]
     return {
         "val_loss": result.summary["final_val_loss"],

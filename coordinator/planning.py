@@ -22,13 +22,14 @@ from lowband.coordinator.skippipe.paths import NodeSpec, PlanError, PlannedPath,
 from lowband.coordinator.skippipe.planner import plan_paths
 from lowband.coordinator.skippipe.schedule import Plan, count_visits, full_pipeline_paths
 from lowband.protocols.config import RunConfig
+from lowband.protocols.hop_bytes import hop_bytes_per_position
 
 logger = logging.getLogger(__name__)
 
 # Model width per preset, only to estimate activation bytes per hop for the cost model
 # (the coordinator does not import node/). A wrong guess changes plan quality, never correctness.
 _PRESET_DIM = {"tiny": 128, "small": 256, "124m": 768, "500m": 1280, "1.5b": 2304}
-_CODEC_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "fp8": 1.0, "int4": 0.5, "fp4": 0.5}
+_VOCAB_SIZE = 256   # the byte-level tokenizer
 DEFAULT_ONE_WAY_LATENCY_S = 0.005
 DEFAULT_BANDWIDTH_BPS = 125e6   # 1 Gbit/s, until nodes report their links
 
@@ -42,9 +43,15 @@ class PlanInputs:
 
 
 def activation_bytes(config: RunConfig) -> float:
+    """Bytes one hop's payload costs, the mean of its two directions (the planner charges a hop one size):
+    what the configured codecs send, a subspace codec's coordinates and token ids included."""
     dim = _PRESET_DIM.get(config.model.preset, 768)
-    return config.train.microbatch_size * config.model.seq_len * dim * _CODEC_BYTES.get(
-        config.train.activation_codec, 2.0)
+    train = config.train
+    forward = hop_bytes_per_position(train.activation_codec, dim, config.model.subspace_rank, _VOCAB_SIZE,
+                                     forward=True)
+    backward = hop_bytes_per_position(train.gradient_codec or train.activation_codec, dim,
+                                      config.model.subspace_rank, _VOCAB_SIZE, forward=False)
+    return train.microbatch_size * config.model.seq_len * (forward + backward) / 2
 
 
 def topology(inputs: PlanInputs) -> Topology:

@@ -68,6 +68,7 @@ class CoordinatorClient:
         self._hb_lock = asyncio.Lock()
         self.stream_heartbeats = 0     # heartbeats answered over the stream
         self.unary_heartbeats = 0      # heartbeats answered by unary fallback
+        self.bytes_sent = 0            # requests sent to the coordinator (serialized): control traffic
 
     async def close(self) -> None:
         self._drop_heartbeat_stream()
@@ -75,6 +76,7 @@ class CoordinatorClient:
 
     async def call(self, method: Callable[..., Awaitable[R]], request: Any, *, timeout_s: float | None = None) -> R:
         """One attempt; raises grpc.aio.AioRpcError."""
+        self.bytes_sent += request.ByteSize()
         return await method(request, timeout=timeout_s or self.rpc_timeout_s, metadata=self.metadata)
 
     async def call_retrying(self, method: Callable[..., Awaitable[R]], request: Any, *,
@@ -117,6 +119,7 @@ class CoordinatorClient:
             call = self._hb_call
             if call is not None:
                 try:
+                    self.bytes_sent += request.ByteSize()
                     reply = await asyncio.wait_for(self._stream_heartbeat(call, request), self.rpc_timeout_s)
                     self._hb_backoff.reset()
                     self.stream_heartbeats += 1

@@ -26,7 +26,7 @@ from lowband.node.pipeline.transport import Transport
 from lowband.node.recovery.obtain import obtain_weights
 from lowband.node.service import NodeServicer, StateProvider
 from lowband.node.sync.outer import OuterSync
-from lowband.node.train.model import ModelConfig, build_stage
+from lowband.node.train.model import ModelConfig, build_stage, subspace_basis
 from lowband.node.train.optim import build_inner_optimizer, lr_at
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.config import RunConfig
@@ -140,7 +140,7 @@ class StageAssembler:
         runtime.adopt_next_iteration = adopt_next_iteration
         return PipelineAgent(self.membership.node_id, config.run_id, runtime, self.transport, dim=cfg.dim,
                              max_seq_len=cfg.max_seq_len, codec=train.activation_codec,
-                             gradient_codec=train.gradient_codec,
+                             gradient_codec=train.gradient_codec, subspace=subspace_basis(cfg),
                              hop_timeout_s=train.hop_timeout_s, num_stages=config.model.stages,
                              on_failure=self.hooks.on_failure, on_event=self.hooks.on_event,
                              refresh_schedule=self.hooks.refresh_schedule)

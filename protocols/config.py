@@ -21,6 +21,9 @@ class ConfigError(ValueError):
 
 
 CODECS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp4")
+# A pipeline hop's codecs: the plain ones, and a subspace model's coordinates in one of them
+# (protocols/subspace.py; needs model.subspace_rank > 0)
+HOP_CODECS = (*CODECS, *(f"subspace-{codec}" for codec in CODECS))
 PLANNERS = ("full", "random", "skippipe", "skippipe-unaware")  # coordinator.planner.PLANNERS
 RECOVERY_METHODS = ("checkfree", "checkfree-plus", "random-reinit", "none")
 
@@ -38,12 +41,15 @@ class ModelSection:
     preset: str = "tiny"
     stages: int = 4            # S, including stage 0 (embedding + head); 1: data-parallel (whole model per node)
     seq_len: int = 128
+    # > 0: a Protocol Models-style residual stream (protocols/subspace.py); the subspace-* hop codecs need it
+    subspace_rank: int = 0
 
     def __post_init__(self) -> None:
         _check(self.preset in MODEL_PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose one of {MODEL_PRESETS}")
         _check(self.stages >= 1, "model.stages",
                f"must be >= 1 (1: data-parallel, every node holds the whole model), got {self.stages}")
         _check(self.seq_len >= 2, "model.seq_len", f"must be >= 2, got {self.seq_len}")
+        _check(self.subspace_rank >= 0, "model.subspace_rank", f"must be >= 0 (0: off), got {self.subspace_rank}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -79,9 +85,9 @@ class TrainSection:
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.eval_batches >= 1, "train.eval_batches", "must be >= 1")
-        _check(self.activation_codec in CODECS, "train.activation_codec", f"must be one of {CODECS}")
-        _check(self.gradient_codec in ("", *CODECS), "train.gradient_codec",
-               f"must be one of {CODECS}, or empty for the activation codec")
+        _check(self.activation_codec in HOP_CODECS, "train.activation_codec", f"must be one of {HOP_CODECS}")
+        _check(self.gradient_codec in ("", *HOP_CODECS), "train.gradient_codec",
+               f"must be one of {HOP_CODECS}, or empty for the activation codec")
         _check(self.hop_timeout_s > 0, "train.hop_timeout_s", "must be > 0")
         _check(self.data_max_bytes >= 0, "train.data_max_bytes", "must be >= 0 (0 = no cap)")
         _check(0 < self.val_fraction < 1, "train.val_fraction", "must be in (0, 1)")
@@ -193,6 +199,13 @@ class RunConfig:
     skippipe: SkipPipeSection = field(default_factory=SkipPipeSection)
     membership: MembershipSection = field(default_factory=MembershipSection)
     recovery: RecoverySection = field(default_factory=RecoverySection)
+
+    def __post_init__(self) -> None:
+        for name, codec in (("train.activation_codec", self.train.activation_codec),
+                            ("train.gradient_codec", self.train.gradient_codec)):
+            _check(not codec.startswith("subspace-") or self.model.subspace_rank > 0, name,
+                   f"{codec!r} sends a subspace model's coordinates: set model.subspace_rank > 0 "
+                   "(or choose a plain codec)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

@@ -28,7 +28,7 @@ class PeerInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., sync_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeMetrics(_message.Message):
-    __slots__ = ("step", "loss", "tokens_per_s", "bytes_sent", "bytes_received", "grad_norm", "outer_step", "sync_bytes_sent", "activation_bytes_sent", "val_loss", "tokens", "state_bytes_sent", "rejected_updates", "heartbeat_rtt_s")
+    __slots__ = ("step", "loss", "tokens_per_s", "bytes_sent", "bytes_received", "grad_norm", "outer_step", "sync_bytes_sent", "activation_bytes_sent", "val_loss", "tokens", "state_bytes_sent", "rejected_updates", "heartbeat_rtt_s", "control_bytes_sent")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class NodeMetrics(_message.Message):
     STATE_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     REJECTED_UPDATES_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_RTT_S_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     tokens_per_s: float
@@ -57,7 +58,8 @@ class NodeMetrics(_message.Message):
     state_bytes_sent: int
     rejected_updates: int
     heartbeat_rtt_s: float
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., grad_norm: _Optional[float] = ..., outer_step: _Optional[int] = ..., sync_bytes_sent: _Optional[int] = ..., activation_bytes_sent: _Optional[int] = ..., val_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., state_bytes_sent: _Optional[int] = ..., rejected_updates: _Optional[int] = ..., heartbeat_rtt_s: _Optional[float] = ...) -> None: ...
+    control_bytes_sent: int
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., grad_norm: _Optional[float] = ..., outer_step: _Optional[int] = ..., sync_bytes_sent: _Optional[int] = ..., activation_bytes_sent: _Optional[int] = ..., val_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., state_bytes_sent: _Optional[int] = ..., rejected_updates: _Optional[int] = ..., heartbeat_rtt_s: _Optional[float] = ..., control_bytes_sent: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("node_id", "address", "device", "memory_bytes", "throughput", "version", "stage", "has_data", "preferred_stage")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elowband/protocols/tensor.proto\x12\x07lowband\"\xb5\x01\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\t\x12\x10\n\x08raw_size\x18\x08 \x01(\x04\x12\x15\n\x08\x63hecksum\x18\t \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_checksum\"b\n\x0bTensorChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elowband/protocols/tensor.proto\x12\x07lowband\"\xf2\x01\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\t\x12\x10\n\x08raw_size\x18\x08 \x01(\x04\x12\x15\n\x08\x63hecksum\x18\t \x01(\rH\x00\x88\x01\x01\x12.\n\x08subspace\x18\n \x01(\x0b\x32\x17.lowband.SubspaceCodingH\x01\x88\x01\x01\x42\x0b\n\t_checksumB\x0b\n\t_subspace\"W\n\x0eSubspaceCoding\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x04\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0e\n\x06tokens\x18\x03 \x01(\x0c\x12\x13\n\x0btoken_bytes\x18\x04 \x01(\r\"b\n\x0bTensorChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12\x12\n\nnum_chunks\x18\x02 \x01(\r\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lowband.protocols.tensor_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=44
-  _globals['_TENSOR']._serialized_end=225
-  _globals['_TENSORCHUNK']._serialized_start=227
-  _globals['_TENSORCHUNK']._serialized_end=325
+  _globals['_TENSOR']._serialized_end=286
+  _globals['_SUBSPACECODING']._serialized_start=288
+  _globals['_SUBSPACECODING']._serialized_end=375
+  _globals['_TENSORCHUNK']._serialized_start=377
+  _globals['_TENSORCHUNK']._serialized_end=475
 # @@protoc_insertion_point(module_scope)

@@ -1,13 +1,13 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "codec", "block_size", "scales", "payload", "compression", "raw_size", "checksum")
+    __slots__ = ("dtype", "shape", "codec", "block_size", "scales", "payload", "compression", "raw_size", "checksum", "subspace")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class Tensor(_message.Message):
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SUBSPACE_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     codec: str
@@ -26,7 +27,20 @@ class Tensor(_message.Message):
     compression: str
     raw_size: int
     checksum: int
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., block_size: _Optional[int] = ..., scales: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., compression: _Optional[str] = ..., raw_size: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+    subspace: SubspaceCoding
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., codec: _Optional[str] = ..., block_size: _Optional[int] = ..., scales: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., compression: _Optional[str] = ..., raw_size: _Optional[int] = ..., checksum: _Optional[int] = ..., subspace: _Optional[_Union[SubspaceCoding, _Mapping]] = ...) -> None: ...
+
+class SubspaceCoding(_message.Message):
+    __slots__ = ("fingerprint", "dim", "tokens", "token_bytes")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: int
+    dim: int
+    tokens: bytes
+    token_bytes: int
+    def __init__(self, fingerprint: _Optional[int] = ..., dim: _Optional[int] = ..., tokens: _Optional[bytes] = ..., token_bytes: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("seq", "num_chunks", "total_size", "checksum", "data")

@@ -15,6 +15,7 @@ from lowband.node.pipeline.runtime import StageRuntime
 from lowband.node.pipeline.transport import LinkTable, Transport
 from lowband.node.pipeline.wire import WireServer
 from lowband.node.service import NodeServicer, start_server, start_wire
+from lowband.protocols.subspace import SubspaceBasis
 
 TOKEN = "test-token"
 RUN_ID = "test-run"
@@ -44,7 +45,7 @@ class LocalNode:
 
 async def start_node(node_id: str, stage: int, module: nn.Module, *, dim: int, max_seq_len: int,
                      optimizer: torch.optim.Optimizer | None = None, codec: str = "fp32",
-                     gradient_codec: str | None = None,
+                     gradient_codec: str | None = None, subspace: SubspaceBasis | None = None,
                      hop_timeout_s: float = 3.0, iteration_timeout_s: float = 5.0,
                      links: LinkTable | None = None, wire: bool = True) -> LocalNode:
     """A node as the daemon builds one; ``wire=False``: activations by gRPC only (no wire server,
@@ -63,7 +64,8 @@ async def start_node(node_id: str, stage: int, module: nn.Module, *, dim: int, m
         failures.append((suspect, reason))
 
     agent = PipelineAgent(node_id, RUN_ID, runtime, transport, dim=dim, max_seq_len=max_seq_len, codec=codec,
-                          gradient_codec=gradient_codec, hop_timeout_s=hop_timeout_s, on_failure=on_failure)
+                          gradient_codec=gradient_codec, subspace=subspace, hop_timeout_s=hop_timeout_s,
+                          on_failure=on_failure)
     servicer.agent = agent
     return LocalNode(node_id, stage, runtime, agent, servicer, server, f"127.0.0.1:{port}", transport, failures,
                      wire_server)

@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from lowband.node.pipeline.payload import lift_received
 from lowband.node.pipeline.runtime import MicrobatchKey, StageError, StageRuntime
 from lowband.node.pipeline.transport import Transport
 from lowband.protocols import coordinator_pb2, node_pb2, tensor_pb2
 from lowband.protocols.codec import decode
 from lowband.protocols.errors import ValidationError
+from lowband.protocols.subspace import SubspaceBasis
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ class PipelineAgent:
         max_seq_len: int,
         codec: str = "bf16",
         gradient_codec: str | None = None,
+        subspace: SubspaceBasis | None = None,
         hop_timeout_s: float = 10.0,
         num_stages: int = 0,
         on_failure: FailureCallback | None = None,
@@ -168,6 +171,7 @@ class PipelineAgent:
         self.max_seq_len = max_seq_len
         self.codec = codec                            # activations, forward
         self.gradient_codec = gradient_codec or codec  # their gradients, backward
+        self.subspace = subspace   # a subspace model's anchors: what the subspace-* codecs leave out
         self.hop_timeout_s = hop_timeout_s
         self.num_stages = num_stages   # S: evaluation runs the whole model, stage by stage (0 = unknown)
         self.on_failure = on_failure
@@ -331,6 +335,7 @@ class PipelineAgent:
         else:
             h = decode(tensor, max_numel=64 * 1024 * 1024, payload=payload, require_checksum=payload is None,
                        require_finite=True)
+        h = lift_received(tensor, h, self.subspace)
         if h.ndim != 3 or h.shape[-1] != self.dim or not 1 <= h.shape[1] <= self.max_seq_len:
             raise ValidationError(f"activation of shape {list(h.shape)}; expected (B, T<={self.max_seq_len}, {self.dim})")
         # h stays in its wire dtype (bf16 by default): the runtime casts it in its compute thread
@@ -383,7 +388,8 @@ class PipelineAgent:
         try:
             codec = self.gradient_codec if backward else self.codec
             ack = await self.transport.send_microbatch(address, backward, out, tensor, codec,
-                                                       timeout_s=self.hop_timeout_s, node_id=node_id)
+                                                       timeout_s=self.hop_timeout_s, node_id=node_id,
+                                                       subspace=self.subspace)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -33,6 +33,7 @@ from lowband.protocols.codec import (
     tensor_bytes,
 )
 from lowband.protocols.errors import ValidationError
+from lowband.protocols.subspace import SubspaceBasis, inner_codec, is_subspace
 
 # A segmented payload is cast in pieces of this many wire bytes: one piece for an activation of the usual
 # sizes (every cast-and-write round has a fixed cost; benchmarks/pipeline.md, third session); past this
@@ -194,15 +195,38 @@ class OutgoingMicrobatch:
 
 
 def build_microbatch(header: node_pb2.MicrobatchHeader, tensor: torch.Tensor, codec: str, *,
+                     subspace: SubspaceBasis | None = None, backward: bool = False,
                      segment_bytes: int = SEGMENT_BYTES) -> OutgoingMicrobatch:
     """A hop's message: ``header`` and ``tensor`` in ``codec``, uncompressed (no zstd pass on the hop).
     A raw codec decodes into its wire dtype (the receiver reads it in place) and is cast as the bytes go
-    out; a quantised one is encoded here. Raises ValidationError for a codec or dtype the codec refuses."""
+    out; a quantised one is encoded here. A ``subspace-*`` codec sends the tensor's coordinates in
+    ``subspace`` (the stage's basis) in its inner codec, and for an activation (not ``backward``) the
+    token ids its anchors spell. Raises ValidationError for a codec or dtype the codec refuses, and for
+    a subspace codec without a basis or an activation not of the basis' layout."""
+    coding = None
+    if is_subspace(codec):
+        if subspace is None:
+            raise ValidationError(f"codec {codec!r} needs a subspace model (model.subspace_rank > 0)")
+        coding = subspace.describe(tensor, with_tokens=not backward)
+        tensor, codec = subspace.coordinates(tensor), inner_codec(codec)
     if codec in RAW_CODECS:
         meta, payload = encode_segmented(tensor, codec, segment_bytes=segment_bytes)
     else:
         meta, payload = encode_split(tensor, codec)
+    if coding is not None:
+        meta.subspace.CopyFrom(coding)
     return OutgoingMicrobatch(header, header.SerializeToString(), meta, meta.SerializeToString(), payload)
+
+
+def lift_received(meta: tensor_pb2.Tensor, decoded: torch.Tensor, subspace: SubspaceBasis | None) -> torch.Tensor:
+    """The tensor a received message stands for: ``decoded`` itself, or for a subspace payload its
+    coordinates lifted by the receiving stage's basis. Raises ValidationError for a subspace payload at a
+    stage without one, or one its basis cannot rebuild (``SubspaceBasis.receive``)."""
+    if not meta.HasField("subspace"):
+        return decoded
+    if subspace is None:
+        raise ValidationError("subspace payload at a stage whose model has no subspace (model.subspace_rank = 0)")
+    return subspace.receive(decoded, meta.subspace)
 
 
 __all__ = [
@@ -212,6 +236,7 @@ __all__ = [
     "WirePayload",
     "build_microbatch",
     "encode_segmented",
+    "lift_received",
     "receive_spec",
     "receive_target",
 ]

@@ -32,6 +32,7 @@ from lowband.node.pipeline.payload import SEGMENT_BYTES, OutgoingMicrobatch, bui
 from lowband.node.pipeline.wire import OK, UNAVAILABLE, WireConnection, WireError
 from lowband.protocols import node_pb2, node_pb2_grpc
 from lowband.protocols.rpc import MAX_MESSAGE_BYTES, grpc_options, token_metadata
+from lowband.protocols.subspace import SubspaceBasis
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class Transport:
         self.segment_bytes = segment_bytes   # a raw codec's payload is cast in pieces of this many bytes
         self.bytes_sent = 0
         self.activation_bytes_sent = 0
+        self.control_bytes_sent = 0      # the small peer RPCs (abandon, iteration status, pings)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, node_pb2_grpc.NodeStub] = {}
         self.wire = wire
@@ -232,14 +234,15 @@ class Transport:
             await asyncio.sleep(delay)
 
     async def send_microbatch(self, address: str, backward: bool, header: node_pb2.MicrobatchHeader,
-                              tensor: torch.Tensor, codec: str, *, timeout_s: float, node_id: str = ""
-                              ) -> node_pb2.NodeAck:
+                              tensor: torch.Tensor, codec: str, *, timeout_s: float, node_id: str = "",
+                              subspace: SubspaceBasis | None = None) -> node_pb2.NodeAck:
         """Push one activation (or its gradient) to ``address`` in ``codec``; raises grpc.aio.AioRpcError.
 
         The message is built once (``build_microbatch``) and its bytes counted once, as the path that
         carried it sent them: metadata and payload on the wire, the serialized message on gRPC.
         """
-        out = build_microbatch(header, tensor, codec, segment_bytes=self.segment_bytes)
+        out = build_microbatch(header, tensor, codec, subspace=subspace, backward=backward,
+                               segment_bytes=self.segment_bytes)
         ack: node_pb2.NodeAck | None = None
         if self.wire:
             nbytes = out.nbytes
@@ -272,6 +275,7 @@ class Transport:
         await self.emulate(address, request.ByteSize())
         reply = await getattr(self.stub(address), method)(request, timeout=timeout_s, metadata=self.metadata)
         self.bytes_sent += request.ByteSize()
+        self.control_bytes_sent += request.ByteSize()
         return reply
 
     async def abandon(self, address: str, request: node_pb2.AbandonRequest, *, timeout_s: float
@@ -289,6 +293,7 @@ class Transport:
         await self.emulate(address, request.ByteSize())
         reply = await self.stub(address).Ping(request, timeout=timeout_s, metadata=self.metadata)
         self.bytes_sent += request.ByteSize()
+        self.control_bytes_sent += request.ByteSize()
         return time.perf_counter() - start, reply
 
     async def close(self) -> None:

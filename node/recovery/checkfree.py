@@ -39,6 +39,8 @@ State = dict[str, torch.Tensor]
 
 # The parts of stage 0 (node/train/model.py Bookend) that stages 1 and S-1 keep a copy of.
 BOOKEND_KEYS = ("embed.weight", "norm.weight", "output.weight")
+# ... and, in a subspace model, the fixed token anchors of its embedding (the hop codec's shared state)
+BOOKEND_BUFFERS = ("embed.anchors",)
 
 
 class CheckFreeError(ValueError):
@@ -135,8 +137,9 @@ def bookend_copy_state(stage0_state: Mapping[str, torch.Tensor]) -> State:
     missing = [k for k in BOOKEND_KEYS if k not in stage0_state]
     if missing:
         raise CheckFreeError(f"not a stage-0 state: missing {missing}")
-    _check_matching({"stage 0": {k: stage0_state[k] for k in BOOKEND_KEYS}})
-    return {k: stage0_state[k].detach().clone() for k in BOOKEND_KEYS}
+    keys = [*BOOKEND_KEYS, *(k for k in BOOKEND_BUFFERS if k in stage0_state)]
+    _check_matching({"stage 0": {k: stage0_state[k] for k in keys}})
+    return {k: stage0_state[k].detach().clone() for k in keys}
 
 
 def restore_bookend(copy: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor] | None = None) -> State:

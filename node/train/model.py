@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowband.protocols import subspace
 from lowband.protocols.config import ModelSection
 
 # ---------------------------------------------------------------------------
@@ -46,6 +47,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # > 0: the residual stream's learned part is its first `subspace_rank` coordinates, the rest a fixed
+    # token anchor (protocols/subspace.py), so a pipeline hop sends only those and the token ids
+    subspace_rank: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
@@ -57,6 +61,13 @@ class ModelConfig:
             raise ValueError(f"head dim {self.head_dim} must be even for rotary embeddings")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("rope_theta, norm_eps and init_std must be > 0")
+        if self.subspace_rank:
+            subspace.check_shape(self.dim, self.subspace_rank, self.vocab_size)
+
+    @property
+    def residual_width(self) -> int:
+        """Coordinates of the residual stream that the embedding and the blocks write."""
+        return self.subspace_rank or self.dim
 
     @property
     def head_dim(self) -> int:
@@ -77,12 +88,12 @@ class ModelConfig:
 
     def block_params(self) -> int:
         """Parameters of one block (computed, nothing allocated)."""
-        attn = 4 * self.dim * self.dim
-        mlp = 3 * self.dim * self.ffn_hidden
+        attn = 3 * self.dim * self.dim + self.dim * self.residual_width
+        mlp = 2 * self.dim * self.ffn_hidden + self.ffn_hidden * self.residual_width
         return attn + mlp + 2 * self.dim
 
     def bookend_params(self) -> int:
-        return 2 * self.vocab_size * self.dim + self.dim
+        return self.vocab_size * (self.dim + self.residual_width) + self.dim
 
     def num_params(self) -> int:
         return self.n_layers * self.block_params() + self.bookend_params()
@@ -91,7 +102,8 @@ class ModelConfig:
 def model_config_for(section: ModelSection) -> ModelConfig:
     """The preset named by a run's ``[model]`` section, with room for its ``seq_len``."""
     preset = ModelConfig.from_preset(section.preset)
-    return ModelConfig.from_preset(section.preset, max_seq_len=max(preset.max_seq_len, section.seq_len))
+    return ModelConfig.from_preset(section.preset, max_seq_len=max(preset.max_seq_len, section.seq_len),
+                                   subspace_rank=section.subspace_rank)
 
 
 # Block counts are chosen so that common stage counts split evenly:
@@ -171,7 +183,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.residual_width, bias=False)   # writes the residual's learned part
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
@@ -190,10 +202,19 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)   # gate
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)   # up
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)   # down
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.residual_width, bias=False)   # down, to the learned part
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))   # (B, T, F) -> (B, T, D)
+        return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))   # (B, T, F) -> (B, T, D or k)
+
+
+def add_to_residual(x_BTD: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """``x + update``, where an update of the subspace width k < D adds to the first k coordinates only
+    (the anchors in the rest are never written, which is what lets a hop leave them out)."""
+    k = update.shape[-1]
+    if k == x_BTD.shape[-1]:
+        return x_BTD + update
+    return torch.cat([x_BTD[..., :k] + update, x_BTD[..., k:]], dim=-1)
 
 
 class Block(nn.Module):
@@ -205,8 +226,43 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
-        return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+        x_BTD = add_to_residual(x_BTD, self.attn(self.attn_norm(x_BTD), cos, sin))
+        return add_to_residual(x_BTD, self.mlp(self.mlp_norm(x_BTD)))
+
+
+class SubspaceEmbedding(nn.Module):
+    """Token embedding of a subspace model: a learned (V, k) table for the first k coordinates, the
+    fixed token anchors (protocols/subspace.py) for the rest. The anchors are a buffer (in the state
+    dict, so an exported model is self-contained) and never trained."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        basis = subspace.make_basis(cfg.dim, cfg.subspace_rank, cfg.vocab_size)
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.subspace_rank))
+        self.register_buffer("anchors", basis.anchors.clone())
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.embedding(tokens_BT, self.weight), self.anchors[tokens_BT]], dim=-1)
+
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:   # type: ignore[override]
+        # the anchors are the protocol's, not trained: a state with other anchors is another model
+        theirs = state_dict.get(prefix + "anchors")
+        if isinstance(theirs, torch.Tensor) and (theirs.shape != self.anchors.shape
+                                                 or not torch.equal(theirs.to(self.anchors), self.anchors)):
+            raise ValueError(f"{prefix}anchors differ from this model's (another subspace rank, width or "
+                             "vocabulary, or a corrupted state)")
+        super()._load_from_state_dict(state_dict, prefix, *args)   # type: ignore[arg-type]
+
+
+def subspace_basis(cfg: ModelConfig) -> subspace.SubspaceBasis | None:
+    """The anchors a subspace model's hops leave out (None for a model without a subspace)."""
+    return subspace.make_basis(cfg.dim, cfg.subspace_rank, cfg.vocab_size) if cfg.subspace_rank else None
+
+
+def token_embedding(cfg: ModelConfig) -> nn.Module:
+    """The embedding a model of this shape uses; its parameter is ``weight`` either way."""
+    return SubspaceEmbedding(cfg) if cfg.subspace_rank else nn.Embedding(cfg.vocab_size, cfg.dim)
 
 
 # ---------------------------------------------------------------------------
@@ -249,7 +305,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, *, seed: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed = token_embedding(cfg)
         self.rotary = Rotary(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -316,7 +372,7 @@ class Bookend(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed = token_embedding(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Parameter names equal Transformer's: embed.weight, norm.weight, output.weight.
