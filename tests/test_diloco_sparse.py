@@ -282,3 +282,18 @@ def test_sparse_settings_are_validated_and_selectable_in_the_simulator() -> None
             dataclasses.replace(sparse_cfg(), **bad)
     sim = load_sim_config(None, ["diloco.codec=sparse", "diloco.sparse_topk=32"])
     assert sim.run.diloco.codec == "sparse" and sim.run.diloco.sparse_topk == 32
+
+
+def test_sparse_merge_keeps_the_progress_made_during_the_overlap() -> None:
+    """alpha 0, tau 1: θ_local becomes θ_global_new plus the step taken while the exchange ran; what the
+    selection left out stays owed in the error feedback only (not kept in θ_local too)."""
+    c = sparse_cfg(inner_steps=2, overlap=1)
+    d = replica_with_delta(DELTA_A, c)
+    job = d.begin_sync(2)
+    assert job is not None
+    step = torch.tensor([0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -0.25])
+    with torch.no_grad():
+        d.params["w"].add_(step)                       # the inner step during the exchange
+    d.finish_sync(job, job.delta)                      # alone in the round: the mean is its own part
+    assert torch.equal(d.global_params["w"], -job.delta)
+    assert torch.equal(d.params["w"].detach(), -job.delta + step)

@@ -175,6 +175,7 @@ class SyncJob:
     finite: bool                   # False: Δ is non-finite, the replica must not contribute it
     stats: dict[str, Any] = field(default_factory=dict)
     sparse: SparseSelection | None = None   # codec "sparse": the entries `delta` holds, for the wire
+    local_snapshot: torch.Tensor | None = None   # codec "sparse": flat θ_local at `step` (see finish_sync)
 
     @property
     def numel(self) -> int:
@@ -248,8 +249,9 @@ class StreamingDiLoCo:
             logger.warning("non-finite pseudo-gradient for fragment %d at step %d: not contributing", fragment,
                            step)
             flat = torch.zeros_like(flat)
-        selection = None
+        selection = snapshot = None
         if self.sparse is not None and finite:
+            snapshot = torch.cat([self.params[n].detach().float().reshape(-1) for n in names])
             # send the top entries of e = β·e + Δ, keep the rest for a later round (given back if lost)
             meant = self.error.compensate(fragment, flat, self.sparse.error_decay)
             selection = select(meant, self.sparse)
@@ -265,6 +267,7 @@ class StreamingDiLoCo:
             delta=flat,
             finite=finite,
             sparse=selection,
+            local_snapshot=snapshot,
         )
         self.pending.append(job)
         return job
@@ -288,6 +291,12 @@ class StreamingDiLoCo:
         θ_global, the momentum and θ_local. Non-finite averaged elements are
         treated as lost. A replica whose own Δ was non-finite resets the fragment
         to θ_global_new instead of merging (its local weights are broken).
+
+        Codec "sparse": the progress made since the snapshot (the τ overlap steps) is in neither Δ nor
+        the error feedback, so the merge keeps it whole: θ_local ← alpha·θ_local + (1-alpha)·(θ_global_new +
+        θ_local - θ_local_at_snapshot). Whatever Δ held beyond what was applied is owed in the error
+        feedback and arrives by θ_global in a later round; keeping alpha·(that) in θ_local as well would
+        count it twice, so sparse runs want alpha = 0.
         """
         if job in self.pending:
             self.pending.remove(job)
@@ -311,12 +320,15 @@ class StreamingDiLoCo:
         masks = None if full else job.unflatten(mask)
         self.outer.step(job.fragment, self.global_params, grads, masks)
         alpha = self.cfg.alpha if job.finite else 0.0
+        since = job.unflatten(job.local_snapshot) if job.local_snapshot is not None and job.finite else None
         for name in job.names:
             local = self.params[name]
             if alpha == 0.0:  # not 0·θ_local: a broken (NaN) local must not leak into the merge
                 merged = self.global_params[name].clone()
             else:
                 merged = alpha * local.detach().float() + (1.0 - alpha) * self.global_params[name]
+            if since is not None:
+                merged += (1.0 - alpha) * (local.detach().float() - since[name])
             if masks is not None:
                 merged = torch.where(masks[name], merged, local.detach().float())
             local.copy_(merged.to(local.dtype))
