@@ -168,6 +168,10 @@ class Coordinator:
             self._store.add_event(event)
         logger.info("event %s node=%s stage=%d epoch=%d %s", kind, node_id or "-", stage, self.epoch, detail)
 
+    def note(self, kind: str, node_id: str, stage: int, detail: str = "") -> None:
+        """Record an event observed outside the RPCs (the dashboard's sampler: rejected updates)."""
+        self._event(kind, node_id, stage, detail)
+
     def _bump_epoch(self) -> None:
         self.epoch += 1  # the cached plan is now stale (kept: served while the next one is computed)
         self._peers = None

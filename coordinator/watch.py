@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowband.coordinator.core import LIVE_STATES, Coordinator, Member
+from lowband.coordinator.store import EventRecord
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ SAMPLE_S = 1.0          # a page refreshes every few seconds: a finer history wo
 LOSS_POINTS = 2000      # per origin; the oldest go first
 RATE_POINTS = 600       # bytes-per-second samples (10 minutes at SAMPLE_S)
 DEFAULT_EVENTS = 50
+ROUTINE = frozenset(("sync-round",))   # every outer step of every stage: left out of ``membership_events``
 
 
 def bytes_by_kind(member: Member) -> dict[str, int]:
@@ -60,6 +62,7 @@ class RunWatch:
         self.rates: deque[tuple[float, dict[str, float]]] = deque(maxlen=RATE_POINTS)
         self.node_rates: dict[str, dict[str, float]] = {}
         self._last: dict[str, _Sample] = {}
+        self._rejected: dict[str, int] = {}   # rejected updates per node, as last seen
 
     def sample(self) -> None:
         """Take one sample: new loss points and the bytes per second since the previous sample."""
@@ -73,6 +76,7 @@ class RunWatch:
                 points = self.loss.setdefault(m.node_id, deque(maxlen=LOSS_POINTS))
                 if not points or points[-1][1] != m.metrics.step:
                     points.append((now, m.metrics.step, m.metrics.loss))
+            self._note_rejections(m)
             if prev is None or now <= prev.time or m.state not in LIVE_STATES:
                 self.node_rates.pop(m.node_id, None)
                 continue
@@ -83,6 +87,15 @@ class RunWatch:
                 total[k] += rates[k]
         self.rates.append((now, total))
 
+    def _note_rejections(self, m: Member) -> None:
+        """An event when a node's count of refused pseudo-gradient parts grows (a bad or stale peer)."""
+        count, seen = m.metrics.rejected_updates, self._rejected.get(m.node_id)
+        self._rejected[m.node_id] = count
+        # first sight (this coordinator just started): the count is history, already logged before
+        if seen is not None and count > seen:
+            self.core.note("rejected-update", m.node_id, m.stage,
+                           f"refused {count - seen} pseudo-gradient part(s) as a shard owner ({count} in all)")
+
     # -- the document -------------------------------------------------------------
     def document(self, max_events: int = DEFAULT_EVENTS) -> dict[str, Any]:
         """The status document: plain JSON-friendly data, the one source of every view of the run."""
@@ -90,6 +103,8 @@ class RunWatch:
         nodes = [self._node(m) for m in core.members.values()]
         nodes.sort(key=lambda n: (n["state"] not in LIVE_STATES, n["stage"], n["node_id"]))
         events = list(core.events)[-max_events:] if max_events > 0 else []
+        # joins, deaths, recoveries and the rest, which a run's many sync rounds would push out of ``events``
+        notable = [e for e in core.events if e.kind not in ROUTINE][-max_events:] if max_events > 0 else []
         rejected = sum(m.metrics.rejected_updates for m in core.members.values())
         return {
             "time": self._wall(),
@@ -111,8 +126,8 @@ class RunWatch:
             "paths": self._paths(),
             "sync_rounds": self._rounds(),
             "counts": {**dict(sorted(core.event_counts.items())), "rejected_updates": rejected},
-            "events": [{"time": e.time, "kind": e.kind, "node_id": e.node_id, "stage": e.stage, "detail": e.detail}
-                       for e in events],
+            "events": [_event(e) for e in events],
+            "membership_events": [_event(e) for e in notable],
         }
 
     def _node(self, m: Member) -> dict[str, Any]:
@@ -154,7 +169,8 @@ class RunWatch:
         out_uses: dict[str, int] = {}
         for (a, _), n in uses.items():
             out_uses[a] = out_uses.get(a, 0) + n
-        measured = self.core.link_matrix()
+        live = {m.node_id for m in self.core.live_members()}
+        measured = {k: v for k, v in self.core.link_matrix().items() if k[0] in live and k[1] in live}
         links = []
         for a, b in sorted(set(uses) | set(measured)):
             rtt, bandwidth = measured.get((a, b), (0.0, 0.0))
@@ -170,3 +186,7 @@ class RunWatch:
         return [{"stage": s, "fragment": f, "formed": rounds.formed_count.get((s, f), 0),
                  "failed": rounds.failed_count.get((s, f), 0), "last_outer_step": rounds.last_formed_step((s, f))}
                 for s, f in keys]
+
+
+def _event(e: EventRecord) -> dict[str, Any]:
+    return {"time": e.time, "kind": e.kind, "node_id": e.node_id, "stage": e.stage, "detail": e.detail}

@@ -69,10 +69,10 @@ def _join(stub: pb_grpc.CoordinatorStub, port: int, stage: int) -> pb.JoinReply:
                      metadata=MD, timeout=10)
 
 
-def _beat(stub: pb_grpc.CoordinatorStub, reply: pb.JoinReply, step: int, loss: float) -> None:
+def _beat(stub: pb_grpc.CoordinatorStub, reply: pb.JoinReply, step: int, loss: float, rejected: int = 2) -> None:
     metrics = pb.NodeMetrics(step=step, loss=loss if reply.stage == 0 else 0.0, tokens_per_s=100.0 * step,
                              bytes_sent=10_000 * step, activation_bytes_sent=6_000 * step, sync_bytes_sent=1_000 * step,
-                             state_bytes_sent=0, rejected_updates=2, heartbeat_rtt_s=0.004, outer_step=1)
+                             state_bytes_sent=0, rejected_updates=rejected, heartbeat_rtt_s=0.004, outer_step=1)
     stub.Heartbeat(pb.HeartbeatRequest(node_id=reply.node_id, epoch=reply.epoch, metrics=metrics), metadata=MD,
                    timeout=10)
 
@@ -137,6 +137,19 @@ def test_dashboard_status_and_metrics_behind_the_token(tmp_path: Path, serve: Ca
         by_id = {n["node_id"]: n for n in doc["nodes"]}
         assert by_id[nodes[0].node_id]["bytes_sent_by_kind"] == {"activations": 30_000, "sync": 5_000, "state": 0,
                                                                  "control": 15_000}
+        # the event log without the routine sync rounds; a node refusing more parts is logged once the
+        # coordinator has seen its earlier count (the 2 it reported from the start are history)
+        assert [e["kind"] for e in doc["membership_events"]].count("join") == 3
+        assert "sync-round" in [e["kind"] for e in doc["events"]]
+        assert "sync-round" not in [e["kind"] for e in doc["membership_events"]]
+        assert "rejected-update" not in [e["kind"] for e in doc["membership_events"]]
+        _beat(pb_grpc.CoordinatorStub(channel), nodes[0], step=6, loss=2.4, rejected=5)
+        deadline = time.monotonic() + 10
+        while not (refused := [e for e in json.loads(_get(base + "api/status", TOKEN)[1])["membership_events"]
+                               if e["kind"] == "rejected-update"]):
+            assert time.monotonic() < deadline, "no rejected-update event"
+            time.sleep(0.2)
+        assert refused[0]["node_id"] == nodes[0].node_id and "refused 3" in refused[0]["detail"]
 
         # `status --json` prints the same document (its own coordinator address added)
         cli = subprocess.run([sys.executable, "-m", "lowband.coordinator.cli", "status", "--coordinator",
@@ -159,21 +172,21 @@ def test_dashboard_status_and_metrics_behind_the_token(tmp_path: Path, serve: Ca
         members = samples("lowband_members")
         assert members[(("stage", "0"), ("state", "alive"))] == 2
         assert members[(("stage", "1"), ("state", "alive"))] == 1
-        assert samples("lowband_node_step")[(("node", origin), ("stage", "0"))] == 5
+        assert samples("lowband_node_step")[(("node", origin), ("stage", "0"))] == 6
         assert samples("lowband_node_outer_step")[(("node", origin), ("stage", "0"))] == 1
         assert samples("lowband_outer_step")[()] >= 1
         loss = samples("lowband_node_loss")
-        assert {dict(k)["node"] for k in loss} == origins and set(loss.values()) == {2.5}
-        assert samples("lowband_node_tokens_per_second")[(("node", origin), ("stage", "0"))] == 500
+        assert {dict(k)["node"]: v for k, v in loss.items()} == {nodes[0].node_id: 2.4, nodes[1].node_id: 2.5}
+        assert samples("lowband_node_tokens_per_second")[(("node", origin), ("stage", "0"))] == 600
         sent = samples("lowband_node_bytes_sent")
-        assert sent[(("kind", "activations"), ("node", origin), ("stage", "0"))] == 30_000
+        assert sent[(("kind", "activations"), ("node", origin), ("stage", "0"))] == 36_000
         assert {dict(k)["kind"] for k in sent} == {"activations", "sync", "state", "control"}
         assert set(dict(k)["kind"] for k in samples("lowband_bytes_per_second")) == {"activations", "sync", "state",
                                                                                       "control"}
         assert samples("lowband_sync_rounds_formed")[(("fragment", "0"), ("stage", "0"))] == 1
         assert samples("lowband_sync_rounds_failed")[(("fragment", "0"), ("stage", "0"))] == 0
         assert samples("lowband_recoveries") == {(): 0}
-        assert samples("lowband_rejected_updates")[(("node", origin), ("stage", "0"))] == 2
+        assert samples("lowband_rejected_updates")[(("node", origin), ("stage", "0"))] == 5
         assert samples("lowband_heartbeat_latency_seconds")[(("node", origin), ("stage", "0"))] == 0.004
         assert (("node", origin), ("stage", "0")) in samples("lowband_heartbeat_age_seconds")
     finally:
