@@ -361,6 +361,9 @@ class NodeDaemon:
     def metrics(self) -> pb.NodeMetrics:
         metrics = node_metrics(self.counters, self.current, self.transport, self.servicer)
         metrics.heartbeat_rtt_s = self._heartbeat_rtt_s
+        # control traffic, counted where it is sent: requests to the coordinator and the peers' small RPCs
+        metrics.control_bytes_sent = self.client.bytes_sent + self.transport.control_bytes_sent
+        metrics.bytes_sent += self.client.bytes_sent
         return metrics
 
     def _identity(self) -> tuple[str, int]:

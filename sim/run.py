@@ -284,6 +284,7 @@ class Simulation:
                 "sync_bytes_sent": max(m.sync_bytes_sent, prev.get("sync_bytes_sent", 0)),
                 "activation_bytes_sent": max(m.activation_bytes_sent, prev.get("activation_bytes_sent", 0)),
                 "state_bytes_sent": max(m.state_bytes_sent, prev.get("state_bytes_sent", 0)),
+                "control_bytes_sent": max(m.control_bytes_sent, prev.get("control_bytes_sent", 0)),
                 "alive": n.state == "alive", "state": n.state,
             }
             if n.state == "alive":
@@ -306,6 +307,7 @@ class Simulation:
             "sync_bytes_sent": sum(m["sync_bytes_sent"] for m in st.last_metrics.values()),
             "activation_bytes_sent": sum(m["activation_bytes_sent"] for m in st.last_metrics.values()),
             "state_bytes_sent": sum(m["state_bytes_sent"] for m in st.last_metrics.values()),
+            "control_bytes_sent": sum(m["control_bytes_sent"] for m in st.last_metrics.values()),
             "live_nodes": sum(live_per_stage.values()),
             "live_per_stage": live_per_stage,
             "outer_step": status.outer_step,
@@ -507,9 +509,9 @@ class Simulation:
         if self.net is not None:
             # Read at the run's end, beside the application's last counters (not after the shutdown).
             per_host = self.net.tx_bytes()
-            # What lowband itself counted (activations, sync, recovery state), host by host, so the gap shows.
+            # What lowband itself counted (activations, sync, recovery state, control), host by host, so the gap shows.
             app = {name: m["sync_bytes_sent"] + m["activation_bytes_sent"] + m["state_bytes_sent"]
-                   for name, m in st.last_metrics.items()}
+                   + m["control_bytes_sent"] for name, m in st.last_metrics.items()}
             app_total = sum(app.values())
             extra["network_bytes"] = {"total": sum(per_host.values()), "per_host": per_host}
             extra["application_bytes_sent"] = {"total": app_total, "per_host": app}
@@ -523,6 +525,10 @@ class Simulation:
             "sync_bytes_sent": rec.get("sync_bytes_sent", 0),
             "activation_bytes_sent": rec.get("activation_bytes_sent", 0),
             "state_bytes_sent": rec.get("state_bytes_sent", 0),
+            "control_bytes_sent": rec.get("control_bytes_sent", 0),
+            # every byte the nodes sent, each kind counted where it was sent
+            "total_bytes_sent": sum(rec.get(kind, 0) for kind in ("activation_bytes_sent", "sync_bytes_sent",
+                                                                  "state_bytes_sent", "control_bytes_sent")),
             "bytes_allreduce_equivalent": allreduce_equivalent_bytes(self.config, steps),
             "failures": st.failures,
             "recoveries": st.recoveries,
@@ -554,9 +560,9 @@ def allreduce_equivalent_bytes(config: SimConfig, steps: int) -> int:
 
     A ring all-reduce of B bytes among r peers sends 2(r-1)/r·B per peer, 2(r-1)·B in all.
     """
-    from lowband.node.train.model import ModelConfig, build_stage
+    from lowband.node.train.model import build_stage, model_config_for
 
-    model_cfg = ModelConfig.from_preset(config.run.model.preset)
+    model_cfg = model_config_for(config.run.model)   # the model the run trains (a subspace one is smaller)
     num_stages = config.run.model.stages
     total = 0
     for stage in range(num_stages):
