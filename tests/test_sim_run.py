@@ -22,8 +22,12 @@ SHORT_RUN = """
 [model]
 stages = 3
 seq_len = 64
+subspace_rank = 16
 
 [train]
+# the hops send a subspace model's coordinates in int8 (the simulator's default): through real node
+# processes, a SIGKILL and the replica copy that replaces it
+activation_codec = "subspace-int8"
 # Long enough (in steps) that the replacement, a fresh process, joins and copies its replica
 # before the run ends even on an idle machine where the surviving replica trains fast.
 steps = 80
@@ -72,6 +76,9 @@ def test_short_simulation_with_a_sigkill(tmp_path: Path, sim_process: Callable[.
     assert summary["failures"] >= 1
     assert summary["recoveries"] >= 1, (out / "events.jsonl").read_text()
     assert summary["activation_bytes_sent"] > 0
+    kinds_sent = ("activation_bytes_sent", "sync_bytes_sent", "state_bytes_sent", "control_bytes_sent")
+    assert all(summary[kind] > 0 for kind in kinds_sent), summary
+    assert summary["total_bytes_sent"] == sum(summary[kind] for kind in kinds_sent)
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     kinds = [e["kind"] for e in events]
     assert "preempt" in kinds and "recovery" in kinds
