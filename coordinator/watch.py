@@ -7,8 +7,8 @@ page draws (loss per origin, bytes per second by kind) is what :class:`RunWatch`
 counters every ``sample_s`` seconds, so heartbeats, the hot path, stay untouched.
 
 Bytes by kind come from what nodes report (``NodeMetrics``): activations, sync (DiLoCo exchanges),
-state (weights streamed to recovering peers) and control (whatever else the node sent: its small
-RPCs). Per link, nodes count no bytes; a sender's activation bytes per second are shared over the
+state (weights streamed to recovering peers) and control (requests to the coordinator and the
+peers' small RPCs). Per link, nodes count no bytes; a sender's activation bytes per second are shared over the
 links the current SkipPipe paths send its activations (forward) and gradients (backward) along, in
 proportion to how many paths use each, beside the link's last measured round trip and bandwidth.
 """
@@ -36,11 +36,12 @@ ROUTINE = frozenset(("sync-round",))   # every outer step of every stage: left o
 
 
 def bytes_by_kind(member: Member) -> dict[str, int]:
-    """A node's cumulative bytes sent, split by kind (``control``: the rest of ``bytes_sent``)."""
+    """A node's cumulative bytes sent, split by kind, as it reported them (``control``: its requests to the
+    coordinator and peers' small RPCs; from a node that does not report it, the rest of ``bytes_sent``)."""
     m = member.metrics
     known = m.activation_bytes_sent + m.sync_bytes_sent + m.state_bytes_sent
     return {"activations": m.activation_bytes_sent, "sync": m.sync_bytes_sent, "state": m.state_bytes_sent,
-            "control": max(0, m.bytes_sent - known)}
+            "control": m.control_bytes_sent or max(0, m.bytes_sent - known)}
 
 
 @dataclass(slots=True)

@@ -65,7 +65,8 @@ class _NodeCollector(Collector):
                                    labels=[*labels, "kind"])
         known = m.activation_bytes_sent + m.sync_bytes_sent + m.state_bytes_sent
         for kind, value in (("activations", m.activation_bytes_sent), ("sync", m.sync_bytes_sent),
-                            ("state", m.state_bytes_sent), ("control", max(0, m.bytes_sent - known))):
+                            ("state", m.state_bytes_sent),
+                            ("control", m.control_bytes_sent or max(0, m.bytes_sent - known))):
             sent.add_metric([*key, kind], value)
         yield sent
 

@@ -72,7 +72,8 @@ def _join(stub: pb_grpc.CoordinatorStub, port: int, stage: int) -> pb.JoinReply:
 def _beat(stub: pb_grpc.CoordinatorStub, reply: pb.JoinReply, step: int, loss: float, rejected: int = 2) -> None:
     metrics = pb.NodeMetrics(step=step, loss=loss if reply.stage == 0 else 0.0, tokens_per_s=100.0 * step,
                              bytes_sent=10_000 * step, activation_bytes_sent=6_000 * step, sync_bytes_sent=1_000 * step,
-                             state_bytes_sent=0, rejected_updates=rejected, heartbeat_rtt_s=0.004, outer_step=1)
+                             state_bytes_sent=0, control_bytes_sent=2_500 * step, rejected_updates=rejected,
+                             heartbeat_rtt_s=0.004, outer_step=1)
     stub.Heartbeat(pb.HeartbeatRequest(node_id=reply.node_id, epoch=reply.epoch, metrics=metrics), metadata=MD,
                    timeout=10)
 
@@ -136,7 +137,7 @@ def test_dashboard_status_and_metrics_behind_the_token(tmp_path: Path, serve: Ca
         assert doc["bytes_per_s"]["now"]["activations"] > 0
         by_id = {n["node_id"]: n for n in doc["nodes"]}
         assert by_id[nodes[0].node_id]["bytes_sent_by_kind"] == {"activations": 30_000, "sync": 5_000, "state": 0,
-                                                                 "control": 15_000}
+                                                                 "control": 12_500}
         # the event log without the routine sync rounds; a node refusing more parts is logged once the
         # coordinator has seen its earlier count (the 2 it reported from the start are history)
         assert [e["kind"] for e in doc["membership_events"]].count("join") == 3
