@@ -202,6 +202,10 @@ def test_metrics_open_leaves_only_metrics_without_a_token(tmp_path: Path,
     assert "lowband_members" in {f.name for f in text_string_to_metric_families(text.decode())}
     assert _get(coordinator.dashboard_url)[0] == 401
     assert _get(coordinator.dashboard_url + "api/status", "not-the-token")[0] == 401
+    coordinator.popen.send_signal(signal.SIGTERM)   # the dashboard stops with the coordinator, cleanly
+    assert coordinator.popen.wait(timeout=15) == 0
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(coordinator.dashboard_url + "metrics", timeout=5)
 
 
 def _wait_for(path: Path, needle: str, proc: subprocess.Popen[str], timeout_s: float = 30) -> str:
