@@ -370,3 +370,18 @@ def test_a_replica_and_a_checkfree_rebuilt_stage_decode_their_neighbours_after_a
     # and the rebuilt pipeline is a working model: its logits are those of one process
     tokens, _ = _batch(3)
     assert torch.isfinite(run_path(reference, [0, 1, 2, 3, 0], tokens)).all()
+
+
+def test_the_planner_charges_a_link_what_the_hop_sends() -> None:
+    from lowband.coordinator.planning import activation_bytes
+
+    x, _ = _activation()
+    forward = build_microbatch(HEADER, x, "subspace-int8", subspace=BASIS)
+    backward = build_microbatch(HEADER, x, "subspace-bf16", subspace=BASIS, backward=True)
+    sent = [len(m.payload) + len(m.meta.scales) + len(m.meta.subspace.tokens) for m in (forward, backward)]
+    config = apply_overrides(RunConfig(), [f"model.subspace_rank={RANK}", f"model.seq_len={T}",
+                                           f"train.microbatch_size={B}", "train.activation_codec=subspace-int8",
+                                           "train.gradient_codec=subspace-bf16"])
+    assert activation_bytes(config) == pytest.approx(sum(sent) / 2, rel=1e-9)
+    plain = apply_overrides(RunConfig(), [f"model.seq_len={T}", f"train.microbatch_size={B}"])
+    assert activation_bytes(plain) == B * T * CFG.dim * 2
