@@ -231,7 +231,8 @@ class NodeDaemon:
                                   heartbeat_s, changed_at=self._started_at)
         resync = OuterResync(self.current, self.membership, self.transport, self.events, data_parallel=data_parallel)
         bookend = BookendCopy(self.current, self.membership, self.transport, self.events,
-                              num_stages=config.model.stages, inner_steps=config.diloco.inner_steps)
+                              num_stages=config.model.stages,
+                              refresh_steps=config.recovery.bookend_copy_every or config.diloco.inner_steps)
         hooks = StageHooks(on_step=self._on_step, on_event=self.events.write, on_failure=self._report_failure,
                            refresh_schedule=schedule.refresh_for_unknown_peer, resync=resync,
                            state_provider=StateSource(self.current, bookend))

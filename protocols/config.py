@@ -182,11 +182,15 @@ class RecoverySection:
     epsilon: float = 1e-8             # added to both neighbour gradient norms in the CheckFree weights
     swap_edges: bool = True           # CheckFree+ out-of-order execution on half the microbatches
     allow_move: bool = True           # a wiped stage may take a node from a stage with spare replicas
+    # inner steps between refreshes of the stage-0 copy that stages 1 and S-1 keep (bookend-copy);
+    # 0: every outer period (diloco.inner_steps). Each refresh streams stage 0's whole state.
+    bookend_copy_every: int = 0
 
     def __post_init__(self) -> None:
         _check(self.method in RECOVERY_METHODS, "recovery.method", f"must be one of {RECOVERY_METHODS}")
         _check(0 < self.lr_scale < float("inf"), "recovery.lr_scale", "must be a finite number > 0")
         _check(0 <= self.epsilon < float("inf"), "recovery.epsilon", "must be a finite number >= 0")
+        _check(self.bookend_copy_every >= 0, "recovery.bookend_copy_every", "must be >= 0 (0: every outer period)")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,5 +1,6 @@
-"""CheckFree+: stages 1 and S-1 keep a copy of stage 0 (small), refreshed every outer period, so even
-losing every origin is recoverable (``bookend-copy``; a replacement origin rebuilds from it)."""
+"""CheckFree+: stages 1 and S-1 keep a copy of stage 0 (small), refreshed every
+``recovery.bookend_copy_every`` inner steps (default: every outer period), so even losing every
+origin is recoverable (``bookend-copy``; a replacement origin rebuilds from it)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ class BookendCopy:
     """The copy of stage 0 this node keeps when it holds stage 1 or S-1 (``copy``; None until fetched)."""
 
     def __init__(self, current: CurrentStage, membership: Membership, transport: Transport, events: EventLog, *,
-                 num_stages: int, inner_steps: int) -> None:
+                 num_stages: int, refresh_steps: int) -> None:
         self.current = current
         self.membership = membership
         self.transport = transport
         self.events = events
         self.num_stages = num_stages
-        self.inner_steps = inner_steps   # the outer period: the copy is refreshed once per period
+        self.refresh_steps = refresh_steps   # the copy is refreshed once per this many inner steps
         self.copy: dict[str, torch.Tensor] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -38,7 +39,7 @@ class BookendCopy:
         agent = self.current.agent
         # stages 1 and S-1 keep the copy; stage 0 never copies itself (with S = 1, S-1 is stage 0)
         holder = agent is not None and agent.stage != 0 and agent.stage in (1, self.num_stages - 1)
-        due = self.copy is None or step % self.inner_steps == 0
+        due = self.copy is None or step % self.refresh_steps == 0
         if holder and due and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._refresh())
 
