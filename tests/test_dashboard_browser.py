@@ -143,11 +143,14 @@ def test_dashboard_page_shows_the_run(tmp_path: Path, sim_process: Callable[...,
             time.sleep(1.0)
 
         dom = _Dom()
+        before = _live(doc)
         dom.feed(_browser(chromium, tmp_path / "profile", url, "--dump-dom"))
-        live = _live(_status(base, token))
-        assert dom.replicas == live, (dom.replicas, live)
+        after = _live(_status(base, token))
+        # no node is preempted in this run; a lease that lapses on a loaded machine may still change
+        # membership meanwhile: the page shows every node live throughout, and only nodes live at some point
+        assert before & after <= dom.replicas <= before | after, (dom.replicas, before, after)
         assert dom.stages == {"0", "1", "2"}
-        assert dom.live == str(len(live))
+        assert dom.live == str(len(dom.replicas))
         assert dom.loss_points >= 2 * LOSS_POINTS
 
         shot = out / "dashboard.png"
