@@ -31,6 +31,9 @@ KINDS = ("activations", "sync", "state", "control")
 SAMPLE_S = 1.0          # a page refreshes every few seconds: a finer history would not be seen
 LOSS_POINTS = 2000      # per origin; the oldest go first
 RATE_POINTS = 600       # bytes-per-second samples (10 minutes at SAMPLE_S)
+# a rate is taken over this window: heartbeats land at their own pace, so one sample's difference
+# alone jumps between zero and twice the rate
+RATE_WINDOW_S = 5.0
 DEFAULT_EVENTS = 50
 ROUTINE = frozenset(("sync-round",))   # every outer step of every stage: left out of ``membership_events``
 
@@ -62,7 +65,7 @@ class RunWatch:
         self.loss: dict[str, deque[tuple[float, int, float]]] = {}     # origin -> (time, step, loss)
         self.rates: deque[tuple[float, dict[str, float]]] = deque(maxlen=RATE_POINTS)
         self.node_rates: dict[str, dict[str, float]] = {}
-        self._last: dict[str, _Sample] = {}
+        self._history: dict[str, deque[_Sample]] = {}   # per node, the samples of the last RATE_WINDOW_S
         self._rejected: dict[str, int] = {}   # rejected updates per node, as last seen
 
     def sample(self) -> None:
@@ -71,18 +74,23 @@ class RunWatch:
         total = dict.fromkeys(KINDS, 0.0)
         for m in self.core.members.values():
             counters = bytes_by_kind(m)
-            prev = self._last.get(m.node_id)
-            self._last[m.node_id] = _Sample(now, counters)
             if m.stage == 0 and m.metrics.step > 0 and m.metrics.loss > 0:
                 points = self.loss.setdefault(m.node_id, deque(maxlen=LOSS_POINTS))
                 if not points or points[-1][1] != m.metrics.step:
                     points.append((now, m.metrics.step, m.metrics.loss))
             self._note_rejections(m)
-            if prev is None or now <= prev.time or m.state not in LIVE_STATES:
+            history = self._history.setdefault(m.node_id, deque())
+            if history and any(counters[k] < history[-1].counters[k] for k in KINDS):
+                history.clear()   # a node restarted under its old id counts from zero again
+            if not history or now > history[-1].time:
+                history.append(_Sample(now, counters))
+            while len(history) > 2 and now - history[1].time >= RATE_WINDOW_S:
+                history.popleft()
+            first = history[0]
+            if m.state not in LIVE_STATES or now <= first.time:
                 self.node_rates.pop(m.node_id, None)
                 continue
-            # a node that restarted under its old id counts from zero again: no negative rates
-            rates = {k: max(0, counters[k] - prev.counters[k]) / (now - prev.time) for k in KINDS}
+            rates = {k: (counters[k] - first.counters[k]) / (now - first.time) for k in KINDS}
             self.node_rates[m.node_id] = rates
             for k in KINDS:
                 total[k] += rates[k]
