@@ -31,7 +31,7 @@ class RunCollector(Collector):
         self.watch = watch
 
     def collect(self) -> Iterator[Metric]:
-        doc = self.watch.document(max_events=0)
+        doc = self.watch.document(max_events=0, history=False)
         yield from _run_metrics(doc)
         yield from _node_metrics([n for n in doc["nodes"] if n["state"] in LIVE])
         yield from _round_metrics(doc["sync_rounds"])

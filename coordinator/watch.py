@@ -106,8 +106,12 @@ class RunWatch:
                            f"refused {count - seen} pseudo-gradient part(s) as a shard owner ({count} in all)")
 
     # -- the document -------------------------------------------------------------
-    def document(self, max_events: int = DEFAULT_EVENTS) -> dict[str, Any]:
-        """The status document: plain JSON-friendly data, the one source of every view of the run."""
+    def document(self, max_events: int = DEFAULT_EVENTS, *, history: bool = True) -> dict[str, Any]:
+        """The status document: plain JSON-friendly data, the one source of every view of the run.
+
+        ``history=False`` leaves the loss and bytes-per-second series empty (``/metrics`` reads only the
+        latest values; the series are most of the document's size and of its cost).
+        """
         core = self.core
         nodes = [self._node(m) for m in core.members.values()]
         nodes.sort(key=lambda n: (n["state"] not in LIVE_STATES, n["stage"], n["node_id"]))
@@ -125,11 +129,11 @@ class RunWatch:
             "finishing": core.finishing,
             "stage_coverage": {str(s): c for s, c in sorted(core.coverage().items())},
             "nodes": nodes,
-            "loss": {origin: [list(p) for p in points] for origin, points in self.loss.items()},
+            "loss": {origin: [list(p) for p in points] for origin, points in self.loss.items()} if history else {},
             "bytes_per_s": {
                 "kinds": list(KINDS),
                 "now": self.rates[-1][1] if self.rates else dict.fromkeys(KINDS, 0.0),
-                "series": [[t, *(r[k] for k in KINDS)] for t, r in self.rates],
+                "series": [[t, *(r[k] for k in KINDS)] for t, r in self.rates] if history else [],
             },
             "links": self._links(),
             "paths": self._paths(),
