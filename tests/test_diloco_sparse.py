@@ -96,15 +96,19 @@ def test_wire_form_is_lossless_for_any_shard_and_compact(bits: int) -> None:
         msg = encode_sparse(sel, start, end)
         assert torch.equal(decode_sparse(msg, expected_shape=(end - start,)), dense[start:end])
     whole = encode_sparse(sel)
-    # 12 offset bits + `bits` value bits an entry, plus the levels and framing
-    assert whole.ByteSize() <= sel.nnz * (12 + bits) / 8 + 5 * 4 * 2 + 64
+    # Rice-coded gaps at 1.6% density: under 8 bits a position, plus the value bits, levels and framing
+    assert whole.ByteSize() <= sel.nnz * (8 + bits) / 8 + 5 * 4 * 2 + 64
 
 
 def _corrupt(msg: object, **fields: object) -> object:
     out = type(msg)()
     out.CopyFrom(msg)
     for k, v in fields.items():
-        setattr(out, k, v)
+        if k == "shape":
+            del out.shape[:]
+            out.shape.extend(v)   # type: ignore[arg-type]
+        else:
+            setattr(out, k, v)
     if "checksum" not in fields:
         out.checksum = payload_checksum(out.scales, out.payload)
     return out
@@ -114,23 +118,22 @@ def test_malformed_sparse_messages_are_refused_with_a_clear_error() -> None:
     sel = select(torch.tensor(DELTA_A), SparseParams(chunk=4, topk=2, bits=1))
     good = encode_sparse(sel)
     payload = bytearray(good.payload)
-    # header: u8 bits, u32 phase, u32 nnz; then 2 u16 counts, 4 x 2 offset bits, 4 x 1 code bits
-    short = encode_sparse(sel, 0, 7)                       # entries 0, 3 | 6 of a 7-element shard
-    out_of_range = bytearray(short.payload)
-    assert out_of_range[13] == 0 | 3 << 2 | 2 << 4         # offsets (2 bits each) 0, 3 | 2
-    out_of_range[13] = 0 | 3 << 2 | 3 << 4                 # 3 in chunk 1: index 7 of a 7-element shard
-    duplicate = bytearray(payload)
-    duplicate[13] = 0b0000_0000                            # offsets 0, 0 in chunk 0: a duplicate index
+    # header (u8 bits, u32 phase, u32 nnz, u8 rice, u32 unary bits), then the unary gap quotients:
+    # gaps 0, 2, 2, 0 at rice 0 are 0 | 110 | 110 | 0, one byte (LSB first) from offset 14
+    assert payload[14] == 0b0011_0110
+    lost_gap = bytearray(payload)
+    lost_gap[14] = 0b0011_0111                             # the first gap's end bit flipped: 3 gaps
     nan_scales = torch.tensor([float("nan"), 2.0]).numpy().tobytes()
     cases = {
-        "outside the shard": _corrupt(short, payload=bytes(out_of_range)),
-        "strictly increasing": _corrupt(good, payload=bytes(duplicate)),
+        "outside the shard": _corrupt(good, shape=[7]),   # entry 7 of a 7-element shard
+        "unary section": _corrupt(good, payload=bytes(lost_gap)),
         "finite": _corrupt(good, scales=nan_scales),
         "payload holds": _corrupt(good, payload=bytes(payload) + b"\0" * 64, raw_size=len(payload) + 64),
         "checksum": _corrupt(good, checksum=good.checksum ^ 1),
         "chunk size": _corrupt(good, block_size=0),
         "scales hold": _corrupt(good, scales=good.scales + b"\0\0\0\0"),
         "value bits": _corrupt(good, payload=bytes([3]) + bytes(payload[1:])),
+        "unary bits": _corrupt(good, payload=bytes(payload[:10]) + (99).to_bytes(4, "little") + bytes(payload[14:])),
     }
     for why, msg in cases.items():
         with pytest.raises(ValidationError, match=why):
