@@ -5,9 +5,13 @@ through the real encoder and decoder a node uses (``lowband.node.pipeline.payloa
 on the way out, ``lowband.protocols.codec.decode`` on the way in, finite checks included): the
 activations on the forward pass in the activation codec, their gradients on the backward pass in
 the gradient codec. Validation runs on the clean model (no hop), so ``val_loss`` measures what the
-compressed traffic did to training.
+compressed traffic (and, for a subspace model, its shape) did to training.
 
-A codec pair is written ``ACTIVATION/GRADIENT`` (``int8/bf16``), or one name for both directions.
+A codec pair is written ``ACTIVATION/GRADIENT`` (``int8/bf16``), or one name for both directions,
+and ``@RANK`` trains a subspace model of that rank (``model.subspace_rank``; ``subspace-int8@16``: its
+16 coordinates in int8 and the token ids; ``bf16@16``: the same model with whole bf16 activations,
+which separates what the model's shape does from what the codec does). The ``lowband.node.pipeline
+.payload.lift_received`` step puts a subspace payload's anchors back as a receiving node does.
 ``bytes_per_token`` is every hop's message (header, tensor metadata, scales, payload) over the
 tokens trained; ``gap = val_loss / baseline val_loss - 1`` per seed, then averaged.
 
@@ -40,7 +44,8 @@ from lowband.protocols.subspace import is_subspace, make_basis  # noqa: E402
 from lowband.sim.skiptrain import train_skip  # noqa: E402
 
 log = logging.getLogger("activations")
-DEFAULT_CODECS = "bf16,int8,fp8,int4,fp4,int8/bf16,fp4/int8"
+DEFAULT_CODECS = ("bf16,int8,fp8,int4,fp4,int8/bf16,fp4/int8,bf16@16,subspace-bf16@16,subspace-int8@16,"
+                  "subspace-int4@16")
 
 
 def parse_pair(name: str) -> tuple[str, str, int]:
@@ -129,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--codecs", type=lambda t: [c.strip() for c in t.split(",") if c.strip()],
-                   default=DEFAULT_CODECS.split(","), help=f"ACTIVATION[/GRADIENT] pairs (default {DEFAULT_CODECS})")
+                   default=DEFAULT_CODECS.split(","), help=f"ACTIVATION[/GRADIENT][@RANK] pairs (default {DEFAULT_CODECS})")
     p.add_argument("--baseline", default="bf16")
     p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200)

@@ -3,6 +3,7 @@ coordinates and the token ids, exactly; bad payloads are refused; replicas and r
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 
@@ -385,3 +386,20 @@ def test_the_planner_charges_a_link_what_the_hop_sends() -> None:
     assert activation_bytes(config) == pytest.approx(sum(sent) / 2, rel=1e-9)
     plain = apply_overrides(RunConfig(), [f"model.seq_len={T}", f"train.microbatch_size={B}"])
     assert activation_bytes(plain) == B * T * CFG.dim * 2
+
+
+def test_the_activations_benchmark_reports_a_subspace_codec_against_bf16() -> None:
+    from bench_loader import load_benchmark
+
+    bench = load_benchmark("activations")
+    assert bench.parse_pair("subspace-int8/subspace-bf16@16") == ("subspace-int8", "subspace-bf16", 16)
+    with pytest.raises(Exception, match="rank"):
+        bench.parse_pair("subspace-int8")
+    ns = argparse.Namespace(baseline="bf16", codecs=["subspace-int8@16"], seeds=[0], steps=2, stages=4, warmup=1,
+                            lr=4e-3, microbatches=1, microbatch_size=2, seq_len=16, eval_batches=1, max_gap=0.01)
+    result = bench.run(ns)
+    row, base = result["codecs"]["subspace-int8@16"], result["codecs"]["bf16"]
+    # per position and hop: 16 int8 coordinates (+ scales) and a token byte forward, against 128 bf16 values
+    assert 8 < row["reduction_vs_bf16"] < 16
+    assert row["forward_bytes_per_token"] > row["backward_bytes_per_token"]   # the token ids go forward only
+    assert base["gap"] == 0.0 and row["val_loss"] > 0
