@@ -23,7 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from lowband.coordinator.launch import CoordinatorProcess
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols import coordinator_pb2_grpc as pb_grpc
+from lowband.protocols.config import ConfigError
 from lowband.protocols.rpc import token_metadata
+from lowband.sim.config import load_sim_config
 
 TOKEN = "dashboard-test-token"
 VIEWER = "dashboard-viewer-token"
@@ -245,3 +247,10 @@ def test_status_watch_reconnects_through_a_coordinator_restart(
         if watch.poll() is None:
             os.killpg(watch.pid, signal.SIGKILL)
             watch.wait(timeout=10)
+
+
+def test_sim_dashboard_setting_is_checked() -> None:
+    assert load_sim_config(None, ["sim.dashboard=127.0.0.1:8080"]).sim.dashboard == "127.0.0.1:8080"
+    assert load_sim_config(None, ["sim.dashboard="]).sim.dashboard == ""
+    with pytest.raises(ConfigError, match=r"sim\.dashboard"):
+        load_sim_config(None, ["sim.dashboard=localhost"])
