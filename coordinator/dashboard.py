@@ -31,7 +31,7 @@ PAGE = "dashboard.html"
 
 def _page() -> bytes:
     """The page, installed with the package (setup.py package_data)."""
-    return resources.files("lowband.coordinator").joinpath("static", PAGE).read_bytes()
+    return resources.files("lowband.coordinator").joinpath("static").joinpath(PAGE).read_bytes()
 
 
 def _presented(request: web.Request) -> str:
