@@ -23,7 +23,7 @@ LINK_PROBE_EVERY_S = 10.0    # how often peers are pinged for the planner's link
 LINK_PROBE_BYTES = 64 * 1024 # padding of the bandwidth probe
 LINK_PROBE_PEERS = 32        # at most this many peers per report (the closest stages first)
 LINK_PROBE_TIMEOUT_S = 5.0   # one ping; a peer slower than this is left out of the report
-LINK_BANDWIDTH_EVERY_S = 60.0  # how often a peer's bandwidth is measured again
+LINK_BANDWIDTH_EVERY_S = 300.0  # how often a peer's bandwidth is measured again (plans change on membership, not on drift)
 
 
 class LinkProber:

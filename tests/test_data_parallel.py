@@ -32,6 +32,7 @@ from lowband.node.train.model import (
     blocks_per_stage,
     build_stage,
     global_named_parameters,
+    model_config_for,
     split_model,
     stage_blocks,
 )
@@ -327,6 +328,8 @@ def test_sim_defaults_adapt_their_preemptions_and_a_bad_target_says_what_to_do(t
         load_sim_config(own)
     own.write_text('[model]\nstages = 1\n\n[sim]\norigins = 3\npreemptions = []\n')
     assert load_sim_config(own).sim.preemptions == []   # a config of its own keeps its (empty) script
-    # every replica holds the whole model: the all-reduce a data-parallel run would need every step
-    params = TINY.num_params()
+    # every replica holds the whole model (the run's own: the default's is a subspace model): the
+    # all-reduce a data-parallel run would need every step
+    params = model_config_for(cfg.run.model).num_params()
+    assert params < TINY.num_params()
     assert allreduce_equivalent_bytes(cfg, 10) == 10 * 2 * (4 - 1) * params * 4
