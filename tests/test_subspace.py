@@ -403,3 +403,41 @@ def test_the_activations_benchmark_reports_a_subspace_codec_against_bf16() -> No
     assert 8 < row["reduction_vs_bf16"] < 16
     assert row["forward_bytes_per_token"] > row["backward_bytes_per_token"]   # the token ids go forward only
     assert base["gap"] == 0.0 and row["val_loss"] > 0
+
+
+@pytest.mark.parametrize("wire", [True, False], ids=["wire", "grpc-fallback"])
+def test_subspace_hops_train_as_one_process_on_the_wire_and_on_the_grpc_fallback(wire: bool) -> None:
+    """Three iterations over subspace-int8 activations and subspace-bf16 gradients: the origin's losses are
+    those of one process whose hops go through the same encoder and decoder, on either transport."""
+    lr = 0.3
+
+    async def main() -> list[float]:
+        stages = {s: init_stage(CFG, s, S, seed=1) for s in range(S)}
+        async with stopping([]) as nodes:
+            for s, node_id in enumerate(["origin", "n1", "n2", "n3"]):
+                opt = torch.optim.SGD(stages[s].parameters(), lr=lr)
+                nodes.append(await start_node(node_id, s, stages[s], dim=CFG.dim, max_seq_len=CFG.max_seq_len,
+                                              optimizer=opt, codec="subspace-int8", gradient_codec="subspace-bf16",
+                                              subspace=BASIS, wire=wire))
+            install_schedule(nodes, {"origin": FULL})
+            losses = []
+            for it in range(3):
+                result = await asyncio.wait_for(nodes[0].agent.run_iteration(it, [_batch(20)]), 30)
+                assert result.abandoned == 0
+                losses.append(result.loss)
+            return losses
+
+    losses = asyncio.run(main())
+    reference = {s: init_stage(CFG, s, S, seed=1) for s in range(S)}
+    hop = CodecHop("subspace-int8", "subspace-bf16", subspace=BASIS)
+    opt = torch.optim.SGD([p for s in range(S) for p in reference[s].parameters()], lr=lr)
+    expected = []
+    for it in range(3):
+        x, y = _batch(20)
+        loss = path_loss(reference, [0, 1, 2, 3, 0], x, y, hop)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        expected.append(loss.item())
+    assert expected[2] < expected[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-5)
