@@ -3,6 +3,7 @@
     lowband-coordinator serve --bind 0.0.0.0:7000 --run-dir runs/a [--config run.toml] [--set k=v ...]
                               [--http HOST:PORT [--viewer-token-file F] [--metrics-open]]
     lowband-coordinator status --coordinator HOST:PORT [--json] [--watch]
+    lowband-coordinator export --coordinator HOST:PORT --out model.pt
 
 The run token comes from --token-file or the LOWBAND_TOKEN environment variable.
 `serve` prints ``listening on HOST:PORT`` once bound and, with --port-file,
@@ -12,7 +13,9 @@ With --http it also serves the dashboard (coordinator/dashboard.py), prints
 ``dashboard on http://HOST:PORT/`` and, with --http-port-file, writes that port
 before the gRPC one. `status --json` prints the dashboard's status document
 (coordinator/watch.py); `status --watch` keeps asking through a coordinator
-restart, saying on stderr that it is reconnecting.
+restart, saying on stderr that it is reconnecting. `export` writes the model the live run
+holds (every stage's θ_global, fetched from a replica: coordinator/export.py) to one file that
+`lowband-sim eval` and `lowband-sim generate` read.
 """
 
 from __future__ import annotations
@@ -74,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--events", type=int, default=20, help="recent events to show")
     status.add_argument("--token-file", help="file holding the run token (default: $LOWBAND_TOKEN)")
     status.set_defaults(func=_status)
+
+    export = sub.add_parser("export", help="write the live run's model (every stage's θ_global) to one file")
+    export.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    export.add_argument("--out", required=True, type=Path, help="model file to write (a folder gets model.pt)")
+    export.add_argument("--token-file", help="file holding the run token (default: $LOWBAND_TOKEN)")
+    export.set_defaults(func=_export)
 
     args = parser.parse_args(argv)
     return int(args.func(args))
@@ -237,6 +246,35 @@ def _status(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `status --watch | head`: the reader went away
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+# -- export ---------------------------------------------------------------------
+def _export(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: export needs torch, and serve/status stay torch-free without it.
+    from lowband.coordinator.export import ExportFailed, export_live
+
+    try:
+        token = load_token(args.token_file)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = asyncio.run(export_live(args.coordinator, token, args.out))
+    except ExportFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("export interrupted: nothing written", file=sys.stderr)
+        return 130
+    for line in result.behind:
+        print(f"warning: {line}", file=sys.stderr)
+    for stage, steps in sorted(result.outer_steps.items()):
+        frags = " ".join(f"{p}:{v}" for p, v in sorted(steps.items()))
+        print(f"stage {stage} from {result.sources[stage]}: outer steps per fragment {frags}")
+    print(f"wrote {result.path} ({result.num_stages} stages)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
-import torch
 
 from lowband.node.pipeline.transport import channel_options
 from lowband.node.pipeline.wire import WireFrame, WireServer, WireUnavailable
 from lowband.protocols import node_pb2, node_pb2_grpc, tensor_pb2
-from lowband.protocols.chunking import ChunkAssembler, chunk_tensor, reassemble_async
-from lowband.protocols.codec import decode, encode
+from lowband.protocols.chunking import chunk_tensor, reassemble_async
+from lowband.protocols.codec import encode
 from lowband.protocols.errors import ValidationError, abort_invalid
 from lowband.protocols.rpc import TokenAuthInterceptor
+from lowband.protocols.state_client import StateSnapshot
+from lowband.protocols.state_client import fetch_state as fetch_state  # re-exported: its home was here
 
 if TYPE_CHECKING:
     from lowband.node.pipeline.agent import PipelineAgent
@@ -36,16 +36,6 @@ MAX_ACTIVATION_BYTES = 512 * 1024 * 1024   # hard cap on one reassembled tensor
 class ShardReducerLike(Protocol):
     def handle(self, request_iterator: AsyncIterator[node_pb2.ShardChunk],
                context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.ShardChunk]: ...
-
-
-@dataclass(slots=True)
-class StateSnapshot:
-    """What GetState streams: tensors per part, and the counters that travel with them."""
-
-    parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    inner_step: int = 0
-    outer_step: int = 0
-    grad_norm: float = 0.0
 
 
 StateProvider = Callable[[int, list[str]], Awaitable[StateSnapshot]]
@@ -191,31 +181,6 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.bytes_received += request.ByteSize()
         return node_pb2.PingReply(sent_at=request.sent_at, node_id=self.node_id, stage=self.stage,
                                   wire_port=self.wire_port, outer_steps=self.outer_steps())
-
-
-async def fetch_state(stub: node_pb2_grpc.NodeStub, stage: int, parts: list[str], requester_id: str, *,
-                      metadata: Any, timeout_s: float, max_bytes: int = MAX_ACTIVATION_BYTES
-                      ) -> StateSnapshot:
-    """Client side of GetState: every tensor of the requested parts, reassembled and decoded."""
-    snapshot = StateSnapshot()
-    assembler: ChunkAssembler | None = None
-    current: tuple[str, str] | None = None
-    call = stub.GetState(node_pb2.StateRequest(stage=stage, parts=parts, requester_id=requester_id),
-                         timeout=timeout_s, metadata=metadata)
-    async for message in call:
-        if message.chunk.seq == 0:
-            assembler = ChunkAssembler(max_bytes)
-            current = (message.part, message.name)
-        if assembler is None or current != (message.part, message.name):
-            raise ValidationError("state stream out of order")
-        assembler.add(message.chunk)
-        snapshot.inner_step, snapshot.outer_step = message.inner_step, message.outer_step
-        snapshot.grad_norm = message.grad_norm
-        if message.chunk.seq + 1 == message.chunk.num_chunks:
-            tensor = decode(assembler.finish(), require_finite=True)
-            snapshot.parts.setdefault(current[0], {})[current[1]] = tensor
-            assembler, current = None, None
-    return snapshot
 
 
 async def start_server(servicer: NodeServicer, listen: str, token: str) -> tuple[grpc.aio.Server, int]:

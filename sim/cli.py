@@ -12,7 +12,8 @@ import importlib
 import logging
 import sys
 
-SUBCOMMAND_MODULES = ("lowband.sim.baseline", "lowband.sim.run", "lowband.sim.schedule", "lowband.sim.eval", "lowband.sim.skiptrain")
+SUBCOMMAND_MODULES = ("lowband.sim.baseline", "lowband.sim.run", "lowband.sim.schedule", "lowband.sim.eval", "lowband.sim.generate",
+                      "lowband.sim.skiptrain")
 
 
 def build_parser() -> argparse.ArgumentParser:

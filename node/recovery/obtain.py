@@ -6,9 +6,9 @@ import torch
 
 from lowband.node.pipeline.transport import Transport
 from lowband.node.recovery.checkfree import load_rebuilt, rebuild_stage
-from lowband.node.service import StateSnapshot, fetch_state
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.errors import ValidationError
+from lowband.protocols.state_client import StateSnapshot, fetch_state
 
 STATE_TIMEOUT_S = 60.0       # copying a stage from a replica (large models take a while)
 

@@ -10,7 +10,9 @@ from lowband.protocols.errors import ValidationError
 
 class StateSource:
     """``local`` (the stage's weights and inner optimizer), ``global`` / ``outer`` (DiLoCo's θ_global and
-    outer state, consistent with one inner step) and ``bookend`` (the copy of stage 0 kept here)."""
+    outer state, consistent with one inner step), ``bookend`` (the copy of stage 0 kept here) and
+    ``buffers`` (the stage's persistent non-trained tensors, such as a subspace model's anchors: an
+    export needs them beside θ_global for the file to load strictly)."""
 
     def __init__(self, current: CurrentStage, bookend: BookendCopy) -> None:
         self.current = current
@@ -25,6 +27,10 @@ class StateSource:
         for part in parts:
             if part == "local":
                 snapshot.parts["local"] = await agent.runtime.state()
+            elif part == "buffers":
+                params = {name for name, _ in agent.runtime.module.named_parameters()}
+                snapshot.parts["buffers"] = {name: t.detach().clone() for name, t
+                                             in agent.runtime.module.state_dict().items() if name not in params}
             elif part == "bookend" and self.bookend.copy is not None:
                 snapshot.parts["bookend"] = self.bookend.copy
             elif part in ("global", "outer") and outer is not None:

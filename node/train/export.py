@@ -8,7 +8,7 @@ reads it without running pickled code)::
     {
         "format": "lowband-model",
         "version": 1,
-        "model_config": {...},            # node.model.ModelConfig fields
+        "model_config": {...},            # node.model.ModelConfig fields (or "model": the run's [model] table)
         "num_stages": S,                  # stage 0 (bookend) + S-1 block stages; 1: stage 0 is the whole model
         "stages": {0: state_dict, 1: state_dict, ...},
         "meta": {...},                    # free-form: how it was trained (JSON-safe values)
@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pickle
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -40,13 +39,11 @@ import torch
 from torch import nn
 
 from lowband.node.train.model import ModelConfig, Transformer, build_stage, model_config_for, split_model
-from lowband.protocols.config import ConfigError, RunConfig
+from lowband.protocols.config import ConfigError, ModelSection, RunConfig, build_dataclass
+from lowband.protocols.model_file import FORMAT, MODEL_FILE, VERSION, ModelFileError, write_model_file
 
 log = logging.getLogger(__name__)
 
-FORMAT = "lowband-model"
-VERSION = 1
-MODEL_FILE = "model.pt"
 
 
 class ExportError(ValueError):
@@ -82,28 +79,11 @@ def export_model(
     interrupted export never leaves a half-written model behind.
     """
     items = _stage_items(stages)
-    num_stages = len(items)
-    if [s for s, _ in items] != list(range(num_stages)):
-        raise ExportError(f"stages must be 0..S-1 with none missing, got {[s for s, _ in items]}")
-    if num_stages < 1:
-        raise ExportError("need at least one stage, got none")
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_config": dataclasses.asdict(config),
-        "num_stages": num_stages,
-        "stages": {s: {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for s, m in items},
-        "meta": dict(meta or {}),
-    }
-    out = Path(path)
-    if out.is_dir():
-        out = out / MODEL_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
-    log.info("exported %d stages to %s", num_stages, out)
-    return out
+    try:
+        return write_model_file(path, {s: m.state_dict() for s, m in items},
+                                model_config=dataclasses.asdict(config), meta=meta)
+    except ModelFileError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def export_transformer(
@@ -147,6 +127,17 @@ def _config_from_dict(data: Any, path: Path) -> ModelConfig:
         raise ExportError(f"{path}: bad model_config: {exc}") from None
 
 
+def _config_from_section(data: Any, path: Path) -> ModelConfig:
+    """The model of a run's [model] section (what ``lowband-coordinator export`` records)."""
+    if not isinstance(data, Mapping):
+        raise ExportError(f"{path}: neither model_config nor a [model] section ('model') is recorded")
+    try:
+        section = build_dataclass(ModelSection, dict(data), "model.")
+        return model_config_for(section)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ExportError(f"{path}: bad [model] section: {exc}") from None
+
+
 def _build_stages(
     config: ModelConfig, num_stages: int, states: Mapping[int, Mapping[str, torch.Tensor]], path: Path
 ) -> dict[int, nn.Module]:
@@ -173,7 +164,10 @@ def _load_export(payload: Mapping[str, Any], path: Path) -> ExportedModel:
     version = payload.get("version")
     if version != VERSION:
         raise ExportError(f"{path}: unsupported export version {version!r} (this build reads {VERSION})")
-    config = _config_from_dict(payload.get("model_config"), path)
+    if "model_config" in payload:
+        config = _config_from_dict(payload.get("model_config"), path)
+    else:
+        config = _config_from_section(payload.get("model"), path)
     num_stages = payload.get("num_stages")
     if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
         raise ExportError(f"{path}: num_stages must be an integer >= 1, got {num_stages!r}")
