@@ -93,7 +93,7 @@ class SubspaceBasis:
         came from a model without this layout, and the receiver could not rebuild it.
         """
         bits = code_bits(self.vocab_size)
-        anchor_part = x[..., self.rank:].float()
+        anchor_part = x[..., self.rank:].detach().float().cpu()   # the anchors table lives on the CPU
         weights = (1 << torch.arange(bits, dtype=torch.int64))
         tokens = ((anchor_part[..., :bits] > 0).to(torch.int64) * weights).sum(-1)
         if bool((tokens >= self.vocab_size).any()):

@@ -432,7 +432,7 @@ def test_subspace_hops_train_as_one_process_on_the_wire_and_on_the_grpc_fallback
     hop = CodecHop("subspace-int8", "subspace-bf16", subspace=BASIS)
     opt = torch.optim.SGD([p for s in range(S) for p in reference[s].parameters()], lr=lr)
     expected = []
-    for it in range(3):
+    for _ in range(3):
         x, y = _batch(20)
         loss = path_loss(reference, [0, 1, 2, 3, 0], x, y, hop)
         opt.zero_grad()
@@ -441,3 +441,21 @@ def test_subspace_hops_train_as_one_process_on_the_wire_and_on_the_grpc_fallback
         expected.append(loss.item())
     assert expected[2] < expected[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_a_node_whose_model_is_not_a_subspace_model_abandons_instead_of_sending() -> None:
+    """A configuration mismatch (a subspace codec on a plain model) costs the microbatch, with a reason,
+    never a crash or a payload the next node would misread."""
+    plain = ModelConfig.from_preset("tiny")
+
+    async def main() -> tuple[int, int]:
+        async with stopping([]) as nodes:
+            for s, node_id in enumerate(["origin", "n1", "n2", "n3"]):
+                nodes.append(await start_node(node_id, s, init_stage(plain, s, S, seed=0), dim=plain.dim,
+                                              max_seq_len=plain.max_seq_len, codec="subspace-int8", subspace=BASIS))
+            install_schedule(nodes, {"origin": FULL})
+            result = await asyncio.wait_for(nodes[0].agent.run_iteration(0, [_batch(1)]), 30)
+            return result.abandoned, sum(n.transport.activation_bytes_sent for n in nodes)
+
+    abandoned, sent = asyncio.run(main())
+    assert abandoned == 1 and sent == 0

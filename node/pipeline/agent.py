@@ -390,6 +390,9 @@ class PipelineAgent:
             ack = await self.transport.send_microbatch(address, backward, out, tensor, codec,
                                                        timeout_s=self.hop_timeout_s, node_id=node_id,
                                                        subspace=self.subspace)
+        except ValidationError as exc:   # this node's own tensor does not fit its codec (a config mismatch)
+            await self._give_up(header, f"cannot encode for {node_id}: {exc}", suspect=None)
+            return
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
