@@ -44,8 +44,8 @@ from lowband.protocols.subspace import is_subspace, make_basis  # noqa: E402
 from lowband.sim.skiptrain import train_skip  # noqa: E402
 
 log = logging.getLogger("activations")
-DEFAULT_CODECS = ("bf16,int8,fp8,int4,fp4,int8/bf16,fp4/int8,bf16@16,subspace-bf16@16,subspace-int8@16,"
-                  "subspace-int4@16")
+DEFAULT_CODECS = ("bf16,int8,fp8,int4,fp4,int8/bf16,fp4/int8,bf16@8,subspace-bf16@8,subspace-int8@8,"
+                  "subspace-int4@8,subspace-int8@16")
 
 
 def parse_pair(name: str) -> tuple[str, str, int]:
@@ -118,11 +118,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "forward_bytes_per_token": round(statistics.fmean(r["forward_bytes_per_token"] for r in runs), 2),
             "backward_bytes_per_token": round(statistics.fmean(r["backward_bytes_per_token"] for r in runs), 2),
         }
-    within = [n for n in names if n != args.baseline and codecs[n]["gap"] <= args.max_gap]
+    # the gap must hold on every seed, not only on average: a codec that wins on two seeds and loses 3%
+    # on the third is not one to make a default of
+    within = [n for n in names if n != args.baseline and max(codecs[n]["gap_per_seed"]) <= args.max_gap]
     best = max(within, key=lambda n: codecs[n]["reduction_vs_bf16"], default=args.baseline)
     return {
         "codecs": codecs,
         "best": best,
+        "best_rule": "the largest reduction_vs_bf16 whose gap is at most max_gap on every seed",
         "max_gap": args.max_gap,
         "setup": {"preset": "tiny", "stages": args.stages, "path": "full pipeline", "steps": args.steps,
                   "seeds": args.seeds, "microbatches": args.microbatches, "microbatch_size": args.microbatch_size,
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--max-gap", type=float, default=0.01, help="the gap a codec may cost to be called best")
+    p.add_argument("--max-gap", type=float, default=0.01, help="the gap a codec may cost, on every seed, to be called best")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args(argv)
     for name in [args.baseline, *args.codecs]:
