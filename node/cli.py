@@ -8,6 +8,8 @@ Simulator flags: ``--slowdown F`` (compute slow-down factor), ``--links-file F``
 Activations go on the activation wire, a TCP port beside the node service
 (``--wire-port``, default any; see node/pipeline/wire.py); ``--no-wire`` keeps them on gRPC.
 ``--metrics HOST:PORT`` serves the node's own Prometheus ``/metrics`` (node/metrics_http.py).
+``--state-dir DIR`` keeps the stage's θ_global and outer state there after each outer sync
+(node/recovery/local_state.py).
 The run token comes from --token-file or the LOWBAND_TOKEN environment variable.
 Exit codes: 0 after a clean leave (SIGTERM/SIGINT, run finished, SHUTDOWN),
 2 for bad arguments.
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="send activations on gRPC only (no TCP activation wire beside the node service)")
     parser.add_argument("--metrics", default="", metavar="HOST:PORT",
                         help="serve this node's Prometheus /metrics here, without a token (port 0: any free port)")
+    parser.add_argument("--state-dir", default="",
+                        help="keep this node's stage state (θ_global, outer state, step) here after each outer sync")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                           preferred_stage=args.preferred_stage, has_data=not args.no_data,
                           slowdown=args.slowdown, links_file=args.links_file, log_json=args.log_json,
                           torch_threads=args.threads, wire=not args.no_wire,
-                          wire_port=args.wire_port, metrics=args.metrics)
+                          wire_port=args.wire_port, metrics=args.metrics, state_dir=args.state_dir)
     try:
         return run_node(options)
     except ValueError as exc:

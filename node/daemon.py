@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -59,6 +60,7 @@ from lowband.node.pipeline.runtime import StepResult
 from lowband.node.pipeline.transport import LinkTable, Transport
 from lowband.node.pipeline.wire import WireServer
 from lowband.node.recovery.bookend import BookendCopy
+from lowband.node.recovery.local_state import StateKeeper
 from lowband.node.recovery.resync import OuterResync, StandbyResync
 from lowband.node.recovery.state_source import StateSource
 from lowband.node.schedule_keeper import ScheduleKeeper
@@ -77,6 +79,7 @@ logger = logging.getLogger(__name__)
 Kind = pb.Instruction.Kind
 VERSION = "0.1.0"
 LEAVE_TIMEOUT_S = 2.0        # a preempted node has ~seconds; do not wait long for the coordinator
+STATE_FLUSH_TIMEOUT_S = 10.0  # the last --state-dir write at shutdown (one stage to disk)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -99,6 +102,7 @@ class NodeOptions:
     wire: bool = True             # activation wire beside gRPC (node/pipeline/wire.py); False: gRPC only (the chunked Forward/Backward streams)
     wire_port: int = 0            # the wire's TCP port on the listen host (0: any free port)
     metrics: str = ""             # HOST:PORT of the node's own Prometheus /metrics ('': none)
+    state_dir: str = ""           # durable local state: the stage's θ_global and outer state after each outer sync
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +145,7 @@ class NodeDaemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._heartbeat_rtt_s = 0.0
         self.metrics_server = NodeMetricsServer(self.metrics, self._identity) if options.metrics else None
+        self.keeper: StateKeeper | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,6 +177,11 @@ class NodeDaemon:
             await self._after_join(reply)
             parts = self._parts()
             self._tasks.append(asyncio.create_task(parts.train.run(), name="train"))
+            if self.opts.state_dir:
+                self.keeper = StateKeeper(self.opts.state_dir, self.current, run_id=parts.config.run_id,
+                                          num_stages=parts.config.model.stages,
+                                          model=dataclasses.asdict(parts.config.model))
+                self._tasks.append(asyncio.create_task(self.keeper.run(self.stop_event), name="state"))
             if parts.links is not None:
                 self._tasks.append(asyncio.create_task(parts.links.run(), name="links"))
             await self.stop_event.wait()
@@ -196,6 +206,9 @@ class NodeDaemon:
             if task is not current:
                 task.cancel()
         await asyncio.gather(*(t for t in self._tasks if t is not current), return_exceptions=True)
+        if self.keeper is not None:   # the rounds merged since the last write (a SIGKILL loses at most one)
+            with contextlib.suppress(TimeoutError, RuntimeError):
+                await asyncio.wait_for(self.keeper.save(), STATE_FLUSH_TIMEOUT_S)
         if self.parts is not None:
             self.parts.stages.stop_watchdog()
             self.parts.bookend.close()

@@ -113,9 +113,13 @@ def write_html(run_dir: Path, summary: dict[str, Any], plots: list[Path]) -> Pat
     events = read_jsonl(run_dir / "events.jsonl")
     rows = "\n".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
-        for k, v in summary.items() if not isinstance(v, dict)
+        for k, v in summary.items() if not isinstance(v, dict) and k not in ("sample", "sample_prompt")
     )
     hosts = _per_host_table(summary)
+    sample = ""
+    if summary.get("sample") is not None:
+        sample = (f"<h2>Sample from {html.escape(Path(str(summary.get('model_file', 'model.pt'))).name)}</h2>"
+                  f"<pre>{html.escape(str(summary.get('sample_prompt', '')) + str(summary['sample']))}</pre>")
     images = "\n".join(f'<p><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"></p>' for p in plots)
     event_rows = "\n".join(
         "<tr>"
@@ -132,6 +136,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head>
 <body><h1>lowband run report</h1>
 <h2>Summary</h2><table>{rows}</table>
 {hosts}
+{sample}
 <h2>Plots</h2>{images}
 <h2>Events</h2><table><tr><th>t (s)</th><th>kind</th><th>node</th><th>stage</th><th>detail</th></tr>
 {event_rows}</table></body></html>

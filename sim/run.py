@@ -4,7 +4,8 @@ Starts a coordinator and one node daemon per simulated machine, emulates links
 and heterogeneity (per-node compute slow-down), preempts nodes on a script and
 at random (SIGKILL, or SIGTERM as a spot notice) and starts their replacements,
 shows live progress, and writes the run folder: metrics.jsonl, events.jsonl,
-summary.json, PNG plots and report.html.
+summary.json, PNG plots, report.html (with a sample of the trained model) and model.pt, assembled
+from the nodes' state directories (state/<node>/, sim/model_out.py).
 
 Two networks (``sim.network``): ``loopback``, where every process listens on
 127.0.0.1 and each node delays its sends by latency + bytes/bandwidth from a
@@ -38,6 +39,7 @@ from lowband.protocols import coordinator_pb2, coordinator_pb2_grpc
 from lowband.protocols.config import ConfigError, to_toml
 from lowband.protocols.rpc import token_metadata
 from lowband.sim.config import ScriptedPreemption, SimConfig, load_sim_config
+from lowband.sim.model_out import node_state_dir, run_sample, write_run_model
 from lowband.sim.netns import TestNetwork
 from lowband.sim.procs import Child, Supervisor, free_port, peak_rss_bytes
 from lowband.sim.report import read_jsonl, write_report
@@ -222,6 +224,7 @@ class Simulation:
             "--slowdown", f"{node.slowdown:.3f}",
             "--links-file", str(links_file),
             "--log-json", str(self.out_dir / "nodes" / f"{node.name}.jsonl"),
+            "--state-dir", str(node_state_dir(self.out_dir, node.name)),
         ]
         if node.stage != 0:
             argv.append("--no-data")  # only origins hold data; the others never become stage 0
@@ -621,6 +624,11 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     if interrupted:
         return 130
+    # every node has left (and written its stage's last state): the run's model, and a sample of it
+    model_path, model_info = write_run_model(out_dir, config.run)
+    summary.update(model_info)
+    if model_path is not None:
+        summary.update(run_sample(model_path))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(out_dir, summary)
     print(json.dumps(summary, indent=2))

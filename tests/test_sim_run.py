@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from sim_leftovers import leftovers
 
+from lowband.node.train.export import load_model
+
 SHORT_RUN = """
 [model]
 stages = 3
@@ -85,6 +87,13 @@ def test_short_simulation_with_a_sigkill(tmp_path: Path, sim_process: Callable[.
     assert any(e["kind"] == "death" for e in events)  # the coordinator noticed the SIGKILL
     for name in ("metrics.jsonl", "loss.png", "bytes.png", "membership.png", "report.html"):
         assert (out / name).stat().st_size > 0, name
+    # the run yields a model: every stage's last θ_global from the nodes' state directories, and a sample
+    model = load_model(out / "model.pt")
+    assert model.num_stages == 3 and model.config.subspace_rank == 16
+    assert summary["model_file"] == str(out / "model.pt")
+    assert all(step >= 1 for steps in summary["model_outer_steps"].values() for step in steps.values()), summary
+    assert summary["sample"] and summary["sample_prompt"] == "def "
+    assert "Sample from model.pt" in (out / "report.html").read_text()
 
 
 @pytest.mark.timeout(120)
