@@ -632,5 +632,9 @@ def main(args: argparse.Namespace) -> int:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(out_dir, summary)
     print(json.dumps(summary, indent=2))
+    if model_path is not None:
+        print(f"model: {model_path}", file=sys.stderr)
+    if summary.get("sample") is not None:
+        print(f"sample: {summary['sample_prompt']}{summary['sample']}", file=sys.stderr)
     print(f"report: {report}", file=sys.stderr)
     return 0
