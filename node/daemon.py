@@ -60,7 +60,7 @@ from lowband.node.pipeline.runtime import StepResult
 from lowband.node.pipeline.transport import LinkTable, Transport
 from lowband.node.pipeline.wire import WireServer
 from lowband.node.recovery.bookend import BookendCopy
-from lowband.node.recovery.local_state import StateKeeper
+from lowband.node.recovery.local_state import StateKeeper, stored_stage
 from lowband.node.recovery.resync import OuterResync, StandbyResync
 from lowband.node.recovery.state_source import StateSource
 from lowband.node.schedule_keeper import ScheduleKeeper
@@ -253,7 +253,7 @@ class NodeDaemon:
                                 membership=self.membership, current=self.current, servicer=self.servicer,
                                 transport=self.transport, client=self.client, token=self.opts.token,
                                 host=self.address.rpartition(":")[0], slowdown=self.opts.slowdown,
-                                events=self.events, hooks=hooks)
+                                events=self.events, hooks=hooks, state_dir=self.opts.state_dir)
         origin = OriginLoop(config, data=self.opts.data, membership=self.membership, counters=self.counters,
                             schedule=schedule, events=self.events, lease_s=lease_s)
         standby = StandbyResync(resync, self.membership, schedule.settled, heartbeat_s)
@@ -272,7 +272,7 @@ class NodeDaemon:
         request = pb.JoinRequest(node_id=self.membership.node_id, address=self.address, device=str(self.device),
                                  memory_bytes=device_memory_bytes(self.device), throughput=throughput,
                                  version=VERSION, stage=stage, has_data=self.opts.has_data,
-                                 preferred_stage=self.opts.preferred_stage)
+                                 preferred_stage=self._preferred_stage())
         self._throughput = throughput
         reply = await self.client.join(request, stop=self.stop_event)
         if reply is None:
@@ -286,6 +286,13 @@ class NodeDaemon:
         self.events.context = {"node_id": reply.node_id}
         self.events.write("join", stage=reply.stage, epoch=reply.epoch, instruction=Kind.Name(reply.instruction.kind))
         return reply
+
+    def _preferred_stage(self) -> int:
+        """--preferred-stage, else the stage this node's --state-dir holds (it can resume that one)."""
+        if self.opts.preferred_stage >= 0 or not self.opts.state_dir:
+            return self.opts.preferred_stage
+        stored = stored_stage(self.opts.state_dir)
+        return -1 if stored is None else stored
 
     async def _after_join(self, reply: pb.JoinReply) -> None:
         """Hold the stage the join reply names (obtaining weights as instructed), then fetch the schedule."""

@@ -3,13 +3,15 @@
 A stage is a ``StageRuntime`` (module, inner optimizer, worker thread), its ``OuterSync`` (Streaming
 DiLoCo among the stage's replicas) and the ``PipelineAgent`` that routes microbatches through it.
 Weights come ``fresh`` from the run seed (so all replicas start equal), as a ``replica-copy`` of a
-live replica, or from a CheckFree rebuild (node/recovery/obtain.py). Changing stage tears the old
-one down first; the servicer answers "no stage" meanwhile.
+live replica, or from a CheckFree rebuild (node/recovery/obtain.py); a node with a ``--state-dir``
+holding this run's state of the stage resumes from it (``local-state``) unless a live replica has
+the stage. Changing stage tears the old one down first; the servicer answers "no stage" meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from lowband.node.membership import Membership
 from lowband.node.pipeline.agent import PipelineAgent
 from lowband.node.pipeline.runtime import StageRuntime, StepResult
 from lowband.node.pipeline.transport import Transport
+from lowband.node.recovery.local_state import StageState, resumable_state
 from lowband.node.recovery.obtain import obtain_weights
 from lowband.node.service import NodeServicer, StateProvider
 from lowband.node.sync.outer import OuterSync
@@ -33,6 +36,8 @@ from lowband.protocols.config import RunConfig
 from lowband.protocols.errors import ValidationError
 
 logger = logging.getLogger(__name__)
+
+LOCAL_STATE = "local-state"   # the stage resumed from this node's own --state-dir (not a coordinator method)
 
 
 @dataclass(slots=True)
@@ -64,7 +69,8 @@ class StageAssembler:
 
     def __init__(self, config: RunConfig, model_cfg: ModelConfig, *, device: torch.device, membership: Membership,
                  current: CurrentStage, servicer: NodeServicer, transport: Transport, client: CoordinatorClient,
-                 token: str, host: str, slowdown: float, events: EventLog, hooks: StageHooks) -> None:
+                 token: str, host: str, slowdown: float, events: EventLog, hooks: StageHooks,
+                 state_dir: str = "") -> None:
         self.config = config
         self.model_cfg = model_cfg
         self.device = device
@@ -80,6 +86,8 @@ class StageAssembler:
         self.hooks = hooks
         self._lock = asyncio.Lock()
         self._watchdog: asyncio.Task[None] | None = None
+        self.state_dir = state_dir   # --state-dir: resume a stage from there when no live replica has it
+        self._first_hold = True
 
     async def hold(self, stage: int, plan: pb.RecoveryPlan | None) -> tuple[bool, str]:
         """Build stage ``stage``, obtain its weights per ``plan`` and start serving it.
@@ -95,7 +103,19 @@ class StageAssembler:
             module = await asyncio.to_thread(build_stage, cfg, stage, config.model.stages, config.seed)
             iteration, lr_scale, ok, message = 0, 1.0, True, ""
             outer_parts: dict[str, dict[str, torch.Tensor]] = {}
-            if method != "fresh":
+            # Only when this process first takes a stage (a restart): later, the file holds what this node
+            # has trained since, and a live replica's copy is newer than ours whenever there is one.
+            stored = self._stored(stage) if method != "replica-copy" and self._first_hold else None
+            self._first_hold = False
+            if stored is not None:
+                try:
+                    module.load_state_dict({**stored.theta_global, **stored.buffers}, strict=True)
+                    iteration, outer_parts, method = stored.inner_step, stored.parts, LOCAL_STATE
+                except (RuntimeError, ValueError) as exc:
+                    logger.error("stage %d: the stored state does not fit this stage (%s); obtaining it as "
+                                 "planned instead", stage, " ".join(str(exc).split())[:300])
+                    module = await asyncio.to_thread(build_stage, cfg, stage, config.model.stages, config.seed)
+            if method not in ("fresh", LOCAL_STATE):
                 assert plan is not None
                 try:
                     iteration, lr_scale, outer_parts = await obtain_weights(
@@ -111,7 +131,7 @@ class StageAssembler:
                               on_event=self.hooks.on_event, resync=self.hooks.resync, host=self.host)
             if outer_parts:
                 try:
-                    outer.load_parts(outer_parts)
+                    outer.load_parts(outer_parts, reset_local=method == LOCAL_STATE)
                 except ValueError as exc:
                     logger.warning("stage %d: replica's DiLoCo state unusable (%s); starting from local", stage, exc)
             # A moved node keeps the run's iteration even when the copy failed (and adopts the
@@ -127,6 +147,13 @@ class StageAssembler:
             self.events.write("stage", method=method, iteration=iteration, ok=ok, message=message)
             logger.info("node %s holds stage %d (%s, iteration %d)", node_id, stage, method, iteration)
         return ok, message
+
+    def _stored(self, stage: int) -> StageState | None:
+        """This node's own state of ``stage`` from its --state-dir, when it has a usable one."""
+        if not self.state_dir:
+            return None
+        return resumable_state(self.state_dir, stage=stage, run_id=self.config.run_id,
+                               num_stages=self.config.model.stages, model=dataclasses.asdict(self.config.model))
 
     async def _agent(self, module: torch.nn.Module, stage: int, outer: OuterSync, iteration: int,
                      lr_scale: float, *, adopt_next_iteration: bool) -> PipelineAgent:

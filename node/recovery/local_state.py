@@ -21,11 +21,12 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lowband.node.stage_assembly import CurrentStage
+if TYPE_CHECKING:   # stage_assembly resumes stages from here: the type only, no import cycle
+    from lowband.node.stage_assembly import CurrentStage
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,39 @@ def read_state(state_dir: str | Path) -> StageState:
                       outer_steps=_int_map(payload.get("outer_steps", {}), "outer_steps", path), parts=parts,
                       buffers=_tensor_map(payload.get("buffers", {}), "buffers", path),
                       written_at=float(payload.get("written_at", 0.0)))
+
+
+def stored_stage(state_dir: str | Path) -> int | None:
+    """The stage a state directory holds, to prefer it when joining (None: none, or unreadable)."""
+    if not state_path(state_dir).exists():
+        return None
+    try:
+        return read_state(state_dir).stage
+    except StateFileError as exc:
+        log.warning("%s", exc)
+        return None
+
+
+def resumable_state(state_dir: str | Path, *, stage: int, run_id: str, num_stages: int,
+                    model: Mapping[str, Any]) -> StageState | None:
+    """This run's stored state of ``stage``, or None; a file that cannot be used is named and refused,
+    and the node then obtains the stage as the coordinator's plan says (a replica copy, a rebuild)."""
+    if not state_path(state_dir).exists():
+        return None
+    try:
+        state = read_state(state_dir)
+    except StateFileError as exc:
+        log.error("refusing the stored stage state: %s; obtaining the stage as planned instead", exc)
+        return None
+    if state.run_id != run_id or state.num_stages != num_stages or state.model != dict(model):
+        log.error("refusing the stored stage state in %s: it is another run's or model's (run %r, %d stages, "
+                  "model %s); obtaining the stage as planned instead", state_dir, state.run_id, state.num_stages,
+                  state.model)
+        return None
+    if state.stage != stage:
+        log.info("the stored state in %s is of stage %d, not %d: not used", state_dir, state.stage, stage)
+        return None
+    return state
 
 
 class StateKeeper:
