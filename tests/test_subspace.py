@@ -262,6 +262,20 @@ def test_token_ids_past_a_small_vocabulary_are_refused() -> None:
 FULL = [PathSpec(0, (0, 1, 2, 3, 0), ("origin", "n1", "n2", "n3", "origin"))]
 
 
+def _train_in_one_process(stages: dict[int, torch.nn.Module], batches: list[tuple[torch.Tensor, torch.Tensor]],
+                          lr: float, hop: CodecHop) -> list[float]:
+    """SGD on the full path in one process, one batch an iteration, every hop through ``hop``: the losses."""
+    opt = torch.optim.SGD([p for s in range(S) for p in stages[s].parameters()], lr=lr)
+    losses = []
+    for x, y in batches:
+        loss = path_loss(stages, [0, 1, 2, 3, 0], x, y, hop)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_malformed_subspace_payload_gets_invalid_argument_and_changes_nothing() -> None:
     async def main() -> None:
         stages = {s: init_stage(CFG, s, S, seed=0) for s in range(S)}
@@ -357,16 +371,8 @@ def test_a_replica_and_a_checkfree_rebuilt_stage_decode_their_neighbours_after_a
             return losses, reference
 
     losses, reference = asyncio.run(main())
-    hop = CodecHop("subspace-int8", "subspace-int8", subspace=BASIS)
-    opt = torch.optim.SGD([p for s in range(S) for p in reference[s].parameters()], lr=lr)
-    expected = []
-    for it in (1, 2):
-        x, y = _batch(10 + it)
-        loss = path_loss(reference, [0, 1, 2, 3, 0], x, y, hop)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        expected.append(loss.item())
+    expected = _train_in_one_process(reference, [_batch(11), _batch(12)], lr,
+                                     CodecHop("subspace-int8", "subspace-int8", subspace=BASIS))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-5)
     # and the rebuilt pipeline is a working model: its logits are those of one process
     tokens, _ = _batch(3)
@@ -429,16 +435,8 @@ def test_subspace_hops_train_as_one_process_on_the_wire_and_on_the_grpc_fallback
 
     losses = asyncio.run(main())
     reference = {s: init_stage(CFG, s, S, seed=1) for s in range(S)}
-    hop = CodecHop("subspace-int8", "subspace-bf16", subspace=BASIS)
-    opt = torch.optim.SGD([p for s in range(S) for p in reference[s].parameters()], lr=lr)
-    expected = []
-    for _ in range(3):
-        x, y = _batch(20)
-        loss = path_loss(reference, [0, 1, 2, 3, 0], x, y, hop)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        expected.append(loss.item())
+    expected = _train_in_one_process(reference, [_batch(20)] * 3, lr,
+                                     CodecHop("subspace-int8", "subspace-bf16", subspace=BASIS))
     assert expected[2] < expected[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=1e-5)
 
