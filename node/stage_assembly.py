@@ -111,6 +111,9 @@ class StageAssembler:
                 try:
                     module.load_state_dict({**stored.theta_global, **stored.buffers}, strict=True)
                     iteration, outer_parts, method = stored.inner_step, stored.parts, LOCAL_STATE
+                    # what the coordinator's recovery log shows for its plan (a rebuild we did not need)
+                    message = (f"resumed from its --state-dir at step {iteration}, outer steps "
+                               f"{stored.outer_steps} (instead of {plan.method if plan is not None else 'fresh'})")
                 except (RuntimeError, ValueError) as exc:
                     logger.error("stage %d: the stored state does not fit this stage (%s); obtaining it as "
                                  "planned instead", stage, " ".join(str(exc).split())[:300])

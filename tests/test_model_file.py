@@ -84,12 +84,12 @@ def test_behind_stages_names_the_stage_and_fragment_that_lags() -> None:
 def test_sampling_is_greedy_at_temperature_zero_and_seeded_otherwise() -> None:
     stages = _stages(ModelSection(preset="tiny", stages=2, seq_len=16))
     prompt = encode_bytes("def f(")
-    greedy = sample(stages, prompt, tokens=20, max_seq_len=16, temperature=0.0)
-    assert len(greedy) == 20 and greedy == sample(stages, prompt, tokens=20, max_seq_len=16, temperature=0.0)
-    a = sample(stages, prompt, tokens=12, max_seq_len=16, temperature=1.0, top_k=5, seed=1)
-    assert a == sample(stages, prompt, tokens=12, max_seq_len=16, temperature=1.0, top_k=5, seed=1)
+    greedy = sample(stages, prompt, tokens=12, max_seq_len=16, temperature=0.0)   # the window slides past 16
+    assert len(greedy) == 12 and greedy == sample(stages, prompt, tokens=12, max_seq_len=16, temperature=0.0)
+    a = sample(stages, prompt, tokens=6, max_seq_len=16, temperature=1.0, top_k=5, seed=1)
+    assert a == sample(stages, prompt, tokens=6, max_seq_len=16, temperature=1.0, top_k=5, seed=1)
     # top-k 1 is greedy whatever the temperature
-    assert sample(stages, prompt, tokens=8, max_seq_len=16, temperature=2.0, top_k=1) == greedy[:8]
+    assert sample(stages, prompt, tokens=4, max_seq_len=16, temperature=2.0, top_k=1) == greedy[:4]
     assert decode_bytes(encode_bytes("héllo")) == "héllo"
     with pytest.raises(ValueError, match="--top-k"):
         sample(stages, prompt, tokens=1, max_seq_len=16, top_k=-1)
