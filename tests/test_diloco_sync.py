@@ -58,11 +58,12 @@ def nudge(module: nn.Module, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.01)
 
 
-async def run_pair(overlap: int, steps: int) -> tuple[list[OuterSync], list[list[int]]]:
+async def run_pair(overlap: int, steps: int, codec: str = "fp32", extra: tuple[str, ...] = ()
+                   ) -> tuple[list[OuterSync], list[list[int]]]:
     cfg = apply_overrides(RunConfig(), [
         "diloco.inner_steps=4", "diloco.fragments=1", f"diloco.overlap={overlap}", "diloco.alpha=0",
-        "diloco.codec=fp32", "diloco.peer_timeout_s=5", "membership.sync_join_window_s=1",
-        "membership.sync_timeout_s=2"])
+        f"diloco.codec={codec}", "diloco.peer_timeout_s=5", "membership.sync_join_window_s=1",
+        "membership.sync_timeout_s=2", *extra])
     coordinator = FakeCoordinator()
     modules = [TinyStage(), TinyStage()]
     syncs = [OuterSync(m, stage=1, node_id=f"n{i}", config=cfg, client=coordinator, token=TOKEN)  # type: ignore[arg-type]
@@ -108,6 +109,23 @@ def test_overlap_one_merges_one_step_later() -> None:
     _, outer_steps_after = asyncio.run(run_pair(overlap=1, steps=5))
     for counts in outer_steps_after:
         assert counts == [0, 0, 0, 0, 1]
+
+
+def test_the_daemons_outer_sync_averages_sparse_parts_to_identical_theta_global() -> None:
+    """codec "sparse" through OuterSync and the grpc backend (the daemon's path): both replicas apply
+    the owners' re-sparsified mean bit for bit, keep their own error feedback, send fewer bytes."""
+    dense, _ = asyncio.run(run_pair(overlap=1, steps=9))
+    syncs, outer_steps_after = asyncio.run(run_pair(
+        overlap=1, steps=9, codec="sparse", extra=("diloco.sparse_chunk=16", "diloco.sparse_topk=2")))
+    for counts in outer_steps_after:
+        assert counts[-1] == 2
+    g0, g1 = (s.diloco.global_params for s in syncs)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    init = TinyStage()
+    assert any(not torch.equal(g0[n], p.detach()) for n, p in init.named_parameters())
+    for s in syncs:
+        assert s.diloco.error.keys() == [0]
+        assert s.sync_bytes_sent < 0.6 * dense[0].sync_bytes_sent   # 84 elements: framing is most of it
 
 
 class RebuiltStageCoordinator:
