@@ -38,6 +38,7 @@ from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols import coordinator_pb2_grpc as pb_grpc
 from lowband.protocols.config import ConfigError, RunConfig, apply_overrides
 from lowband.protocols.rpc import grpc_options, install_uvloop, load_token, token_metadata
+from lowband.protocols.vocab import resolve_vocab
 
 logger = logging.getLogger("lowband.coordinator.cli")
 
@@ -95,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         token = load_token(args.token_file)
         viewer_token = _read_token(args.viewer_token_file) if args.viewer_token_file else ""
         config = RunConfig.from_toml(args.config) if args.config else RunConfig()
-        config = apply_overrides(config, args.set)
+        config = resolve_vocab(apply_overrides(config, args.set))   # nodes without the data build the same model
     except (ValueError, OSError, ConfigError) as exc:
         print(f"lowband-coordinator: error: {exc}", file=sys.stderr)
         return 2

@@ -43,8 +43,12 @@ class ModelSection:
     seq_len: int = 128
     # > 0: a Protocol Models-style residual stream (protocols/subspace.py); the subspace-* hop codecs need it
     subspace_rank: int = 0
+    # token ids the model embeds; 0: the data's own (256 for text read as bytes; a token file's
+    # largest id + 1, resolved by protocols/vocab.py where the run starts)
+    vocab_size: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.vocab_size >= 0, "model.vocab_size", f"must be >= 0 (0: the data's own), got {self.vocab_size}")
         _check(self.preset in MODEL_PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose one of {MODEL_PRESETS}")
         _check(self.stages >= 1, "model.stages",
                f"must be >= 1 (1: data-parallel, every node holds the whole model), got {self.stages}")

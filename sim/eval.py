@@ -80,7 +80,7 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     if args.seq_len > model.config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     seed = args.seed if args.seed is not None else int(model.meta.get("seed") or 0)
-    corpus = load_corpus(args.data or None, seed=seed, max_bytes=args.max_bytes)
+    corpus = load_corpus(args.data or None, seed=seed, max_bytes=args.max_bytes, vocab_size=model.config.vocab_size)
     batches = val_batches(corpus, args.batch_size, args.seq_len, args.batches)
 
     rows: list[dict[str, Any]] = []

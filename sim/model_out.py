@@ -26,6 +26,7 @@ from lowband.protocols.model_file import (
     stage_state,
     write_model_file,
 )
+from lowband.protocols.vocab import resolve_vocab
 from lowband.sim.generate import generate_text
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def latest_states(out_dir: Path, config: RunConfig) -> dict[int, StageState]:
 
 def write_run_model(out_dir: Path, config: RunConfig) -> tuple[Path | None, dict[str, Any]]:
     """Write ``out_dir/model.pt`` from the nodes' states; (its path or None, what the summary records)."""
+    config = resolve_vocab(config)   # the model the coordinator resolved for the nodes
     states = latest_states(out_dir, config)
     missing = [s for s in range(config.model.stages) if s not in states]
     if missing:

@@ -252,7 +252,7 @@ def _checked_ids(ids: np.ndarray, path: Path, vocab_size: int, max_tokens: int) 
         if lo < 0 or hi >= vocab_size:
             raise DataError(
                 f"token file {path} holds id {hi if hi >= vocab_size else lo}, outside the vocabulary "
-                f"[0, {vocab_size}) of the model"
+                f"[0, {vocab_size}) of the model (set model.vocab_size, or 0 to take the file's own)"
             )
     out_dtype = np.uint8 if vocab_size <= 256 else np.int32
     return torch.from_numpy(np.array(ids, dtype=out_dtype, copy=True))   # copy: never alias the file
@@ -320,7 +320,8 @@ def load_run_corpus(config: RunConfig) -> Corpus:
     """The corpus every process of a run loads: ``train.data`` (or the default) with the run seed."""
     train = config.train
     return load_corpus(
-        train.data or None, seed=config.seed, max_bytes=train.data_max_bytes, val_fraction=train.val_fraction
+        train.data or None, seed=config.seed, max_bytes=train.data_max_bytes, val_fraction=train.val_fraction,
+        vocab_size=config.model.vocab_size or ByteTokenizer.vocab_size,
     )
 
 

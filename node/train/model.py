@@ -103,7 +103,8 @@ def model_config_for(section: ModelSection) -> ModelConfig:
     """The preset named by a run's ``[model]`` section, with room for its ``seq_len``."""
     preset = ModelConfig.from_preset(section.preset)
     return ModelConfig.from_preset(section.preset, max_seq_len=max(preset.max_seq_len, section.seq_len),
-                                   subspace_rank=section.subspace_rank)
+                                   subspace_rank=section.subspace_rank,
+                                   vocab_size=section.vocab_size or preset.vocab_size)
 
 
 # Block counts are chosen so that common stage counts split evenly:

@@ -39,6 +39,7 @@ from lowband.node.train.data import BatchIterator, Corpus, load_run_corpus, orig
 from lowband.node.train.model import Transformer, lm_loss, model_config_for
 from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr
 from lowband.protocols.config import RunConfig
+from lowband.protocols.vocab import resolve_vocab
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def train_reference(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
+    config = resolve_vocab(config)   # a token file's own vocabulary when model.vocab_size = 0
     train = config.train
     log.info("reference run config: %s", config.to_json())
 
