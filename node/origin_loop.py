@@ -17,6 +17,7 @@ from lowband.node.pipeline.agent import PipelineAgent
 from lowband.node.schedule_keeper import ScheduleKeeper
 from lowband.node.train.data import load_run_corpus, origin_batches, run_val_batches, split_microbatches
 from lowband.protocols.config import RunConfig, apply_overrides
+from lowband.protocols.vocab import bits_per_byte
 
 logger = logging.getLogger(__name__)
 
@@ -120,5 +121,6 @@ class OriginLoop:
         value = await agent.evaluate(iteration, self._val)
         if math.isfinite(value):
             self.counters.val_loss = value
-        self.events.write("eval", step=iteration, val_loss=value)
+        self.events.write("eval", step=iteration, val_loss=value,
+                          val_bits_per_byte=bits_per_byte(value, self.config.train.data))
         logger.info("node %s step %d: val loss %.4f", self.membership.node_id, iteration, value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,25 @@ log = logging.getLogger(__name__)
 
 BYTE_VOCAB = 256
 _CHUNK = 1 << 24   # ids scanned at a time: bounded memory over a file of billions of tokens
+
+
+TOKEN_FILE_SUFFIXES = (".bin", ".npy")   # ".u8.bin" ends in ".bin" too
+
+
+def is_token_file(data: str | Path) -> bool:
+    """Whether ``train.data`` names a token file (else text: the default corpus, a file, a folder)."""
+    return bool(str(data)) and Path(data).name.lower().endswith(TOKEN_FILE_SUFFIXES)
+
+
+def bits_per_byte(loss_nats: float | None, data: str | Path) -> float | None:
+    """A loss in nats per token as bits per byte of text, so runs of other tokenizers compare.
+
+    Text is read as bytes (one token per byte): loss / ln 2. A token file's bytes per token are its
+    tokenizer's, which the file does not carry: None.
+    """
+    if loss_nats is None or not math.isfinite(loss_nats) or is_token_file(data):
+        return None
+    return loss_nats / math.log(2)
 
 
 def token_file_vocab(path: str | Path) -> int | None:

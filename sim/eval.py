@@ -22,6 +22,7 @@ import torch
 from lowband.node.train.data import DataError, load_corpus, val_batches
 from lowband.node.train.evaluate import HALF_METHODS, evaluate_subsets
 from lowband.node.train.export import ExportError, load_model
+from lowband.protocols.vocab import bits_per_byte
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,13 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
             report = evaluate_subsets(model.stages, batches, subset=keep, half="strided")
         if full is None:
             full = report["full"]
-            rows.append({"name": "all", "stages": block_stages, **full, "ratio": 1.0})
+            rows.append({"name": "all", "stages": block_stages, **full, "ratio": 1.0,
+                         "bits_per_byte": bits_per_byte(full["loss"], args.data or "")})
         part = report["subset"]
         label = "subset" if name == "given" else f"half ({part['method']})"
         rows.append({"name": label, "stages": part["stages"], "path": part["path"], "loss": part["loss"],
-                     "perplexity": part["perplexity"], "ratio": report["perplexity_ratio"]})
+                     "perplexity": part["perplexity"], "ratio": report["perplexity_ratio"],
+                     "bits_per_byte": bits_per_byte(part["loss"], args.data or "")})
     return {
         "model": model.path,
         "num_stages": model.num_stages,

@@ -38,6 +38,7 @@ from lowband.coordinator.launch import launch_coordinator
 from lowband.protocols import coordinator_pb2, coordinator_pb2_grpc
 from lowband.protocols.config import ConfigError, to_toml
 from lowband.protocols.rpc import token_metadata
+from lowband.protocols.vocab import bits_per_byte
 from lowband.sim.config import ScriptedPreemption, SimConfig, load_sim_config
 from lowband.sim.model_out import node_state_dir, run_sample, write_run_model
 from lowband.sim.netns import TestNetwork
@@ -522,6 +523,8 @@ class Simulation:
         return {
             "initial_val_loss": st.initial_val_loss,
             "final_val_loss": st.final_val_loss,
+            # bits per byte of text (byte-level data: loss / ln 2), comparable across tokenizers
+            "final_val_bits_per_byte": bits_per_byte(st.final_val_loss, self.config.run.train.data),
             "tokens": rec.get("tokens", 0),
             "wall_s": round(st.elapsed(), 2),
             "steps": steps,

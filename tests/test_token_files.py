@@ -5,6 +5,7 @@ largest id + 1 (a nanoGPT ``.bin`` of GPT-2 ids: 50257), text stays at 256 bytes
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from lowband.node.train.data import DataError, load_run_corpus
 from lowband.node.train.model import model_config_for
 from lowband.node.train.reference import train_reference
 from lowband.protocols.config import ConfigError, ModelSection, RunConfig, apply_overrides
-from lowband.protocols.vocab import resolve_vocab, token_file_vocab
+from lowband.protocols.vocab import bits_per_byte, resolve_vocab, token_file_vocab
 
 GPT2_VOCAB = 50257
 
@@ -87,3 +88,11 @@ def test_a_gpt2_bin_trains_across_node_processes(tmp_path: Path, local_run: Call
     evals = run.records(0, "eval")
     assert evals[0]["val_loss"] > 10.0 and evals[-1]["step"] == 30, evals
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 2.0, evals
+
+
+def test_losses_are_also_bits_per_byte_where_a_token_is_a_byte(tmp_path: Path) -> None:
+    assert bits_per_byte(math.log(2) * 1.5, "") == pytest.approx(1.5)   # the default corpus: bytes
+    assert bits_per_byte(2.0, tmp_path / "notes.txt") == pytest.approx(2.0 / math.log(2))
+    # a token file's bytes per token belong to its tokenizer, which the file does not carry
+    assert bits_per_byte(2.0, tmp_path / "train.bin") is None
+    assert bits_per_byte(None, "") is None and bits_per_byte(float("nan"), "") is None
