@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # Model width per preset, only to estimate activation bytes per hop for the cost model
 # (the coordinator does not import node/). A wrong guess changes plan quality, never correctness.
 _PRESET_DIM = {"tiny": 128, "small": 256, "124m": 768, "500m": 1280, "1.5b": 2304}
-_VOCAB_SIZE = 256   # the byte-level tokenizer
+_BYTE_VOCAB = 256   # model.vocab_size = 0 before the run resolves it: the byte-level default
 DEFAULT_ONE_WAY_LATENCY_S = 0.005
 DEFAULT_BANDWIDTH_BPS = 125e6   # 1 Gbit/s, until nodes report their links
 
@@ -46,11 +46,10 @@ def activation_bytes(config: RunConfig) -> float:
     """Bytes one hop's payload costs, the mean of its two directions (the planner charges a hop one size):
     what the configured codecs send, a subspace codec's coordinates and token ids included."""
     dim = _PRESET_DIM.get(config.model.preset, 768)
-    train = config.train
-    forward = hop_bytes_per_position(train.activation_codec, dim, config.model.subspace_rank, _VOCAB_SIZE,
-                                     forward=True)
+    train, vocab = config.train, config.model.vocab_size or _BYTE_VOCAB
+    forward = hop_bytes_per_position(train.activation_codec, dim, config.model.subspace_rank, vocab, forward=True)
     backward = hop_bytes_per_position(train.gradient_codec or train.activation_codec, dim,
-                                      config.model.subspace_rank, _VOCAB_SIZE, forward=False)
+                                      config.model.subspace_rank, vocab, forward=False)
     return train.microbatch_size * config.model.seq_len * (forward + backward) / 2
 
 
