@@ -36,6 +36,8 @@ from lowband.coordinator.watch import SAMPLE_S, RunWatch
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols import coordinator_pb2_grpc as pb_grpc
 from lowband.protocols.config import ConfigError, RunConfig
+from lowband.protocols.hostile import HostileInputInterceptor
+from lowband.protocols.peer_guard import GuardPolicy
 from lowband.protocols.rpc import TokenAuthInterceptor, grpc_options
 
 logger = logging.getLogger(__name__)
@@ -204,13 +206,15 @@ async def start_coordinator(
     http: str | None = None,
     viewer_token: str = "",
     metrics_open: bool = False,
+    bad_input: GuardPolicy | None = None,
 ) -> CoordinatorServer:
     """Start a coordinator on `bind` (port 0 picks a free port), resuming from `run_dir` if it holds state.
 
     `control_socket`: also serve on this Unix socket (token still required), so a local supervisor
     reaches a coordinator whose network it does not share (the simulator's namespace hosts).
     `http`: HOST:PORT of the dashboard (coordinator/dashboard.py; `viewer_token` and `metrics_open` as
-    there); None: no dashboard."""
+    there); None: no dashboard. `bad_input`: when a peer sending malformed messages is cooled down
+    (protocols/peer_guard.py; None: its defaults)."""
     store = Store(run_dir)
     try:
         config = resolve_config(store, config)
@@ -219,7 +223,8 @@ async def start_coordinator(
         raise
     core = Coordinator(config, store, clock=clock)
     watch = RunWatch(core)
-    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=grpc_options())
+    interceptors = [HostileInputInterceptor(bad_input), TokenAuthInterceptor(token)]
+    server = grpc.aio.server(interceptors=interceptors, options=grpc_options())
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(core, watch), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -21,6 +21,8 @@ from lowband.protocols import node_pb2, node_pb2_grpc, tensor_pb2
 from lowband.protocols.chunking import chunk_tensor, reassemble_async
 from lowband.protocols.codec import encode
 from lowband.protocols.errors import ValidationError, abort_invalid
+from lowband.protocols.hostile import HostileInputInterceptor
+from lowband.protocols.peer_guard import GuardPolicy, PeerGuard
 from lowband.protocols.rpc import TokenAuthInterceptor
 from lowband.protocols.state_client import StateSnapshot
 from lowband.protocols.state_client import fetch_state as fetch_state  # re-exported: its home was here
@@ -183,9 +185,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                                   wire_port=self.wire_port, outer_steps=self.outer_steps())
 
 
-async def start_server(servicer: NodeServicer, listen: str, token: str) -> tuple[grpc.aio.Server, int]:
-    """Start the node's gRPC server (token-checked) on ``listen``; returns it and the bound port."""
-    server = grpc.aio.server(interceptors=[TokenAuthInterceptor(token)], options=channel_options())
+async def start_server(servicer: NodeServicer, listen: str, token: str, *,
+                       bad_input: GuardPolicy | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the node's gRPC server (token-checked; malformed messages refused and their senders cooled
+    down as ``bad_input`` says: protocols/hostile.py) on ``listen``; returns it and the bound port."""
+    interceptors = [HostileInputInterceptor(bad_input), TokenAuthInterceptor(token)]
+    server = grpc.aio.server(interceptors=interceptors, options=channel_options())
     node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
     port = server.add_insecure_port(listen)
     if port == 0:
@@ -194,8 +199,11 @@ async def start_server(servicer: NodeServicer, listen: str, token: str) -> tuple
     return server, port
 
 
-async def start_wire(servicer: NodeServicer, host: str, token: str, port: int = 0) -> WireServer:
-    """Start the node's activation wire on ``host`` and announce its port in the servicer's Pings."""
-    wire = WireServer(servicer.wire_frame, token, max_payload_bytes=servicer.max_tensor_bytes)
+async def start_wire(servicer: NodeServicer, host: str, token: str, port: int = 0, *,
+                     bad_input: GuardPolicy | None = None) -> WireServer:
+    """Start the node's activation wire on ``host`` and announce its port in the servicer's Pings;
+    ``bad_input``: when a peer sending malformed frames is cooled down (None: the defaults)."""
+    wire = WireServer(servicer.wire_frame, token, max_payload_bytes=servicer.max_tensor_bytes,
+                      guard=PeerGuard(bad_input))
     servicer.wire_port = await wire.start(host.strip("[]") or "127.0.0.1", port)
     return wire

@@ -15,6 +15,8 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from lowband.protocols.peer_guard import BAD_INPUT_LOG, peer_host
+
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,8 +27,10 @@ class ValidationError(ValueError):
 
 
 async def abort_invalid(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-    """Abort the current RPC with INVALID_ARGUMENT carrying the validation message."""
-    logger.warning("rejecting invalid request: %s", exc)
+    """Abort the current RPC with INVALID_ARGUMENT carrying the validation message (logged as one line,
+    rate-limited per peer: a peer repeating a bad request must not flood the log)."""
+    host = peer_host(context.peer() or "")
+    BAD_INPUT_LOG.warning(host, "rejecting invalid request from %s: %s", host, exc)
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid argument: {exc}")
     raise AssertionError("context.abort returned")  # abort always raises; keeps NoReturn honest
 

@@ -15,6 +15,7 @@ from lowband.node.pipeline.runtime import StageRuntime
 from lowband.node.pipeline.transport import LinkTable, Transport
 from lowband.node.pipeline.wire import WireServer
 from lowband.node.service import NodeServicer, start_server, start_wire
+from lowband.protocols.peer_guard import GuardPolicy
 from lowband.protocols.subspace import SubspaceBasis
 
 TOKEN = "test-token"
@@ -47,16 +48,17 @@ async def start_node(node_id: str, stage: int, module: nn.Module, *, dim: int, m
                      optimizer: torch.optim.Optimizer | None = None, codec: str = "fp32",
                      gradient_codec: str | None = None, subspace: SubspaceBasis | None = None,
                      hop_timeout_s: float = 3.0, iteration_timeout_s: float = 5.0,
-                     links: LinkTable | None = None, wire: bool = True) -> LocalNode:
+                     links: LinkTable | None = None, wire: bool = True,
+                     bad_input: GuardPolicy | None = None) -> LocalNode:
     """A node as the daemon builds one; ``wire=False``: activations by gRPC only (no wire server,
-    and its transport never tries one)."""
+    and its transport never tries one); ``bad_input``: its servers' cool-down policy (protocols/peer_guard.py)."""
     if optimizer is None:
         optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     runtime = StageRuntime(module, stage, optimizer, iteration_timeout_s=iteration_timeout_s)
     servicer = NodeServicer(node_id)
     servicer.stage = stage
-    server, port = await start_server(servicer, "127.0.0.1:0", TOKEN)
-    wire_server = await start_wire(servicer, "127.0.0.1", TOKEN) if wire else None
+    server, port = await start_server(servicer, "127.0.0.1:0", TOKEN, bad_input=bad_input)
+    wire_server = await start_wire(servicer, "127.0.0.1", TOKEN, bad_input=bad_input) if wire else None
     transport = Transport(TOKEN, links=links, wire=wire)
     failures: list[tuple[str, str]] = []
 

@@ -27,8 +27,11 @@ in order by one reply:
 A frame whose header or tensor does not parse or validate (or holds NaN/inf) is
 answered INVALID and changes nothing; the connection goes on. A frame that breaks the
 framing itself (magic, sizes over the bounds) ends the connection: nothing after it
-can be trusted. The payload needs no codec checksum here: it travels in order on one
-TCP stream whose segments TCP checksums, and its size is checked against the shape
+can be trusted. Bad input is logged as one line, rate-limited per peer, never with a
+traceback; unparsable metadata and broken framing are strikes against the peer's host,
+and a host with too many is refused at connect for a cool-down
+(``protocols/peer_guard.py``). The payload needs no codec checksum here: it travels in
+order on one TCP stream whose segments TCP checksums, and its size is checked against the shape
 and codec before anything is read into a tensor.
 """
 
@@ -52,6 +55,7 @@ from lowband.node.pipeline.payload import SegmentedPayload, WirePayload, receive
 from lowband.protocols import node_pb2, tensor_pb2
 from lowband.protocols.codec import check_finite_bytes, native_codec, tensor_bytes
 from lowband.protocols.errors import ValidationError
+from lowband.protocols.peer_guard import BAD_INPUT_LOG, PeerGuard
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +190,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
         self.checked = 0   # elements of an in-place payload already checked finite
         self.timer: asyncio.TimerHandle | None = None
         self.peer = ""
+        self.host = ""
         self.fd = -1
         # the next frame's tensor, made once a frame is answered, so allocating it is off the hop's
         # critical path (not when its metadata arrives), taken if the shapes match
@@ -193,8 +198,16 @@ class _ServerProtocol(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)   # uvloop's are not asyncio.Transport subclasses
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername)
+        self.host = str(peername[0]) if isinstance(peername, tuple) and peername else self.peer
+        left = self.server.guard.cooling_down(self.host)
+        if left:
+            BAD_INPUT_LOG.warning(self.host, "activation wire from %s refused: cooling down for %.0f s more",
+                                  self.host, left)
+            self.transport.abort()
+            return
         self.fd = _tune(transport.get_extra_info("socket"))
-        self.peer = str(transport.get_extra_info("peername"))
         self.server.connections.add(self)
         self.transport.write(self.nonce)
         self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._handshake_timeout)
@@ -209,8 +222,17 @@ class _ServerProtocol(asyncio.BufferedProtocol):
         if self.timer is not None:
             self.timer.cancel()
 
-    def _close(self, reason: str) -> None:
-        logger.warning("activation wire from %s closed: %s", self.peer, reason)
+    def _strike(self) -> None:
+        """Input an honest peer cannot send (broken framing, unparsable metadata): count it against the host."""
+        if self.server.guard.strike(self.host):
+            policy = self.server.guard.policy
+            BAD_INPUT_LOG.warning(self.host, "activation wire: %s cooled down for %.0f s after %d malformed frames",
+                                  self.host, policy.cooldown_s, policy.strikes, always=True)
+
+    def _close(self, reason: str, *, strike: bool = False) -> None:
+        BAD_INPUT_LOG.warning(self.host, "activation wire from %s closed: %s", self.peer, reason)
+        if strike:
+            self._strike()
         if self.transport is not None:
             self.transport.close()
 
@@ -254,10 +276,11 @@ class _ServerProtocol(asyncio.BufferedProtocol):
     def _on_head(self) -> None:
         magic, kind, header_len, meta_len, payload_len = REQUEST.unpack_from(self.target)
         if magic != REQUEST_MAGIC or kind not in (0, 1):
-            self._close("bad frame head")
+            self._close("bad frame head", strike=True)
             return
         if header_len > MAX_META_BYTES or meta_len > MAX_META_BYTES or payload_len > self.server.max_payload_bytes:
-            self._close(f"frame over the bounds (header {header_len}, tensor {meta_len}, payload {payload_len} bytes)")
+            self._close(f"frame over the bounds (header {header_len}, tensor {meta_len}, payload {payload_len} bytes)",
+                        strike=True)
             return
         self.head = (kind, header_len, meta_len, payload_len)
         self._expect("meta", self._scratch(header_len + meta_len))
@@ -272,6 +295,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
             self.parsed = (header, meta)
         except DecodeError as exc:
             self.error = f"unparsable frame: {exc}"
+            self._strike()
         if self.parsed is not None and meta.payload:
             self.parsed, self.error = None, "the payload must follow the tensor, not be inside it"
         spec = receive_spec(meta, payload_len, max_numel=self.server.max_payload_bytes) if self.parsed else None
@@ -313,7 +337,8 @@ class _ServerProtocol(asyncio.BufferedProtocol):
                 raise ValidationError(self.error)
             self.server.handler(WireFrame(*self.parsed, payload=self.target, tensor=self.tensor, backward=backward))
         except ValidationError as exc:
-            logger.warning("invalid %s on the wire from %s: %s", "backward" if backward else "forward", self.peer, exc)
+            BAD_INPUT_LOG.warning(self.host, "invalid %s on the wire from %s: %s", "backward" if backward else "forward",
+                                  self.peer, exc)
             status, message = INVALID, f"invalid: {exc}"
         except WireUnavailable as exc:
             status, message = UNAVAILABLE, str(exc)
@@ -340,9 +365,11 @@ class _ServerProtocol(asyncio.BufferedProtocol):
 class WireServer:
     """Listens for activation-wire connections and hands each frame to ``handler``."""
 
-    def __init__(self, handler: FrameHandler, token: str, *, max_payload_bytes: int) -> None:
+    def __init__(self, handler: FrameHandler, token: str, *, max_payload_bytes: int,
+                 guard: PeerGuard | None = None) -> None:
         self.handler = handler
         self.token = token
+        self.guard = guard or PeerGuard()   # who sent malformed frames, and who is cooling down
         self.max_payload_bytes = max_payload_bytes
         self.bytes_received = 0
         self.port = 0
