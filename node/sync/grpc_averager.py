@@ -47,6 +47,7 @@ from lowband.protocols.chunking import DEFAULT_CHUNK_BYTES, ChunkAssembler, iter
 from lowband.protocols.codec import CODECS, DEFAULT_MAX_NUMEL, decode, encode
 from lowband.protocols.config import DilocoSection
 from lowband.protocols.errors import ValidationError
+from lowband.protocols.peer_guard import BAD_INPUT_LOG, peer_host
 from lowband.protocols.rpc import grpc_options, token_metadata
 from lowband.protocols.sparse import SPARSE_CODEC, SparseParams, SparseSelection, params_of, resparsify
 from lowband.protocols.sparse_codec import decode_any, decode_sparse, encode_sparse
@@ -289,7 +290,8 @@ class ShardReducer:
         try:
             rnd = self._round_for(header)
         except ValidationError as exc:
-            logger.warning("ReduceShard from %r refused: %s", header.sender_id, exc)
+            host = peer_host(context.peer() or "")   # one line per peer and interval: a flood must not fill the log
+            BAD_INPUT_LOG.warning(host, "ReduceShard from %r (%s) refused: %s", header.sender_id, host, exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid argument: {exc}")
             return
         sender = header.sender_id
