@@ -308,7 +308,8 @@ class ShardReducer:
                 why = str(exc) or "part not received within the timeout"
                 if sender not in rnd.arrived:
                     self._refuse(rnd, sender, why)
-                logger.warning("round %s: refused part from %r: %s", rnd.key, sender, why)
+                BAD_INPUT_LOG.warning(peer_host(context.peer() or ""), "round %s: refused part from %r: %s",
+                                      rnd.key, sender, why)   # rate-limited per peer host
         await self._wait(rnd)
         reply_header = node_pb2.ShardHeader(
             round_id=header.round_id, stage=header.stage, fragment=header.fragment,
