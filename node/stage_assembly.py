@@ -104,8 +104,14 @@ class StageAssembler:
             iteration, lr_scale, ok, message = 0, 1.0, True, ""
             outer_parts: dict[str, dict[str, torch.Tensor]] = {}
             # Only when this process first takes a stage (a restart): later, the file holds what this node
-            # has trained since, and a live replica's copy is newer than ours whenever there is one.
-            stored = self._stored(stage) if method != "replica-copy" and self._first_hold else None
+            # has trained since, and a live replica's copy is newer than ours whenever there is one. Not
+            # when the coordinator plans fresh weights either: that is a new run (its run directory knows
+            # of no training), which must not silently continue an old one's weights.
+            stored = None
+            if self._first_hold and method not in ("replica-copy", "fresh"):
+                stored = self._stored(stage)
+            elif self._first_hold and method == "fresh" and self.state_dir:
+                logger.info("a new run (fresh weights planned): the state in %s is not resumed", self.state_dir)
             self._first_hold = False
             if stored is not None:
                 try:

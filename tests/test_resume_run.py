@@ -85,11 +85,12 @@ def test_a_corrupt_state_file_is_refused_by_name_and_the_stage_obtained_as_plann
     (state_dir / STATE_FILE).write_bytes(b"PK\x03\x04 cut short")
     run = local_run([*OVERRIDES[:4], "train.steps=10", *OVERRIDES[5:]])
     run.start_node("origin", preferred_stage=0)
-    run.start_node("s1", preferred_stage=1, extra=["--state-dir", str(state_dir), "--no-data"])
+    # no --preferred-stage: the node reads its state directory to choose one, and refuses the file
+    run.start_node("s1", extra=["--state-dir", str(state_dir), "--no-data"])
     codes = run.wait_nodes(timeout_s=180)
     assert codes == [0, 0], run.tail()
     log = (tmp_path / "s1.log").read_text()
     assert "refusing the stored stage state" in log and "truncated or corrupt" in log, log[-3000:]
-    assert run.records(1, "stage")[0]["method"] == "fresh"
+    assert run.records(1, "stage")[0]["method"] == "fresh"   # a new run: the coordinator's plan
     # once it had synced, the node wrote a good state over the bad one
     assert read_state(state_dir).stage == 1

@@ -148,7 +148,7 @@ def stored_stage(state_dir: str | Path) -> int | None:
     try:
         return read_state(state_dir).stage
     except StateFileError as exc:
-        log.warning("%s", exc)
+        log.error("refusing the stored stage state: %s; joining without a stage preference", exc)
         return None
 
 
