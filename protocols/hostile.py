@@ -126,7 +126,7 @@ class HostileInputInterceptor(grpc.aio.ServerInterceptor):
             host = await self._admit(context, method)
             request = await parsed(raw, context, host)
             try:
-                return await behavior(request, context)
+                return await _settled(behavior(request, context))
             except ValidationError as exc:
                 await self._invalid(context, host, method, exc)
 
@@ -164,11 +164,16 @@ class HostileInputInterceptor(grpc.aio.ServerInterceptor):
         async def stream(raw_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             host = await self._admit(context, method)
             try:
-                return await behavior(requests(raw_iterator, context, host), context)
+                return await _settled(behavior(requests(raw_iterator, context, host), context))
             except ValidationError as exc:
                 await self._invalid(context, host, method, exc)
 
         return stream
+
+
+async def _settled(result: Any) -> Any:
+    """A handler's result, awaited if it is a coroutine (grpc.aio also accepts plain functions)."""
+    return await result if inspect.isawaitable(result) else result
 
 
 def _one_line(exc: BaseException) -> str:
