@@ -52,8 +52,10 @@ def behind_stages(outer_steps: Mapping[int, Mapping[int, int]]) -> list[tuple[in
 
     ``outer_steps[stage][fragment]`` is the fragment's outer step. Stages cut into the same number of
     fragments sync fragment p at the same inner steps, so equal progress means equal outer steps; a
-    stage below the others in some fragment lags by that many rounds. Returns (stage, fragment, its
-    outer step, the best outer step) per lag.
+    stage below the others in some fragment lags by that many rounds. A fragment at outer step 0 has
+    never synced, which is what a fragment without parameters does (more fragments than a stage has
+    blocks), so it is not compared. Returns (stage, fragment, its outer step, the best outer step)
+    per lag.
     """
     by_layout: dict[int, list[int]] = {}
     for stage, steps in outer_steps.items():
@@ -65,7 +67,7 @@ def behind_stages(outer_steps: Mapping[int, Mapping[int, int]]) -> list[tuple[in
             best = max(outer_steps[s].get(p, 0) for s in stages)
             for s in sorted(stages):
                 mine = outer_steps[s].get(p, 0)
-                if mine < best:
+                if 0 < mine < best:
                     lags.append((s, p, mine, best))
     return lags
 

@@ -79,6 +79,8 @@ def test_behind_stages_names_the_stage_and_fragment_that_lags() -> None:
     assert describe_lags(lags)[0] == "stage 2 fragment 0 is at outer step 2, behind 3"
     # a stage cut into another number of fragments syncs at other steps: not compared
     assert behind_stages({0: {0: 9}, 1: {0: 3, 1: 3}}) == []
+    # a fragment that never synced holds no parameters (3 fragments over 2 blocks): not a lag
+    assert behind_stages({0: {0: 4, 1: 4, 2: 4}, 1: {0: 4, 1: 4, 2: 0}}) == []
 
 
 def test_sampling_is_greedy_at_temperature_zero_and_seeded_otherwise() -> None:
