@@ -34,6 +34,7 @@ from lowband.protocols.errors import ValidationError
 from lowband.protocols.peer_guard import BAD_INPUT_LOG, GuardPolicy, PeerGuard, PeerLog, peer_host
 
 Deserializer = Callable[[bytes], Any]
+_MAX_CACHED = 256   # wrapped handlers kept; a server has a few dozen methods
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
@@ -44,6 +45,8 @@ class HostileInputInterceptor(grpc.aio.ServerInterceptor):
                  log: PeerLog = BAD_INPUT_LOG) -> None:
         self.guard = guard or PeerGuard(policy)
         self.log = log
+        # wrapped handlers by method and the handler object they wrap (stable): no new closures per call
+        self._wrapped: dict[tuple[str, int], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -54,6 +57,17 @@ class HostileInputInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method or "?"
+        key = (method, id(handler))
+        cached = self._wrapped.get(key)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        if len(self._wrapped) >= _MAX_CACHED:
+            self._wrapped.clear()
+        self._wrapped[key] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         parse: Deserializer | None = handler.request_deserializer
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
