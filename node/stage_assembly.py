@@ -115,7 +115,9 @@ class StageAssembler:
             self._first_hold = False
             if stored is not None:
                 try:
-                    module.load_state_dict({**stored.theta_global, **stored.buffers}, strict=True)
+                    # its own local weights when it wrote them (the exact model it had), else θ_global
+                    weights = stored.parts.get("local") or {**stored.theta_global, **stored.buffers}
+                    module.load_state_dict(weights, strict=True)
                     iteration, outer_parts, method = stored.inner_step, stored.parts, LOCAL_STATE
                     # what the coordinator's recovery log shows for its plan (a rebuild we did not need)
                     message = (f"resumed from its --state-dir at step {iteration}, outer steps "
@@ -140,7 +142,8 @@ class StageAssembler:
                               on_event=self.hooks.on_event, resync=self.hooks.resync, host=self.host)
             if outer_parts:
                 try:
-                    outer.load_parts(outer_parts, reset_local=method == LOCAL_STATE)
+                    outer.load_parts(outer_parts, reset_local=method == LOCAL_STATE
+                                     and not (stored is not None and stored.parts.get("local")))
                 except ValueError as exc:
                     logger.warning("stage %d: replica's DiLoCo state unusable (%s); starting from local", stage, exc)
             # A moved node keeps the run's iteration even when the copy failed (and adopts the

@@ -1,7 +1,8 @@
 """Losing every machine costs at most one outer round: a run whose coordinator and every node are
 SIGKILLed, restarted on the same run directory and state directories, resumes each stage from the
 nodes' ``--state-dir`` at its last outer step (validation loss where it was, far below a fresh start);
-a node whose state file is corrupt says so and obtains its stage as the coordinator plans."""
+a node whose state file is corrupt says so and copies its stage from a replica, or obtains it as the
+coordinator plans."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from lowband.node.recovery.local_state import STATE_FILE, read_state
 
 OVERRIDES = [
     "model.stages=2", "model.seq_len=32", "train.microbatch_size=4", "train.microbatches=2", "train.steps=100",
-    "train.eval_every=15", "train.eval_batches=2", "train.warmup_steps=5", "diloco.inner_steps=5",
+    "train.eval_every=15", "train.eval_batches=4", "train.warmup_steps=5", "diloco.inner_steps=5",
     "diloco.fragments=1", "diloco.codec=int8", "membership.heartbeat_interval_s=0.5", "membership.lease_s=3",
     "membership.sync_join_window_s=4", "membership.sync_timeout_s=8",
 ]
@@ -45,12 +46,16 @@ def _kill_everything(run: LocalRun) -> None:
 @pytest.mark.timeout(420)
 def test_a_run_killed_whole_resumes_from_the_nodes_state_dirs(tmp_path: Path,
                                                                local_run: Callable[..., LocalRun]) -> None:
-    origin_dir, stage_dir = tmp_path / "state-origin", tmp_path / "state-stage1"
+    origin_dir, stage_dir, spare_dir = tmp_path / "state-origin", tmp_path / "state-stage1", tmp_path / "state-spare"
     run = local_run(OVERRIDES)
     run.start_node("origin", preferred_stage=0, extra=["--state-dir", str(origin_dir)])
     run.start_node("s1", preferred_stage=1, extra=["--state-dir", str(stage_dir), "--no-data"])
+    run.start_node("s1b", preferred_stage=1, extra=["--state-dir", str(spare_dir), "--no-data"])
     _wait_eval(run, 0, KILL_AFTER_EVAL_STEP, timeout_s=200)
     _kill_everything(run)
+    # the second replica's file is cut short, as by a disk that filled mid-write
+    spare_file = spare_dir / STATE_FILE
+    spare_file.write_bytes(spare_file.read_bytes()[:1000])
     evals = run.records(0, "eval")
     fresh_loss, before = evals[0]["val_loss"], evals[-1]
     stored = {s: read_state(d) for s, d in ((0, origin_dir), (1, stage_dir))}
@@ -61,15 +66,26 @@ def test_a_run_killed_whole_resumes_from_the_nodes_state_dirs(tmp_path: Path,
 
     run.start_coordinator()   # the same run directory: its SQLite state says the run had trained
     # no --preferred-stage: each node asks for the stage its state directory holds
-    run.start_node("origin-again", extra=["--state-dir", str(origin_dir)])
+    # (the origin slowed down: the run must still be going when the spare, a fresh process, joins)
+    run.start_node("origin-again", extra=["--state-dir", str(origin_dir), "--slowdown", "4"])
     run.start_node("s1-again", extra=["--state-dir", str(stage_dir), "--no-data"])
+    deadline = time.monotonic() + 120
+    while not run.records(4, "stage"):   # stage 1 is live again before the spare comes back
+        assert time.monotonic() < deadline, run.tail()
+        time.sleep(0.3)
+    run.start_node("s1b-again", extra=["--state-dir", str(spare_dir), "--no-data"])
     codes = run.wait_nodes(timeout_s=240)
-    assert codes[2:] == [0, 0], run.tail()
-    for index, stage in ((2, 0), (3, 1)):
+    assert codes[3:] == [0, 0, 0], run.tail()
+    # the spare refuses its file by name and copies the stage from the replica that resumed it
+    spare_log = (tmp_path / "s1b-again.log").read_text()
+    assert "refusing the stored stage state" in spare_log and "truncated or corrupt" in spare_log, spare_log[-3000:]
+    spare_stage = run.records(5, "stage")[0]
+    assert (spare_stage["stage"], spare_stage["method"]) == (1, "replica-copy"), spare_stage
+    for index, stage in ((3, 0), (4, 1)):
         first = run.records(index, "stage")[0]
         assert (first["stage"], first["method"], first["iteration"]) == (stage, "local-state",
                                                                          stored[stage].inner_step), first
-    after = run.records(2, "eval")
+    after = run.records(3, "eval")
     assert after and after[0]["step"] >= stored[0].inner_step, after   # evaluated where it resumed or later
     # where it was (within 2%, or better), and far below where a fresh start begins
     assert after[0]["val_loss"] <= before["val_loss"] * 1.02, (before, after[0])

@@ -2,6 +2,7 @@
 
 After every outer sync the node writes its stage's θ_global, outer optimizer state (momentum, the
 sparse codec's error feedback, the per-fragment outer steps: ``OuterSync.state_at``'s parts), its
+local weights (what it trained since the merge: resuming them resumes the exact model it had), its
 persistent buffers and the step they belong to into ``DIR/stage-state.pt``. Not a checkpoint of the
 whole model: one stage, the part a replica already serves to newcomers over GetState. The write
 happens on a worker thread of its own (never the training thread), to a temporary file that is
@@ -50,7 +51,7 @@ class StageState:
     model: dict[str, Any]                            # the run's [model] section
     inner_step: int
     outer_steps: dict[int, int]                      # per fragment
-    parts: dict[str, dict[str, torch.Tensor]]        # GetState layout: "global", "outer"
+    parts: dict[str, dict[str, torch.Tensor]]        # GetState layout: "global", "outer", "local"
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     written_at: float = 0.0
 
@@ -206,10 +207,18 @@ class StateKeeper:
             agent, outer = self.current.agent, self.current.outer
             if agent is None or outer is None or not self._pending():
                 return None
-            parts, step = await agent.runtime.run(outer.state_at, slow=False)
-            params = {name for name, _ in agent.runtime.module.named_parameters()}
-            buffers = {n: t.detach().cpu().clone() for n, t in agent.runtime.module.state_dict().items()
-                       if n not in params}
+            module = agent.runtime.module
+
+            def snapshot() -> tuple[dict[str, dict[str, torch.Tensor]], int, dict[str, torch.Tensor]]:
+                # on the worker thread, between two inner steps: θ_global, outer state and the local
+                # weights all belong to the same step
+                parts, step = outer.state_at()
+                return parts, step, {n: t.detach().cpu().clone() for n, t in module.state_dict().items()}
+
+            parts, step, local = await agent.runtime.run(snapshot, slow=False)
+            params = {name for name, _ in module.named_parameters()}
+            buffers = {n: t for n, t in local.items() if n not in params}
+            parts = {**parts, "local": local}
             steps = parts.get("outer", {}).get("steps")
             outer_steps = {p: int(v) for p, v in enumerate(steps.tolist())} if steps is not None else {}
             state = StageState(run_id=self.run_id, stage=agent.stage, num_stages=self.num_stages, model=self.model,
