@@ -304,12 +304,12 @@ async def wire_connect(port: int, token: str | None = TOKEN, garbage_mac: bytes 
     """A raw connection to the wire after the handshake; None when the server refused or closed it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        nonce = await asyncio.wait_for(reader.readexactly(NONCE_BYTES), 5)
+        nonce = await asyncio.wait_for(reader.readexactly(NONCE_BYTES), 15)
         writer.write(garbage_mac if garbage_mac is not None else handshake_mac(token or "", nonce))
         if garbage_mac is not None and len(garbage_mac) < MAC_BYTES:
             writer.write_eof()   # a short MAC and the end: the server must not wait for the rest
         await writer.drain()
-        if await asyncio.wait_for(reader.read(1), 5) != ACCEPTED:
+        if await asyncio.wait_for(reader.read(1), 15) != ACCEPTED:   # generous: a loaded machine
             writer.close()
             return None
     except (asyncio.IncompleteReadError, ConnectionError):
