@@ -5,7 +5,8 @@ run config); each stage's θ_global (the averaged weights every replica agrees o
 replica's local drift), its outer steps per fragment and its persistent buffers come straight from
 one replica over the nodes' GetState, so tensors never pass through the coordinator process. Stages
 are fetched one after another while the run trains, so a stage may land one outer round apart from
-another: the export then fetches the laggards again, and says which stage is behind if it still is.
+another: the export then fetches the laggards again, from their most advanced replica, and says
+which stage is behind if it still is.
 
 This module imports torch (through ``protocols.state_client`` and ``protocols.model_file``); only
 the ``export`` subcommand loads it, so ``serve`` and ``status`` stay torch-free.
@@ -137,6 +138,20 @@ async def _fetch_from_any(stage: int, nodes: Sequence[pb.NodeStatus], metadata: 
     raise ExportFailed(f"no replica of stage {stage} gave its state: " + "; ".join(errors))
 
 
+async def _fetch_most_advanced(stage: int, nodes: Sequence[pb.NodeStatus], metadata: Any) -> StageCopy:
+    """The stage from whichever replica holds the most outer steps (a replica that follows its group
+    as a standby, or missed a round, can be a round behind the others)."""
+    copies = []
+    for node in nodes:
+        try:
+            copies.append(await fetch_stage(node.address, stage, node.node_id, metadata))
+        except (grpc.aio.AioRpcError, ValidationError, ValueError) as exc:
+            log.warning("stage %d from %s (%s) failed: %s", stage, node.node_id, node.address, _describe(exc))
+    if not copies:
+        return await _fetch_from_any(stage, nodes, metadata)   # names every failure
+    return max(copies, key=lambda c: (sum(c.outer_steps.values()), c.inner_step))
+
+
 async def export_live(coordinator: str, token: str, out: str | Path) -> ExportResult:
     """Fetch every stage from a live replica, check their outer steps agree, and write the model file."""
     metadata = token_metadata(token)
@@ -158,7 +173,7 @@ async def export_live(coordinator: str, token: str, out: str | Path) -> ExportRe
         log.info("refetching stages %s: %s", lagging, "; ".join(behind))
         await asyncio.sleep(CATCH_UP_WAIT_S)
         for s in lagging:
-            copies[s] = await _fetch_from_any(s, replicas[s], metadata)
+            copies[s] = await _fetch_most_advanced(s, replicas[s], metadata)
         behind = describe_lags(behind_stages({s: c.outer_steps for s, c in copies.items()}))
     outer_steps = {s: c.outer_steps for s, c in copies.items()}
     meta = {
