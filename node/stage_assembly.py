@@ -108,33 +108,33 @@ class StageAssembler:
             # when the coordinator plans fresh weights either: that is a new run (its run directory knows
             # of no training), which must not silently continue an old one's weights.
             stored = None
-            if self._first_hold and method not in ("replica-copy", "fresh"):
+            if self._first_hold and method != "fresh":
                 stored = self._stored(stage)
             elif self._first_hold and method == "fresh" and self.state_dir:
                 logger.info("a new run (fresh weights planned): the state in %s is not resumed", self.state_dir)
             self._first_hold = False
-            if stored is not None:
-                try:
-                    # its own local weights when it wrote them (the exact model it had), else θ_global
-                    weights = stored.parts.get("local") or {**stored.theta_global, **stored.buffers}
-                    module.load_state_dict(weights, strict=True)
-                    iteration, outer_parts, method = stored.inner_step, stored.parts, LOCAL_STATE
-                    # what the coordinator's recovery log shows for its plan (a rebuild we did not need)
-                    message = (f"resumed from its --state-dir at step {iteration}, outer steps "
-                               f"{stored.outer_steps} (instead of {plan.method if plan is not None else 'fresh'})")
-                except (RuntimeError, ValueError) as exc:
-                    logger.error("stage %d: the stored state does not fit this stage (%s); obtaining it as "
-                                 "planned instead", stage, " ".join(str(exc).split())[:300])
-                    module = await asyncio.to_thread(build_stage, cfg, stage, config.model.stages, config.seed)
-            if method not in ("fresh", LOCAL_STATE):
+            # A live replica's copy is at least as new as our file; anything else the coordinator plans is
+            # a rebuild our own state makes unnecessary.
+            resumed = self._resume(module, stage, stored, plan) if method != "replica-copy" else None
+            if resumed is not None:
+                iteration, outer_parts, method, message = resumed
+            elif method not in ("fresh", LOCAL_STATE):
                 assert plan is not None
                 try:
                     iteration, lr_scale, outer_parts = await obtain_weights(
                         self.transport, node_id, module, method, plan, config.recovery.lr_scale)
                 except (grpc.aio.AioRpcError, ValidationError, ValueError) as exc:
-                    ok = False
-                    message = f"{method} failed: {exc}"
-                    logger.error("stage %d: %s; keeping fresh weights", stage, message)
+                    # a replica the restarted coordinator still counts as live may be gone with the rest
+                    # of the run: our own state then beats fresh weights
+                    resumed = self._resume(module, stage, stored, plan)
+                    if resumed is not None:
+                        iteration, outer_parts, method, message = resumed
+                        logger.warning("stage %d: %s failed (%s); resumed from --state-dir instead",
+                                       stage, method, exc)
+                    else:
+                        ok = False
+                        message = f"{method} failed: {exc}"
+                        logger.error("stage %d: %s; keeping fresh weights", stage, message)
             # θ_global: the copied replica's, else the weights we start from (equal across fresh replicas;
             # a rebuilt stage enters its next outer sync with the rebuilt weights).
             module = module.to(self.device)
@@ -159,6 +159,28 @@ class StageAssembler:
             self.events.write("stage", method=method, iteration=iteration, ok=ok, message=message)
             logger.info("node %s holds stage %d (%s, iteration %d)", node_id, stage, method, iteration)
         return ok, message
+
+    def _resume(self, module: torch.nn.Module, stage: int, stored: StageState | None,
+                plan: pb.RecoveryPlan | None
+                ) -> tuple[int, dict[str, dict[str, torch.Tensor]], str, str] | None:
+        """Load this node's stored state of ``stage`` into ``module``: (iteration, outer parts, method,
+        message), or None when there is none or it does not fit (``module`` is then as it was)."""
+        if stored is None:
+            return None
+        # its own local weights when it wrote them (the exact model it had), else θ_global
+        weights = stored.parts.get("local") or {**stored.theta_global, **stored.buffers}
+        before = {name: t.clone() for name, t in module.state_dict().items()}
+        try:
+            module.load_state_dict(weights, strict=True)
+        except (RuntimeError, ValueError) as exc:
+            module.load_state_dict(before, strict=True)
+            logger.error("stage %d: the stored state does not fit this stage (%s); obtaining it as planned "
+                         "instead", stage, " ".join(str(exc).split())[:300])
+            return None
+        # what the coordinator's recovery log shows for its plan (a rebuild we did not need)
+        message = (f"resumed from its --state-dir at step {stored.inner_step}, outer steps {stored.outer_steps} "
+                   f"(instead of {plan.method if plan is not None and plan.method else 'fresh'})")
+        return stored.inner_step, stored.parts, LOCAL_STATE, message
 
     def _stored(self, stage: int) -> StageState | None:
         """This node's own state of ``stage`` from its --state-dir, when it has a usable one."""
