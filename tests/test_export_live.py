@@ -28,7 +28,7 @@ OVERRIDES = [
     "membership.heartbeat_interval_s=0.5", "membership.lease_s=5",
     "membership.sync_join_window_s=6", "membership.sync_timeout_s=12",
 ]
-ATTEMPTS = 10   # the run keeps training: an export and the replicas' own copies must land in one round
+ATTEMPTS = 30   # the run keeps training: an export and the replicas' own copies must land in one round
 SLOWDOWN = ["--slowdown", "8"]   # a fragment merges every few seconds, not several times a second
 
 
