@@ -208,11 +208,19 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _status(args: argparse.Namespace) -> int:
+def _client_token(args: argparse.Namespace) -> str | None:
+    """The run token a client command was given (``--token-file`` or the environment); None after saying
+    why there is none."""
     try:
-        token = load_token(args.token_file)
+        return load_token(args.token_file)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _status(args: argparse.Namespace) -> int:
+    token = _client_token(args)
+    if token is None:
         return 2
     if args.watch:   # a supervisor's SIGTERM ends the watch like Ctrl-C does
         signal.signal(signal.SIGTERM, _interrupt)
@@ -254,10 +262,8 @@ def _export(args: argparse.Namespace) -> int:
     # Imported here, not at the top: export needs torch, and serve/status stay torch-free without it.
     from lowband.coordinator.export import ExportFailed, export_live
 
-    try:
-        token = load_token(args.token_file)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    token = _client_token(args)
+    if token is None:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowband.protocols.hop_bytes import SUBSPACE_PREFIX, is_subspace
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
@@ -23,7 +25,7 @@ class ConfigError(ValueError):
 CODECS = ("fp32", "bf16", "fp16", "int8", "int4", "fp8", "fp4")
 # A pipeline hop's codecs: the plain ones, and a subspace model's coordinates in one of them
 # (protocols/subspace.py; needs model.subspace_rank > 0)
-HOP_CODECS = (*CODECS, *(f"subspace-{codec}" for codec in CODECS))
+HOP_CODECS = (*CODECS, *(f"{SUBSPACE_PREFIX}{codec}" for codec in CODECS))
 PLANNERS = ("full", "random", "skippipe", "skippipe-unaware")  # coordinator.planner.PLANNERS
 RECOVERY_METHODS = ("checkfree", "checkfree-plus", "random-reinit", "none")
 
@@ -211,7 +213,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name, codec in (("train.activation_codec", self.train.activation_codec),
                             ("train.gradient_codec", self.train.gradient_codec)):
-            _check(not codec.startswith("subspace-") or self.model.subspace_rank > 0, name,
+            _check(not is_subspace(codec) or self.model.subspace_rank > 0, name,
                    f"{codec!r} sends a subspace model's coordinates: set model.subspace_rank > 0 "
                    "(or choose a plain codec)")
 

@@ -37,11 +37,11 @@ from dataclasses import dataclass
 import torch
 
 from lowband.protocols import tensor_pb2
+from lowband.protocols.config import HOP_CODECS
 from lowband.protocols.errors import ValidationError
-from lowband.protocols.hop_bytes import SUBSPACE_PREFIX, inner_codec, is_subspace, token_bytes
+from lowband.protocols.hop_bytes import inner_codec, is_subspace, token_bytes
 
-INNER_CODECS = ("bf16", "fp16", "fp32", "int8", "fp8", "int4", "fp4")
-SUBSPACE_CODECS = tuple(f"{SUBSPACE_PREFIX}{inner}" for inner in INNER_CODECS)
+SUBSPACE_CODECS = tuple(codec for codec in HOP_CODECS if is_subspace(codec))   # one per plain codec
 ANCHOR_SCALE = 0.02           # the magnitude of every anchor entry: the scale of a token embedding at init
 _ANCHOR_VERSION = 1           # bump when the anchors' construction changes: fingerprints then differ
 _MAX_VOCAB = 1 << 31
@@ -185,7 +185,6 @@ def make_basis(dim: int, rank: int, vocab_size: int) -> SubspaceBasis:
 
 __all__ = [
     "ANCHOR_SCALE",
-    "INNER_CODECS",
     "SUBSPACE_CODECS",
     "SubspaceBasis",
     "check_shape",
