@@ -399,7 +399,7 @@ def test_the_activations_benchmark_reports_a_subspace_codec_against_bf16() -> No
 
     bench = load_benchmark("activations")
     assert bench.parse_pair("subspace-int8/subspace-bf16@16") == ("subspace-int8", "subspace-bf16", 16)
-    with pytest.raises(Exception, match="rank"):
+    with pytest.raises(argparse.ArgumentTypeError, match="rank"):
         bench.parse_pair("subspace-int8")
     ns = argparse.Namespace(baseline="bf16", codecs=["subspace-int8@16"], seeds=[0], steps=2, stages=4, warmup=1,
                             lr=4e-3, microbatches=1, microbatch_size=2, seq_len=16, eval_batches=1, max_gap=0.01)
