@@ -10,12 +10,18 @@ import dataclasses
 import grpc
 import pytest
 import torch
+from node_cluster import TOKEN as NODE_TOKEN
+from node_cluster import start_node
 from reduce_servers import start_reduce_server
 from torch import nn
 
+from lowband.node.pipeline.transport import Transport
+from lowband.node.recovery.obtain import obtain_weights
+from lowband.node.service import StateSnapshot
 from lowband.node.sync.diloco import StreamingDiLoCo, state_from_parts, state_to_parts
 from lowband.node.sync.grpc_averager import ChannelPool, ShardReducer, allreduce_mean
-from lowband.protocols import node_pb2, node_pb2_grpc
+from lowband.node.train.model import ModelConfig, build_stage, init_stage
+from lowband.protocols import coordinator_pb2, node_pb2, node_pb2_grpc
 from lowband.protocols.chunking import iter_chunks
 from lowband.protocols.codec import payload_checksum
 from lowband.protocols.config import ConfigError, DilocoSection, RunConfig, apply_overrides
@@ -300,3 +306,78 @@ def test_sparse_merge_keeps_the_progress_made_during_the_overlap() -> None:
     d.finish_sync(job, job.delta)                      # alone in the round: the mean is its own part
     assert torch.equal(d.global_params["w"], -job.delta)
     assert torch.equal(d.params["w"].detach(), -job.delta + step)
+
+
+def _owing_replica(module: nn.Module, c: DilocoSection, seed: int) -> StreamingDiLoCo:
+    """A sparse replica of ``module`` after one round of its own: its error feedback owes something."""
+    d = StreamingDiLoCo(module, c)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    job = d.begin_sync(1, fragment=0)
+    assert job is not None
+    d.finish_sync(job, job.delta)
+    return d
+
+
+def test_replica_copy_carries_the_error_feedback_and_a_checkfree_rebuild_starts_it_at_zero() -> None:
+    """The decision for CheckFree: a rebuilt stage's error feedback starts at zero. Its neighbours' buffers
+    are debts of their own stages' parameters against their own θ_global (CheckFree borrows their weights
+    by block name, not their pending updates), and the rebuilt weights are a new θ_global no replica's debt
+    refers to; averaging the neighbours' debts would apply updates meant for other stages here. So the
+    rebuild asks its neighbours for their weights only, and its first round sends its own Δ alone. A replica
+    copy (a live replica of the same stage) carries the source's buffers exactly."""
+    model = ModelConfig.from_preset("tiny")
+    c = sparse_cfg(inner_steps=4, overlap=0, sparse_chunk=64, sparse_topk=4, sparse_bits=2)
+
+    async def main() -> None:
+        nodes = {s: await start_node(f"n{s}", s, init_stage(model, s, 4, seed=s), dim=model.dim,
+                                     max_seq_len=model.max_seq_len) for s in (1, 3)}
+        dilocos = {s: _owing_replica(n.runtime.module, c, seed=s) for s, n in nodes.items()}
+        asked: list[list[str]] = []
+        for s, n in nodes.items():
+            def provider(stage: int, parts: list[str], n=n, d=dilocos[s]):   # type: ignore[no-untyped-def]
+                async def serve() -> StateSnapshot:
+                    asked.append(sorted(parts))
+                    have = {"local": await n.runtime.state(), **state_to_parts(d.state_dict())}
+                    return StateSnapshot(parts={k: v for k, v in have.items() if k in parts}, inner_step=40)
+                return serve()
+            n.servicer.state_provider = provider
+        transport = Transport(NODE_TOKEN)
+        try:
+            copy = coordinator_pb2.RecoveryPlan(stage=1, method="replica-copy", plan_id=1)
+            copy.sources.add(node_id="n1", address=nodes[1].address, stage=1)
+            module = build_stage(model, 1, 4, seed=99)
+            _, _, outer = await obtain_weights(transport, "me", module, "replica-copy", copy, 1.0)
+            assert any(name.startswith("ef/0/") for name in outer["outer"])
+            copied = StreamingDiLoCo(module, c)
+            copied.load_state_dict(state_from_parts(outer, copied.fragments), reset_local=False)
+            assert torch.equal(copied.error.residual(0), dilocos[1].error.residual(0))
+            assert float(dilocos[1].error.residual(0).abs().sum()) > 0
+
+            asked.clear()
+            plan = coordinator_pb2.RecoveryPlan(stage=2, method="checkfree", lr_scale=1.1, plan_id=2)
+            plan.sources.add(node_id="n1", address=nodes[1].address, stage=1)
+            plan.sources.add(node_id="n3", address=nodes[3].address, stage=3)
+            plan.weights.extend([1.0, 1.0])
+            rebuilt = build_stage(model, 2, 4, seed=99)
+            _, _, outer = await obtain_weights(transport, "me", rebuilt, "checkfree", plan, 1.0)
+            assert outer == {} and asked == [["local"], ["local"]]   # weights only: no neighbour's debt
+            d = StreamingDiLoCo(rebuilt, c)
+            assert d.error.keys() == []
+            for name, p in rebuilt.named_parameters():   # θ_global = the rebuilt weights
+                assert torch.equal(d.global_params[name], p.detach().float())
+            with torch.no_grad():
+                for p in rebuilt.parameters():
+                    p.mul_(0.99)
+            job = d.begin_sync(1, fragment=0)
+            assert job is not None and job.sparse is not None
+            own = select(torch.cat([t.reshape(-1) for t in d.pseudo_gradient(0).values()]), d.sparse)
+            assert torch.equal(job.sparse.indices, own.indices) and torch.equal(job.delta, own.dense())
+        finally:
+            await transport.close()
+            for n in nodes.values():
+                await n.stop()
+
+    asyncio.run(main())
