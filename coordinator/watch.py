@@ -102,8 +102,10 @@ class RunWatch:
         self._rejected[m.node_id] = count
         # first sight (this coordinator just started): the count is history, already logged before
         if seen is not None and count > seen:
+            last = f"; last: {m.metrics.last_rejection}" if m.metrics.last_rejection else ""
             self.core.note("rejected-update", m.node_id, m.stage,
-                           f"refused {count - seen} pseudo-gradient part(s) as a shard owner ({count} in all)")
+                           f"refused {count - seen} pseudo-gradient part(s) as a shard owner "
+                           f"({count} in all){last}")
 
     # -- the document -------------------------------------------------------------
     def document(self, max_events: int = DEFAULT_EVENTS, *, history: bool = True) -> dict[str, Any]:
@@ -155,6 +157,7 @@ class RunWatch:
             "bytes_received": x.bytes_received, "activation_bytes_sent": x.activation_bytes_sent,
             "sync_bytes_sent": x.sync_bytes_sent, "state_bytes_sent": x.state_bytes_sent,
             "rejected_updates": x.rejected_updates,
+            "rejected_peers": dict(sorted(x.rejected_peers.items())), "last_rejection": x.last_rejection,
             "bytes_sent_by_kind": bytes_by_kind(m),
             "bytes_per_s": self.node_rates.get(m.node_id, dict.fromkeys(KINDS, 0.0)) if live
             else dict.fromkeys(KINDS, 0.0),

@@ -10,6 +10,7 @@ from typing import Any
 from lowband.node.pipeline.transport import Transport
 from lowband.node.service import NodeServicer
 from lowband.node.stage_assembly import CurrentStage
+from lowband.node.sync.grpc_averager import Rejection
 from lowband.protocols import coordinator_pb2 as pb
 
 
@@ -49,8 +50,15 @@ def node_metrics(counters: TrainingCounters, current: CurrentStage, transport: T
         val_loss=_finite(counters.val_loss),
         tokens=counters.tokens,
         state_bytes_sent=servicer.state_bytes_sent,
-        rejected_updates=len(reducer.rejected) if reducer is not None else 0,
+        rejected_updates=reducer.rejected_total if reducer is not None else 0,
+        rejected_peers=dict(reducer.rejected_by_peer) if reducer is not None else {},
+        last_rejection=_rejection(reducer.last_rejection) if reducer is not None else "",
     )
+
+
+def _rejection(r: Rejection | None) -> str:
+    """One line for the coordinator's records: which round, which peer, why."""
+    return "" if r is None else f"round {r.round_id} stage {r.stage} fragment {r.fragment}: peer {r.peer}: {r.why}"
 
 
 def metrics_record(metrics: pb.NodeMetrics) -> dict[str, Any]:

@@ -36,6 +36,16 @@ def _check(ok: bool, name: str, message: str) -> None:
 
 
 MODEL_PRESETS = ("tiny", "small", "124m", "500m", "1.5b")   # defined in node/train/model.py
+PRECISIONS = ("auto", "fp32", "bf16")   # train.precision (node/train/precision.py)
+TOKENIZERS = ("bytes", "bpe")   # train.tokenizer (protocols/tokenizer.py)
+BYTE_VOCAB = 256                # text read as bytes
+MAX_BPE_VOCAB = 1 << 16         # a BPE's ids fit uint16, as nanoGPT's token files
+TOKEN_FILE_SUFFIXES = (".bin", ".npy")   # pre-tokenized data (".u8.bin" ends in ".bin" too): protocols/vocab.py
+
+
+def is_token_file(data: str | Path) -> bool:
+    """Whether ``train.data`` names a token file (else text: the default corpus, a file, a folder)."""
+    return bool(str(data)) and Path(data).name.lower().endswith(TOKEN_FILE_SUFFIXES)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,6 +88,13 @@ class TrainSection:
     data: str = ""                    # empty: the embedded standard-library corpus
     data_max_bytes: int = 8 << 20     # cap on tokens loaded from any source; 0 = no cap
     val_fraction: float = 0.05        # held-out share (by file for directories and the default corpus)
+    # compute precision of forward/backward: "auto" = bf16 autocast on CUDA, fp32 elsewhere; "bf16" also
+    # on CPU; "fp32" never autocasts. Master weights, optimizer state and DiLoCo stay fp32 in every mode.
+    precision: str = "auto"
+    # how text becomes token ids: "bytes" (256 ids) or "bpe", a byte-level BPE of vocab_size tokens trained
+    # on the run's training split where the run starts and shared by the coordinator (protocols/tokenizer.py)
+    tokenizer: str = "bytes"
+    vocab_size: int = 0               # the BPE's size (tokenizer = "bpe" only)
 
     def __post_init__(self) -> None:
         _check(self.microbatch_size >= 1, "train.microbatch_size", "must be >= 1")
@@ -97,6 +114,21 @@ class TrainSection:
         _check(self.hop_timeout_s > 0, "train.hop_timeout_s", "must be > 0")
         _check(self.data_max_bytes >= 0, "train.data_max_bytes", "must be >= 0 (0 = no cap)")
         _check(0 < self.val_fraction < 1, "train.val_fraction", "must be in (0, 1)")
+        _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+        _check(self.tokenizer in TOKENIZERS, "train.tokenizer", f"must be one of {TOKENIZERS}")
+        if self.tokenizer == "bpe":
+            _check(BYTE_VOCAB < self.vocab_size <= MAX_BPE_VOCAB, "train.vocab_size",
+                   f"train.tokenizer = 'bpe' needs a vocabulary size in [{BYTE_VOCAB + 1}, {MAX_BPE_VOCAB}] "
+                   f"(the {BYTE_VOCAB} byte tokens plus merges; 4096 is a good start), got {self.vocab_size}")
+            _check(not is_token_file(self.data), "train.tokenizer",
+                   f"'bpe' tokenizes text, but train.data {self.data!r} is a token file (already tokenized): "
+                   "set train.tokenizer = 'bytes'")
+        else:
+            _check(self.vocab_size == 0, "train.vocab_size",
+                   f"sets the size of a BPE (train.tokenizer = 'bpe'); bytes have {BYTE_VOCAB}, got {self.vocab_size}")
+
+
+ROBUST_MODES = ("auto", "clip", "off")   # diloco.robust (node/sync/robust_mean.py)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -110,15 +142,25 @@ class DilocoSection:
     codec: str = "fp4"
     backend: str = "grpc"             # "grpc" or "hivemind"
     reject_norm_ratio: float = 0.0    # >0: drop a peer whose update norm exceeds ratio x median
+    # robust aggregation at shard owners: "auto" clips each part's norm (2 parts: to the smaller; 3+: to
+    # clip_multiple x the running median of past rounds) and takes a trimmed mean from 3 parts; "clip"
+    # clips only; "off" is the plain mean. clip_multiple > 1 lets a poisoned part move θ_global further
+    # than a clean round would
+    robust: str = "auto"
+    clip_multiple: float = 1.0
     peer_timeout_s: float = 10.0
     error_feedback: bool = False      # carry each quantized send's error into the next send of that fragment
     # codec = "sparse" (SparseLoCo, protocols/sparse.py): each chunk of sparse_chunk elements sends its
     # sparse_topk largest entries in sparse_bits bits; error feedback (e <- sparse_error_decay*e + delta)
-    # replaces the outer momentum (outer_momentum is not used)
+    # replaces the outer momentum (outer_momentum is not used; sparse_outer_momentum > 0 adds Nesterov
+    # momentum on the averaged sparse update); shard owners re-select the mean's sparse_reply_topk entries
+    # per chunk (0: sparse_topk)
     sparse_chunk: int = 4096
     sparse_topk: int = 64
     sparse_bits: int = 2
     sparse_error_decay: float = 0.95
+    sparse_outer_momentum: float = 0.0
+    sparse_reply_topk: int = 0
 
     def __post_init__(self) -> None:
         _check(self.inner_steps >= 1, "diloco.inner_steps", "must be >= 1")
@@ -137,7 +179,12 @@ class DilocoSection:
         _check(1 <= self.sparse_topk <= self.sparse_chunk, "diloco.sparse_topk", "must be in [1, diloco.sparse_chunk]")
         _check(self.sparse_bits in (1, 2), "diloco.sparse_bits", "must be 1 or 2")
         _check(0.0 < self.sparse_error_decay <= 1.0, "diloco.sparse_error_decay", "must be in (0, 1]")
+        _check(0.0 <= self.sparse_outer_momentum < 1.0, "diloco.sparse_outer_momentum", "must be in [0, 1)")
+        _check(0 <= self.sparse_reply_topk <= self.sparse_chunk, "diloco.sparse_reply_topk",
+               "must be in [0, diloco.sparse_chunk] (0: diloco.sparse_topk)")
         _check(self.reject_norm_ratio >= 0, "diloco.reject_norm_ratio", "must be >= 0")
+        _check(self.robust in ROBUST_MODES, "diloco.robust", f"must be one of {ROBUST_MODES}")
+        _check(1.0 <= self.clip_multiple <= 1e6, "diloco.clip_multiple", "must be in [1, 1e6]")
         _check(self.peer_timeout_s > 0, "diloco.peer_timeout_s", "must be > 0")
 
 

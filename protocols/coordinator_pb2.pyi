@@ -28,7 +28,14 @@ class PeerInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., sync_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeMetrics(_message.Message):
-    __slots__ = ("step", "loss", "tokens_per_s", "bytes_sent", "bytes_received", "grad_norm", "outer_step", "sync_bytes_sent", "activation_bytes_sent", "val_loss", "tokens", "state_bytes_sent", "rejected_updates", "heartbeat_rtt_s", "control_bytes_sent")
+    __slots__ = ("step", "loss", "tokens_per_s", "bytes_sent", "bytes_received", "grad_norm", "outer_step", "sync_bytes_sent", "activation_bytes_sent", "val_loss", "tokens", "state_bytes_sent", "rejected_updates", "heartbeat_rtt_s", "control_bytes_sent", "rejected_peers", "last_rejection")
+    class RejectedPeersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +51,8 @@ class NodeMetrics(_message.Message):
     REJECTED_UPDATES_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_RTT_S_FIELD_NUMBER: _ClassVar[int]
     CONTROL_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_PEERS_FIELD_NUMBER: _ClassVar[int]
+    LAST_REJECTION_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     tokens_per_s: float
@@ -59,10 +68,12 @@ class NodeMetrics(_message.Message):
     rejected_updates: int
     heartbeat_rtt_s: float
     control_bytes_sent: int
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., grad_norm: _Optional[float] = ..., outer_step: _Optional[int] = ..., sync_bytes_sent: _Optional[int] = ..., activation_bytes_sent: _Optional[int] = ..., val_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., state_bytes_sent: _Optional[int] = ..., rejected_updates: _Optional[int] = ..., heartbeat_rtt_s: _Optional[float] = ..., control_bytes_sent: _Optional[int] = ...) -> None: ...
+    rejected_peers: _containers.ScalarMap[str, int]
+    last_rejection: str
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., grad_norm: _Optional[float] = ..., outer_step: _Optional[int] = ..., sync_bytes_sent: _Optional[int] = ..., activation_bytes_sent: _Optional[int] = ..., val_loss: _Optional[float] = ..., tokens: _Optional[int] = ..., state_bytes_sent: _Optional[int] = ..., rejected_updates: _Optional[int] = ..., heartbeat_rtt_s: _Optional[float] = ..., control_bytes_sent: _Optional[int] = ..., rejected_peers: _Optional[_Mapping[str, int]] = ..., last_rejection: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("node_id", "address", "device", "memory_bytes", "throughput", "version", "stage", "has_data", "preferred_stage")
+    __slots__ = ("node_id", "address", "device", "memory_bytes", "throughput", "version", "stage", "has_data", "preferred_stage", "secret", "tokenizer_sha256", "stored_stages")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +83,9 @@ class JoinRequest(_message.Message):
     STAGE_FIELD_NUMBER: _ClassVar[int]
     HAS_DATA_FIELD_NUMBER: _ClassVar[int]
     PREFERRED_STAGE_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    STORED_STAGES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     device: str
@@ -81,10 +95,25 @@ class JoinRequest(_message.Message):
     stage: int
     has_data: bool
     preferred_stage: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., stage: _Optional[int] = ..., has_data: _Optional[bool] = ..., preferred_stage: _Optional[int] = ...) -> None: ...
+    secret: bytes
+    tokenizer_sha256: str
+    stored_stages: _containers.RepeatedCompositeFieldContainer[StoredStage]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., throughput: _Optional[float] = ..., version: _Optional[str] = ..., stage: _Optional[int] = ..., has_data: _Optional[bool] = ..., preferred_stage: _Optional[int] = ..., secret: _Optional[bytes] = ..., tokenizer_sha256: _Optional[str] = ..., stored_stages: _Optional[_Iterable[_Union[StoredStage, _Mapping]]] = ...) -> None: ...
+
+class StoredStage(_message.Message):
+    __slots__ = ("stage", "outer_step", "inner_step", "fingerprint")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    OUTER_STEP_FIELD_NUMBER: _ClassVar[int]
+    INNER_STEP_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    outer_step: int
+    inner_step: int
+    fingerprint: str
+    def __init__(self, stage: _Optional[int] = ..., outer_step: _Optional[int] = ..., inner_step: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("node_id", "stage", "run_config_json", "epoch", "heartbeat_interval_s", "lease_s", "origin_index", "num_origins", "instruction")
+    __slots__ = ("node_id", "stage", "run_config_json", "epoch", "heartbeat_interval_s", "lease_s", "origin_index", "num_origins", "instruction", "tokenizer_sha256", "tokenizer_json")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +123,8 @@ class JoinReply(_message.Message):
     ORIGIN_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_ORIGINS_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     stage: int
     run_config_json: str
@@ -103,7 +134,9 @@ class JoinReply(_message.Message):
     origin_index: int
     num_origins: int
     instruction: Instruction
-    def __init__(self, node_id: _Optional[str] = ..., stage: _Optional[int] = ..., run_config_json: _Optional[str] = ..., epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., origin_index: _Optional[int] = ..., num_origins: _Optional[int] = ..., instruction: _Optional[_Union[Instruction, _Mapping]] = ...) -> None: ...
+    tokenizer_sha256: str
+    tokenizer_json: str
+    def __init__(self, node_id: _Optional[str] = ..., stage: _Optional[int] = ..., run_config_json: _Optional[str] = ..., epoch: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_s: _Optional[float] = ..., origin_index: _Optional[int] = ..., num_origins: _Optional[int] = ..., instruction: _Optional[_Union[Instruction, _Mapping]] = ..., tokenizer_sha256: _Optional[str] = ..., tokenizer_json: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "metrics", "epoch")
@@ -295,12 +328,14 @@ class RecoveryReport(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., plan_id: _Optional[int] = ..., success: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("max_events", "document")
+    __slots__ = ("max_events", "document", "tokenizer")
     MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     max_events: int
     document: bool
-    def __init__(self, max_events: _Optional[int] = ..., document: _Optional[bool] = ...) -> None: ...
+    tokenizer: bool
+    def __init__(self, max_events: _Optional[int] = ..., document: _Optional[bool] = ..., tokenizer: _Optional[bool] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("node_id", "address", "stage", "state", "heartbeat_age_s", "metrics", "throughput", "device", "has_data", "memory_bytes")
@@ -341,7 +376,7 @@ class Event(_message.Message):
     def __init__(self, time: _Optional[float] = ..., kind: _Optional[str] = ..., node_id: _Optional[str] = ..., stage: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("epoch", "nodes", "stage_coverage", "outer_step", "events", "run_config_json", "status_json")
+    __slots__ = ("epoch", "nodes", "stage_coverage", "outer_step", "events", "run_config_json", "status_json", "tokenizer_json")
     class StageCoverageEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +391,7 @@ class StatusReply(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     stage_coverage: _containers.ScalarMap[int, int]
@@ -363,4 +399,5 @@ class StatusReply(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[Event]
     run_config_json: str
     status_json: str
-    def __init__(self, epoch: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., stage_coverage: _Optional[_Mapping[int, int]] = ..., outer_step: _Optional[int] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., run_config_json: _Optional[str] = ..., status_json: _Optional[str] = ...) -> None: ...
+    tokenizer_json: str
+    def __init__(self, epoch: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., stage_coverage: _Optional[_Mapping[int, int]] = ..., outer_step: _Optional[int] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., run_config_json: _Optional[str] = ..., status_json: _Optional[str] = ..., tokenizer_json: _Optional[str] = ...) -> None: ...

@@ -67,7 +67,7 @@ class GrpcBackend:
         self.cfg = cfg
         self.stage = stage
         self.node_id = node_id
-        self.reducer: ShardReducer | None = ShardReducer.from_config(cfg, node_id)
+        self.reducer: ShardReducer | None = ShardReducer.from_config(cfg, node_id, require_roster=True)
         self.channels = ChannelPool(token)
 
     @property
@@ -85,7 +85,8 @@ class GrpcBackend:
         assert self.reducer is not None
         mean, stats = await average_job(
             job, [p.address for p in reply.participants], my_index, round_id=reply.round_id, cfg=self.cfg,
-            reducer=self.reducer, channels=self.channels, stage=self.stage, node_id=self.node_id)
+            reducer=self.reducer, channels=self.channels, stage=self.stage, node_id=self.node_id,
+            participants=[p.node_id for p in reply.participants])
         return Averaged(mean, stats.valid, stats.bytes_sent, fields={"lost_shards": stats.lost_shards})
 
     async def close(self) -> None:

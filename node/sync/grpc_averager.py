@@ -14,7 +14,14 @@ Failure is data, never a hang:
   identical numbers;
 - a part that is malformed, has the wrong size or holds NaN/inf is refused with
   INVALID_ARGUMENT (ValidationError) and dropped; norm outliers are dropped when
-  ``reject_norm_ratio > 0`` (``averaging.robust_mean``);
+  ``reject_norm_ratio > 0``, and with ``diloco.robust`` (on by default) every part is
+  norm-clipped and, from 3 parts, averaged by a trimmed mean (``robust_mean``): the
+  owner keeps the running median of its shard's past norms, so one broken or hostile
+  replica cannot move θ_global further than an honest one would;
+- a part is accepted only from the round's participants, under their own identity:
+  the node learns the round's roster from its own JoinSyncRound reply
+  (``expect_round``), never from the caller's header, and refuses anybody else with
+  PERMISSION_DENIED (``require_roster``, which the daemon's backend sets);
 - a caller whose owner is dead or refuses loses that shard: ``allreduce_mean``
   returns its own values there and marks the shard in ``stats.valid``, and
   ``StreamingDiLoCo.finish_sync(job, avg, stats.valid)`` leaves those elements
@@ -33,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,7 +49,7 @@ import torch
 
 from lowband.node.sync.diloco import SyncJob
 from lowband.node.sync.error_feedback import ErrorFeedback
-from lowband.node.sync.robust_mean import robust_mean, shard_bounds
+from lowband.node.sync.robust_mean import MeanResult, NormHistory, lower_median, robust_mean, shard_bounds
 from lowband.protocols import node_pb2, node_pb2_grpc, tensor_pb2
 from lowband.protocols.chunking import DEFAULT_CHUNK_BYTES, ChunkAssembler, iter_chunks
 from lowband.protocols.codec import CODECS, DEFAULT_MAX_NUMEL, decode, encode
@@ -51,11 +59,16 @@ from lowband.protocols.peer_guard import BAD_INPUT_LOG, peer_host
 from lowband.protocols.rpc import grpc_options, token_metadata
 from lowband.protocols.sparse import SPARSE_CODEC, SparseParams, SparseSelection, params_of, resparsify
 from lowband.protocols.sparse_codec import decode_any, decode_sparse, encode_sparse
+from lowband.protocols.tls import check_claimed_id, open_channel
 
 logger = logging.getLogger(__name__)
 
 MAX_SHARDS = 4096                  # participants per round; far above any real stage group
 MAX_OPEN_ROUNDS = 256              # shard rounds a reducer holds at once (memory bound)
+MAX_RECORDED_PEERS = 256           # peers whose rejections a reducer counts one by one (memory bound)
+# a part this far above the reference is recorded as a rejected outlier; clipping a part that is
+# merely larger than the others (the larger of two honest parts) is routine and not recorded
+OUTLIER_MULTIPLE = 3.0
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
               grpc.StatusCode.CANCELLED)
 
@@ -81,6 +94,17 @@ class _Round:
     result_msg: tensor_pb2.Tensor | None = None
     contributors: int = 0
     finished: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """One peer's part this owner refused, clipped as an outlier, or saw oppose the round (for the records)."""
+
+    round_id: int
+    stage: int
+    fragment: int
+    peer: str
+    why: str
 
 
 @dataclass(slots=True)
@@ -109,11 +133,29 @@ class ShardReducer:
         node_id: str = "",
         error_feedback: bool = False,
         sparse: SparseParams | None = None,
+        robust: str = "off",
+        clip_multiple: float = 1.0,
+        require_roster: bool = False,
+        identity_check: Callable[[grpc.aio.ServicerContext, str], str] | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if robust not in ("auto", "clip", "off"):
+            raise ValueError(f"robust must be 'auto', 'clip' or 'off', got {robust!r}")
+        if clip_multiple < 1:
+            raise ValueError(f"clip_multiple must be >= 1, got {clip_multiple}")
         self.timeout_s = timeout_s
         self.reject_norm_ratio = reject_norm_ratio
+        self.robust = robust
+        self.clip_multiple = clip_multiple
+        self.history = NormHistory()   # per (stage, fragment, num_shards, shard_index): past rounds' norms
+        # who may send parts: round (round_id, stage, fragment) -> its ordered participants, as this node's
+        # own JoinSyncRound answered (expect_round); with require_roster, a round nobody told us of takes no parts
+        self.require_roster = require_roster
+        self._rosters: OrderedDict[tuple[int, int, int], tuple[str, ...]] = OrderedDict()
+        self._roster_known: dict[tuple[int, int, int], asyncio.Event] = {}
+        # the TLS identity hook: why the caller may not speak as the claimed sender ('' when it may)
+        self.identity_check = identity_check
         self.max_numel = max_numel
         self.ttl_s = ttl_s if ttl_s is not None else 4 * timeout_s + 30.0
         self.node_id = node_id
@@ -129,13 +171,70 @@ class ShardReducer:
         self._rounds: dict[tuple[int, int, int, int], _Round] = {}
         self.bytes_sent = 0                  # replies (what this owner put on the wire)
         self.bytes_received = 0
-        self.rejected: list[tuple[tuple[int, int, int, int], str, str]] = []   # (key, sender, why)
+        self.rejected: deque[tuple[tuple[int, int, int, int], str, str]] = deque(maxlen=1024)  # (key, sender, why)
+        self.rejected_total = 0                       # every refused, clipped or opposing part (for metrics)
+        self.rejected_by_peer: dict[str, int] = {}    # peer -> its parts counted in rejected_total
+        self.last_rejection: Rejection | None = None
 
     @classmethod
-    def from_config(cls, cfg: DilocoSection, node_id: str = "") -> ShardReducer:
-        """A reducer with the run's [diloco] peer timeout and outlier rule."""
+    def from_config(cls, cfg: DilocoSection, node_id: str = "", *, require_roster: bool = False) -> ShardReducer:
+        """A reducer with the run's [diloco] peer timeout, outlier rule and robust aggregation (the daemon's
+        backend also requires the round roster; a harness that runs no coordinator cannot)."""
         return cls(timeout_s=cfg.peer_timeout_s, reject_norm_ratio=cfg.reject_norm_ratio, node_id=node_id,
-                   error_feedback=cfg.error_feedback, sparse=params_of(cfg))
+                   error_feedback=cfg.error_feedback, sparse=params_of(cfg), robust=cfg.robust,
+                   clip_multiple=cfg.clip_multiple, require_roster=require_roster, identity_check=check_claimed_id)
+
+    # -- who may send -----------------------------------------------------------
+
+    def expect_round(self, round_id: int, stage: int, fragment: int, participants: Sequence[str]) -> None:
+        """The coordinator formed this round with these participants (ordered: shard j is participant j's)."""
+        key = (round_id, stage, fragment)
+        self._rosters[key] = tuple(participants)
+        self._rosters.move_to_end(key)
+        while len(self._rosters) > MAX_OPEN_ROUNDS:
+            old, _ = self._rosters.popitem(last=False)
+            self._roster_known.pop(old, None)
+        event = self._roster_known.pop(key, None)
+        if event is not None:
+            event.set()
+
+    async def _roster(self, header: node_pb2.ShardHeader) -> tuple[str, ...] | None:
+        """The round's participants; waits up to ``timeout_s`` for this node's own poll to learn them."""
+        key = (header.round_id, header.stage, header.fragment)
+        roster = self._rosters.get(key)
+        if roster is None:
+            if len(self._roster_known) >= MAX_OPEN_ROUNDS and key not in self._roster_known:
+                return None
+            event = self._roster_known.setdefault(key, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), self.timeout_s)
+            except TimeoutError:
+                self._roster_known.pop(key, None)
+                return None
+            roster = self._rosters.get(key)
+        return roster
+
+    def _not_participant(self, header: node_pb2.ShardHeader, roster: tuple[str, ...] | None) -> str:
+        """Why `header`'s sender may not send this part ('' when it may)."""
+        if roster is None:
+            return (f"round {header.round_id} of stage {header.stage} fragment {header.fragment} is unknown to "
+                    f"this node (its coordinator did not name it a participant)")
+        if header.sender_id not in roster:
+            return f"{header.sender_id!r} is not a participant of round {header.round_id}"
+        if (header.num_shards != len(roster) or not 0 <= header.shard_index < len(roster)
+                or roster[header.shard_index] != self.node_id):
+            return (f"round {header.round_id} has {len(roster)} participants and this node owns shard "
+                    f"{roster.index(self.node_id) if self.node_id in roster else 'none'}; the header says "
+                    f"shard {header.shard_index} of {header.num_shards}")
+        return ""
+
+    def _record(self, rnd: _Round, sender: str, why: str) -> None:
+        """Count one rejection of `sender`'s part (refused, clipped as an outlier, or opposing the round)."""
+        self.rejected.append((rnd.key, sender, why))
+        self.rejected_total += 1
+        if sender in self.rejected_by_peer or len(self.rejected_by_peer) < MAX_RECORDED_PEERS:
+            self.rejected_by_peer[sender] = self.rejected_by_peer.get(sender, 0) + 1
+        self.last_rejection = Rejection(rnd.key[0], rnd.key[1], rnd.key[2], sender, why)
 
     # -- rounds ---------------------------------------------------------------
 
@@ -183,7 +282,7 @@ class ShardReducer:
     def _refuse(self, rnd: _Round, sender: str, why: str) -> None:
         rnd.arrived.add(sender)
         rnd.refused[sender] = why
-        self.rejected.append((rnd.key, sender, why))
+        self._record(rnd, sender, why)
 
     async def _finalize(self, rnd: _Round) -> None:
         """Average what arrived (once), encode the reply, wake every waiter."""
@@ -195,9 +294,21 @@ class ShardReducer:
         parts = [rnd.parts[s] for s in senders]
         codec = rnd.codec or "fp32"
         ef_key = rnd.key[1:]                     # (stage, fragment, shard_index)
+        history_key = (rnd.key[1], rnd.key[2], rnd.num_shards, rnd.key[3])   # one shard's coordinates
+        robust = self.robust != "off"
+        reference = self.history.reference(history_key) if robust else None
+        found: list[MeanResult] = []
 
         def reduce() -> tuple[torch.Tensor | None, tensor_pb2.Tensor | None, int, list[int]]:
-            res = robust_mean(parts, reject_norm_ratio=self.reject_norm_ratio)
+            # sparse parts are only clipped, and only outliers: a trimmed mean of mostly-zero parts would
+            # drop every entry that one replica selected alone, and clipping an honest part would lose
+            # what its sender's error feedback believes was sent
+            sparse = codec == SPARSE_CODEC
+            multiple = max(self.clip_multiple, OUTLIER_MULTIPLE) if sparse else self.clip_multiple
+            res = robust_mean(parts, reject_norm_ratio=self.reject_norm_ratio,
+                              clip_multiple=multiple if robust else 0.0, reference=reference,
+                              trim=self.robust == "auto" and not sparse)
+            found.append(res)
             if res.mean is None:
                 return None, None, 0, res.rejected_norm
             if codec == SPARSE_CODEC:
@@ -224,11 +335,43 @@ class ShardReducer:
         for i in outliers:
             self._refuse(rnd, senders[i], "update norm above reject_norm_ratio x the round's median")
             logger.warning("round %s: dropped %s's part as a norm outlier", rnd.key, senders[i])
+        if found and robust and mean is not None:
+            self._note_robust(rnd, senders, parts, found[0], reference)
         rnd.result, rnd.result_msg, rnd.contributors = mean, msg, contributors
         rnd.parts.clear()
         rnd.finished = time.monotonic()
         rnd.done.set()
         logger.debug("round %s reduced: %d contributors of %d", rnd.key, contributors, rnd.num_shards)
+
+    def _note_robust(self, rnd: _Round, senders: list[str], parts: list[torch.Tensor], res: MeanResult,
+                     reference: float | None) -> None:
+        """Carry the round's norm into the running median; record the parts that looked hostile.
+
+        A part counts as rejected when its norm exceeded ``OUTLIER_MULTIPLE`` x the reference (the
+        running median, or the round's lower median while warming up: with 2 parts, the smaller norm),
+        or, from 3 parts, when it points against the round's trimmed mean. Clipping a part that is only
+        somewhat larger than the others is routine and not recorded.
+        """
+        self.history.record((rnd.key[1], rnd.key[2], rnd.num_shards, rnd.key[3]), res.reference)
+        assert res.mean is not None
+        accepted_norms = [res.norms[i] for i in res.accepted]
+        ref = reference if reference is not None and reference > 0 else lower_median(accepted_norms)
+        flat_mean = res.mean.reshape(-1)
+        mean_norm = float(torch.linalg.vector_norm(flat_mean))
+        for i in res.accepted:
+            norm = res.norms[i]
+            if norm > OUTLIER_MULTIPLE * ref:
+                why = (f"norm {norm:.3g} above {OUTLIER_MULTIPLE:g} x the reference {ref:.3g}: "
+                       f"clipped to {res.clip_bound:.3g}")
+            elif res.trimmed and norm > 0 and mean_norm > 0:
+                cosine = float(torch.dot(parts[i].reshape(-1), flat_mean)) / (norm * mean_norm)
+                if cosine >= 0:
+                    continue
+                why = f"update points against the round's trimmed mean (cosine {cosine:.2f})"
+            else:
+                continue
+            self._record(rnd, senders[i], why)
+            logger.warning("round %s: %s's part: %s", rnd.key, senders[i], why)
 
     async def _wait(self, rnd: _Round) -> None:
         if not rnd.done.is_set() and len(rnd.arrived) >= rnd.num_shards:
@@ -287,6 +430,14 @@ class ShardReducer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ReduceShard: first message carries no header")
             return
         header = first.header
+        denied = self.identity_check(context, header.sender_id) if self.identity_check is not None else ""
+        if not denied and self.require_roster:
+            denied = self._not_participant(header, await self._roster(header))
+        if denied:
+            host = peer_host(context.peer() or "")
+            BAD_INPUT_LOG.warning(host, "ReduceShard from %r (%s) refused: %s", header.sender_id, host, denied)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"permission denied: {denied}")
+            return
         try:
             rnd = self._round_for(header)
         except ValidationError as exc:
@@ -363,7 +514,7 @@ class ChannelPool:
     def stub(self, address: str) -> node_pb2_grpc.NodeStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=grpc_options())
+            channel = open_channel(address, grpc_options())   # mutual TLS when the process has it (protocols/tls.py)
             self._channels[address] = channel
         return node_pb2_grpc.NodeStub(channel)
 
@@ -407,6 +558,7 @@ async def allreduce_mean(
     encoder: Callable[[torch.Tensor, str], tensor_pb2.Tensor] = encode,
     sparse: SparseSelection | None = None,
     sparse_encoder: Callable[[SparseSelection, int, int], tensor_pb2.Tensor] = encode_sparse,
+    participants: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, AllReduceStats]:
     """Average `flat_tensor` with the other participants; returns (mean fp32, stats).
 
@@ -425,10 +577,17 @@ async def allreduce_mean(
     each shard's entries go out as ``sparse_encoder(sparse, start, end)`` and every owner answers
     with its re-sparsified mean (``ShardReducer``); error feedback is the caller's (per fragment,
     in ``StreamingDiLoCo``), not the reducer's.
+
+    `participants`: the round's node ids in the order of `peers`, as the coordinator named them;
+    given, `reducer` accepts parts of this round from them only (``ShardReducer.expect_round``).
     """
     n = len(peers)
     if not 0 <= my_index < n:
         raise ValueError(f"my_index {my_index} out of range for {n} peers")
+    if participants is not None:
+        if len(participants) != n:
+            raise ValueError(f"{len(participants)} participant ids for {n} peers")
+        reducer.expect_round(round_id, stage, fragment, participants)
     if codec not in CODECS and codec != SPARSE_CODEC:
         raise ValueError(f"unknown codec {codec!r}")
     sender = sender_id or peers[my_index]
@@ -573,6 +732,7 @@ async def average_job(
     channels: ChannelPool,
     stage: int,
     node_id: str,
+    participants: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, AllReduceStats]:
     """``allreduce_mean`` for a ``StreamingDiLoCo`` job, with the run's [diloco] settings.
 
@@ -583,4 +743,4 @@ async def average_job(
     return await allreduce_mean(
         peers, my_index, job.delta, round_id=round_id, codec=cfg.codec, timeout_s=cfg.peer_timeout_s,
         reducer=reducer, channels=channels, stage=stage, fragment=job.fragment, outer_step=job.outer_step,
-        sender_id=node_id, contribute=job.finite, sparse=job.sparse)
+        sender_id=node_id, contribute=job.finite, sparse=job.sparse, participants=participants)

@@ -19,6 +19,10 @@ peer ``own + (mean - own)`` (with the codec applied to that difference), equal o
 rounding; here an owner answers every peer with the mean itself, encoded once the same
 way for all (``_MeanReducer``), as the gRPC ReduceShard owner does.
 
+No robust aggregation: ``diloco.robust`` (norm clipping, trimmed mean) is the gRPC
+ReduceShard owner's; hivemind's reducer sums each sender's parts piece by piece as they
+stream in, so nobody holds a whole part to clip or trim. Use the grpc backend on open networks.
+
 Codec mapping (hivemind has no 4-bit codec): fp32 -> NoCompression, bf16/fp16 ->
 Float16Compression, int8/int4/fp8/fp4 -> Uniform8BitQuantization.
 ``wire_bytes_per_peer`` counts the serialized compressed tensor, times what a
@@ -357,6 +361,12 @@ class HivemindBackend:
         self.node_id = node_id
         self.cfg = cfg
         self.host = host
+        if cfg.robust != "off":
+            # hivemind's TensorPartReducer sums each sender's parts as they stream in, a piece of a
+            # sender's span at a time: no owner ever holds a whole part to clip by its norm or to trim
+            logger.warning("stage %d: diloco.robust = %r applies to the grpc backend only; hivemind averages "
+                           "with its plain mean (one hostile replica can move θ_global at will)",
+                           stage, cfg.robust)
         # finding the group, then the all-reduce, each within the peer timeout: the exchange ends within the
         # two peer timeouts OuterSync's merge waits for (the gRPC owner's wait, then its reply)
         self.timeout_s = cfg.peer_timeout_s
