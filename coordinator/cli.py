@@ -4,6 +4,8 @@
                               [--http HOST:PORT [--viewer-token-file F] [--metrics-open]]
     lowband-coordinator status --coordinator HOST:PORT [--json] [--watch]
     lowband-coordinator export --coordinator HOST:PORT --out model.pt
+    lowband-coordinator init-tls --dir DIR
+    lowband-coordinator issue --dir DIR --name NODE [--host H ...]
 
 The run token comes from --token-file or the LOWBAND_TOKEN environment variable.
 `serve` prints ``listening on HOST:PORT`` once bound and, with --port-file,
@@ -15,7 +17,9 @@ before the gRPC one. `status --json` prints the dashboard's status document
 (coordinator/watch.py); `status --watch` keeps asking through a coordinator
 restart, saying on stderr that it is reconnecting. `export` writes the model the live run
 holds (every stage's θ_global, fetched from a replica: coordinator/export.py) to one file that
-`lowband-sim eval` and `lowband-sim generate` read.
+`lowband-sim eval` and `lowband-sim generate` read. `init-tls` makes a run CA and the coordinator's and
+`admin`'s certificates in DIR, `issue` one node's (protocols/tls.py); `--tls-dir DIR` on `serve`, `status`
+and `export` turns on mutual TLS (`serve` uses DIR/coordinator.crt, the clients DIR/admin.crt).
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols import coordinator_pb2_grpc as pb_grpc
 from lowband.protocols.config import ConfigError, RunConfig, apply_overrides
 from lowband.protocols.rpc import grpc_options, install_uvloop, load_token, token_metadata
+from lowband.protocols.tls import (
+    ADMIN_NAME,
+    COORDINATOR_NAME,
+    TlsConfig,
+    TlsError,
+    init_ca,
+    issue,
+    load_tls,
+    open_sync_channel,
+    set_process_tls,
+)
+from lowband.protocols.tokenizer import run_tokenizer
 from lowband.protocols.vocab import resolve_vocab
 
 logger = logging.getLogger("lowband.coordinator.cli")
@@ -67,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="file holding a read-only token for the dashboard (not accepted by the gRPC service)")
     serve.add_argument("--metrics-open", action="store_true",
                        help="serve /metrics without a token (for a scraper on a private network)")
+    serve.add_argument("--tls-dir", type=Path,
+                       help="mutual TLS with the run CA in this directory (DIR/ca.crt, DIR/coordinator.crt/.key)")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
 
@@ -77,13 +95,29 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
     status.add_argument("--events", type=int, default=20, help="recent events to show")
     status.add_argument("--token-file", help="file holding the run token (default: $LOWBAND_TOKEN)")
+    status.add_argument("--tls-dir", type=Path, help="connect with mutual TLS (DIR/ca.crt, DIR/admin.crt/.key)")
     status.set_defaults(func=_status)
 
     export = sub.add_parser("export", help="write the live run's model (every stage's θ_global) to one file")
     export.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
     export.add_argument("--out", required=True, type=Path, help="model file to write (a folder gets model.pt)")
     export.add_argument("--token-file", help="file holding the run token (default: $LOWBAND_TOKEN)")
+    export.add_argument("--tls-dir", type=Path, help="connect with mutual TLS (DIR/ca.crt, DIR/admin.crt/.key)")
     export.set_defaults(func=_export)
+
+    init_tls = sub.add_parser("init-tls", help="make a run CA and the coordinator's and admin's certificates")
+    init_tls.add_argument("--dir", required=True, type=Path, help="directory for ca.crt, ca.key and certificates")
+    init_tls.add_argument("--host", action="append", default=[],
+                          help="an extra DNS name or IP address for the coordinator's certificate (repeatable)")
+    init_tls.set_defaults(func=_init_tls)
+
+    issue_cmd = sub.add_parser("issue", help="issue a node's certificate (NAME.crt, NAME.key) from the run CA")
+    issue_cmd.add_argument("--dir", required=True, type=Path, help="the directory init-tls made")
+    issue_cmd.add_argument("--name", required=True, help="the node id the certificate binds")
+    issue_cmd.add_argument("--host", action="append", default=[],
+                           help="an extra DNS name or IP address for the certificate (repeatable)")
+    issue_cmd.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    issue_cmd.set_defaults(func=_issue)
 
     args = parser.parse_args(argv)
     return int(args.func(args))
@@ -96,13 +130,16 @@ def _serve(args: argparse.Namespace) -> int:
         token = load_token(args.token_file)
         viewer_token = _read_token(args.viewer_token_file) if args.viewer_token_file else ""
         config = RunConfig.from_toml(args.config) if args.config else RunConfig()
-        config = resolve_vocab(apply_overrides(config, args.set))   # nodes without the data build the same model
+        config = apply_overrides(config, args.set)
+        tokenizer = run_tokenizer(config, args.run_dir)   # a BPE run's: trained once, kept in the run directory
+        config = resolve_vocab(config, tokenizer)   # nodes without the data build the same model
+        tls = load_tls(args.tls_dir, COORDINATOR_NAME)
     except (ValueError, OSError, ConfigError) as exc:
         print(f"lowband-coordinator: error: {exc}", file=sys.stderr)
         return 2
     install_uvloop()
     try:
-        return asyncio.run(_serve_async(args, config, token, viewer_token))
+        return asyncio.run(_serve_async(args, config, token, viewer_token, tls))
     except (OSError, ConfigError) as exc:
         print(f"lowband-coordinator: error: {exc}", file=sys.stderr)
         return 1
@@ -122,9 +159,11 @@ def _write_port(path: Path, port: int) -> None:
     os.replace(tmp, path)
 
 
-async def _serve_async(args: argparse.Namespace, config: RunConfig, token: str, viewer_token: str) -> int:
+async def _serve_async(args: argparse.Namespace, config: RunConfig, token: str, viewer_token: str,
+                       tls: TlsConfig | None) -> int:
     server = await start_coordinator(config, args.run_dir, token, args.bind, control_socket=args.control_socket,
-                                     http=args.http, viewer_token=viewer_token, metrics_open=args.metrics_open)
+                                     http=args.http, viewer_token=viewer_token, metrics_open=args.metrics_open,
+                                     tls=tls)
     logger.info("resolved run config: %s", server.core.config.to_json())
     print(f"lowband-coordinator listening on {server.address}", flush=True)
     if server.dashboard is not None:
@@ -144,9 +183,10 @@ async def _serve_async(args: argparse.Namespace, config: RunConfig, token: str, 
 
 
 # -- status ---------------------------------------------------------------------
-def fetch_status(address: str, token: str, max_events: int = 20, timeout: float = STATUS_TIMEOUT_S) -> pb.StatusReply:
-    """One Status call asking for the status document; raises grpc.RpcError."""
-    with grpc.insecure_channel(address, options=grpc_options()) as channel:
+def fetch_status(address: str, token: str, max_events: int = 20, timeout: float = STATUS_TIMEOUT_S,
+                 tls: TlsConfig | None = None) -> pb.StatusReply:
+    """One Status call asking for the status document (over mutual TLS with ``tls``); raises grpc.RpcError."""
+    with open_sync_channel(address, grpc_options(), tls) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         return stub.Status(pb.StatusRequest(max_events=max_events, document=True), metadata=token_metadata(token),
                            timeout=timeout)
@@ -226,9 +266,19 @@ def _client_token(args: argparse.Namespace) -> str | None:
         return None
 
 
+def _client_tls(args: argparse.Namespace) -> tuple[bool, TlsConfig | None]:
+    """(usable, the admin's TLS) for a client command given ``--tls-dir``; (False, None) after saying why not."""
+    try:
+        return True, load_tls(args.tls_dir, ADMIN_NAME)
+    except TlsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False, None
+
+
 def _status(args: argparse.Namespace) -> int:
     token = _client_token(args)
-    if token is None:
+    ok, tls = _client_tls(args)
+    if token is None or not ok:
         return 2
     if args.watch:   # a supervisor's SIGTERM ends the watch like Ctrl-C does
         signal.signal(signal.SIGTERM, _interrupt)
@@ -237,7 +287,7 @@ def _status(args: argparse.Namespace) -> int:
     try:
         while True:
             try:
-                reply = fetch_status(args.coordinator, token, max_events=max(0, min(args.events, 10_000)))
+                reply = fetch_status(args.coordinator, token, max_events=max(0, min(args.events, 10_000)), tls=tls)
             except grpc.RpcError as exc:
                 if not (args.watch and _reconnectable(exc)):
                     print(_status_error(args.coordinator, exc), file=sys.stderr)
@@ -271,8 +321,10 @@ def _export(args: argparse.Namespace) -> int:
     from lowband.coordinator.export import ExportFailed, export_live
 
     token = _client_token(args)
-    if token is None:
+    ok, tls = _client_tls(args)
+    if token is None or not ok:
         return 2
+    set_process_tls(tls)   # the channels to the coordinator and to each stage's replica
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -289,6 +341,33 @@ def _export(args: argparse.Namespace) -> int:
         frags = " ".join(f"{p}:{v}" for p, v in sorted(steps.items()))
         print(f"stage {stage} from {result.sources[stage]}: outer steps per fragment {frags}")
     print(f"wrote {result.path} ({result.num_stages} stages)")
+    return 0
+
+
+# -- TLS --------------------------------------------------------------------------------
+def _init_tls(args: argparse.Namespace) -> int:
+    try:
+        init_ca(args.dir)
+        issue(args.dir, COORDINATOR_NAME, hosts=tuple(args.host))
+        issue(args.dir, ADMIN_NAME)
+    except (TlsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"run CA in {args.dir}: ca.crt, ca.key (keep it private), {COORDINATOR_NAME}.crt/.key, "
+          f"{ADMIN_NAME}.crt/.key; issue each node's with `lowband-coordinator issue --dir {args.dir} --name ID`")
+    return 0
+
+
+def _issue(args: argparse.Namespace) -> int:
+    if args.days < 1:
+        print("error: --days must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        path = issue(args.dir, args.name, hosts=tuple(args.host), days=args.days)
+    except (TlsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} and {path.with_suffix('.key')}: give them and ca.crt to node {args.name!r}")
     return 0
 
 

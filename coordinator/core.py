@@ -16,6 +16,8 @@ not the current one), else NONE.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 
 from lowband.coordinator import validate
 from lowband.coordinator.assignment import Move, choose_stage, rebalance
-from lowband.coordinator.errors import Conflict, UnknownNode
+from lowband.coordinator.errors import Conflict, IdentityRefused, InvalidRequest, UnknownNode
 from lowband.coordinator.planning import PlanInputs, compute_plan
 from lowband.coordinator.recovery import NodeRef, RecoveryError, plan_recovery
 from lowband.coordinator.rounds import FormedRound, SyncRounds
@@ -92,6 +94,9 @@ class Coordinator:
         window = ms.sync_timeout_s if config.model.stages == 1 else ms.sync_join_window_s
         self.rounds = SyncRounds(window, ms.min_sync_participants, ms.sync_timeout_s, clock)
         self.members: dict[str, Member] = {}
+        # node id -> SHA-256 of the identity it joined with (its secret, or its certificate's name under TLS);
+        # in memory: after a restart the first rejoin under an id claims it
+        self._identities: dict[str, bytes] = {}
         self.events: deque[EventRecord] = deque(maxlen=max_events)
         self.event_counts: dict[str, int] = {}   # events by kind since this process started (the deque forgets)
         self.epoch = 1
@@ -293,6 +298,7 @@ class Coordinator:
         now = self._clock()
         old = self.members.get(req.node_id) if req.node_id else None
         node_id = req.node_id or self._new_node_id()
+        self._bind_identity(node_id, req.secret, old)
         member = Member(node_id, req.address, req.device, req.memory_bytes, req.throughput, req.version,
                         req.has_data, -1, ALIVE, old.joined_at if old else self._wall(), now,
                         old.metrics if old else pb.NodeMetrics())
@@ -342,6 +348,18 @@ class Coordinator:
             node_id=node_id, stage=member.stage, run_config_json=self._config_json, epoch=self.epoch,
             heartbeat_interval_s=self.config.membership.heartbeat_interval_s, lease_s=self.lease_s,
             origin_index=origins.get(node_id, -1), num_origins=len(origins), instruction=instruction)
+
+    def _bind_identity(self, node_id: str, secret: bytes, old: Member | None) -> None:
+        """Refuse a join under the id of a live node that joined with another identity (an impostor, or the
+        same node restarted without its secret: it gets in once the old lease ends); else bind the id to it."""
+        if len(secret) > 256:
+            raise InvalidRequest(f"JoinRequest.secret is {len(secret)} bytes; at most 256")
+        digest = hashlib.sha256(secret).digest()
+        known = self._identities.get(node_id)
+        if old is not None and old.live and known is not None and not hmac.compare_digest(known, digest):
+            logger.warning("join as %s refused: the id is held by a live node with another identity", node_id)
+            raise IdentityRefused(f"node id {node_id!r} is held by a live node with another identity")
+        self._identities[node_id] = digest
 
     def _new_node_id(self) -> str:
         while True:

@@ -15,3 +15,7 @@ class UnknownNode(LookupError):
 
 class Conflict(RuntimeError):
     """The request is well formed but contradicts current state, e.g. the wrong stage (FAILED_PRECONDITION)."""
+
+
+class IdentityRefused(PermissionError):
+    """A join under the id of a live node by another identity (ALREADY_EXISTS: the id frees when its lease ends)."""

@@ -39,6 +39,7 @@ from lowband.protocols.model_file import (
 )
 from lowband.protocols.rpc import grpc_options, token_metadata
 from lowband.protocols.state_client import fetch_state
+from lowband.protocols.tls import COORDINATOR_NAME, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _outer_steps(outer: dict[str, torch.Tensor]) -> dict[int, int]:
 async def fetch_stage(address: str, stage: int, node_id: str, metadata: Any,
                       timeout_s: float = STAGE_TIMEOUT_S) -> StageCopy:
     """θ_global, outer steps and buffers of ``stage`` from the node at ``address``."""
-    async with grpc.aio.insecure_channel(address, options=grpc_options()) as channel:
+    async with open_channel(address, grpc_options()) as channel:   # the process's TLS (set_process_tls), if any
         snapshot = await fetch_state(node_pb2_grpc.NodeStub(channel), stage, ["global", "outer", "buffers"],
                                      REQUESTER_ID, metadata=metadata, timeout_s=timeout_s)
     theta = snapshot.parts.get("global")
@@ -103,7 +104,7 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _status(coordinator: str, metadata: Any) -> pb.StatusReply:
-    async with grpc.aio.insecure_channel(coordinator, options=grpc_options()) as channel:
+    async with open_channel(coordinator, grpc_options(), server_name=COORDINATOR_NAME) as channel:
         try:
             return await pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(max_events=0), metadata=metadata,
                                                                  timeout=STATUS_TIMEOUT_S)

@@ -117,14 +117,15 @@ def http_port_file_for(run_dir: Path) -> Path:
 def serve_argv(run_dir: Path, *, bind: str, port_file: Path, token_file: Path | None = None,
                config: Path | None = None, overrides: Sequence[str] = (), control_socket: Path | None = None,
                log_level: str | None = None, http: str | None = None, viewer_token_file: Path | None = None,
-               metrics_open: bool = False) -> list[str]:
+               metrics_open: bool = False, tls_dir: Path | None = None) -> list[str]:
     """The ``serve`` command line (this interpreter, the installed package)."""
     argv = [sys.executable, "-m", "lowband.coordinator.cli", "serve", "--bind", bind,
             "--run-dir", str(run_dir), "--port-file", str(port_file)]
     if http is not None:
         argv += ["--http", http, "--http-port-file", str(http_port_file_for(run_dir))]
     for flag, value in (("--token-file", token_file), ("--config", config), ("--control-socket", control_socket),
-                        ("--log-level", log_level), ("--viewer-token-file", viewer_token_file)):
+                        ("--log-level", log_level), ("--viewer-token-file", viewer_token_file),
+                        ("--tls-dir", tls_dir)):
         if value is not None:
             argv += [flag, str(value)]
     if metrics_open:
@@ -140,13 +141,14 @@ def launch_coordinator(run_dir: Path, *, log_path: Path, bind: str = "127.0.0.1:
                        env: Mapping[str, str] | None = None, cwd: Path | None = None,
                        wrap: Callable[[list[str]], list[str]] | None = None,
                        timeout_s: float = DEFAULT_START_TIMEOUT_S, http: str | None = None,
-                       viewer_token_file: Path | None = None, metrics_open: bool = False) -> CoordinatorProcess:
+                       viewer_token_file: Path | None = None, metrics_open: bool = False,
+                       tls_dir: Path | None = None) -> CoordinatorProcess:
     """Start ``serve`` and return once it listens; raise :class:`CoordinatorStartError` (child gone) if it does not.
 
     ``wrap`` rewrites the command line before it runs (``ip netns exec HOST ...`` for a namespace
     host); the address is ``bind``'s host with the bound port. ``env`` is the child's whole
     environment (None: ours), e.g. with ``LOWBAND_TOKEN`` instead of ``token_file``. ``http``
-    (HOST:PORT, port 0: any) turns the dashboard on; ``viewer_token_file`` and ``metrics_open`` as
+    (HOST:PORT, port 0: any) turns the dashboard on; ``viewer_token_file``, ``metrics_open`` and ``tls_dir`` as
     ``serve``'s flags of those names.
     """
     port_file = port_file_for(run_dir)
@@ -155,7 +157,7 @@ def launch_coordinator(run_dir: Path, *, log_path: Path, bind: str = "127.0.0.1:
     http_port_file.unlink(missing_ok=True)
     argv = serve_argv(run_dir, bind=bind, port_file=port_file, token_file=token_file, config=config,
                       overrides=overrides, control_socket=control_socket, log_level=log_level, http=http,
-                      viewer_token_file=viewer_token_file, metrics_open=metrics_open)
+                      viewer_token_file=viewer_token_file, metrics_open=metrics_open, tls_dir=tls_dir)
     popen = start_in_session(wrap(argv) if wrap else argv, log_path, env=env, cwd=cwd)
     try:
         port = _wait_for_port(popen, port_file, log_path, timeout_s)

@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lowband.coordinator.core import Coordinator
 from lowband.coordinator.dashboard import Dashboard
-from lowband.coordinator.errors import Conflict, InvalidRequest, UnknownNode
+from lowband.coordinator.errors import Conflict, IdentityRefused, InvalidRequest, UnknownNode
 from lowband.coordinator.planning import compute_plan
 from lowband.coordinator.skippipe.schedule import Plan
 from lowband.coordinator.store import Store
@@ -39,6 +39,7 @@ from lowband.protocols.config import ConfigError, RunConfig
 from lowband.protocols.hostile import HostileInputInterceptor
 from lowband.protocols.peer_guard import GuardPolicy
 from lowband.protocols.rpc import TokenAuthInterceptor, grpc_options
+from lowband.protocols.tls import TlsConfig, add_port, check_claimed_id, peer_name
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +83,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]) if exc.args else "not found")
         except Conflict as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except IdentityRefused as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+
+    async def _check_id(self, context: grpc.aio.ServicerContext, claimed: str, what: str) -> None:
+        """Under TLS a node speaks only as the node its certificate names (PERMISSION_DENIED otherwise)."""
+        why = check_claimed_id(context, claimed)
+        if why:
+            logger.warning("%s as %r refused: %s", what, claimed, why)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{what} refused: {why}")
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         # Hot path: skip the generic wrapper's extra coroutine.
+        await self._check_id(context, request.node_id, "heartbeat")
         try:
             return self.core.heartbeat(request)
         except InvalidRequest as exc:
@@ -93,7 +104,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     async def HeartbeatStream(self, request_iterator: AsyncIterator[pb.HeartbeatRequest],
                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.HeartbeatReply]:
         heartbeat = self.core.heartbeat
+        name = peer_name(context)   # once per stream: the connection's certificate does not change
         async for request in request_iterator:
+            if name is not None and request.node_id != name:
+                await self._check_id(context, request.node_id, "heartbeat")
             try:
                 reply = heartbeat(request)
             except InvalidRequest as exc:
@@ -101,9 +115,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             yield reply
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        name = peer_name(context)
+        if name is not None:   # TLS: the certificate's name is the node's id and its identity
+            if request.node_id:
+                await self._check_id(context, request.node_id, "join")
+            request.node_id, request.secret = name, b"x509:" + name.encode()
         return await self._call(self.core.join, request, context)
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        await self._check_id(context, request.node_id, "leave")
         return await self._call(self.core.leave, request, context)
 
     async def GetSchedule(self, request: pb.ScheduleRequest, context: grpc.aio.ServicerContext) -> pb.ScheduleReply:
@@ -113,15 +133,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def JoinSyncRound(self, request: pb.SyncRoundRequest,
                             context: grpc.aio.ServicerContext) -> pb.SyncRoundReply:
+        await self._check_id(context, request.node_id, "sync round")
         return await self._call(self.core.sync_round, request, context)
 
     async def ReportFailure(self, request: pb.FailureReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        await self._check_id(context, request.reporter_id, "failure report")
         return await self._call(self.core.report_failure, request, context)
 
     async def ReportLinks(self, request: pb.LinkReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        await self._check_id(context, request.node_id, "link report")
         return await self._call(self.core.report_links, request, context)
 
     async def ReportRecovery(self, request: pb.RecoveryReport, context: grpc.aio.ServicerContext) -> pb.Ack:
+        await self._check_id(context, request.node_id, "recovery report")
         return await self._call(self.core.report_recovery, request, context)
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
@@ -207,6 +231,7 @@ async def start_coordinator(
     viewer_token: str = "",
     metrics_open: bool = False,
     bad_input: GuardPolicy | None = None,
+    tls: TlsConfig | None = None,
 ) -> CoordinatorServer:
     """Start a coordinator on `bind` (port 0 picks a free port), resuming from `run_dir` if it holds state.
 
@@ -214,7 +239,9 @@ async def start_coordinator(
     reaches a coordinator whose network it does not share (the simulator's namespace hosts).
     `http`: HOST:PORT of the dashboard (coordinator/dashboard.py; `viewer_token` and `metrics_open` as
     there); None: no dashboard. `bad_input`: when a peer sending malformed messages is cooled down
-    (protocols/peer_guard.py; None: its defaults)."""
+    (protocols/peer_guard.py; None: its defaults). `tls`: mutual TLS on `bind` (protocols/tls.py: plaintext
+    clients and certificates of another CA are refused; a node may speak only as its certificate's name);
+    the control socket, a local file, stays plaintext behind the token."""
     store = Store(run_dir)
     try:
         config = resolve_config(store, config)
@@ -230,7 +257,7 @@ async def start_coordinator(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     host = bind.rpartition(":")[0] or "127.0.0.1"
     try:
-        port = server.add_insecure_port(bind)
+        port = add_port(server, bind, tls)
     except RuntimeError as exc:
         core.close()
         raise OSError(f"cannot bind {bind}: {exc}") from exc
@@ -255,5 +282,6 @@ async def start_coordinator(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = CoordinatorServer(server, core, health_servicer, host, port, watch, dashboard)
     running._start_loops()
-    logger.info("coordinator listening on %s (run dir %s, epoch %d)", running.address, run_dir, core.epoch)
+    logger.info("coordinator listening on %s (run dir %s, epoch %d, %s)", running.address, run_dir, core.epoch,
+                "mutual TLS" if tls else "plaintext")
     return running

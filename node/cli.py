@@ -9,7 +9,8 @@ Activations go on the activation wire, a TCP port beside the node service
 (``--wire-port``, default any; see node/pipeline/wire.py); ``--no-wire`` keeps them on gRPC.
 ``--metrics HOST:PORT`` serves the node's own Prometheus ``/metrics`` (node/metrics_http.py).
 ``--state-dir DIR`` keeps the stage's θ_global and outer state there after each outer sync
-(node/recovery/local_state.py).
+(node/recovery/local_state.py) and the node's secret (node/identity.py).
+``--tls-dir DIR`` turns on mutual TLS (DIR/ca.crt and DIR/<node-id>.crt/.key; needs ``--node-id``).
 The run token comes from --token-file or the LOWBAND_TOKEN environment variable.
 Exit codes: 0 after a clean leave (SIGTERM/SIGINT, run finished, SHUTDOWN),
 2 for bad arguments.
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve this node's Prometheus /metrics here, without a token (port 0: any free port)")
     parser.add_argument("--state-dir", default="",
                         help="keep this node's stage state (θ_global, outer state, step) here after each outer sync")
+    parser.add_argument("--tls-dir", default="",
+                        help="mutual TLS on every channel and the activation wire: DIR/ca.crt and "
+                             "DIR/<node-id>.crt/.key (lowband-coordinator issue); needs --node-id")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                           preferred_stage=args.preferred_stage, has_data=not args.no_data,
                           slowdown=args.slowdown, links_file=args.links_file, log_json=args.log_json,
                           torch_threads=args.threads, wire=not args.no_wire,
-                          wire_port=args.wire_port, metrics=args.metrics, state_dir=args.state_dir)
+                          wire_port=args.wire_port, metrics=args.metrics, state_dir=args.state_dir,
+                          tls_dir=args.tls_dir)
     try:
         return run_node(options)
     except ValueError as exc:

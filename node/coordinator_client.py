@@ -21,6 +21,7 @@ import grpc
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols import coordinator_pb2_grpc as pb_grpc
 from lowband.protocols.rpc import grpc_options, token_metadata
+from lowband.protocols.tls import COORDINATOR_NAME, TlsConfig, open_channel
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +51,17 @@ class Backoff:
 
 
 class CoordinatorClient:
-    """A channel to the coordinator carrying the run token."""
+    """A channel to the coordinator carrying the run token; with ``tls``, mutual TLS that checks the
+    coordinator's certificate names ``COORDINATOR_NAME``."""
 
     def __init__(self, address: str, token: str, *, rpc_timeout_s: float = 5.0,
-                 backoff_initial_s: float = 0.2, backoff_max_s: float = 5.0) -> None:
+                 backoff_initial_s: float = 0.2, backoff_max_s: float = 5.0, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.rpc_timeout_s = rpc_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.metadata = token_metadata(token)
-        self._channel = grpc.aio.insecure_channel(address, options=grpc_options())
+        self._channel = open_channel(address, grpc_options(), tls, server_name=COORDINATOR_NAME)
         self.stub = pb_grpc.CoordinatorStub(self._channel)
         # The long-lived HeartbeatStream call, None while broken; reopened after a backoff.
         self._hb_call: grpc.aio.StreamStreamCall | None = None

@@ -51,6 +51,7 @@ from lowband.node.address import advertised_address
 from lowband.node.coordinator_client import Backoff, CoordinatorClient
 from lowband.node.device_info import device_memory_bytes, measure_throughput
 from lowband.node.event_log import EventLog
+from lowband.node.identity import node_secret
 from lowband.node.link_probe import LinkProber
 from lowband.node.membership import Membership
 from lowband.node.metrics import TrainingCounters, metrics_record, node_metrics
@@ -73,6 +74,7 @@ from lowband.node.train_loop import TrainLoop
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.config import RunConfig
 from lowband.protocols.rpc import install_uvloop
+from lowband.protocols.tls import load_tls, set_process_tls
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,9 @@ Kind = pb.Instruction.Kind
 VERSION = "0.1.0"
 LEAVE_TIMEOUT_S = 2.0        # a preempted node has ~seconds; do not wait long for the coordinator
 STATE_FLUSH_TIMEOUT_S = 10.0  # the last --state-dir write at shutdown (one stage to disk)
+# A join refused because a live node holds the id with another identity is retried this long: the same node
+# restarted without its secret gets in once its old lease ends (seconds); an impostor never does.
+IDENTITY_WAIT_S = 60.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -103,6 +108,7 @@ class NodeOptions:
     wire_port: int = 0            # the wire's TCP port on the listen host (0: any free port)
     metrics: str = ""             # HOST:PORT of the node's own Prometheus /metrics ('': none)
     state_dir: str = ""           # durable local state: the stage's θ_global and outer state after each outer sync
+    tls_dir: str = ""             # mutual TLS: DIR/ca.crt and DIR/<node_id>.crt/.key (protocols/tls.py); '': plaintext
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +130,19 @@ class NodeDaemon:
 
     def __init__(self, options: NodeOptions) -> None:
         self.opts = options
+        if options.tls_dir and not options.node_id:
+            raise ValueError("--tls-dir needs --node-id: the node's id is its certificate's name")
+        # with TLS the certificate is the node's identity; without, a secret it joins with (node/identity.py)
+        self.tls = load_tls(options.tls_dir, options.node_id)
+        self.secret = b"" if self.tls else node_secret(options.state_dir)
+        set_process_tls(self.tls)   # also the averager's channels to its round's participants
         self.device = resolve_device(options.device)
         self.membership = Membership(node_id=options.node_id)
         self.events = EventLog(options.log_json)
         links = LinkTable(options.links_file) if options.links_file else None   # emulated links (simulator)
-        self.transport = Transport(options.token, links=links, wire=options.wire)
+        self.transport = Transport(options.token, links=links, wire=options.wire, tls=self.tls)
         self.servicer = NodeServicer(options.node_id)
-        self.client = CoordinatorClient(options.coordinator, options.token)
+        self.client = CoordinatorClient(options.coordinator, options.token, tls=self.tls)
         self.current = CurrentStage()
         self.counters = TrainingCounters()
         self.stop_event = asyncio.Event()
@@ -156,10 +168,10 @@ class NodeDaemon:
                 loop.add_signal_handler(sig, self._on_signal, sig)
         torch.set_num_threads(max(1, self.opts.torch_threads))
         try:
-            self._server, port = await start_server(self.servicer, self.opts.listen, self.opts.token)
+            self._server, port = await start_server(self.servicer, self.opts.listen, self.opts.token, tls=self.tls)
             if self.opts.wire:
                 self._wire_server = await start_wire(self.servicer, self.opts.listen.rpartition(":")[0],
-                                                     self.opts.token, self.opts.wire_port)
+                                                     self.opts.token, self.opts.wire_port, tls=self.tls)
             self.address = advertised_address(self.opts.listen, port, self.opts.advertise, self.opts.coordinator)
             if self.metrics_server is not None:
                 try:
@@ -272,9 +284,9 @@ class NodeDaemon:
         request = pb.JoinRequest(node_id=self.membership.node_id, address=self.address, device=str(self.device),
                                  memory_bytes=device_memory_bytes(self.device), throughput=throughput,
                                  version=VERSION, stage=stage, has_data=self.opts.has_data,
-                                 preferred_stage=self._preferred_stage())
+                                 preferred_stage=self._preferred_stage(), secret=self.secret)
         self._throughput = throughput
-        reply = await self.client.join(request, stop=self.stop_event)
+        reply = await self._join_as_self(request)
         if reply is None:
             return None
         self.membership.node_id = reply.node_id
@@ -286,6 +298,28 @@ class NodeDaemon:
         self.events.context = {"node_id": reply.node_id}
         self.events.write("join", stage=reply.stage, epoch=reply.epoch, instruction=Kind.Name(reply.instruction.kind))
         return reply
+
+    async def _join_as_self(self, request: pb.JoinRequest) -> pb.JoinReply | None:
+        """Join, waiting up to ``IDENTITY_WAIT_S`` while a live node holds our id with another identity;
+        a join the coordinator refuses for good (the certificate names another node) raises ValueError."""
+        deadline = time.monotonic() + IDENTITY_WAIT_S
+        backoff = Backoff(1.0, 5.0)
+        while True:
+            try:
+                return await self.client.join(request, stop=self.stop_event)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    raise ValueError(f"the coordinator refused the join: {exc.details()}") from None
+                if exc.code() != grpc.StatusCode.ALREADY_EXISTS or time.monotonic() > deadline:
+                    if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                        raise ValueError(f"the coordinator refused the join: {exc.details()}") from None
+                    raise
+                logger.warning("join refused (%s); waiting for that node's lease to end", exc.details())
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), backoff.next_delay())
+                return None
+            except TimeoutError:
+                pass
 
     def _preferred_stage(self) -> int:
         """--preferred-stage, else the stage this node's --state-dir holds (it can resume that one)."""

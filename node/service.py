@@ -26,6 +26,7 @@ from lowband.protocols.peer_guard import GuardPolicy, PeerGuard
 from lowband.protocols.rpc import TokenAuthInterceptor
 from lowband.protocols.state_client import StateSnapshot
 from lowband.protocols.state_client import fetch_state as fetch_state  # re-exported: its home was here
+from lowband.protocols.tls import TlsConfig, add_port, peer_name
 
 if TYPE_CHECKING:
     from lowband.node.pipeline.agent import PipelineAgent
@@ -41,6 +42,25 @@ class ShardReducerLike(Protocol):
 
 
 StateProvider = Callable[[int, list[str]], Awaitable[StateSnapshot]]
+
+
+def hop_sender(header: node_pb2.MicrobatchHeader, backward: bool) -> str:
+    """The node a hop comes from: the previous one on the path (forward) or the next one (backward); ''
+    when the header names none (the agent refuses such a header anyway)."""
+    hop = header.hop + 1 if backward else header.hop - 1
+    return header.node_ids[hop] if 0 <= hop < len(header.node_ids) else ""
+
+
+def sender_refusal(header: node_pb2.MicrobatchHeader, backward: bool, peer: str | None) -> str:
+    """Why a TLS peer named ``peer`` may not send this hop (it is not the path's node before us); '' when
+    it may, or without TLS (``peer`` None: nothing to check against)."""
+    if peer is None:
+        return ""
+    sender = hop_sender(header, backward)
+    if peer == sender:
+        return ""
+    return f"the sender's certificate names {peer!r}, but the path's {'next' if backward else 'previous'} " \
+           f"node is {sender!r}"
 
 
 async def receive_microbatch(request_iterator: AsyncIterator[node_pb2.MicrobatchChunk], max_bytes: int
@@ -101,6 +121,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         if self.agent is None:
             raise WireUnavailable("node holds no stage yet")
         self.bytes_received += frame.meta.ByteSize() + len(frame.payload)   # as the sender counts it
+        refused = sender_refusal(frame.header, frame.backward, frame.peer)
+        if refused:
+            raise ValidationError(refused)
         self.agent.accept(frame.header, frame.meta, backward=frame.backward, payload=frame.payload,
                           decoded=frame.tensor)
 
@@ -116,6 +139,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         try:
             header, tensor, received = await receive_microbatch(request_iterator, self.max_tensor_bytes)
             self.bytes_received += received
+            refused = sender_refusal(header, backward, peer_name(context))
+            if refused:
+                logger.warning("%s of microbatch %d refused: %s", "backward" if backward else "forward",
+                               header.microbatch, refused)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, refused)
             agent.accept(header, tensor, backward=backward)
         except ValidationError as exc:
             await abort_invalid(context, exc)
@@ -186,13 +214,14 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
 
 async def start_server(servicer: NodeServicer, listen: str, token: str, *,
-                       bad_input: GuardPolicy | None = None) -> tuple[grpc.aio.Server, int]:
+                       bad_input: GuardPolicy | None = None, tls: TlsConfig | None = None) -> tuple[grpc.aio.Server, int]:
     """Start the node's gRPC server (token-checked; malformed messages refused and their senders cooled
-    down as ``bad_input`` says: protocols/hostile.py) on ``listen``; returns it and the bound port."""
+    down as ``bad_input`` says: protocols/hostile.py; mutual TLS with ``tls``) on ``listen``; returns it
+    and the bound port."""
     interceptors = [HostileInputInterceptor(bad_input), TokenAuthInterceptor(token)]
     server = grpc.aio.server(interceptors=interceptors, options=channel_options())
     node_pb2_grpc.add_NodeServicer_to_server(servicer, server)
-    port = server.add_insecure_port(listen)
+    port = add_port(server, listen, tls)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
@@ -200,10 +229,11 @@ async def start_server(servicer: NodeServicer, listen: str, token: str, *,
 
 
 async def start_wire(servicer: NodeServicer, host: str, token: str, port: int = 0, *,
-                     bad_input: GuardPolicy | None = None) -> WireServer:
+                     bad_input: GuardPolicy | None = None, tls: TlsConfig | None = None) -> WireServer:
     """Start the node's activation wire on ``host`` and announce its port in the servicer's Pings;
-    ``bad_input``: when a peer sending malformed frames is cooled down (None: the defaults)."""
+    ``bad_input``: when a peer sending malformed frames is cooled down (None: the defaults); ``tls``:
+    mutual TLS, each frame's sender checked against the certificate."""
     wire = WireServer(servicer.wire_frame, token, max_payload_bytes=servicer.max_tensor_bytes,
-                      guard=PeerGuard(bad_input))
+                      guard=PeerGuard(bad_input), tls=tls)
     servicer.wire_port = await wire.start(host.strip("[]") or "127.0.0.1", port)
     return wire

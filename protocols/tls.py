@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -170,7 +171,7 @@ class TlsConfig:
         try:
             ca = x509.load_pem_x509_certificate(ca_pem)
             cert = x509.load_pem_x509_certificate(cert_pem)
-            serialization.load_pem_private_key(key_pem, password=None)
+            key = serialization.load_pem_private_key(key_pem, password=None)
         except ValueError as exc:
             raise TlsError(f"TLS directory {directory}: unreadable certificate or key for {name!r}: {exc}") from exc
         now = _now()
@@ -180,8 +181,10 @@ class TlsConfig:
                                f"{c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now: issue a new one")
         try:
             cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, InvalidSignature) as exc:
             raise TlsError(f"{paths[1]} was not issued by the run CA {paths[0]}") from exc
+        if key.public_key() != cert.public_key():
+            raise TlsError(f"{paths[2]} is not the key of {paths[1]}")
         if _common_name(cert) != name:
             raise TlsError(f"{paths[1]} is issued to {_common_name(cert)!r}, not {name!r}")
         return cls(name, *paths, ca_pem, cert_pem, key_pem)

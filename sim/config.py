@@ -66,6 +66,9 @@ class SimSection:
     # HOST:PORT of the coordinator's live dashboard (port 0: any free port; the run prints its address);
     # "": no dashboard. With network = "netns" it listens on the coordinator's namespace address.
     dashboard: str = "127.0.0.1:0"
+    # mutual TLS on every channel and activation wire, from a run CA made in the run folder (tls/);
+    # false (`lowband-sim run --no-tls`): plaintext, token only
+    tls: bool = True
     preemptions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:

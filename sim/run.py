@@ -38,6 +38,7 @@ from lowband.coordinator.launch import launch_coordinator
 from lowband.protocols import coordinator_pb2, coordinator_pb2_grpc
 from lowband.protocols.config import ConfigError, to_toml
 from lowband.protocols.rpc import token_metadata
+from lowband.protocols.tls import ADMIN_NAME, COORDINATOR_NAME, init_ca, issue
 from lowband.protocols.vocab import bits_per_byte
 from lowband.sim.config import ScriptedPreemption, SimConfig, load_sim_config
 from lowband.sim.model_out import node_state_dir, run_sample, write_run_model
@@ -163,14 +164,16 @@ class Simulation:
         if self.netns:
             host = "coordinator"
             bind = f"{self._add_host(host, region=0)}:{NETNS_COORDINATOR_PORT}"
-        control_socket = self.out_dir / "coordinator.sock"
+        control_socket = self.out_dir / "coordinator.sock"   # a local file: plaintext behind the token
+        tls_dir = self._make_tls()
         dashboard = self.config.sim.dashboard or None
         if dashboard and self.netns:   # on the coordinator's namespace host, the port as configured
             dashboard = f"{bind.rpartition(':')[0]}:{dashboard.rpartition(':')[2]}"
         coordinator = launch_coordinator(
             self.out_dir / "coordinator", log_path=self.sup.log_path("coordinator"), bind=bind,
             token_file=token_file, config=run_toml, control_socket=control_socket, env=self._child_env(),
-            wrap=lambda argv: self._wrap(host, argv), timeout_s=COORDINATOR_START_TIMEOUT_S, http=dashboard)
+            wrap=lambda argv: self._wrap(host, argv), timeout_s=COORDINATOR_START_TIMEOUT_S, http=dashboard,
+            tls_dir=tls_dir)
         self.sup.adopt("coordinator", coordinator.popen)
         self.coordinator_address = coordinator.address
         if coordinator.dashboard_url:
@@ -179,6 +182,21 @@ class Simulation:
         self._channel = grpc.insecure_channel(f"unix:{control_socket}")
         self._stub = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         logger.info("coordinator listening on %s", self.coordinator_address)
+
+    @property
+    def tls_dir(self) -> Path | None:
+        """The run CA and certificates (``sim.tls``), in the run folder; None: plaintext."""
+        return self.out_dir / "tls" if self.config.sim.tls else None
+
+    def _make_tls(self) -> Path | None:
+        """A fresh run CA with the coordinator's and admin's certificates (a rerun in the same folder
+        replaces them: the nodes' certificates are issued from it as they launch)."""
+        if self.tls_dir is None:
+            return None
+        init_ca(self.tls_dir, run_name=f"lowband sim {self.out_dir.name}", overwrite=True)
+        for name in (COORDINATOR_NAME, ADMIN_NAME):
+            issue(self.tls_dir, name)
+        return self.tls_dir
 
     def _links_for(self, node: SimNode) -> dict[str, Any]:
         """Per-peer emulated links. On namespace hosts the kernel shapes bandwidth, so only latency is left."""
@@ -229,6 +247,9 @@ class Simulation:
         ]
         if node.stage != 0:
             argv.append("--no-data")  # only origins hold data; the others never become stage 0
+        if self.tls_dir is not None:   # the node's certificate, from this run's CA (a relaunch gets a new one)
+            issue(self.tls_dir, node.name)
+            argv += ["--tls-dir", str(self.tls_dir)]
         (self.out_dir / "nodes").mkdir(exist_ok=True)
         node.child = self.sup.spawn(node.name, self._wrap(node.host, argv), env=self._child_env())
         self.event("launch", node.name, node.stage, f"pid {node.child.pid}, slowdown {node.slowdown:.2f}")
@@ -590,6 +611,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="shorthand for --set seed=N")
     p.add_argument("--out", default="runs/sim", help="run folder (default: runs/sim)")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
+    p.add_argument("--no-tls", action="store_true", help="plaintext channels (shorthand for --set sim.tls=false)")
     p.set_defaults(func=main)
 
 
@@ -599,6 +621,8 @@ def main(args: argparse.Namespace) -> int:
         overrides.append(f"train.steps={args.steps}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if args.no_tls:
+        overrides.append("sim.tls=false")
     try:
         config = load_sim_config(args.config, overrides)
     except ConfigError as exc:

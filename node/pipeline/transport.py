@@ -33,6 +33,7 @@ from lowband.node.pipeline.wire import OK, UNAVAILABLE, WireConnection, WireErro
 from lowband.protocols import node_pb2, node_pb2_grpc
 from lowband.protocols.rpc import MAX_MESSAGE_BYTES, grpc_options, token_metadata
 from lowband.protocols.subspace import SubspaceBasis
+from lowband.protocols.tls import TlsConfig, open_channel
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,9 @@ class Transport:
     """Channels to peers and the counters of what went over them."""
 
     def __init__(self, token: str, *, links: LinkTable | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 wire: bool = True, segment_bytes: int = SEGMENT_BYTES) -> None:
+                 wire: bool = True, segment_bytes: int = SEGMENT_BYTES, tls: TlsConfig | None = None) -> None:
         self.token = token
+        self.tls = tls   # mutual TLS on the peer channels and wires (protocols/tls.py); None: plaintext
         self.metadata = token_metadata(token)
         self.links = links
         self.chunk_bytes = chunk_bytes
@@ -142,7 +144,7 @@ class Transport:
     def stub(self, address: str) -> node_pb2_grpc.NodeStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=channel_options())
+            channel = open_channel(address, channel_options(), self.tls)
             self._channels[address] = channel
             stub = self._stubs[address] = node_pb2_grpc.NodeStub(channel)
         return stub
@@ -167,7 +169,8 @@ class Transport:
                 return None
             host = address.rpartition(":")[0].strip("[]") or "127.0.0.1"
             try:
-                conn = await WireConnection.open(host, port, self.token, min(timeout_s, WIRE_CONNECT_TIMEOUT_S))
+                conn = await WireConnection.open(host, port, self.token, min(timeout_s, WIRE_CONNECT_TIMEOUT_S),
+                                                 tls=self.tls)
             except (OSError, ConnectionError, TimeoutError) as exc:
                 # the port may be stale (the peer restarted) or filtered: ask again next time
                 logger.info("activation wire to %s (port %d) unusable, using gRPC: %s", address, port, exc)

@@ -33,6 +33,12 @@ and a host with too many is refused at connect for a cool-down
 (``protocols/peer_guard.py``). The payload needs no codec checksum here: it travels in
 order on one TCP stream whose segments TCP checksums, and its size is checked against the shape
 and codec before anything is read into a tensor.
+
+With TLS (``tls`` on both ends: protocols/tls.py) the connection is TLS 1.3 with a client certificate
+from the run CA required both ways, the token handshake runs inside it, and each frame's sender (the
+path's node before the receiver) must be the node the client certificate names
+(``WireFrame.peer``, checked by the node service). Everything then goes through the TLS transport:
+``write_now``'s direct socket writes are off (the bytes must be encrypted).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from lowband.protocols import node_pb2, tensor_pb2
 from lowband.protocols.codec import check_finite_bytes, native_codec, tensor_bytes
 from lowband.protocols.errors import ValidationError
 from lowband.protocols.peer_guard import BAD_INPUT_LOG, PeerGuard
+from lowband.protocols.tls import PEER_NAME, TlsConfig, wire_peer_name
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +171,7 @@ class WireFrame:
     payload: memoryview
     tensor: torch.Tensor | None
     backward: bool
+    peer: str | None = None   # the node the sender's TLS certificate names; None without TLS
 
 
 # Takes a frame, synchronously on the event loop (the reply goes out in the same callback); raises
@@ -191,6 +199,7 @@ class _ServerProtocol(asyncio.BufferedProtocol):
         self.timer: asyncio.TimerHandle | None = None
         self.peer = ""
         self.host = ""
+        self.peer_name: str | None = None   # the client certificate's name (TLS)
         self.fd = -1
         # the next frame's tensor, made once a frame is answered, so allocating it is off the hop's
         # critical path (not when its metadata arrives), taken if the shapes match
@@ -207,7 +216,11 @@ class _ServerProtocol(asyncio.BufferedProtocol):
                                   self.host, left)
             self.transport.abort()
             return
-        self.fd = _tune(transport.get_extra_info("socket"))
+        fd = _tune(transport.get_extra_info("socket"))
+        if self.server.ssl is None:
+            self.fd = fd
+        else:   # the handshake is done: the certificate was verified against the run CA
+            self.peer_name = wire_peer_name(transport.get_extra_info("peercert"))
         self.server.connections.add(self)
         self.transport.write(self.nonce)
         self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT_S, self._handshake_timeout)
@@ -335,7 +348,8 @@ class _ServerProtocol(asyncio.BufferedProtocol):
         try:
             if self.parsed is None or self.error:
                 raise ValidationError(self.error)
-            self.server.handler(WireFrame(*self.parsed, payload=self.target, tensor=self.tensor, backward=backward))
+            self.server.handler(WireFrame(*self.parsed, payload=self.target, tensor=self.tensor, backward=backward,
+                                          peer=self.peer_name))
         except ValidationError as exc:
             BAD_INPUT_LOG.warning(self.host, "invalid %s on the wire from %s: %s", "backward" if backward else "forward",
                                   self.peer, exc)
@@ -366,8 +380,9 @@ class WireServer:
     """Listens for activation-wire connections and hands each frame to ``handler``."""
 
     def __init__(self, handler: FrameHandler, token: str, *, max_payload_bytes: int,
-                 guard: PeerGuard | None = None) -> None:
+                 guard: PeerGuard | None = None, tls: TlsConfig | None = None) -> None:
         self.handler = handler
+        self.ssl = tls.server_context() if tls is not None else None   # mutual TLS (None: plaintext)
         self.token = token
         self.guard = guard or PeerGuard()   # who sent malformed frames, and who is cooling down
         self.max_payload_bytes = max_payload_bytes
@@ -378,7 +393,8 @@ class WireServer:
 
     async def start(self, host: str, port: int = 0) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _ServerProtocol(self), host, port)
+        self._server = await loop.create_server(lambda: _ServerProtocol(self), host, port, ssl=self.ssl,
+                                                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if self.ssl else None)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -399,8 +415,9 @@ class WireServer:
 class _ClientProtocol(asyncio.Protocol):
     """The sending side of one connection: the handshake, then one reply per frame, in order."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, direct: bool = True) -> None:
         self.token = token
+        self.direct = direct   # False with TLS: every byte goes through the transport (it encrypts)
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.state = "nonce"
@@ -413,7 +430,8 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.fd = _tune(transport.get_extra_info("socket"))
+        fd = _tune(transport.get_extra_info("socket"))
+        self.fd = fd if self.direct else -1
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -472,10 +490,16 @@ class WireConnection:
     scratch: bytearray | None = None   # where segmented payloads are cast (frames go out one at a time)
 
     @classmethod
-    async def open(cls, host: str, port: int, token: str, timeout_s: float) -> WireConnection:
+    async def open(cls, host: str, port: int, token: str, timeout_s: float, *,
+                   tls: TlsConfig | None = None) -> WireConnection:
+        """Connect and authenticate (with ``tls``: mutual TLS, the server's certificate checked for the run CA's
+        ``PEER_NAME``); raises OSError, ConnectionError (``ssl.SSLError`` is one) or TimeoutError."""
         loop = asyncio.get_running_loop()
-        _, protocol = await asyncio.wait_for(loop.create_connection(lambda: _ClientProtocol(token), host, port),
-                                             timeout_s)
+        ssl_ctx = tls.client_context() if tls is not None else None
+        _, protocol = await asyncio.wait_for(
+            loop.create_connection(lambda: _ClientProtocol(token, direct=ssl_ctx is None), host, port, ssl=ssl_ctx,
+                                   server_hostname=PEER_NAME if ssl_ctx is not None else None),
+            timeout_s)
         try:
             await asyncio.wait_for(asyncio.shield(protocol.ready), timeout_s)
         except BaseException:
