@@ -8,7 +8,12 @@ because a pipeline runs at the pace of its weakest stage. Rules:
 - stage 0 (embedding + head + loss) is where data lives, so only nodes with
   data (``has_data``) may host it; they are the *origins*;
 - when a stage becomes empty (or falls below the minimum), a node moves there
-  from the best-covered stage rather than leave it empty.
+  from the best-covered stage rather than leave it empty;
+- with ``need`` (bytes each stage needs: protocols/stage_memory.py), a node whose
+  reported free memory is below a stage's need is not given that stage; one that
+  can hold none is given the lightest it may host (it may still fit: the estimate
+  is on the high side) and the caller logs it. A node that reported no memory (0)
+  is assumed to fit.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class NodeLike(Protocol):
     def throughput(self) -> float: ...
     @property
     def has_data(self) -> bool: ...
+    @property
+    def memory_bytes(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +46,7 @@ class NodeView:
     stage: int          # -1 while unassigned
     throughput: float   # measured samples/s of one block-equivalent
     has_data: bool
+    memory_bytes: int = 0   # free memory it reported at join (0: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,11 @@ class Move:
 
 def _allowed(node: NodeLike, stage: int) -> bool:
     return stage != 0 or node.has_data
+
+
+def fits(node: NodeLike, stage: int, need: Sequence[int] = ()) -> bool:
+    """Whether ``node``'s reported memory holds ``stage`` (always, without a need or a report)."""
+    return not need or not node.memory_bytes or node.memory_bytes >= need[stage]
 
 
 def stage_counts(nodes: Iterable[NodeLike], num_stages: int) -> tuple[list[int], list[float]]:
@@ -71,15 +84,22 @@ def choose_stage(
     num_stages: int,
     min_replicas: int = 1,
     preferred: int = -1,
+    need: Sequence[int] = (),
 ) -> int:
     """The stage a joining node should host, given the other live nodes.
 
     A valid preference is honoured unless it would leave another stage that
-    the joiner could fill empty.
+    the joiner could fill empty. ``need``: bytes per stage (see the module docstring).
     """
+    if need and len(need) != num_stages:
+        raise ValueError(f"need has {len(need)} entries for {num_stages} stages")
     others = [n for n in nodes if n.node_id != joiner.node_id]
     counts, totals = stage_counts(others, num_stages)
     allowed = [s for s in range(num_stages) if _allowed(joiner, s)]
+    fitting = [s for s in allowed if fits(joiner, s, need)]
+    if need and allowed and not fitting:
+        return min(allowed, key=lambda s: (need[s], s))   # too little memory for any: the lightest
+    allowed = fitting
     empty = [s for s in allowed if counts[s] == 0]
     if preferred in allowed and (not empty or preferred in empty):
         return preferred
@@ -88,7 +108,8 @@ def choose_stage(
     return min(candidates, key=lambda s: (counts[s], totals[s], s) if below else (totals[s], counts[s], s))
 
 
-def rebalance(nodes: Sequence[NodeLike], num_stages: int, min_replicas: int = 1) -> list[Move]:
+def rebalance(nodes: Sequence[NodeLike], num_stages: int, min_replicas: int = 1,
+              need: Sequence[int] = ()) -> list[Move]:
     """Moves that leave no stage empty (and none below `min_replicas`) when possible.
 
     Weakest stage first. The donor is the best-covered stage (highest total
@@ -98,14 +119,15 @@ def rebalance(nodes: Sequence[NodeLike], num_stages: int, min_replicas: int = 1)
     an origin that moves stops feeding its data into the run, a block replica
     only stops duplicating its stage. From the donor, the node whose throughput
     best evens out the two stages moves. Returns the moves in order; a node moves
-    at most once.
+    at most once. ``need``: a node never moves to a stage its memory cannot hold.
     """
     stage_of = {n.node_id: n.stage for n in nodes}
     by_id = {n.node_id: n for n in nodes}
     moved: set[str] = set()
     moves: list[Move] = []
     for _ in range(len(nodes)):
-        current = [NodeView(n.node_id, stage_of[n.node_id], n.throughput, n.has_data) for n in nodes]
+        current = [NodeView(n.node_id, stage_of[n.node_id], n.throughput, n.has_data, n.memory_bytes)
+                   for n in nodes]
         counts, totals = stage_counts(current, num_stages)
         needy = sorted((s for s in range(num_stages) if counts[s] < min_replicas),
                        key=lambda s: (counts[s], totals[s], s))
@@ -114,12 +136,12 @@ def rebalance(nodes: Sequence[NodeLike], num_stages: int, min_replicas: int = 1)
             floor = 2 if counts[target] == 0 else min_replicas + 1
             donors = [s for s in range(num_stages)
                       if s != target and counts[s] >= max(floor, 2)
-                      and any(_movable(by_id[i], target, moved) for i in stage_of if stage_of[i] == s)]
+                      and any(_movable(by_id[i], target, moved, need) for i in stage_of if stage_of[i] == s)]
             if not donors:
                 continue
             donor = max(donors, key=lambda s: (counts[s] > min_replicas, s != 0, totals[s], counts[s], -s))
             want = (totals[donor] - totals[target]) / 2.0
-            pool = [by_id[i] for i in stage_of if stage_of[i] == donor and _movable(by_id[i], target, moved)]
+            pool = [by_id[i] for i in stage_of if stage_of[i] == donor and _movable(by_id[i], target, moved, need)]
             node = min(pool, key=lambda n: (abs(n.throughput - want), n.node_id))
             move = Move(node.node_id, donor, target)
             break
@@ -131,5 +153,5 @@ def rebalance(nodes: Sequence[NodeLike], num_stages: int, min_replicas: int = 1)
     return moves
 
 
-def _movable(node: NodeLike, target: int, moved: set[str]) -> bool:
-    return node.node_id not in moved and _allowed(node, target)
+def _movable(node: NodeLike, target: int, moved: set[str], need: Sequence[int] = ()) -> bool:
+    return node.node_id not in moved and _allowed(node, target) and fits(node, target, need)

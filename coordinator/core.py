@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from lowband.coordinator import validate
-from lowband.coordinator.assignment import Move, choose_stage, rebalance
+from lowband.coordinator.assignment import Move, choose_stage, fits, rebalance
 from lowband.coordinator.errors import Conflict, IdentityRefused, InvalidRequest, UnknownNode
 from lowband.coordinator.planning import PlanInputs, compute_plan
 from lowband.coordinator.recovery import NodeRef, RecoveryError, plan_recovery
@@ -37,6 +37,7 @@ from lowband.coordinator.skippipe.schedule import Plan
 from lowband.coordinator.store import EventRecord, MemberInfo, MemberRecord, Store
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.config import RunConfig
+from lowband.protocols.stage_memory import stage_needs
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class Coordinator:
     ) -> None:
         self.config = config
         self.num_stages = config.model.stages
+        # bytes a node needs to host each stage (protocols/stage_memory.py): joins and moves respect it
+        self._stage_needs = stage_needs(config)
         self._store = store
         self._clock = clock
         self._wall = wall_clock
@@ -286,7 +289,8 @@ class Coordinator:
             return
         if min(self.coverage().values()) >= self.config.membership.min_replicas:
             return  # nothing to fix (the common case on a join)
-        moves = rebalance(self.live_members(), self.num_stages, self.config.membership.min_replicas)
+        moves = rebalance(self.live_members(), self.num_stages, self.config.membership.min_replicas,
+                          self._stage_needs)
         self._apply_moves(moves)
 
     # -- membership ---------------------------------------------------------------
@@ -323,7 +327,12 @@ class Coordinator:
                 member.stage = req.preferred_stage
             else:
                 member.stage = choose_stage(others, member, self.num_stages,
-                                            self.config.membership.min_replicas, req.preferred_stage)
+                                            self.config.membership.min_replicas, req.preferred_stage,
+                                            need=self._stage_needs)
+                if not fits(member, member.stage, self._stage_needs):
+                    logger.warning("node %s reported %d bytes free, below the %d stage %d is estimated to "
+                                   "need (the lightest it may host)", node_id, member.memory_bytes,
+                                   self._stage_needs[member.stage], member.stage)
             plan = self._recovery_plan(member.stage, member)
             if plan is not None:
                 instruction = pb.Instruction(kind=Kind.RECOVER, stage=member.stage, recovery=plan)
@@ -497,7 +506,8 @@ class Coordinator:
         routable_ids = {m.node_id for m in routable}
         links = tuple((a, b, rtt, bw) for (a, b), (rtt, bw) in self._links.items()
                       if a in routable_ids and b in routable_ids)
-        return PlanInputs(self.epoch, self.config, tuple((m.node_id, m.stage, m.throughput) for m in routable), links)
+        return PlanInputs(self.epoch, self.config, tuple((m.node_id, m.stage, m.throughput) for m in routable), links,
+                          tuple((m.node_id, m.device, m.memory_bytes) for m in routable))
 
     def _plan(self) -> Plan:
         """The one call site of the path planner (coordinator/skippipe/planner.py via planning.compute_plan)."""

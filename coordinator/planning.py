@@ -7,12 +7,15 @@ must not stall heartbeats). The planner is coordinator/skippipe/planner.py
 memory cap cannot be met) the full-pipeline fallback in schedule.py is used
 (not the planner's ``full`` mode: that one obeys the same rules, so it can fail too).
 With ``model.stages = 1`` (data-parallel mode) the planner is bypassed: every
-path is its origin alone.
+path is its origin alone. Unless ``skippipe.memory_cap`` is set, the planner's
+per-node cap comes from the free memory nodes reported (``memory_cap``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -23,6 +26,7 @@ from lowband.coordinator.skippipe.planner import plan_paths
 from lowband.coordinator.skippipe.schedule import Plan, count_visits, full_pipeline_paths
 from lowband.protocols.config import RunConfig
 from lowband.protocols.hop_bytes import hop_bytes_per_position
+from lowband.protocols.stage_memory import microbatches_that_fit, uses_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,34 @@ class PlanInputs:
     config: RunConfig
     nodes: tuple[tuple[str, int, float], ...]                   # (node_id, stage, throughput), routable only
     links: tuple[tuple[str, str, float, float], ...] = ()        # (from, to, rtt_s, bandwidth B/s)
+    memory: tuple[tuple[str, str, int], ...] = ()                # (node_id, device, free bytes at join; 0: unknown)
 
+
+def memory_cap(inputs: PlanInputs) -> int:
+    """The planner's per-node cap on microbatches held at once: ``skippipe.memory_cap`` when set, else
+    what the tightest node's reported free memory holds beside its stage (protocols/stage_memory.py), 0
+    (no cap) when no node reported any. Never below what the pipeline needs to run at all (each stage's
+    share of the iteration's microbatches): a tighter cap would fail every plan, so it is raised to that
+    and logged (the estimate is on the high side; the node may still fit)."""
+    cfg = inputs.config
+    if cfg.skippipe.memory_cap > 0:
+        return cfg.skippipe.memory_cap
+    stage_of = {node_id: stage for node_id, stage, _ in inputs.nodes}
+    caps = {node_id: microbatches_that_fit(cfg, stage_of[node_id], free, bf16=uses_bf16(cfg.train.precision, device))
+            for node_id, device, free in inputs.memory if free > 0 and node_id in stage_of}
+    if not caps:
+        return 0
+    tightest = min(caps, key=lambda n: (caps[n], n))
+    cap = caps[tightest]
+    replicas = [sum(1 for s in stage_of.values() if s == stage) for stage in range(cfg.model.stages)]
+    origins = replicas[0] if replicas else 0
+    per_iteration = origins * cfg.train.microbatches
+    floor = max([cfg.train.microbatches, *(math.ceil(per_iteration / r) for r in replicas[1:] if r > 0)])
+    if cap < floor:
+        logger.warning("node %s's free memory holds %d microbatches at once, below the %d the pipeline needs; "
+                       "planning with %d", tightest, cap, floor, floor)
+        return floor
+    return cap
 
 def activation_bytes(config: RunConfig) -> float:
     """Bytes one hop's payload costs, the mean of its two directions (the planner charges a hop one size):
@@ -86,8 +117,9 @@ def compute_plan(inputs: PlanInputs) -> Plan:
     if num_stages == 1:   # data-parallel mode: no pipeline, so no SkipPipe search (paths are the origins)
         return fallback_plan(inputs)
     try:
+        section = dataclasses.replace(cfg.skippipe, memory_cap=memory_cap(inputs))
         request = PlanRequest.from_section(
-            topology(inputs), cfg.skippipe, num_stages=num_stages,
+            topology(inputs), section, num_stages=num_stages,
             microbatches_per_origin=cfg.train.microbatches, activation_bytes=activation_bytes(cfg),
             seed=cfg.seed + inputs.epoch,
             swap_edges=cfg.recovery.swap_edges and cfg.recovery.method == "checkfree-plus" and num_stages >= 4)

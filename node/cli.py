@@ -23,6 +23,7 @@ import logging
 import sys
 
 from lowband.node.daemon import NodeOptions, run_node
+from lowband.node.train.reference import resolve_device
 from lowband.protocols.rpc import load_token
 
 
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-file", help="file holding the run token (default: $LOWBAND_TOKEN)")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for the node service (port 0: any)")
     parser.add_argument("--advertise", default="", help="HOST:PORT peers should dial (default: listen host)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N: one device per node")
     parser.add_argument("--data", default="", help="training data path (overrides train.data for this node)")
     parser.add_argument("--no-data", action="store_true", help="never serve as an origin (stage 0)")
     parser.add_argument("--node-id", default="", help="node id to register with (default: assigned)")
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads must be >= 1")
     if not 0 <= args.wire_port <= 65535:
         parser.error("--wire-port must be in [0, 65535]")
+    try:
+        resolve_device(args.device)   # a device this machine does not have: exit 2 before anything starts
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         token = load_token(args.token_file)
     except ValueError as exc:

@@ -197,7 +197,8 @@ class StageAssembler:
         runtime = StageRuntime(module, stage, optimizer, grad_clip=train.grad_clip,
                                lr_fn=lambda it: lr_at(it, train), iteration=iteration,
                                iteration_timeout_s=3 * train.hop_timeout_s, slowdown=self.slowdown,
-                               on_step=self.hooks.on_step, device=self.device, after_step=outer.after_step)
+                               on_step=self.hooks.on_step, device=self.device, after_step=outer.after_step,
+                               precision=train.precision)
         runtime.adopt_next_iteration = adopt_next_iteration
         return PipelineAgent(self.membership.node_id, config.run_id, runtime, self.transport, dim=cfg.dim,
                              max_seq_len=cfg.max_seq_len, codec=train.activation_codec,

@@ -14,6 +14,7 @@ from lowband.protocols.config import ConfigError, RunConfig, apply_overrides, bu
 
 SIGNALS = ("KILL", "TERM")
 NETWORKS = ("loopback", "netns")
+SIM_DEVICES = ("auto", "cpu")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -69,6 +70,10 @@ class SimSection:
     # mutual TLS on every channel and activation wire, from a run CA made in the run folder (tls/);
     # false (`lowband-sim run --no-tls`): plaintext, token only
     tls: bool = True
+    # where node processes compute: "auto" spreads them round-robin over the visible CUDA devices, as
+    # many per device as its free memory holds (sim/procs.py; a run that does not fit is refused), and
+    # uses the CPU when there is none; "cpu" keeps every node on the CPU
+    device: str = "auto"
     preemptions: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -89,6 +94,7 @@ class SimSection:
         check(self.replacement_delay_s >= 0, "replacement_delay_s", "must be >= 0")
         check(self.max_wall_s > 0, "max_wall_s", "must be > 0")
         check(self.network in NETWORKS, "network", f"must be one of {NETWORKS}, got {self.network!r}")
+        check(self.device in SIM_DEVICES, "device", f"must be one of {SIM_DEVICES}, got {self.device!r}")
         port = self.dashboard.rpartition(":")[2]
         check(self.dashboard == "" or (port.isdigit() and int(port) <= 65535), "dashboard",
               f"must be HOST:PORT or empty, got {self.dashboard!r}")

@@ -23,7 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lowband.coordinator.launch import signal_group, start_in_session, stop_group
+from lowband.protocols.config import RunConfig
+from lowband.protocols.stage_memory import microbatch_activation_bytes, stage_state_bytes, uses_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -154,3 +158,74 @@ class Supervisor:
 
     def __exit__(self, *exc: object) -> None:
         self.kill_all()
+
+
+# ---- device placement --------------------------------------------------------------------------
+
+# Per node process on a GPU beyond its stage: the CUDA context, cuBLAS workspaces and the caching
+# allocator's slack (a few hundred MiB each on current drivers).
+CUDA_PROCESS_OVERHEAD_BYTES = 768 << 20
+
+
+class PlacementError(RuntimeError):
+    """The nodes do not fit on the visible devices' memory."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRoom:
+    """A device node processes may go to, with the memory free on it before any node started."""
+
+    name: str          # "cuda:0", ...
+    free_bytes: int
+
+
+def visible_cuda_devices() -> list[DeviceRoom]:
+    """The CUDA devices this process sees (CUDA_VISIBLE_DEVICES applies) and their free memory; empty
+    without CUDA. Initialises CUDA in the simulator's own process (one context per device)."""
+    if not torch.cuda.is_available():
+        return []
+    return [DeviceRoom(f"cuda:{i}", int(torch.cuda.mem_get_info(i)[0])) for i in range(torch.cuda.device_count())]
+
+
+def node_need_bytes(run: RunConfig, stage: int, *, origins: int, replicas: int, device: str = "cuda") -> int:
+    """GPU memory one node process of ``stage`` needs: its stage's state, the activations of the most
+    microbatches it holds at once (its share of the iteration's, an origin's own at least) and the
+    process's CUDA overhead (protocols/stage_memory.py estimates on the high side)."""
+    per_iteration = origins * run.train.microbatches
+    held = run.train.microbatches if stage == 0 else max(run.train.microbatches, -(-per_iteration // max(1, replicas)))
+    bf16 = uses_bf16(run.train.precision, device)
+    return (stage_state_bytes(run, stage) + held * microbatch_activation_bytes(run, stage, bf16=bf16)
+            + CUDA_PROCESS_OVERHEAD_BYTES)
+
+
+def choose_device(devices: Sequence[DeviceRoom], placed: Sequence[tuple[str, int]], need: int, start: int) -> str:
+    """The device a new node process goes to: round-robin from ``devices[start % n]``, skipping a device
+    whose free memory less what ``placed`` (device, need of each live node on it) holds is below
+    ``need``; "cpu" when there are no devices. Raises PlacementError when no device has room (pure)."""
+    if not devices:
+        return "cpu"
+    used: dict[str, int] = {}
+    for name, bytes_ in placed:
+        used[name] = used.get(name, 0) + bytes_
+    n = len(devices)
+    for k in range(n):
+        device = devices[(start + k) % n]
+        if device.free_bytes - used.get(device.name, 0) >= need:
+            return device.name
+    rooms = ", ".join(f"{d.name} {max(0, d.free_bytes - used.get(d.name, 0)) / 2**30:.1f} GiB left"
+                      for d in devices)
+    raise PlacementError(f"no visible CUDA device has room for another node needing {need / 2**30:.2f} GiB "
+                         f"({rooms}): run fewer nodes (sim.origins, sim.replicas_per_stage), a smaller "
+                         f"model, or sim.device = \"cpu\"")
+
+
+def place_nodes(devices: Sequence[DeviceRoom], needs: Sequence[int]) -> list[str]:
+    """The device of each node in order (round-robin over ``devices``, capped by memory); see
+    ``choose_device``. Raises PlacementError naming what does not fit."""
+    placed: list[tuple[str, int]] = []
+    out = []
+    for i, need in enumerate(needs):
+        name = choose_device(devices, placed, need, i)
+        placed.append((name, need))
+        out.append(name)
+    return out

@@ -43,7 +43,16 @@ from lowband.protocols.vocab import bits_per_byte
 from lowband.sim.config import ScriptedPreemption, SimConfig, load_sim_config
 from lowband.sim.model_out import node_state_dir, run_sample, write_run_model
 from lowband.sim.netns import TestNetwork
-from lowband.sim.procs import Child, Supervisor, free_port, peak_rss_bytes
+from lowband.sim.procs import (
+    Child,
+    DeviceRoom,
+    Supervisor,
+    choose_device,
+    free_port,
+    node_need_bytes,
+    peak_rss_bytes,
+    visible_cuda_devices,
+)
 from lowband.sim.report import read_jsonl, write_report
 
 logger = logging.getLogger(__name__)
@@ -72,6 +81,8 @@ class SimNode:
     preempted: bool = False
     replacement: bool = False  # a fresh spot machine: the coordinator picks its stage
     relaunches: int = 0        # times it exited before joining and was started again
+    device: str = "cpu"        # --device of its process (placed by sim/procs.py)
+    need_bytes: int = 0        # device memory it is counted for there (0 on the CPU)
 
 
 @dataclass
@@ -122,6 +133,7 @@ class Simulation:
         self._channel: grpc.Channel | None = None
         self._stub: coordinator_pb2_grpc.CoordinatorStub | None = None
         self.net: TestNetwork | None = None
+        self._devices: list[DeviceRoom] | None = None   # visible CUDA devices, read at the first node
 
     @property
     def netns(self) -> bool:
@@ -216,14 +228,31 @@ class Simulation:
         name = f"{'origin' if stage == 0 else 'stage' + str(stage)}-{self._counter}"
         region = self._counter % sim.regions
         slowdown = 1.0 + self.rng.random() * (sim.max_slowdown - 1.0)
+        device, need = self._place(stage)
         if self.netns:
             node = SimNode(name=name, stage=stage, address=f"{self._add_host(name, region)}:{NETNS_NODE_PORT}",
                            region=region, slowdown=slowdown, host=name)
         else:
             node = SimNode(name=name, stage=stage, address=f"127.0.0.1:{free_port()}", region=region,
                            slowdown=slowdown)
+        node.device, node.need_bytes = device, need
         self.nodes.append(node)
         return node
+
+    def _place(self, stage: int) -> tuple[str, int]:
+        """The device of the next node process and the memory it is counted for: round-robin over the
+        visible CUDA devices, capped by their free memory (raises PlacementError), else the CPU."""
+        sim = self.config.sim
+        if self._devices is None:
+            self._devices = visible_cuda_devices() if sim.device == "auto" else []
+            if self._devices:
+                logger.info("node processes go to %s", ", ".join(f"{d.name} ({d.free_bytes / 2**30:.1f} GiB free)"
+                                                                  for d in self._devices))
+        if not self._devices:
+            return "cpu", 0
+        need = node_need_bytes(self.config.run, stage, origins=sim.origins, replicas=sim.replicas_per_stage)
+        live = [(n.device, n.need_bytes) for n in self.nodes if n.child is None or n.child.alive()]
+        return choose_device(self._devices, live, need, self._counter - 1), need
 
     def launch(self, node: SimNode) -> None:
         links_file = self.out_dir / "links" / f"{node.name}.json"
@@ -244,6 +273,7 @@ class Simulation:
             "--links-file", str(links_file),
             "--log-json", str(self.out_dir / "nodes" / f"{node.name}.jsonl"),
             "--state-dir", str(node_state_dir(self.out_dir, node.name)),
+            "--device", node.device,
         ]
         if node.stage != 0:
             argv.append("--no-data")  # only origins hold data; the others never become stage 0

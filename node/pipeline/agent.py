@@ -36,7 +36,7 @@ from lowband.node.pipeline.payload import lift_received
 from lowband.node.pipeline.runtime import MicrobatchKey, StageError, StageRuntime
 from lowband.node.pipeline.transport import Transport
 from lowband.protocols import coordinator_pb2, node_pb2, tensor_pb2
-from lowband.protocols.codec import decode
+from lowband.protocols.codec import RAW_CODECS, decode
 from lowband.protocols.errors import ValidationError
 from lowband.protocols.subspace import SubspaceBasis
 
@@ -385,9 +385,12 @@ class PipelineAgent:
         if address is None:
             await self._give_up(header, f"no address for node {node_id}", suspect=None)
             return
+        codec = self.gradient_codec if backward else self.codec
+        # a CUDA stage's tensor leaves the device through a pinned buffer, off the event loop (a CPU one
+        # is used as it is); the buffer carries the next hop once this one is sent
+        host = await self.runtime.hop.to_host(tensor, RAW_CODECS.get(codec))
         try:
-            codec = self.gradient_codec if backward else self.codec
-            ack = await self.transport.send_microbatch(address, backward, out, tensor, codec,
+            ack = await self.transport.send_microbatch(address, backward, out, host.tensor, codec,
                                                        timeout_s=self.hop_timeout_s, node_id=node_id,
                                                        subspace=self.subspace)
         except ValidationError as exc:   # this node's own tensor does not fit its codec (a config mismatch)
@@ -400,6 +403,8 @@ class PipelineAgent:
             await self._give_up(header, f"{'backward' if backward else 'forward'} to {node_id} failed: "
                                         f"{code.name}: {exc.details()}", suspect=node_id if unreachable else None)
             return
+        finally:
+            self.runtime.hop.release(host)
         if not ack.ok:
             await self._give_up(header, f"{node_id} refused: {ack.message}", suspect=None)
 

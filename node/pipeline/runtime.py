@@ -17,6 +17,7 @@ closed with what it has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -29,6 +30,9 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from lowband.node.pipeline.device_hop import DeviceHop
+from lowband.node.train.precision import autocast_context, autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +112,11 @@ class StageRuntime:
         on_step: Callable[[StepResult], None] | None = None,
         device: torch.device | str = "cpu",
         after_step: Callable[[int], None] | None = None,
+        precision: str = "auto",
     ) -> None:
         if slowdown < 1.0:
             raise ValueError(f"slowdown must be >= 1, got {slowdown}")
+        autocast_dtype(torch.device(device), precision)   # a precision the device cannot run is refused here
         self.module = module
         self.stage = stage
         self.optimizer = optimizer
@@ -122,6 +128,10 @@ class StageRuntime:
         self.slowdown = slowdown
         self.on_step = on_step
         self.device = torch.device(device)
+        # forward and loss run under train.precision's autocast (bf16 on CUDA by default); parameters, their
+        # gradient sums and the optimizer stay fp32 (the master weights DiLoCo averages)
+        self.precision = precision
+        self.hop = DeviceHop(self.device)   # pinned, non-blocking copies to and from a CUDA device
         self.after_step = after_step   # worker thread, between inner steps (outer sync hooks in here)
         # How many microbatches an iteration expects, from the plan epochs its origins launched it under
         # (None: ``expected``). A plan changes mid-iteration when membership does; the microbatches already
@@ -144,7 +154,11 @@ class StageRuntime:
         self._touched: dict[MicrobatchKey, set[int]] = {}   # worker thread only
         self._saved: dict[MicrobatchKey, _Saved] = {}       # worker thread only
         self._iters: dict[int, _Iteration] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{stage}")
+        # the CUDA current device is per thread: the worker's is the stage's (cuda:N), for every op that
+        # does not name a device
+        initializer = (lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{stage}",
+                                            initializer=initializer)
         self._cond: asyncio.Condition | None = None
         self._close_lock: asyncio.Lock | None = None
         self._last_progress = time.monotonic()
@@ -290,6 +304,9 @@ class StageRuntime:
 
     # ------------------------------------------------------------------ compute (worker thread)
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return autocast_context(self.device, self.precision)
+
     def _accumulate(self, key: MicrobatchKey, grads: tuple[torch.Tensor | None, ...]) -> None:
         touched = self._touched.setdefault(key, set())
         for i, g in enumerate(grads):
@@ -304,22 +321,22 @@ class StageRuntime:
                 self._grad_count[i] += 1
 
     def _forward_sync(self, key: MicrobatchKey | None, h_in: torch.Tensor) -> torch.Tensor:
-        h_in = h_in.to(self.device, self.compute_dtype)   # activations may arrive in their wire dtype (bf16)
+        h_in = self.hop.to_device(h_in, self.compute_dtype)   # activations may arrive in their wire dtype (bf16)
         if key is None:   # evaluation: nothing kept
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 return self.module(h_in)
         x = h_in.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), self._autocast():
             y = self.module(x)
         self._saved[key] = _Saved(x, y)
         return y.detach()
 
     def _embed_sync(self, key: MicrobatchKey | None, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.to(self.device)
+        tokens = self.hop.to_device(tokens)
         if key is None:
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 return self.module.embed_tokens(tokens)
-        with torch.enable_grad():
+        with torch.enable_grad(), self._autocast():
             h = self.module.embed_tokens(tokens)
         self._saved[key] = _Saved(None, h)
         return h.detach()
@@ -333,7 +350,7 @@ class StageRuntime:
                              f"{tuple(saved.outputs.shape)} of microbatch {key}")
         inputs = [saved.inputs] if saved.inputs is not None else []
         grads = torch.autograd.grad(
-            saved.outputs, inputs + self._params, grad_out.to(saved.outputs.device, saved.outputs.dtype),
+            saved.outputs, inputs + self._params, self.hop.to_device(grad_out, saved.outputs.dtype),
             allow_unused=True,
         )
         self._accumulate(key, grads[len(inputs):])
@@ -341,12 +358,12 @@ class StageRuntime:
 
     def _head_sync(self, key: MicrobatchKey | None, h: torch.Tensor, targets: torch.Tensor
                    ) -> tuple[float, torch.Tensor | None]:
-        h, targets = h.to(self.device, self.compute_dtype), targets.to(self.device)
+        h, targets = self.hop.to_device(h, self.compute_dtype), self.hop.to_device(targets)
         if key is None:
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 return float(self.module.loss(h, targets)), None
         x = h.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), self._autocast():
             loss = self.module.loss(x, targets)
         grads = torch.autograd.grad(loss, [x, *self._params], allow_unused=True)
         self._accumulate(key, grads[1:])
@@ -536,7 +553,7 @@ class StageRuntime:
         losses = []
         for tokens, targets in batches:
             tokens, targets = tokens.to(self.device), targets.to(self.device)
-            with torch.enable_grad():
+            with torch.enable_grad(), self._autocast():
                 loss = self.module.loss(self.module.embed_tokens(tokens), targets)
             loss.backward()
             losses.append(loss.detach())
@@ -547,7 +564,7 @@ class StageRuntime:
         return values, self._step_sync(iteration, len(batches), 0, False)
 
     def _local_eval_sync(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             losses = [self.module.loss(self.module.embed_tokens(x.to(self.device)), y.to(self.device))
                       for x, y in batches]
         return torch.stack(losses).tolist() if losses else []

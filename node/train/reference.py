@@ -38,6 +38,7 @@ from tqdm import tqdm
 from lowband.node.train.data import BatchIterator, Corpus, load_run_corpus, origin_batches, run_val_batches
 from lowband.node.train.model import Transformer, lm_loss, model_config_for
 from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr
+from lowband.node.train.precision import autocast_context
 from lowband.protocols.config import RunConfig
 from lowband.protocols.vocab import resolve_vocab
 
@@ -50,32 +51,45 @@ def reference_batches(config: RunConfig, corpus: Corpus) -> BatchIterator:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto``: CUDA if available, else CPU. An unavailable explicit device is an error."""
+    """``auto``: CUDA if available (its current device), else CPU. A device string torch does not know, or
+    a device this machine does not have, is a ValueError that says what there is."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r} does not exist: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())   # one device per node: name it
+    elif dev.type not in ("cpu", "mps"):
+        raise ValueError(f"device {device!r} is not supported (auto, cpu, cuda, cuda:N)")
     return dev
 
 
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA (fp32 master weights and optimizer); plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager[Any]:
+    """``train.precision``'s autocast (node/train/precision.py): by default bf16 on CUDA with fp32 master
+    weights and optimizer, plain fp32 on CPU; the stage runtime uses the same rule."""
+    return autocast_context(device, precision)
 
 
 @torch.no_grad()
 def evaluate(
-    model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+    precision: str = "auto",
 ) -> float:
     """Mean validation loss (nats per token) over fixed batches."""
     was_training = model.training
     model.eval()
     total = 0.0
     for inputs, targets in batches:
-        with autocast_for(device):
+        with autocast_for(device, precision):
             logits = model(inputs.to(device))
         total += lm_loss(logits, targets.to(device)).item()
     model.train(was_training)
@@ -123,7 +137,7 @@ def train_reference(
 
     metrics = _MetricsWriter(out_dir / "metrics.jsonl")
     start = time.perf_counter()
-    initial_val = evaluate(model, val, dev)
+    initial_val = evaluate(model, val, dev, train.precision)
     metrics.write({"step": 0, "val_loss": initial_val, "tokens": 0, "wall_s": 0.0, "lr": lr_at(0, train)})
 
     step, tokens, val_loss, loss_value = 0, 0, initial_val, float("nan")
@@ -133,7 +147,7 @@ def train_reference(
         for step, (inputs, targets) in zip(range(train.steps), _on_device(batches, dev), strict=False):
             lr = lr_at(step, train)
             set_lr(opt, lr)
-            with autocast_for(dev):
+            with autocast_for(dev, train.precision):
                 loss = lm_loss(model(inputs), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -146,7 +160,7 @@ def train_reference(
             record: dict[str, Any] = {"step": step + 1, "loss": loss_value, "tokens": tokens,
                                       "wall_s": round(wall, 4), "lr": lr}
             if (step + 1) % train.eval_every == 0 or step + 1 == train.steps:
-                val_loss = evaluate(model, val, dev)
+                val_loss = evaluate(model, val, dev, train.precision)
                 record["val_loss"] = val_loss
             metrics.write(record)
             bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}", tok_s=f"{tokens / wall:,.0f}")
@@ -154,7 +168,7 @@ def train_reference(
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted at step %d; evaluating and writing the summary", step)
-        val_loss = evaluate(model, val, dev)
+        val_loss = evaluate(model, val, dev, train.precision)
     finally:
         bar.close()
         metrics.close()
