@@ -47,8 +47,9 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (none visi
 
 # bf16 keeps 8 significant bits (relative rounding 2^-9 per op). Through two blocks (norms, attention,
 # SwiGLU, fp32 residual) and their backward the outputs and gradients stay within 2% of fp32 in
-# relative L2 norm (measured on CPU: output 4e-5, weight change 4e-3); a wrong autocast (fp16
-# overflow, a bf16 residual stream or bf16 master weights) lands far outside.
+# relative L2 norm (measured on CPU: block output 4e-5, its weight change 4e-3; origin loss 3e-5, its
+# gradient 2.4e-3); a wrong autocast (fp16 overflow, a bf16 residual stream or bf16 master weights)
+# lands far outside.
 BF16_REL_TOL = 2e-2
 
 
@@ -109,6 +110,32 @@ def _stage_step(precision: str, device: torch.device) -> dict[str, torch.Tensor]
     return asyncio.run(main())
 
 
+def _origin_step(precision: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """One microbatch at an origin (stage 0 of 4): embedding, head and loss, backward through both."""
+    cfg = model_config_for(_config().model)
+    module = build_stage(cfg, 0, 4, seed=5).to(device)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
+    targets = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
+
+    async def main() -> dict[str, torch.Tensor]:
+        runtime = StageRuntime(module, 0, optimizer, device=device, precision=precision, expected=1)
+        try:
+            key = MicrobatchKey("o", 0, 0)
+            h = await runtime.embed(key, tokens)
+            loss, grad = await runtime.head(key, h, targets)   # the head runs on the embedding directly
+            assert grad is not None
+            await runtime.backward(key, grad)
+            delta = torch.cat([(before[n] - p.detach()).flatten() for n, p in module.named_parameters()])
+            return {"loss": torch.tensor(loss), "grad": grad.cpu(), "delta": delta.cpu()}
+        finally:
+            runtime.shutdown()
+
+    return asyncio.run(main())
+
+
 def _check_bf16_matches_fp32(device: torch.device) -> None:
     fp32 = _stage_step("fp32", device)
     bf16 = _stage_step("bf16", device)
@@ -118,6 +145,11 @@ def _check_bf16_matches_fp32(device: torch.device) -> None:
         assert bf16[name].dtype == torch.float32   # the residual stream and gradients leave in fp32
     # autocast really ran: bf16 rounding shows in the weight change
     assert _rel(bf16["delta"], fp32["delta"]) > 1e-5
+    fp32, bf16 = _origin_step("fp32", device), _origin_step("bf16", device)
+    for name in ("loss", "grad", "delta"):
+        rel = _rel(bf16[name], fp32[name])
+        assert rel < BF16_REL_TOL, (name, rel)
+    assert bf16["grad"].dtype == torch.float32 and _rel(bf16["delta"], fp32["delta"]) > 1e-5
 
 
 def test_bf16_stage_forward_backward_matches_fp32_on_cpu() -> None:
