@@ -18,7 +18,7 @@ because a pipeline runs at the pace of its weakest stage. Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -155,3 +155,19 @@ def rebalance(nodes: Sequence[NodeLike], num_stages: int, min_replicas: int = 1,
 
 def _movable(node: NodeLike, target: int, moved: set[str], need: Sequence[int] = ()) -> bool:
     return node.node_id not in moved and _allowed(node, target) and fits(node, target, need)
+
+
+def resume_stage(held: Mapping[int, int], sourced: Collection[int]) -> tuple[int, bool] | None:
+    """The stage a joiner whose --state-dir holds stage states should take, and whether it resumes it
+    from that state (True) rather than copying a live replica (False).
+
+    ``held``: stage -> outer step of each usable state it holds; ``sourced``: the stages a live replica
+    could be copied from. A stage nobody live holds comes first (after a whole run was lost, only the
+    nodes' own files hold it), the most advanced of those; else the stage of its newest state, which a
+    replica copy brings up to date. None when it holds nothing usable.
+    """
+    if not held:
+        return None
+    orphaned = [s for s in held if s not in sourced]
+    pool = orphaned or list(held)
+    return max(pool, key=lambda s: (held[s], -s)), bool(orphaned)

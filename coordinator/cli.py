@@ -53,6 +53,7 @@ from lowband.protocols.tls import (
     open_sync_channel,
     set_process_tls,
 )
+from lowband.protocols.tokenizer import run_tokenizer
 from lowband.protocols.vocab import resolve_vocab
 
 logger = logging.getLogger("lowband.coordinator.cli")
@@ -129,7 +130,9 @@ def _serve(args: argparse.Namespace) -> int:
         token = load_token(args.token_file)
         viewer_token = _read_token(args.viewer_token_file) if args.viewer_token_file else ""
         config = RunConfig.from_toml(args.config) if args.config else RunConfig()
-        config = resolve_vocab(apply_overrides(config, args.set))   # nodes without the data build the same model
+        config = apply_overrides(config, args.set)
+        tokenizer = run_tokenizer(config, args.run_dir)   # a BPE run's: trained once, kept in the run directory
+        config = resolve_vocab(config, tokenizer)   # nodes without the data build the same model
         tls = load_tls(args.tls_dir, COORDINATOR_NAME)
     except (ValueError, OSError, ConfigError) as exc:
         print(f"lowband-coordinator: error: {exc}", file=sys.stderr)

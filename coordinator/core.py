@@ -16,6 +16,7 @@ not the current one), else NONE.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from lowband.coordinator import validate
-from lowband.coordinator.assignment import Move, choose_stage, fits, rebalance
+from lowband.coordinator.assignment import Move, choose_stage, fits, rebalance, resume_stage
 from lowband.coordinator.errors import Conflict, IdentityRefused, InvalidRequest, UnknownNode
 from lowband.coordinator.planning import PlanInputs, compute_plan
 from lowband.coordinator.recovery import NodeRef, RecoveryError, plan_recovery
@@ -36,8 +37,10 @@ from lowband.coordinator.skippipe.paths import PlannedPath
 from lowband.coordinator.skippipe.schedule import Plan
 from lowband.coordinator.store import EventRecord, MemberInfo, MemberRecord, Store
 from lowband.protocols import coordinator_pb2 as pb
-from lowband.protocols.config import RunConfig
+from lowband.protocols.config import ConfigError, RunConfig
 from lowband.protocols.stage_memory import stage_needs
+from lowband.protocols.stored_stage import LOCAL_STATE, stage_fingerprint
+from lowband.protocols.tokenizer import BpeTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +84,14 @@ class Coordinator:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         max_events: int = 1000,
+        tokenizer: BpeTokenizer | None = None,
     ) -> None:
         self.config = config
+        if config.train.tokenizer == "bpe" and tokenizer is None:
+            raise ConfigError("train.tokenizer = 'bpe': the coordinator needs the run's tokenizer to share it")
+        self.tokenizer = tokenizer   # a BPE run's: every node that may be an origin gets it at join
+        # what a node's stored stage state must match to be resumed here (protocols/stored_stage.py)
+        self._fingerprint = stage_fingerprint(config.run_id, config.model.stages, dataclasses.asdict(config.model))
         self.num_stages = config.model.stages
         # bytes a node needs to host each stage (protocols/stage_memory.py): joins and moves respect it
         self._stage_needs = stage_needs(config)
@@ -118,7 +127,20 @@ class Coordinator:
         self._rejoin = pb.HeartbeatReply(instruction=pb.Instruction(kind=Kind.REJOIN))
         if store is not None:
             self._load(store)
+            self._check_tokenizer(store)
 
+    def _check_tokenizer(self, store: Store) -> None:
+        """A run keeps one tokenizer: its SHA-256 is recorded at the first start and a restart with any
+        other (the cached file edited, another train.tokenizer) is refused, since the nodes' states and
+        the data order were made with the first."""
+        current = self.tokenizer.sha256 if self.tokenizer is not None else ""
+        recorded = store.get_meta("tokenizer_sha256")
+        if recorded is None:
+            store.set_meta("tokenizer_sha256", current)
+        elif recorded != current:
+            raise ConfigError(f"this run directory's run was trained with tokenizer "
+                              f"{recorded[:16] or 'bytes'}, not {current[:16] or 'bytes'} (the cached "
+                              f"tokenizer file was changed?): restore it, or start a new run directory")
     # -- persistence ------------------------------------------------------------
     def _load(self, store: Store) -> None:
         now = self._clock()
@@ -245,10 +267,15 @@ class Coordinator:
         if not self._trained or stage not in self._stages_seen:
             return pb.RecoveryPlan(stage=stage, method=FRESH, lr_scale=1.0, plan_id=self._new_plan_id())
         live: dict[int, list[NodeRef]] = {}
+        unheard: dict[int, list[NodeRef]] = {}
         for m in self.members.values():
-            # Only fully healthy nodes are sources: a recovering node has no weights to give yet.
+            # Only fully healthy nodes are sources: a recovering node has no weights to give yet. One this
+            # coordinator restored from its store but has not heard from may be gone with the rest of the
+            # run (a copy fetches from every source): it is a source only for a stage no other holds.
             if m.state == ALIVE and m.node_id != node.node_id:
-                live.setdefault(m.stage, []).append(m.ref())
+                (live if m.registered else unheard).setdefault(m.stage, []).append(m.ref())
+        for s, refs in unheard.items():
+            live.setdefault(s, refs)
         try:
             plan = plan_recovery(stage, self.num_stages, live, candidates=[node.ref()],
                                  grad_norms=self._grad_norms(), lr_scale=self.config.recovery.lr_scale,
@@ -322,18 +349,30 @@ class Coordinator:
             if self._first_join is None:
                 self._first_join = now
             others = [m for m in self.members.values() if m.state in LIVE_STATES and m.node_id != node_id]
-            if self._settling() and 0 <= req.preferred_stage < self.num_stages and \
-                    (req.preferred_stage != 0 or req.has_data):
-                member.stage = req.preferred_stage
+            held = self._held_states(req)
+            resume = resume_stage({s: o for s, (o, _) in held.items()}, self._sourced_stages(node_id))
+            preferred = req.preferred_stage
+            if resume is not None and req.preferred_stage < 0:
+                preferred = resume[0]   # the stage its state directory holds: a replica copy updates it
+            plan: pb.RecoveryPlan | None
+            if resume is not None and resume[1]:
+                # no live replica holds the stage (the whole run was lost): the node's own state is the
+                # newest there is, and restoring it beats filling another stage first
+                member.stage = resume[0]
+                plan = pb.RecoveryPlan(stage=member.stage, method=LOCAL_STATE, lr_scale=1.0,
+                                       plan_id=self._new_plan_id())
+            elif self._settling() and 0 <= preferred < self.num_stages and (preferred != 0 or req.has_data):
+                member.stage = preferred
+                plan = self._recovery_plan(member.stage, member)
             else:
                 member.stage = choose_stage(others, member, self.num_stages,
-                                            self.config.membership.min_replicas, req.preferred_stage,
+                                            self.config.membership.min_replicas, preferred,
                                             need=self._stage_needs)
                 if not fits(member, member.stage, self._stage_needs):
                     logger.warning("node %s reported %d bytes free, below the %d stage %d is estimated to "
                                    "need (the lightest it may host)", node_id, member.memory_bytes,
                                    self._stage_needs[member.stage], member.stage)
-            plan = self._recovery_plan(member.stage, member)
+                plan = self._recovery_plan(member.stage, member)
             if plan is not None:
                 instruction = pb.Instruction(kind=Kind.RECOVER, stage=member.stage, recovery=plan)
             kind = "join" if old is None else "rejoin"
@@ -348,15 +387,46 @@ class Coordinator:
         detail = f"{req.address} {req.device} throughput={req.throughput:g}"
         if instruction.kind == Kind.RECOVER:
             detail += f" via {instruction.recovery.method}"
+            if instruction.recovery.method == LOCAL_STATE:
+                outer, inner = held[member.stage]
+                detail += f" (its stored state at outer step {outer}, step {inner})"
         self._event(kind, node_id, member.stage, detail)
         self._rebalance()
         if member.pending is not None:  # the re-balance moved the joiner itself
             instruction = member.pending
         origins = self._origins()
-        return pb.JoinReply(
+        reply = pb.JoinReply(
             node_id=node_id, stage=member.stage, run_config_json=self._config_json, epoch=self.epoch,
             heartbeat_interval_s=self.config.membership.heartbeat_interval_s, lease_s=self.lease_s,
             origin_index=origins.get(node_id, -1), num_origins=len(origins), instruction=instruction)
+        if self.tokenizer is not None:
+            reply.tokenizer_sha256 = self.tokenizer.sha256
+            if req.has_data and req.tokenizer_sha256 != self.tokenizer.sha256:
+                reply.tokenizer_json = self.tokenizer.json   # it may be an origin and does not hold it yet
+        return reply
+
+    def _held_states(self, req: pb.JoinRequest) -> dict[int, tuple[int, int]]:
+        """The stage states a joiner's --state-dir holds that this run can resume: stage -> (outer step,
+        inner step). None of them before the run has trained (a new run never continues an old one's
+        weights), nor of another run or model (fingerprint), nor stage 0 for a node without data."""
+        if len(req.stored_stages) > 64:
+            raise InvalidRequest(f"JoinRequest.stored_stages has {len(req.stored_stages)} entries; at most 64")
+        held: dict[int, tuple[int, int]] = {}
+        for i, st in enumerate(req.stored_stages):
+            if not 0 <= st.stage < self.num_stages or st.outer_step < 0 or st.inner_step < 0:
+                raise InvalidRequest(f"stored_stages[{i}]: stage {st.stage} at outer step {st.outer_step}, "
+                                     f"step {st.inner_step} is out of range ({self.num_stages} stages)")
+            if not self._trained or st.fingerprint != self._fingerprint or (st.stage == 0 and not req.has_data):
+                continue
+            if st.stage not in held or (st.outer_step, st.inner_step) > held[st.stage]:
+                held[st.stage] = (st.outer_step, st.inner_step)
+        return held
+
+    def _sourced_stages(self, joiner: str) -> set[int]:
+        """Stages with a replica a joiner could copy: healthy and heard from since this coordinator started
+        (a member restored from the store that has not re-registered may be gone with the rest of the run)."""
+        return {m.stage for m in self.members.values()
+                if m.state == ALIVE and m.registered and m.node_id != joiner}
 
     def _bind_identity(self, node_id: str, secret: bytes, old: Member | None) -> None:
         """Refuse a join under the id of a live node that joined with another identity (an impostor, or the
@@ -467,10 +537,18 @@ class Coordinator:
         m.plan_id = 0
         if req.success:
             m.state = ALIVE
-            # A fresh start from the run seed is not a recovery: log it as "ready".
-            kind = "ready" if m.plan_method == FRESH else "recovery"
+            # A fresh start from the run seed is not a recovery: log it as "ready"; a stage resumed from
+            # a node's own state directory as "resume".
+            kind = {FRESH: "ready", LOCAL_STATE: "resume"}.get(m.plan_method, "recovery")
             detail = f"{m.plan_method or 'plan'} (plan {req.plan_id}) done {req.message}".strip()
             self._event(kind, m.node_id, m.stage, detail)
+        elif m.plan_method == LOCAL_STATE and (plan := self._recovery_plan(m.stage, m)) is not None:
+            # its stored state turned out unusable: obtain the stage as any joiner would (a copy, a rebuild)
+            self._event("recovery-failed", m.node_id, m.stage,
+                        f"plan {req.plan_id}: {req.message}; now {plan.method} (plan {plan.plan_id})")
+            m.plan_id, m.plan_method = plan.plan_id, plan.method
+            m.state = ALIVE if plan.method == FRESH else RECOVERING
+            m.pending = pb.Instruction(kind=Kind.RECOVER, stage=m.stage, recovery=plan)
         else:
             # It holds whatever weights it has; keep it in the pipeline rather than leave a hole.
             m.state = ALIVE
@@ -624,6 +702,8 @@ class Coordinator:
         validate.status(req)
         now = self._clock()
         reply = pb.StatusReply(epoch=self.epoch, outer_step=self.outer_step(), run_config_json=self._config_json)
+        if req.tokenizer and self.tokenizer is not None:
+            reply.tokenizer_json = self.tokenizer.json
         for m in self.members.values():
             reply.nodes.add(node_id=m.node_id, address=m.address, stage=m.stage, state=m.state,
                             heartbeat_age_s=max(0.0, now - m.last_seen), metrics=m.metrics,

@@ -40,6 +40,7 @@ from lowband.protocols.model_file import (
 from lowband.protocols.rpc import grpc_options, token_metadata
 from lowband.protocols.state_client import fetch_state
 from lowband.protocols.tls import COORDINATOR_NAME, open_channel
+from lowband.protocols.tokenizer import BpeTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def _describe(exc: BaseException) -> str:
 async def _status(coordinator: str, metadata: Any) -> pb.StatusReply:
     async with open_channel(coordinator, grpc_options(), server_name=COORDINATOR_NAME) as channel:
         try:
-            return await pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(max_events=0), metadata=metadata,
+            return await pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(max_events=0, tokenizer=True), metadata=metadata,
                                                                  timeout=STATUS_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -161,6 +162,12 @@ async def export_live(coordinator: str, token: str, out: str | Path) -> ExportRe
         run = RunConfig.from_dict(json.loads(status.run_config_json or "{}"))
     except (ConfigError, ValueError) as exc:
         raise ExportFailed(f"the coordinator's run config cannot be read: {exc}") from None
+    tokenizer = None
+    if run.train.tokenizer == "bpe":   # the run's, so the file decodes text as the run encoded it
+        try:
+            tokenizer = BpeTokenizer.from_json(status.tokenizer_json)
+        except TokenizerError as exc:
+            raise ExportFailed(f"the coordinator's tokenizer cannot be read: {exc}") from None
     num_stages = run.model.stages
     replicas = _replicas(status, num_stages)
     copies = {s: await _fetch_from_any(s, replicas[s], metadata) for s in range(num_stages)}
@@ -189,7 +196,7 @@ async def export_live(coordinator: str, token: str, out: str | Path) -> ExportRe
     }
     try:
         path = write_model_file(out, {s: c.state for s, c in copies.items()}, model_section=asdict(run.model),
-                                meta=meta)
+                                meta=meta, tokenizer=tokenizer)
     except (ModelFileError, OSError) as exc:
         raise ExportFailed(f"cannot write {out}: {exc}") from None
     return ExportResult(path=path, num_stages=num_stages, outer_steps=outer_steps,

@@ -39,7 +39,10 @@ from lowband.protocols.config import ConfigError, RunConfig
 from lowband.protocols.hostile import HostileInputInterceptor
 from lowband.protocols.peer_guard import GuardPolicy
 from lowband.protocols.rpc import TokenAuthInterceptor, grpc_options
+from lowband.protocols.text_corpus import DataError
 from lowband.protocols.tls import TlsConfig, add_port, check_claimed_id, peer_name
+from lowband.protocols.tokenizer import TokenizerError, run_tokenizer
+from lowband.protocols.vocab import resolve_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -245,10 +248,13 @@ async def start_coordinator(
     store = Store(run_dir)
     try:
         config = resolve_config(store, config)
-    except ConfigError:
+        # a BPE run's tokenizer: what `serve` trained into the run directory (else trained here), shared at join
+        tokenizer = run_tokenizer(config, run_dir)
+        config = resolve_vocab(config, tokenizer) if tokenizer is not None else config
+        core = Coordinator(config, store, clock=clock, tokenizer=tokenizer)
+    except (ConfigError, DataError, TokenizerError) as exc:
         store.close()
-        raise
-    core = Coordinator(config, store, clock=clock)
+        raise exc if isinstance(exc, ConfigError) else ConfigError(f"train.tokenizer: {exc}") from None
     watch = RunWatch(core)
     interceptors = [HostileInputInterceptor(bad_input), TokenAuthInterceptor(token)]
     server = grpc.aio.server(interceptors=interceptors, options=grpc_options())

@@ -61,13 +61,14 @@ from lowband.node.pipeline.runtime import StepResult
 from lowband.node.pipeline.transport import LinkTable, Transport
 from lowband.node.pipeline.wire import WireServer
 from lowband.node.recovery.bookend import BookendCopy
-from lowband.node.recovery.local_state import StateKeeper, stored_stage
+from lowband.node.recovery.local_state import StateKeeper, describe_stored
 from lowband.node.recovery.resync import OuterResync, StandbyResync
 from lowband.node.recovery.state_source import StateSource
 from lowband.node.schedule_keeper import ScheduleKeeper
 from lowband.node.service import NodeServicer, start_server, start_wire
 from lowband.node.stage_assembly import CurrentStage, StageAssembler, StageHooks
 from lowband.node.sync.averaging_backend import require_backend
+from lowband.node.tokenizer_cache import cached_sha256, tokenizer_from_join
 from lowband.node.train.model import model_config_for
 from lowband.node.train.reference import resolve_device
 from lowband.node.train_loop import TrainLoop
@@ -148,6 +149,7 @@ class NodeDaemon:
         self.stop_event = asyncio.Event()
         self.exit_reason = ""
         self.address = ""
+        self._stored: pb.StoredStage | None = None   # the stage state --state-dir held at start
         self.parts: RunParts | None = None
         self._started_at = time.monotonic()
         self._throughput = 0.0
@@ -267,7 +269,8 @@ class NodeDaemon:
                                 host=self.address.rpartition(":")[0], slowdown=self.opts.slowdown,
                                 events=self.events, hooks=hooks, state_dir=self.opts.state_dir)
         origin = OriginLoop(config, data=self.opts.data, membership=self.membership, counters=self.counters,
-                            schedule=schedule, events=self.events, lease_s=lease_s)
+                            schedule=schedule, events=self.events, lease_s=lease_s,
+                            tokenizer=tokenizer_from_join(reply, self.opts.state_dir, has_data=self.opts.has_data))
         standby = StandbyResync(resync, self.membership, schedule.settled, heartbeat_s)
         train = TrainLoop(config, current=self.current, origin=origin, standby=standby, schedule=schedule,
                           counters=self.counters, events=self.events, stop=self.stop, stop_event=self.stop_event,
@@ -284,7 +287,10 @@ class NodeDaemon:
         request = pb.JoinRequest(node_id=self.membership.node_id, address=self.address, device=str(self.device),
                                  memory_bytes=device_memory_bytes(self.device), throughput=throughput,
                                  version=VERSION, stage=stage, has_data=self.opts.has_data,
-                                 preferred_stage=self._preferred_stage(), secret=self.secret)
+                                 preferred_stage=self._preferred_stage(), secret=self.secret,
+                                 tokenizer_sha256=cached_sha256(self.opts.state_dir) if self.opts.has_data else "")
+        if self.parts is None and self._stored is not None:   # a first join: what --state-dir can resume
+            request.stored_stages.append(self._stored)
         self._throughput = throughput
         reply = await self._join_as_self(request)
         if reply is None:
@@ -325,8 +331,9 @@ class NodeDaemon:
         """--preferred-stage, else the stage this node's --state-dir holds (it can resume that one)."""
         if self.opts.preferred_stage >= 0 or not self.opts.state_dir:
             return self.opts.preferred_stage
-        stored = stored_stage(self.opts.state_dir)
-        return -1 if stored is None else stored
+        if self._stored is None and self.parts is None:
+            self._stored = describe_stored(self.opts.state_dir)   # read once, at the first join
+        return -1 if self._stored is None else self._stored.stage
 
     async def _after_join(self, reply: pb.JoinReply) -> None:
         """Hold the stage the join reply names (obtaining weights as instructed), then fetch the schedule."""

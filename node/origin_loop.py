@@ -15,8 +15,15 @@ from lowband.node.membership import Membership
 from lowband.node.metrics import TrainingCounters
 from lowband.node.pipeline.agent import PipelineAgent
 from lowband.node.schedule_keeper import ScheduleKeeper
-from lowband.node.train.data import load_run_corpus, origin_batches, run_val_batches, split_microbatches
+from lowband.node.train.data import (
+    bytes_per_token,
+    load_run_corpus,
+    origin_batches,
+    run_val_batches,
+    split_microbatches,
+)
 from lowband.protocols.config import RunConfig, apply_overrides
+from lowband.protocols.tokenizer import BpeTokenizer
 from lowband.protocols.vocab import bits_per_byte
 
 logger = logging.getLogger(__name__)
@@ -31,8 +38,12 @@ class OriginLoop:
     """Drives iterations through the pipeline when this node holds stage 0; counts into ``counters``."""
 
     def __init__(self, config: RunConfig, *, data: str, membership: Membership, counters: TrainingCounters,
-                 schedule: ScheduleKeeper, events: EventLog, lease_s: float) -> None:
+                 schedule: ScheduleKeeper, events: EventLog, lease_s: float,
+                 tokenizer: BpeTokenizer | None = None) -> None:
         self.config = apply_overrides(config, [f"train.data={data}"]) if data else config   # --data
+        self.tokenizer = tokenizer   # the run's BPE, as the coordinator named it (None: bytes)
+        self.bytes_per_token: float | None = None   # of the validation targets: losses in bits per byte
+        self._data_info: dict[str, object] = {}
         self.membership = membership
         self.counters = counters
         self.schedule = schedule
@@ -72,18 +83,27 @@ class OriginLoop:
     def _data(self) -> tuple[Iterator[Batch], list[Batch]]:
         """This origin's shard of the training data (by its origin index) and the run's validation set."""
         config = self.config
-        corpus = load_run_corpus(config)
+        if config.train.tokenizer == "bpe" and self.tokenizer is None:
+            # never train one of its own: its merges would differ from the other origins'
+            raise ValueError("train.tokenizer = 'bpe': an origin encodes with the coordinator's tokenizer, none given")
+        corpus = load_run_corpus(config, self.tokenizer)
         index, count = max(0, self.membership.origin_index), max(1, self.membership.num_origins)
         batches = origin_batches(config, corpus, index, count)
         val: list[Batch] = []
         for x, y in run_val_batches(config, corpus):
             val.extend(split_microbatches(x, y, config.train.microbatch_size))
+        self.bytes_per_token = bytes_per_token(corpus, val)
+        # which tokenizer encoded this origin's data: every origin of a BPE run names the coordinator's
+        self._data_info = {"source": corpus.source, "train_tokens": corpus.train.numel(),
+                           "bytes_per_token": self.bytes_per_token,
+                           "tokenizer": corpus.tokenizer.sha256 if corpus.tokenizer else config.train.tokenizer}
         return batches, val
 
     async def _iteration(self, agent: PipelineAgent) -> None:
         train, counters = self.config.train, self.counters
         if self._batches is None:
             self._batches, self._val = await asyncio.to_thread(self._data)
+            self.events.write("data", **self._data_info)
             for _ in range(agent.runtime.iteration):   # a late origin resumes the data order where the run is
                 next(self._batches)
             counters.started = time.monotonic()
@@ -122,5 +142,5 @@ class OriginLoop:
         if math.isfinite(value):
             self.counters.val_loss = value
         self.events.write("eval", step=iteration, val_loss=value,
-                          val_bits_per_byte=bits_per_byte(value, self.config.train.data))
+                          val_bits_per_byte=bits_per_byte(value, self.bytes_per_token))
         logger.info("node %s step %d: val loss %.4f", self.membership.node_id, iteration, value)

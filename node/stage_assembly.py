@@ -34,10 +34,10 @@ from lowband.node.train.optim import build_inner_optimizer, lr_at
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.config import RunConfig
 from lowband.protocols.errors import ValidationError
+from lowband.protocols.stored_stage import LOCAL_STATE
 
 logger = logging.getLogger(__name__)
 
-LOCAL_STATE = "local-state"   # the stage resumed from this node's own --state-dir (not a coordinator method)
 
 
 @dataclass(slots=True)
@@ -118,6 +118,10 @@ class StageAssembler:
             resumed = self._resume(module, stage, stored, plan) if method != "replica-copy" else None
             if resumed is not None:
                 iteration, outer_parts, method, message = resumed
+            elif method == LOCAL_STATE:
+                # the coordinator planned on the state this node said it holds; it cannot be used after all
+                ok, message = False, f"no usable state of stage {stage} in --state-dir {self.state_dir or '(none)'}"
+                logger.error("stage %d: %s; the coordinator plans again", stage, message)
             elif method not in ("fresh", LOCAL_STATE):
                 assert plan is not None
                 try:
@@ -178,8 +182,10 @@ class StageAssembler:
                          "instead", stage, " ".join(str(exc).split())[:300])
             return None
         # what the coordinator's recovery log shows for its plan (a rebuild we did not need)
-        message = (f"resumed from its --state-dir at step {stored.inner_step}, outer steps {stored.outer_steps} "
-                   f"(instead of {plan.method if plan is not None and plan.method else 'fresh'})")
+        planned = plan.method if plan is not None and plan.method else "fresh"
+        message = f"resumed from its --state-dir at step {stored.inner_step}, outer steps {stored.outer_steps}"
+        if planned != LOCAL_STATE:
+            message += f" (instead of {planned})"
         return stored.inner_step, stored.parts, LOCAL_STATE, message
 
     def _stored(self, stage: int) -> StageState | None:

@@ -13,7 +13,11 @@ is ``lowband.node.train.export.load_model``. Layout::
         "num_stages": S,
         "stages": {0: state_dict, 1: state_dict, ...},   # stage-local names (blocks.{j}.…)
         "meta": {...},           # JSON-safe: how it was trained, each stage's outer steps per fragment
+        "tokenizer": {"kind": "bpe", "json": "...", "sha256": "..."},   # a BPE run's only (else bytes)
     }
+
+The tokenizer travels inside the file so that ``generate`` encodes and decodes text with the merges
+the model was trained on; a tokenizer whose JSON does not match its recorded hash is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lowband.protocols.tokenizer import BpeTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +83,28 @@ def describe_lags(lags: list[tuple[int, int, int, int]]) -> list[str]:
     return [f"stage {s} fragment {p} is at outer step {mine}, behind {best}" for s, p, mine, best in lags]
 
 
+def file_tokenizer(payload: Mapping[str, Any]) -> BpeTokenizer | None:
+    """The BPE a model file carries (None: a byte-level model); refused when its hash does not match."""
+    entry = payload.get("tokenizer")
+    if entry is None:
+        return None
+    if not isinstance(entry, Mapping) or entry.get("kind") != "bpe" or not isinstance(entry.get("json"), str) \
+            or not isinstance(entry.get("sha256"), str):
+        raise ModelFileError("its 'tokenizer' entry is malformed (kind 'bpe', json, sha256 expected)")
+    try:
+        return BpeTokenizer.from_json(entry["json"], sha256=entry["sha256"])
+    except TokenizerError as exc:
+        raise ModelFileError(str(exc)) from None
+
+
 def write_model_file(path: str | Path, stages: Mapping[int, Mapping[str, torch.Tensor]], *,
                      model_config: Mapping[str, Any] | None = None, model_section: Mapping[str, Any] | None = None,
-                     meta: Mapping[str, Any] | None = None) -> Path:
+                     meta: Mapping[str, Any] | None = None, tokenizer: BpeTokenizer | None = None) -> Path:
     """Write ``stages`` (0..S-1, none missing) to ``path`` (a folder gets ``model.pt``).
 
     Give the model's shape as ``model_config`` (ModelConfig fields) or ``model_section`` (the run's
     [model] table, which the reader resolves). The file is written next to its place and renamed
-    into it, so an interrupted export never leaves half a model behind.
+    into it, so an interrupted export never leaves half a model behind. ``tokenizer``: a BPE run's.
     """
     if model_config is None and model_section is None:
         raise ModelFileError("a model file needs model_config or model_section")
@@ -102,6 +122,8 @@ def write_model_file(path: str | Path, stages: Mapping[int, Mapping[str, torch.T
         payload["model_config"] = dict(model_config)
     if model_section is not None:
         payload["model"] = dict(model_section)
+    if tokenizer is not None:
+        payload["tokenizer"] = {"kind": "bpe", "json": tokenizer.json, "sha256": tokenizer.sha256}
     out = Path(path)
     if out.is_dir():
         out = out / MODEL_FILE

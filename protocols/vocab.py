@@ -4,7 +4,8 @@ Text (the default corpus, a text file, a folder) is read as UTF-8 bytes: 256 ids
 carries its own vocabulary: a nanoGPT ``.bin`` of GPT-2 ids needs 50257, a ``.npy`` whatever its
 tokenizer had. Nodes without the data (every stage but the origins) must build the same embedding,
 so the size is resolved once where the run starts (the coordinator, the single-process trainers)
-and travels in the run config. Only the file's largest id is read, through a memory map.
+and travels in the run config. Only the file's largest id is read, through a memory map. A BPE
+(``train.tokenizer = "bpe"``) has the size its training reached (``train.vocab_size`` at most).
 """
 
 from __future__ import annotations
@@ -16,31 +17,27 @@ from pathlib import Path
 
 import numpy as np
 
-from lowband.protocols.config import ConfigError, RunConfig
+from lowband.protocols.config import BYTE_VOCAB, TOKEN_FILE_SUFFIXES, ConfigError, RunConfig, is_token_file
+from lowband.protocols.tokenizer import BpeTokenizer, train_run_tokenizer
 
 log = logging.getLogger(__name__)
 
-BYTE_VOCAB = 256
 _CHUNK = 1 << 24   # ids scanned at a time: bounded memory over a file of billions of tokens
 
-
-TOKEN_FILE_SUFFIXES = (".bin", ".npy")   # ".u8.bin" ends in ".bin" too
-
-
-def is_token_file(data: str | Path) -> bool:
-    """Whether ``train.data`` names a token file (else text: the default corpus, a file, a folder)."""
-    return bool(str(data)) and Path(data).name.lower().endswith(TOKEN_FILE_SUFFIXES)
+__all__ = ["BYTE_VOCAB", "TOKEN_FILE_SUFFIXES", "bits_per_byte", "is_token_file", "resolve_vocab",
+           "token_file_vocab"]
 
 
-def bits_per_byte(loss_nats: float | None, data: str | Path) -> float | None:
+def bits_per_byte(loss_nats: float | None, bytes_per_token: float | None) -> float | None:
     """A loss in nats per token as bits per byte of text, so runs of other tokenizers compare.
 
-    Text is read as bytes (one token per byte): loss / ln 2. A token file's bytes per token are its
-    tokenizer's, which the file does not carry: None.
+    ``bytes_per_token``: 1 where text is read as bytes; a BPE's mean over the tokens the loss was taken
+    on (``node/train/data.py`` ``bytes_per_token``). A token file's bytes per token are its tokenizer's,
+    which the file does not carry: None, and so is the answer.
     """
-    if loss_nats is None or not math.isfinite(loss_nats) or is_token_file(data):
+    if loss_nats is None or not math.isfinite(loss_nats) or not bytes_per_token or bytes_per_token <= 0:
         return None
-    return loss_nats / math.log(2)
+    return loss_nats / math.log(2) / bytes_per_token
 
 
 def token_file_vocab(path: str | Path) -> int | None:
@@ -64,8 +61,19 @@ def token_file_vocab(path: str | Path) -> int | None:
     return top + 1
 
 
-def resolve_vocab(config: RunConfig) -> RunConfig:
-    """``config`` with ``model.vocab_size`` set: as given, else the data's own (see the module doc)."""
+def resolve_vocab(config: RunConfig, tokenizer: BpeTokenizer | None = None) -> RunConfig:
+    """``config`` with ``model.vocab_size`` set: as given, else the data's own (see the module doc).
+
+    A BPE run's size is its tokenizer's (``tokenizer``, else the one ``config`` trains); a
+    ``model.vocab_size`` below it is refused."""
+    if config.train.tokenizer == "bpe":
+        tokenizer = tokenizer or train_run_tokenizer(config)
+        assert tokenizer is not None
+        if config.model.vocab_size and config.model.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size: {config.model.vocab_size} is below the BPE tokenizer's "
+                              f"{tokenizer.vocab_size} tokens (set 0 to take the tokenizer's)")
+        vocab = config.model.vocab_size or tokenizer.vocab_size
+        return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
     if config.model.vocab_size:
         return config
     vocab = token_file_vocab(config.train.data) if config.train.data else None

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lowband.node.train.data import DataError, load_corpus, val_batches
+from lowband.node.train.data import DataError, bytes_per_token, load_corpus, val_batches
 from lowband.node.train.evaluate import HALF_METHODS, evaluate_subsets
 from lowband.node.train.export import ExportError, load_model
 from lowband.protocols.vocab import bits_per_byte
@@ -81,8 +81,10 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
     if args.seq_len > model.config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     seed = args.seed if args.seed is not None else int(model.meta.get("seed") or 0)
-    corpus = load_corpus(args.data or None, seed=seed, max_bytes=args.max_bytes, vocab_size=model.config.vocab_size)
+    corpus = load_corpus(args.data or None, seed=seed, max_bytes=args.max_bytes, vocab_size=model.config.vocab_size,
+                         tokenizer=model.tokenizer)   # a BPE model's text is encoded with its own merges
     batches = val_batches(corpus, args.batch_size, args.seq_len, args.batches)
+    per_token = bytes_per_token(corpus, batches)
 
     rows: list[dict[str, Any]] = []
     full: dict[str, Any] | None = None
@@ -100,12 +102,12 @@ def evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         if full is None:
             full = report["full"]
             rows.append({"name": "all", "stages": block_stages, **full, "ratio": 1.0,
-                         "bits_per_byte": bits_per_byte(full["loss"], args.data or "")})
+                         "bits_per_byte": bits_per_byte(full["loss"], per_token)})
         part = report["subset"]
         label = "subset" if name == "given" else f"half ({part['method']})"
         rows.append({"name": label, "stages": part["stages"], "path": part["path"], "loss": part["loss"],
                      "perplexity": part["perplexity"], "ratio": report["perplexity_ratio"],
-                     "bits_per_byte": bits_per_byte(part["loss"], args.data or "")})
+                     "bits_per_byte": bits_per_byte(part["loss"], per_token)})
     return {
         "model": model.path,
         "num_stages": model.num_stages,

@@ -2,7 +2,8 @@
 
     lowband-sim generate --model model.pt --prompt "def main(" [--tokens 200] [--temperature 0.8] [--top-k 40]
 
-The prompt is encoded with the run's byte-level tokenizer; the sample is printed after it.
+The prompt is encoded with the run's tokenizer (UTF-8 bytes, or the BPE the model file carries);
+the sample is printed after it.
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def generate_text(model: ExportedModel, prompt: str, *, tokens: int, temperature: float, top_k: int,
                   seed: int = 0) -> str:
-    """The sample (without the prompt) a byte-level model continues ``prompt`` with."""
-    if model.config.vocab_size != BYTE_VOCAB:
-        raise ValueError(f"this model has a {model.config.vocab_size}-token vocabulary; generate reads "
-                         f"byte-level models ({BYTE_VOCAB} tokens) only")
-    ids = sample(model.stages, encode_bytes(prompt), tokens=tokens, max_seq_len=model.config.max_seq_len,
+    """The sample (without the prompt) the model continues ``prompt`` with, in its own tokenizer."""
+    tokenizer = model.tokenizer
+    if tokenizer is None and model.config.vocab_size != BYTE_VOCAB:
+        raise ValueError(f"this model has a {model.config.vocab_size}-token vocabulary and carries no tokenizer "
+                         f"(a token file's run): generate reads byte-level ({BYTE_VOCAB} tokens) and BPE models")
+    encoded = tokenizer.encode(prompt) if tokenizer is not None else encode_bytes(prompt)
+    ids = sample(model.stages, encoded, tokens=tokens, max_seq_len=model.config.max_seq_len,
                  temperature=temperature, top_k=top_k, seed=seed)
-    return decode_bytes(ids)
+    return tokenizer.decode(ids) if tokenizer is not None else decode_bytes(ids)
 
 
 def main(args: argparse.Namespace) -> int:

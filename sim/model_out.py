@@ -26,12 +26,14 @@ from lowband.protocols.model_file import (
     stage_state,
     write_model_file,
 )
+from lowband.protocols.tokenizer import run_tokenizer
 from lowband.protocols.vocab import resolve_vocab
 from lowband.sim.generate import generate_text
 
 log = logging.getLogger(__name__)
 
 STATE_ROOT = "state"          # <run folder>/state/<node name>/stage-state.pt
+COORDINATOR_DIR = "coordinator"   # the coordinator's run directory: its SQLite state and a BPE run's tokenizer
 SAMPLE_PROMPT = "def "
 SAMPLE_TOKENS = 200
 
@@ -61,7 +63,9 @@ def latest_states(out_dir: Path, config: RunConfig) -> dict[int, StageState]:
 
 def write_run_model(out_dir: Path, config: RunConfig) -> tuple[Path | None, dict[str, Any]]:
     """Write ``out_dir/model.pt`` from the nodes' states; (its path or None, what the summary records)."""
-    config = resolve_vocab(config)   # the model the coordinator resolved for the nodes
+    # the tokenizer the coordinator trained and shared (a BPE run's), and the model it resolved for the nodes
+    tokenizer = run_tokenizer(config, out_dir / COORDINATOR_DIR)
+    config = resolve_vocab(config, tokenizer)
     states = latest_states(out_dir, config)
     missing = [s for s in range(config.model.stages) if s not in states]
     if missing:
@@ -80,7 +84,7 @@ def write_run_model(out_dir: Path, config: RunConfig) -> tuple[Path | None, dict
         path = write_model_file(out_dir / MODEL_FILE,
                                 {s: stage_state(st.theta_global, st.buffers) for s, st in states.items()},
                                 model_config=dataclasses.asdict(model_config_for(config.model)),
-                                model_section=dataclasses.asdict(config.model), meta=meta)
+                                model_section=dataclasses.asdict(config.model), meta=meta, tokenizer=tokenizer)
     except (ModelFileError, OSError) as exc:
         log.warning("cannot write %s: %s", out_dir / MODEL_FILE, exc)
         return None, {"model_file": None}

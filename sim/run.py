@@ -516,6 +516,17 @@ class Simulation:
         values = [v for s, v in latest if s == step]
         return step, sum(values) / len(values)
 
+    def bytes_per_token(self) -> float | None:
+        """Bytes of text per validation token, as the origins measured it (their eval records give val_loss
+        and val_bits_per_byte); None without one (a token file's tokenizer is not known)."""
+        for node in self.nodes:
+            for record in read_jsonl(self.out_dir / "nodes" / f"{node.name}.jsonl"):
+                loss, bpb = record.get("val_loss"), record.get("val_bits_per_byte")
+                if record.get("kind") == "eval" and isinstance(loss, (int, float)) and isinstance(bpb, (int, float)) \
+                        and math.isfinite(loss) and bpb > 0:
+                    return loss / math.log(2) / bpb
+        return None
+
     def sample_memory(self) -> None:
         """Each process's peak resident memory so far (VmHWM), kept after the process is gone."""
         peaks = self.state.peak_rss
@@ -575,7 +586,7 @@ class Simulation:
             "initial_val_loss": st.initial_val_loss,
             "final_val_loss": st.final_val_loss,
             # bits per byte of text (byte-level data: loss / ln 2), comparable across tokenizers
-            "final_val_bits_per_byte": bits_per_byte(st.final_val_loss, self.config.run.train.data),
+            "final_val_bits_per_byte": bits_per_byte(st.final_val_loss, self.bytes_per_token()),
             "tokens": rec.get("tokens", 0),
             "wall_s": round(st.elapsed(), 2),
             "steps": steps,

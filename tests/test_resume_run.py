@@ -1,11 +1,13 @@
 """Losing every machine costs at most one outer round: a run whose coordinator and every node are
 SIGKILLed, restarted on the same run directory and state directories, resumes each stage from the
-nodes' ``--state-dir`` at its last outer step (validation loss where it was, far below a fresh start);
+nodes' ``--state-dir`` at its last outer step (the coordinator, told at join which states the nodes
+hold, plans ``local-state``) (validation loss where it was, far below a fresh start);
 a node whose state file is corrupt says so and copies its stage from a replica, or obtains it as the
 coordinator plans."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -85,6 +87,13 @@ def test_a_run_killed_whole_resumes_from_the_nodes_state_dirs(tmp_path: Path,
         first = run.records(index, "stage")[0]
         assert (first["stage"], first["method"], first["iteration"]) == (stage, "local-state",
                                                                          stored[stage].inner_step), first
+    # the coordinator learnt from the joining nodes which stage states exist, and planned their resumption
+    coordinator_log = (tmp_path / "coordinator.log").read_text()
+    for stage, state in stored.items():
+        outer = sum(state.outer_steps.values())
+        assert re.search(rf"event join node=\S+ stage={stage} .* via local-state \(its stored state at outer step "
+                         rf"{outer}, step {state.inner_step}\)", coordinator_log), coordinator_log[-3000:]
+    assert len(re.findall(r"event resume node=\S+ stage=[01] .*local-state", coordinator_log)) == 2
     after = run.records(3, "eval")
     assert after and after[0]["step"] >= stored[0].inner_step, after   # evaluated where it resumed or later
     # where it was (within 2%, or better), and far below where a fresh start begins

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from node_procs import LocalRun
 
-from lowband.node.train.data import DataError, load_run_corpus
+from lowband.node.train.data import DataError, bytes_per_token, load_run_corpus
 from lowband.node.train.model import model_config_for
 from lowband.node.train.reference import train_reference
 from lowband.protocols.config import ConfigError, ModelSection, RunConfig, apply_overrides
@@ -91,8 +92,15 @@ def test_a_gpt2_bin_trains_across_node_processes(tmp_path: Path, local_run: Call
 
 
 def test_losses_are_also_bits_per_byte_where_a_token_is_a_byte(tmp_path: Path) -> None:
-    assert bits_per_byte(math.log(2) * 1.5, "") == pytest.approx(1.5)   # the default corpus: bytes
-    assert bits_per_byte(2.0, tmp_path / "notes.txt") == pytest.approx(2.0 / math.log(2))
+    text = tmp_path / "notes.txt"
+    text.write_text("def f(x):\n    return x\n" * 50)
+    tokens = _gpt2_bin(tmp_path / "train.bin", tokens=2000)
+    corpora = {name: load_run_corpus(resolve_vocab(RunConfig.from_dict({"train": {"data": str(path)}})))
+               for name, path in (("text", text), ("tokens", tokens))}
+    batches = [(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))]
+    per_token = {name: bytes_per_token(corpus, batches) for name, corpus in corpora.items()}
+    assert per_token["text"] == 1.0
+    assert bits_per_byte(math.log(2) * 1.5, per_token["text"]) == pytest.approx(1.5)
     # a token file's bytes per token belong to its tokenizer, which the file does not carry
-    assert bits_per_byte(2.0, tmp_path / "train.bin") is None
-    assert bits_per_byte(None, "") is None and bits_per_byte(float("nan"), "") is None
+    assert per_token["tokens"] is None and bits_per_byte(2.0, per_token["tokens"]) is None
+    assert bits_per_byte(None, 1.0) is None and bits_per_byte(float("nan"), 1.0) is None

@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lowband.protocols import coordinator_pb2 as pb
+from lowband.protocols.stored_stage import stage_fingerprint
+
 if TYPE_CHECKING:   # stage_assembly resumes stages from here: the type only, no import cycle
     from lowband.node.stage_assembly import CurrentStage
 
@@ -144,13 +147,23 @@ def read_state(state_dir: str | Path) -> StageState:
 
 def stored_stage(state_dir: str | Path) -> int | None:
     """The stage a state directory holds, to prefer it when joining (None: none, or unreadable)."""
+    held = describe_stored(state_dir)
+    return None if held is None else held.stage
+
+
+def describe_stored(state_dir: str | Path) -> pb.StoredStage | None:
+    """What a state directory holds, as a join tells the coordinator (None: nothing usable): the stage, its
+    outer and inner step and the fingerprint of the run and model it belongs to, which the coordinator
+    checks against its own before it plans ``local-state``."""
     if not state_path(state_dir).exists():
         return None
     try:
-        return read_state(state_dir).stage
+        state = read_state(state_dir)
     except StateFileError as exc:
         log.error("refusing the stored stage state: %s; joining without a stage preference", exc)
         return None
+    return pb.StoredStage(stage=state.stage, outer_step=sum(state.outer_steps.values()), inner_step=state.inner_step,
+                          fingerprint=stage_fingerprint(state.run_id, state.num_stages, state.model))
 
 
 def resumable_state(state_dir: str | Path, *, stage: int, run_id: str, num_stages: int,

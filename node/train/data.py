@@ -9,7 +9,8 @@ nodes must train on identical bytes across versions.
 
 User data (``path``):
 - a text file, or a directory of text files (read recursively in sorted order,
-  hidden entries skipped, files that look binary skipped): bytes are tokens;
+  hidden entries skipped, files that look binary skipped; ``protocols/text_corpus.py``): bytes
+  are tokens, or a byte-level BPE's ids (``train.tokenizer = "bpe"``, ``protocols/tokenizer.py``);
 - ``NAME.bin``: raw little-endian **uint16** token ids (the nanoGPT format);
   ``NAME.u8.bin``: raw **uint8** token ids;
 - ``NAME.npy``: a 1-D integer array of token ids.
@@ -25,9 +26,6 @@ with a message that says what to fix.
 from __future__ import annotations
 
 import logging
-import os
-import random
-import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +35,16 @@ import numpy as np
 import torch
 
 from lowband.protocols.config import RunConfig
+from lowband.protocols.text_corpus import DataError, load_text
+from lowband.protocols.tokenizer import BpeTokenizer, train_run_tokenizer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 8 << 20
 DEFAULT_VAL_FRACTION = 0.05
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
-
-class DataError(ValueError):
-    """The training data cannot be used (missing, empty, unreadable, out of vocabulary)."""
+__all__ = ["BatchIterator", "ByteTokenizer", "Corpus", "DataError", "bytes_per_token", "load_corpus",
+           "load_run_corpus", "origin_batches", "run_val_batches", "split_microbatches", "val_batches"]
 
 
 class ByteTokenizer:
@@ -67,6 +65,8 @@ class Corpus:
     train: torch.Tensor   # 1-D token ids (uint8 when vocab_size <= 256)
     val: torch.Tensor
     source: str           # what was loaded, for logs and summaries
+    tokenizer: BpeTokenizer | None = None   # the BPE that encoded text (None: bytes, or a token file)
+    is_text: bool = True                    # False: ids from a token file
 
     def train_shard(self, origin_index: int, num_origins: int) -> torch.Tensor:
         """The contiguous slice of ``train`` owned by one origin; shards are disjoint and cover it."""
@@ -87,121 +87,47 @@ def load_corpus(
     max_bytes: int = DEFAULT_MAX_BYTES,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     vocab_size: int = 256,
+    tokenizer: BpeTokenizer | None = None,
 ) -> Corpus:
     """Load the default corpus (``path`` None or empty) or the user's data.
 
-    ``max_bytes`` caps the tokens kept from any source (0 = no cap).
+    ``max_bytes`` caps the tokens kept from any source (0 = no cap; of text, the bytes before a
+    ``tokenizer`` encodes them). Text is read as bytes, or encoded with ``tokenizer`` (a BPE), each
+    split on its own so that no token straddles train and validation.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if max_bytes < 0:
         raise DataError(f"max_bytes must be >= 0 (0 = no cap), got {max_bytes}")
-    if path is None or str(path) == "":
-        return _stdlib_corpus(seed, max_bytes, val_fraction)
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"data path not found: {path}")
-    if path.is_dir():
-        return _directory_corpus(path, max_bytes, val_fraction)
-    name = path.name.lower()
-    if name.endswith(".u8.bin"):
-        tokens = _token_file(path, np.uint8, vocab_size, max_bytes)
-    elif name.endswith(".bin"):
-        tokens = _token_file(path, np.uint16, vocab_size, max_bytes)
-    elif name.endswith(".npy"):
-        tokens = _npy_file(path, vocab_size, max_bytes)
-    else:
-        data = _read_bytes(path)
-        if not data:
-            raise DataError(f"data file is empty: {path}")
-        tokens = _bytes_tensor(data[:max_bytes] if max_bytes else data)
-    return _split_tail(tokens, val_fraction, str(path))
-
-
-def _stdlib_corpus(seed: int, max_bytes: int, val_fraction: float) -> Corpus:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-        files.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    random.Random(seed).shuffle(files)
-    if not files:
-        raise DataError(f"no .py files found in the standard library at {root}; pass --data PATH")
-    corpus = _split_files(files, max_bytes, val_fraction, f"python-stdlib:{root}", skip_errors=True)
-    log.info("default corpus: %d train / %d val bytes from %s", corpus.train.numel(), corpus.val.numel(), root)
-    return corpus
-
-
-def _directory_corpus(root: Path, max_bytes: int, val_fraction: float) -> Corpus:
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath, f) for f in filenames if not f.startswith("."))
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    if not files:
-        raise DataError(f"data directory has no files: {root}")
-    return _split_files(files, max_bytes, val_fraction, str(root), skip_errors=False)
-
-
-def _split_files(
-    files: list[Path], max_bytes: int, val_fraction: float, source: str, *, skip_errors: bool
-) -> Corpus:
-    """Every k-th file goes to validation (k = 1/val_fraction) until each side reaches its share of the cap."""
-    every = max(2, round(1 / val_fraction))
-    cap = max_bytes or float("inf")
-    val_cap, train_cap = cap * val_fraction, cap * (1 - val_fraction)
-    train_parts: list[bytes] = []
-    val_parts: list[bytes] = []
-    train_bytes = val_bytes = 0
-    skipped = accepted = 0
-    for file in files:
-        to_val = accepted % every == 0 and len(files) > 1
-        if (to_val and val_bytes >= val_cap) or (not to_val and train_bytes >= train_cap):
-            if train_bytes >= train_cap and val_bytes >= val_cap:
-                break
-            continue
-        try:
-            data = _read_bytes(file)
-        except DataError:
-            if skip_errors:
-                skipped += 1
-                continue
-            raise
-        if not data or b"\x00" in data[:8192]:   # empty or binary: not text
-            skipped += 1
-            continue
-        accepted += 1
-        if to_val:
-            data = data[: int(val_cap - val_bytes)] if max_bytes else data
-            val_parts.append(data)
-            val_bytes += len(data)
-        else:
-            data = data[: int(train_cap - train_bytes)] if max_bytes else data
-            train_parts.append(data)
-            train_bytes += len(data)
-    if skipped:
-        log.info("skipped %d empty, binary or unreadable files under %s", skipped, source)
-    if not train_parts and not val_parts:
-        raise DataError(f"no readable, non-empty text files in {source}")
-    if not train_parts or not val_parts:
-        # Too few files to split by file: fall back to a split by tokens.
-        return _split_tail(_bytes_tensor(b"".join(train_parts + val_parts)), val_fraction, source)
-    return Corpus(_bytes_tensor(b"".join(train_parts)), _bytes_tensor(b"".join(val_parts)), source)
+    if path is not None and str(path) != "":
+        path = Path(path).expanduser()
+        name = path.name.lower()
+        if path.is_file() and name.endswith((".bin", ".npy")) and tokenizer is not None:
+            raise DataError(f"{path} is a token file (already tokenized): it cannot be encoded with a BPE "
+                            "(set train.tokenizer = 'bytes')")
+        if path.is_file() and name.endswith(".u8.bin"):
+            return _split_tail(_token_file(path, np.uint8, vocab_size, max_bytes), val_fraction, str(path))
+        if path.is_file() and name.endswith(".bin"):
+            return _split_tail(_token_file(path, np.uint16, vocab_size, max_bytes), val_fraction, str(path))
+        if path.is_file() and name.endswith(".npy"):
+            return _split_tail(_npy_file(path, vocab_size, max_bytes), val_fraction, str(path))
+    text = load_text(path, seed, max_bytes, val_fraction)
+    if tokenizer is None:
+        return Corpus(_bytes_tensor(text.train), _bytes_tensor(text.val), text.source)
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(f"the BPE tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+                        f"{vocab_size} (set model.vocab_size = 0 to take the tokenizer's)")
+    train, val = (torch.from_numpy(tokenizer.encode_bytes(part)) for part in (text.train, text.val))
+    log.info("%s: %d train / %d val BPE tokens (%.2f bytes a token)", text.source, train.numel(), val.numel(),
+             len(text.train) / max(1, train.numel()))
+    return Corpus(train, val, text.source, tokenizer)
 
 
 def _split_tail(tokens: torch.Tensor, val_fraction: float, source: str) -> Corpus:
     n_val = max(1, int(tokens.numel() * val_fraction))
     if tokens.numel() - n_val < 2:
         raise DataError(f"{source}: only {tokens.numel()} tokens, too few to split into train and validation")
-    return Corpus(tokens[:-n_val].clone(), tokens[-n_val:].clone(), source)
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from exc
+    return Corpus(tokens[:-n_val].clone(), tokens[-n_val:].clone(), source, is_text=False)
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:
@@ -316,13 +242,31 @@ def val_batches(corpus: Corpus, batch_size: int, seq_len: int, n: int) -> list[t
 # The run's data order, shared by the reference trainer and every origin
 
 
-def load_run_corpus(config: RunConfig) -> Corpus:
-    """The corpus every process of a run loads: ``train.data`` (or the default) with the run seed."""
+def load_run_corpus(config: RunConfig, tokenizer: BpeTokenizer | None = None) -> Corpus:
+    """The corpus every process of a run loads: ``train.data`` (or the default) with the run seed.
+
+    A BPE run encodes it with ``tokenizer`` (nodes: the coordinator's); without one, this process
+    trains the run's tokenizer itself (the single-process trainers, which have no coordinator)."""
     train = config.train
+    if train.tokenizer == "bpe" and tokenizer is None:
+        tokenizer = train_run_tokenizer(config)
     return load_corpus(
         train.data or None, seed=config.seed, max_bytes=train.data_max_bytes, val_fraction=train.val_fraction,
-        vocab_size=config.model.vocab_size or ByteTokenizer.vocab_size,
+        vocab_size=config.model.vocab_size or (tokenizer.vocab_size if tokenizer else ByteTokenizer.vocab_size),
+        tokenizer=tokenizer,
     )
+
+
+def bytes_per_token(corpus: Corpus, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+    """Bytes of text per target token of ``batches``: what turns their loss into bits per byte.
+
+    1 where a token is a byte, the BPE's exact mean over those targets, None for a token file (its
+    tokenizer is not known here)."""
+    if corpus.tokenizer is None:
+        return 1.0 if corpus.is_text else None
+    lengths = torch.from_numpy(corpus.tokenizer.token_bytes)
+    targets = torch.cat([y.reshape(-1) for _, y in batches]) if batches else torch.empty(0, dtype=torch.long)
+    return float(lengths[targets].double().mean()) if targets.numel() else None
 
 
 def origin_batches(config: RunConfig, corpus: Corpus, origin_index: int, num_origins: int) -> BatchIterator:

@@ -40,7 +40,15 @@ from torch import nn
 
 from lowband.node.train.model import ModelConfig, Transformer, build_stage, model_config_for, split_model
 from lowband.protocols.config import ConfigError, ModelSection, RunConfig, build_dataclass
-from lowband.protocols.model_file import FORMAT, MODEL_FILE, VERSION, ModelFileError, write_model_file
+from lowband.protocols.model_file import (
+    FORMAT,
+    MODEL_FILE,
+    VERSION,
+    ModelFileError,
+    file_tokenizer,
+    write_model_file,
+)
+from lowband.protocols.tokenizer import BpeTokenizer, train_run_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,7 @@ class ExportedModel:
     stages: dict[int, nn.Module]
     meta: dict[str, Any] = field(default_factory=dict)
     path: str = ""
+    tokenizer: BpeTokenizer | None = None   # a BPE run's (None: UTF-8 bytes are the tokens)
 
 
 def _stage_items(stages: Mapping[int, nn.Module] | Sequence[nn.Module]) -> list[tuple[int, nn.Module]]:
@@ -72,6 +81,7 @@ def export_model(
     config: ModelConfig,
     *,
     meta: Mapping[str, Any] | None = None,
+    tokenizer: BpeTokenizer | None = None,
 ) -> Path:
     """Write every stage's weights to ``path`` (a file, or a folder that gets ``model.pt``).
 
@@ -81,16 +91,17 @@ def export_model(
     items = _stage_items(stages)
     try:
         return write_model_file(path, {s: m.state_dict() for s, m in items},
-                                model_config=dataclasses.asdict(config), meta=meta)
+                                model_config=dataclasses.asdict(config), meta=meta, tokenizer=tokenizer)
     except ModelFileError as exc:
         raise ExportError(str(exc)) from None
 
 
 def export_transformer(
-    path: str | Path, model: Transformer, num_stages: int, *, meta: Mapping[str, Any] | None = None
+    path: str | Path, model: Transformer, num_stages: int, *, meta: Mapping[str, Any] | None = None,
+    tokenizer: BpeTokenizer | None = None,
 ) -> Path:
     """Export a whole ``Transformer`` cut into ``num_stages`` stages."""
-    return export_model(path, split_model(model, num_stages), model.cfg, meta=meta)
+    return export_model(path, split_model(model, num_stages), model.cfg, meta=meta, tokenizer=tokenizer)
 
 
 def _read(path: Path) -> Any:
@@ -177,9 +188,16 @@ def _load_export(payload: Mapping[str, Any], path: Path) -> ExportedModel:
     extra = sorted(set(states) - set(range(num_stages)), key=str)
     if extra:
         raise ExportError(f"{path}: unexpected stage {extra[0]!r} for num_stages={num_stages}")
+    try:
+        tokenizer = file_tokenizer(payload)
+    except ModelFileError as exc:
+        raise ExportError(f"{path}: {exc}") from None
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ExportError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model embeds {config.vocab_size}")
     stages = _build_stages(config, num_stages, states, path)
     meta = payload.get("meta") or {}
-    return ExportedModel(config, num_stages, stages, dict(meta) if isinstance(meta, Mapping) else {}, str(path))
+    return ExportedModel(config, num_stages, stages, dict(meta) if isinstance(meta, Mapping) else {}, str(path),
+                         tokenizer)
 
 
 def _load_baseline(state: Mapping[str, Any], path: Path, num_stages: int | None) -> ExportedModel:
@@ -208,7 +226,9 @@ def _load_baseline(state: Mapping[str, Any], path: Path, num_stages: int | None)
         raise ExportError(f"{path}: {exc}") from None
     meta = {"source": "baseline", "preset": run.model.preset, "seed": run.seed,
             "final_val_loss": summary.get("final_val_loss")}
-    return ExportedModel(config, stages_n, {s: m.eval() for s, m in enumerate(parts)}, meta, str(path))
+    # a BPE baseline's tokenizer is trained again from the same data: deterministic, the same merges
+    return ExportedModel(config, stages_n, {s: m.eval() for s, m in enumerate(parts)}, meta, str(path),
+                         train_run_tokenizer(run))
 
 
 def load_model(path: str | Path, *, num_stages: int | None = None) -> ExportedModel:
