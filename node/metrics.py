@@ -62,5 +62,9 @@ def _rejection(r: Rejection | None) -> str:
 
 
 def metrics_record(metrics: pb.NodeMetrics) -> dict[str, Any]:
-    """The fields of a ``metrics`` record: every field of ``NodeMetrics``, zeros included."""
-    return {field.name: getattr(metrics, field.name) for field in metrics.DESCRIPTOR.fields}
+    """The fields of a ``metrics`` record: every field of ``NodeMetrics``, zeros included (maps as dicts)."""
+    out: dict[str, Any] = {}
+    for field in metrics.DESCRIPTOR.fields:
+        value = getattr(metrics, field.name)
+        out[field.name] = dict(value) if hasattr(value, "items") else value
+    return out

@@ -309,3 +309,17 @@ def test_status_shows_rejected_peers() -> None:
                                            "last_rejection": ""}], "events": []})
     assert "rejected pseudo-gradient parts" in text and "n-bad x3" in text and "last: round 4" in text
     assert text.count("n-bad x") == 1
+
+
+def test_fault_poison_spec() -> None:
+    from lowband.node.sync.fault import parse_poison, poison_from_env
+
+    delta = torch.tensor([1.0, -2.0])
+    assert parse_poison("") is None and poison_from_env({}) is None
+    scale, sign, noise = parse_poison("scale:1e4"), parse_poison("sign"), parse_poison("noise:1e3")
+    assert scale is not None and scale(delta).tolist() == [1e4, -2e4]
+    assert sign is not None and sign(delta).tolist() == [-1.0, 2.0]
+    assert noise is not None and noise(delta).shape == delta.shape and float(noise(delta).abs().max()) > 10
+    for bad in ("scale", "scale:x", "scale:-1", "noise:inf", "sign:2", "flip"):
+        with pytest.raises(ValueError, match="LOWBAND_FAULT_POISON"):
+            parse_poison(bad)

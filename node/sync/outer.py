@@ -13,6 +13,7 @@ ReduceShard or hivemind). A round that is abandoned or fails changes nothing
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -26,6 +27,8 @@ from torch import nn
 from lowband.node.coordinator_client import CoordinatorClient
 from lowband.node.sync.averaging_backend import make_backend
 from lowband.node.sync.diloco import StreamingDiLoCo, SyncJob, exchange_open, state_from_parts, state_to_parts
+from lowband.node.sync.fault import ENV as POISON_ENV
+from lowband.node.sync.fault import poison_from_env
 from lowband.node.sync.grpc_averager import ShardReducer
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.config import RunConfig
@@ -51,6 +54,10 @@ class OuterSync:
         numels = [sum(self.diloco.params[n].numel() for n in names) for names in self.diloco.fragments]
         self.backend = make_backend(config.diloco, numels, run_id=config.run_id, stage=stage, node_id=node_id,
                                     token=token, host=host)
+        self.poison = poison_from_env()   # tests only: this replica sends poisoned pseudo-gradients
+        if self.poison is not None:
+            logger.warning("stage %d: %s is set: this node sends POISONED pseudo-gradients (a test fault)",
+                           stage, POISON_ENV)
         self.on_event = on_event
         self.resync = resync   # adopt a live replica's θ_global and outer state (we fell behind the group)
         self._resyncing: asyncio.Task[None] | None = None
@@ -152,7 +159,10 @@ class OuterSync:
                     self._event("outer-skip", fragment=job.fragment, step=job.step, reason="round formed without us")
                     self._behind(job, reply)
                 else:
-                    result = await self.backend.average(job, reply, ids.index(self.node_id))
+                    sent = job
+                    if self.poison is not None and job.finite and job.sparse is None:
+                        sent = dataclasses.replace(job, delta=self.poison(job.delta))
+                    result = await self.backend.average(sent, reply, ids.index(self.node_id))
                     self.sync_bytes_sent += result.bytes_sent
                     if result.mean is None:
                         self._event("outer-skip", fragment=job.fragment, step=job.step, round_id=reply.round_id,
