@@ -6,8 +6,8 @@ default), every other replica's final validation loss stays within 2% of the cle
 over its replicas: which replica gets which data shard depends on the join order, so replicas are
 not compared one to one), and the coordinator's status names the poisoner as the peer its owners
 clipped. The same x1e4 poison with ``diloco.robust = "off"`` stops training altogether, so the
-check can fail. A run is deterministic for a given poison (seeded data and weights, fixed rounds),
-so the 2% is the poison's effect, not noise between runs.
+check can fail. A run is repeatable for a given poison (seeded data and weights, the same rounds;
+random node ids only reorder fp32 sums), so the 2% is the poison's effect, not noise between runs.
 """
 
 from __future__ import annotations
