@@ -323,6 +323,7 @@ class Coordinator:
     # -- membership ---------------------------------------------------------------
     def join(self, req: pb.JoinRequest) -> pb.JoinReply:
         validate.join(req, self.num_stages)
+        held = self._held_states(req)   # refuses malformed entries before anything changes
         if self.num_stages == 1 and not req.has_data:
             raise Conflict("model.stages = 1 (data-parallel mode): every node is an origin and trains on its "
                            "own data; start this node without --no-data")
@@ -349,7 +350,6 @@ class Coordinator:
             if self._first_join is None:
                 self._first_join = now
             others = [m for m in self.members.values() if m.state in LIVE_STATES and m.node_id != node_id]
-            held = self._held_states(req)
             resume = resume_stage({s: o for s, (o, _) in held.items()}, self._sourced_stages(node_id))
             preferred = req.preferred_stage
             if resume is not None and req.preferred_stage < 0:

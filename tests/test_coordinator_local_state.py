@@ -140,5 +140,7 @@ def test_an_unusable_state_falls_back_to_the_plan_any_joiner_gets(tmp_path: Path
 
 def test_malformed_stored_stages_are_refused() -> None:
     core = Coordinator(config(), clock=Clock())
+    epoch = core.epoch
     with pytest.raises(InvalidRequest, match=r"stored_stages\[0\]"):
         join(core, 9500, held=[(7, 1)], fp="x")
+    assert not core.members and core.epoch == epoch   # refused before anything changed

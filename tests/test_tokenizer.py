@@ -4,6 +4,7 @@ shared by the coordinator under their SHA-256 (a node refuses any other), carrie
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from lowband.coordinator.core import Coordinator
 from lowband.coordinator.store import Store
+from lowband.node.recovery.local_state import StageState, write_state
 from lowband.node.tokenizer_cache import TOKENIZER_FILE, cached_sha256, tokenizer_from_join
 from lowband.node.train.data import bytes_per_token, load_run_corpus, run_val_batches
 from lowband.node.train.export import ExportError, export_model, load_model
@@ -29,6 +31,7 @@ from lowband.protocols.tokenizer import (
 )
 from lowband.protocols.vocab import bits_per_byte, resolve_vocab
 from lowband.sim.generate import generate_text
+from lowband.sim.model_out import COORDINATOR_DIR, node_state_dir, run_sample, write_run_model
 
 torch.set_num_threads(1)
 
@@ -179,3 +182,22 @@ def test_a_tiny_bpe_run_trains_and_writes_text(tmp_path: Path, text_file: Path) 
     assert model.tokenizer is not None
     text = generate_text(model, "def handler_", tokens=30, temperature=0.0, top_k=0)
     assert "return" in text or "request" in text, text   # the merges it learnt, decoded as text
+
+
+def test_a_simulated_runs_model_carries_the_coordinators_tokenizer(tmp_path: Path, text_file: Path) -> None:
+    config = _bpe_config(text_file)
+    tok = run_tokenizer(config, tmp_path / COORDINATOR_DIR)   # what the run's coordinator trained and kept
+    resolved = resolve_vocab(config, tok)
+    cfg = model_config_for(resolved.model)
+    for stage in range(2):
+        module = build_stage(cfg, stage, 2, seed=0)
+        state = StageState(run_id=resolved.run_id, stage=stage, num_stages=2,
+                           model=dataclasses.asdict(resolved.model), inner_step=10, outer_steps={0: 2},
+                           parts={"global": {n: p.detach().clone() for n, p in module.named_parameters()}})
+        write_state(node_state_dir(tmp_path, f"node-{stage}"), state)
+    path, info = write_run_model(tmp_path, config)
+    assert path is not None and info["model_file"] == str(path)
+    model = load_model(path)
+    assert model.tokenizer is not None and model.tokenizer.sha256 == tok.sha256
+    sample = run_sample(path, prompt="def ", tokens=10)
+    assert isinstance(sample["sample"], str) and sample["sample"]
