@@ -359,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="sparse: entries kept per chunk (7.8%%; best of 64 / 160 / 320 / 448)")
     parser.add_argument("--sparse-bits", type=int, default=2)
     parser.add_argument("--sparse-error-decay", type=float, default=0.95)
+    parser.add_argument("--sparse-outer-momentum", type=float, default=0.0,
+                        help="sparse: Nesterov momentum on the averaged sparse update (0: none, SparseLoCo)")
+    parser.add_argument("--sparse-reply-topk", type=int, default=0,
+                        help="sparse: entries an owner's reply keeps per chunk (0: --sparse-topk)")
+    parser.add_argument("--sparse-lr", type=float, default=0.0, help="sparse: inner AdamW lr (0: --lr)")
+    parser.add_argument("--robust", default="off", choices=("off", "clip", "auto"),
+                        help="diloco.robust of the grpc modes: off (default) measures the algorithms with the plain "
+                             "mean the recorded figures used; auto/clip add the owners' robust aggregation")
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--data-bytes", type=int, default=4 << 20)
     parser.add_argument("--seed", type=int, default=0)
@@ -410,16 +418,20 @@ def main(argv: list[str] | None = None) -> int:
     init_val_loss = evaluate([init], val)
     h = args.inner_steps
     diloco_cfg = DilocoSection(inner_steps=h, fragments=1, overlap=0, alpha=0.0, outer_lr=args.diloco_outer_lr,
-                               outer_momentum=args.diloco_outer_momentum, codec="fp32", peer_timeout_s=30.0)
+                               outer_momentum=args.diloco_outer_momentum, codec="fp32", peer_timeout_s=30.0,
+                               robust=args.robust)
     streaming_cfg = DilocoSection(inner_steps=h, fragments=args.fragments, overlap=args.overlap, alpha=args.alpha,
                                   outer_lr=args.streaming_outer_lr, outer_momentum=args.streaming_outer_momentum,
-                                  codec=args.streaming_codec, peer_timeout_s=30.0, error_feedback=args.error_feedback)
+                                  codec=args.streaming_codec, peer_timeout_s=30.0, error_feedback=args.error_feedback,
+                                  robust=args.robust)
     hivemind_cfg = dataclasses.replace(streaming_cfg, codec=args.hivemind_codec, backend="hivemind")
     sparse_cfg = DilocoSection(inner_steps=args.sparse_inner_steps or h, fragments=args.fragments, overlap=args.overlap,
                                alpha=args.sparse_alpha, outer_lr=args.sparse_outer_lr, outer_momentum=0.0,
-                               codec="sparse", peer_timeout_s=30.0, sparse_chunk=args.sparse_chunk,
+                               codec="sparse", peer_timeout_s=30.0, robust=args.robust, sparse_chunk=args.sparse_chunk,
                                sparse_topk=args.sparse_topk, sparse_bits=args.sparse_bits,
-                               sparse_error_decay=args.sparse_error_decay)
+                               sparse_error_decay=args.sparse_error_decay,
+                               sparse_outer_momentum=args.sparse_outer_momentum,
+                               sparse_reply_topk=args.sparse_reply_topk)
 
     results: dict[str, ModeResult] = {}
     for mode in modes:
@@ -434,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             res = asyncio.run(run_outer(setup, corpus, init, val, streaming_cfg,
                                         lambda reps: GrpcExchanger(args.replicas, streaming_cfg)))
         elif mode == "sparse":
-            res = asyncio.run(run_outer(setup, corpus, init, val, sparse_cfg,
+            sparse_setup = dataclasses.replace(setup, train=dataclasses.replace(train, lr=args.sparse_lr or args.lr))
+            res = asyncio.run(run_outer(sparse_setup, corpus, init, val, sparse_cfg,
                                         lambda reps: GrpcExchanger(args.replicas, sparse_cfg)))
         else:
             res = asyncio.run(run_outer(
@@ -456,10 +469,13 @@ def main(argv: list[str] | None = None) -> int:
                   "diloco_outer_lr": args.diloco_outer_lr,
                   "diloco_outer_momentum": args.diloco_outer_momentum, "streaming_outer_lr": args.streaming_outer_lr,
                   "streaming_outer_momentum": args.streaming_outer_momentum, "alpha": args.alpha,
-                  "overlap": args.overlap,
+                  "overlap": args.overlap, "robust": args.robust,
                   "sparse": {"inner_steps": sparse_cfg.inner_steps, "alpha": args.sparse_alpha,
                              "outer_lr": args.sparse_outer_lr, "chunk": args.sparse_chunk, "topk": args.sparse_topk,
-                             "bits": args.sparse_bits, "error_decay": args.sparse_error_decay},
+                             "bits": args.sparse_bits, "error_decay": args.sparse_error_decay,
+                             "outer_momentum": args.sparse_outer_momentum,
+                             "reply_topk": args.sparse_reply_topk or args.sparse_topk,
+                             "lr": args.sparse_lr or args.lr},
                   "protocol": "from-scratch" if args.warm_start_steps == 0 else "warm-start",
                   "warm_start_steps": args.warm_start_steps},
         "init_val_loss": round(init_val_loss, 5),

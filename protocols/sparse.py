@@ -21,6 +21,7 @@ replica decodes bit-identical numbers; what the re-selection left out is the own
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class SparseParams:
     topk: int = 64
     bits: int = 2
     error_decay: float = 0.95     # β of the error feedback: e ← β·e + Δ before selection
+    reply_topk: int = 0           # entries an owner's reply keeps per chunk (0: topk)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk <= MAX_CHUNK:
@@ -55,12 +57,21 @@ class SparseParams:
             raise ValueError(f"sparse bits must be one of {SPARSE_BITS}, got {self.bits}")
         if not 0.0 < self.error_decay <= 1.0:
             raise ValueError(f"sparse error decay must be in (0, 1], got {self.error_decay}")
+        if not 0 <= self.reply_topk <= self.chunk:
+            raise ValueError(f"sparse reply topk must be in [0, chunk={self.chunk}], got {self.reply_topk}")
+
+    @property
+    def reply(self) -> SparseParams:
+        """The settings an owner re-selects the mean of a round with (``reply_topk`` entries a chunk)."""
+        if not self.reply_topk or self.reply_topk == self.topk:
+            return self
+        return dataclasses.replace(self, topk=self.reply_topk, reply_topk=0)
 
 
 def params_of(cfg: DilocoSection) -> SparseParams:
     """The sparse settings of a run's [diloco] section."""
     return SparseParams(chunk=cfg.sparse_chunk, topk=cfg.sparse_topk, bits=cfg.sparse_bits,
-                        error_decay=cfg.sparse_error_decay)
+                        error_decay=cfg.sparse_error_decay, reply_topk=cfg.sparse_reply_topk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +169,10 @@ def compensate(flat: torch.Tensor, residual: torch.Tensor | None, decay: float) 
 @torch.no_grad()
 def resparsify(mean: torch.Tensor, residual: torch.Tensor | None, params: SparseParams
                ) -> tuple[SparseSelection, torch.Tensor, torch.Tensor]:
-    """Re-select an averaged shard: (selection to send, its dense values, the new residual)."""
+    """Re-select an averaged shard with the reply settings: (selection to send, its dense values, the new
+    residual)."""
     meant = compensate(mean.to(torch.float32), residual, params.error_decay)
-    sel = select(meant, params)
+    sel = select(meant, params.reply)
     sent = sel.dense()
     return sel, sent, meant - sent
 

@@ -165,6 +165,24 @@ def test_reduce_rule_hand_computed() -> None:
     assert reduce_shard([], None, p) is None
 
 
+def test_a_denser_reply_keeps_more_of_the_mean_hand_computed() -> None:
+    """sparse_reply_topk: the owner re-selects the mean with its own k (parts stay at sparse_topk)."""
+    p = SparseParams(chunk=4, topk=2, bits=1, error_decay=1.0, reply_topk=3)
+    a = select(torch.tensor(DELTA_A), p).dense()
+    b = select(torch.tensor(DELTA_B), p).dense()
+    assert int((a != 0).sum()) == int((b != 0).sum()) == 4   # the parts: still 2 of every 4
+    out = reduce_shard([a[:4], b[:4]], None, p)
+    assert out is not None
+    sel, sent, residual = out
+    # mean [2.25, 0, -0.75, 1.5]: keeps all three non-zeros at their mean magnitude 1.5
+    assert sel.indices.tolist() == [0, 2, 3]
+    assert sent.tolist() == [1.5, 0.0, -1.5, 1.5]
+    assert residual.tolist() == [0.75, 0.0, 0.75, 0.0]
+    assert p.reply.topk == 3 and SparseParams(chunk=4, topk=2).reply.topk == 2
+    with pytest.raises(ValueError, match="reply topk"):
+        SparseParams(chunk=4, topk=2, reply_topk=5)
+
+
 async def _two_replica_round(c: DilocoSection) -> tuple[list[StreamingDiLoCo], list[ShardReducer]]:
     reps = [replica_with_delta(DELTA_A, c), replica_with_delta(DELTA_B, c)]
     reducers = [ShardReducer.from_config(c, node_id=f"r{i}") for i in range(2)]
@@ -205,6 +223,31 @@ def test_two_replicas_hand_computed_over_grpc() -> None:
     assert owner0.reply_feedback.residual((0, 0, 0)).tolist() == [0.375, 0.0, -0.75, -0.375]
     assert owner1.reply_feedback.residual((0, 0, 1)).tolist() == [0.0, 0.0, 0.0, 0.0]
     assert a.outer.buffers.get(0, {}).keys() <= {"w"}   # no momentum state beyond plain SGD's
+
+
+def test_outer_momentum_on_the_averaged_sparse_update_hand_computed() -> None:
+    """sparse_outer_momentum: Nesterov momentum on the update every replica applies (identical on all,
+    so θ_global stays identical); 0 (SparseLoCo, the default) is plain SGD."""
+    c = sparse_cfg(outer_lr=0.5, sparse_outer_momentum=0.5)
+    d = replica_with_delta(DELTA_A, c)
+    g1 = torch.tensor([3.0, 0.0, 0.0, 3.0, 0.0, 0.0, -2.0, 2.0])   # the averaged reply, round 1
+    job = d.begin_sync(1)
+    assert job is not None
+    d.finish_sync(job, g1)
+    # buf = g1, update = g1 + 0.5·buf = 1.5·g1, θ_global = 0 - 0.5·1.5·g1
+    assert torch.equal(d.global_params["w"], -0.75 * g1)
+    g2 = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0])
+    job = d.begin_sync(2)
+    assert job is not None
+    d.finish_sync(job, g2)
+    # buf = 0.5·g1 + g2, update = g2 + 0.5·buf = 0.25·g1 + 1.5·g2
+    assert torch.allclose(d.global_params["w"], -0.75 * g1 - 0.5 * (0.25 * g1 + 1.5 * g2), atol=0, rtol=1e-7)
+    assert set(d.outer.buffers[0]) == {"w"}
+    plain = replica_with_delta(DELTA_A, sparse_cfg(outer_lr=0.5))
+    job = plain.begin_sync(1)
+    assert job is not None
+    plain.finish_sync(job, g1)
+    assert torch.equal(plain.global_params["w"], -0.5 * g1)
 
 
 def test_lost_shard_and_failed_round_give_the_sent_values_back_to_the_error_buffer() -> None:
@@ -286,6 +329,8 @@ def test_sparse_settings_are_validated_and_selectable_in_the_simulator() -> None
     assert (run.diloco.codec, run.diloco.sparse_topk, run.diloco.sparse_bits) == ("sparse", 128, 1)
     for bad, name in [(dict(sparse_topk=5000), "diloco.sparse_topk"), (dict(sparse_bits=3), "diloco.sparse_bits"),
                       (dict(sparse_error_decay=0.0), "diloco.sparse_error_decay"),
+                      (dict(sparse_outer_momentum=1.0), "diloco.sparse_outer_momentum"),
+                      (dict(sparse_reply_topk=5), "diloco.sparse_reply_topk"),
                       (dict(backend="hivemind"), "diloco.codec")]:
         with pytest.raises(ConfigError, match=name):
             dataclasses.replace(sparse_cfg(), **bad)

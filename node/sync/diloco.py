@@ -212,8 +212,9 @@ class StreamingDiLoCo:
             n: p.detach().to(torch.float32, copy=True) for n, p in self.params.items()
         }
         self.sparse = params_of(cfg) if cfg.codec == SPARSE_CODEC else None
-        # SparseLoCo: the error feedback of the sparse sends takes the place of the outer momentum
-        self.outer = OuterOptimizer(cfg.outer_lr, 0.0 if self.sparse else cfg.outer_momentum)
+        # SparseLoCo: the error feedback of the sparse sends takes the place of the outer momentum (unless
+        # sparse_outer_momentum asks for Nesterov momentum on the averaged sparse update as well)
+        self.outer = OuterOptimizer(cfg.outer_lr, cfg.sparse_outer_momentum if self.sparse else cfg.outer_momentum)
         # codec "sparse": per fragment, what the selections left out (flat, fp32); outer state, copied with it
         self.error = ErrorFeedback()
         self.pending: list[SyncJob] = []
