@@ -5,6 +5,7 @@ shared by the coordinator under their SHA-256 (a node refuses any other), carrie
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from lowband.protocols.tokenizer import (
     train_run_tokenizer,
 )
 from lowband.protocols.vocab import bits_per_byte, resolve_vocab
+from lowband.sim.cli import main as sim_main
 from lowband.sim.generate import generate_text
 from lowband.sim.model_out import COORDINATOR_DIR, node_state_dir, run_sample, write_run_model
 
@@ -184,7 +186,8 @@ def test_a_tiny_bpe_run_trains_and_writes_text(tmp_path: Path, text_file: Path) 
     assert "return" in text or "request" in text, text   # the merges it learnt, decoded as text
 
 
-def test_a_simulated_runs_model_carries_the_coordinators_tokenizer(tmp_path: Path, text_file: Path) -> None:
+def test_a_simulated_runs_model_carries_the_coordinators_tokenizer(tmp_path: Path, text_file: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     config = _bpe_config(text_file)
     tok = run_tokenizer(config, tmp_path / COORDINATOR_DIR)   # what the run's coordinator trained and kept
     resolved = resolve_vocab(config, tok)
@@ -201,3 +204,9 @@ def test_a_simulated_runs_model_carries_the_coordinators_tokenizer(tmp_path: Pat
     assert model.tokenizer is not None and model.tokenizer.sha256 == tok.sha256
     sample = run_sample(path, prompt="def ", tokens=10)
     assert isinstance(sample["sample"], str) and sample["sample"]
+    # eval encodes its data with the model's own tokenizer, and reports bits per byte by its bytes per token
+    assert sim_main(["eval", "--model", str(path), "--data", str(text_file), "--batches", "2", "--batch-size", "2",
+                     "--seq-len", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    full = report["results"][0]
+    assert full["name"] == "all" and 2.0 < full["loss"] / math.log(2) / full["bits_per_byte"] < 6.0, full
