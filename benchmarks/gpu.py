@@ -11,7 +11,8 @@ gives it, every visible GPU used round-robin as the simulator places nodes):
 - ``pipeline``: a coordinator and 4 node processes (1 origin + 3 block stages, ``--device cuda:i``) on
   loopback training the same config: ``tokens_per_s`` (origin's log, warm-up iterations excluded),
   ``peak_memory_bytes`` per node (``nvidia-smi`` sampled every 0.25 s, by pid; null where the driver
-  does not show the processes, e.g. in a PID namespace) and ``mfu``; ``ratio`` = pipeline / reference
+  does not show the processes, e.g. in a PID namespace; ``peak_memory_bytes_all_nodes`` is the devices'
+  used memory above what it was before the run, every node together) and ``mfu``; ``ratio`` = pipeline / reference
   tokens/s on the same GPU count (target >= 0.8);
 - ``diloco``: a short Streaming DiLoCo run (``model.stages = 1``, 2 node processes, 3 fragments) and the
   reference trained on as many tokens: both final validation losses and the relative gap.
@@ -131,11 +132,15 @@ def reference_throughput(config: RunConfig, device: torch.device) -> dict[str, A
 
 
 class GpuMemorySampler:
-    """Peak GPU memory per process id, from ``nvidia-smi`` every ``period_s`` (on a thread)."""
+    """Peak GPU memory per process id, and of every device together above what was used before the run
+    (for drivers that do not list processes, e.g. in a PID namespace), from ``nvidia-smi`` every
+    ``period_s`` (on a thread)."""
 
     def __init__(self, period_s: float = 0.25) -> None:
         self.period_s = period_s
         self.peak: dict[int, int] = {}
+        self.baseline_used = self._device_used() if shutil.which("nvidia-smi") else 0
+        self.peak_used_above_baseline = 0
         self.available = shutil.which("nvidia-smi") is not None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -150,8 +155,20 @@ class GpuMemorySampler:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
+    @staticmethod
+    def _device_used() -> int:
+        """Bytes used on every GPU together (0 when nvidia-smi does not answer)."""
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        return sum(int(x.strip()) << 20 for x in out.splitlines() if x.strip().isdigit())
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.peak_used_above_baseline = max(self.peak_used_above_baseline,
+                                                self._device_used() - self.baseline_used)
             try:
                 out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
                                       "--format=csv,noheader,nounits"], capture_output=True, text=True,
@@ -167,9 +184,10 @@ class GpuMemorySampler:
 
 
 def run_nodes(overrides: list[str], devices: list[torch.device], count: int, work: Path,
-              timeout_s: float) -> tuple[list[list[dict[str, Any]]], list[int | None]]:
+              timeout_s: float) -> tuple[list[list[dict[str, Any]]], list[int | None], int | None]:
     """A coordinator and ``count`` node processes (node i prefers stage i, or 0 in data-parallel mode, on
-    ``devices[i % n]``) until the run ends; each node's event records and its peak GPU memory."""
+    ``devices[i % n]``) until the run ends; each node's event records, its peak GPU memory, and the
+    peak of all of them together (None without nvidia-smi)."""
     (work / "token").write_text(TOKEN)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     data_parallel = "model.stages=1" in overrides
@@ -194,13 +212,13 @@ def run_nodes(overrides: list[str], devices: list[torch.device], count: int, wor
         path = work / f"node{i}.jsonl"
         records.append([json.loads(line) for line in path.read_text().splitlines()] if path.exists() else [])
     peaks = [sampler.peak.get(pid) for pid in pids]
-    return records, peaks
+    return records, peaks, sampler.peak_used_above_baseline if sampler.available else None
 
 
 def pipeline_throughput(config_overrides: list[str], config: RunConfig, devices: list[torch.device],
                         timeout_s: float) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="lowband-gpu-"))
-    records, peaks = run_nodes(config_overrides, devices, STAGES, work, timeout_s)
+    records, peaks, together = run_nodes(config_overrides, devices, STAGES, work, timeout_s)
     its = [r for r in records[0] if r["kind"] == "iteration"]
     if len(its) <= WARMUP_ITERATIONS + 1:
         raise RuntimeError(f"the pipeline ran {len(its)} iterations; logs in {work}")
@@ -208,7 +226,8 @@ def pipeline_throughput(config_overrides: list[str], config: RunConfig, devices:
     rate = (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
     shutil.rmtree(work, ignore_errors=True)   # kept only when the run failed, for its logs
     used = sorted(set(devices[i % len(devices)] for i in range(STAGES)), key=str)
-    return {"tokens_per_s": round(rate, 1), "peak_memory_bytes": peaks, "mfu": _mfu(rate, config, used),
+    return {"tokens_per_s": round(rate, 1), "peak_memory_bytes": peaks, "peak_memory_bytes_all_nodes": together,
+            "mfu": _mfu(rate, config, used),
             "devices": [str(d) for d in used], "abandoned": sum(r.get("abandoned", 0) for r in its)}
 
 
@@ -220,7 +239,7 @@ def diloco_against_reference(base: list[str], steps: int, inner_steps: int, devi
     overrides = [*base, "model.stages=1", f"train.steps={steps}", f"diloco.inner_steps={inner_steps}",
                  "diloco.fragments=3", "diloco.overlap=1", "train.eval_every=100000", "train.eval_batches=4"]
     work = Path(tempfile.mkdtemp(prefix="lowband-gpu-diloco-"))
-    records, _ = run_nodes(overrides, devices, replicas, work, timeout_s)
+    records, _, _ = run_nodes(overrides, devices, replicas, work, timeout_s)
     evals = [[r for r in node if r["kind"] == "eval"] for node in records]
     if not all(evals):
         raise RuntimeError(f"a DiLoCo replica never evaluated; logs in {work}")
