@@ -323,3 +323,15 @@ def test_fault_poison_spec() -> None:
     for bad in ("scale", "scale:x", "scale:-1", "noise:inf", "sign:2", "flip"):
         with pytest.raises(ValueError, match="LOWBAND_FAULT_POISON"):
             parse_poison(bad)
+
+
+def test_daemon_backend_takes_robust_settings_and_requires_the_roster() -> None:
+    from lowband.node.sync.averaging_backend import GrpcBackend
+    from lowband.protocols.config import RunConfig, apply_overrides
+
+    cfg = apply_overrides(RunConfig(), ["diloco.robust=clip", "diloco.clip_multiple=2"]).diloco
+    reducer = ShardReducer.from_config(cfg, node_id="n1")
+    assert (reducer.robust, reducer.clip_multiple, reducer.require_roster) == ("clip", 2.0, False)
+    backend = GrpcBackend(DilocoSection(), stage=0, node_id="n1", token="t")
+    assert backend.reducer is not None
+    assert (backend.reducer.robust, backend.reducer.clip_multiple, backend.reducer.require_roster) == ("auto", 1.0, True)
