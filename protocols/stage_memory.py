@@ -41,6 +41,13 @@ PRESET_SHAPES: dict[str, Shape] = {
 }
 
 
+def _vocab(config: RunConfig) -> int:
+    """Token ids the embedding and head hold: the model's when resolved, else a BPE's size, else bytes."""
+    if config.model.vocab_size:
+        return config.model.vocab_size
+    return config.train.vocab_size if config.train.tokenizer == "bpe" else BYTE_VOCAB
+
+
 def _shape(config: RunConfig) -> Shape:
     try:
         return PRESET_SHAPES[config.model.preset]
@@ -63,7 +70,7 @@ def stage_params(config: RunConfig, stage: int) -> int:
     embedding, final norm and head."""
     shape = _shape(config)
     d, f = shape.dim, shape.ffn_hidden
-    vocab = config.model.vocab_size or BYTE_VOCAB
+    vocab = _vocab(config)
     block = 4 * d * d + 3 * d * f + 2 * d
     params = blocks_per_stage(config, stage) * block
     if stage == 0:
@@ -85,7 +92,7 @@ def microbatch_activation_bytes(config: RunConfig, stage: int, *, bf16: bool) ->
     per_block = (20 * d + 8 * f) * elem + 2 * d * 4   # + the fp32 residual stream in and out
     total = blocks_per_stage(config, stage) * per_block + 2 * d * 4
     if stage == 0:
-        vocab = config.model.vocab_size or BYTE_VOCAB
+        vocab = _vocab(config)
         total += vocab * (elem + 4 + 4)                  # logits, fp32 softmax and its gradient
     return tokens * total
 

@@ -299,6 +299,10 @@ def test_stage_memory_estimate_matches_the_model() -> None:
     assert microbatches_that_fit(config, 1, stage_state_bytes(config, 1) + 3 * bf16, bf16=True) == 3
     assert microbatches_that_fit(config, 1, 1000, bf16=True) == 0
     assert uses_bf16("auto", "cuda:1") and not uses_bf16("auto", "cpu") and uses_bf16("bf16", "cpu")
+    # a BPE run's bookend holds its vocabulary before the model's size is resolved
+    bpe = _config("model.preset=124m", "train.tokenizer=bpe", "train.vocab_size=4096")
+    assert stage_params(bpe, 0) - stage_params(config, 0) == 2 * (4096 - 256) * 768
+    assert stage_params(bpe, 1) == stage_params(config, 1)
 
 
 # ---------------------------------------------------------------- the coordinator's use of it
