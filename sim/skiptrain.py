@@ -48,6 +48,7 @@ from lowband.node.train.model import init_stage, model_config_for
 from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr
 from lowband.node.train.reference import reference_batches
 from lowband.protocols.config import ConfigError, RunConfig, apply_overrides
+from lowband.protocols.vocab import resolve_vocab
 from lowband.sim.topology import make_topology
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def train_skip(
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
     if replan_every < 0:
         raise ValueError(f"replan_every must be >= 0, got {replan_every}")
+    config = resolve_vocab(config)   # a token file's or a BPE's vocabulary when model.vocab_size = 0
     train, S = config.train, config.model.stages
     cfg = model_config_for(config.model)
     stages: dict[int, nn.Module] = {s: init_stage(cfg, s, S, seed=config.seed) for s in range(S)}
@@ -225,7 +227,7 @@ def train_skip(
         meta = {k: summary[k] for k in ("num_stages", "skip_ratio", "planner", "steps", "tokens",
                                          "final_val_loss", "seed")}
         meta["source"] = "skiptrain"
-        summary["export"] = str(export_model(export, stages, cfg, meta=meta))
+        summary["export"] = str(export_model(export, stages, cfg, meta=meta, tokenizer=corpus.tokenizer))
     for module in stages.values():
         module.eval()
     return SkipTrainResult(stages, summary, history)

@@ -34,6 +34,7 @@ from lowband.protocols.vocab import bits_per_byte, resolve_vocab
 from lowband.sim.cli import main as sim_main
 from lowband.sim.generate import generate_text
 from lowband.sim.model_out import COORDINATOR_DIR, node_state_dir, run_sample, write_run_model
+from lowband.sim.skiptrain import train_skip
 
 torch.set_num_threads(1)
 
@@ -210,3 +211,12 @@ def test_a_simulated_runs_model_carries_the_coordinators_tokenizer(tmp_path: Pat
     report = json.loads(capsys.readouterr().out)
     full = report["results"][0]
     assert full["name"] == "all" and 2.0 < full["loss"] / math.log(2) / full["bits_per_byte"] < 6.0, full
+
+
+def test_skiptrain_of_a_bpe_run_exports_its_tokenizer(tmp_path: Path, text_file: Path) -> None:
+    config = _bpe_config(text_file, 400, "model.stages=3", "train.steps=4", "train.microbatch_size=2",
+                         "train.eval_every=4", "train.eval_batches=1")
+    train_skip(config, export=tmp_path / "skip.pt", eval_paths=False)
+    model = load_model(tmp_path / "skip.pt")
+    assert model.tokenizer is not None and model.tokenizer.sha256 == train_run_tokenizer(config).sha256
+    assert model.config.vocab_size == model.tokenizer.vocab_size
