@@ -24,6 +24,16 @@
   allocating the tensor the payload is read into, plus the finite check). ``hop_cpu_ms`` /
   ``raw_socket_cpu_ms`` / ``hop_cpu_ratio``: CPU time per hop of sender and receiver together
   (all threads; Linux /proc), which waiting for a busy machine's cores does not inflate.
+- ``tls_hop_ms`` (fastest) / ``tls_hop_ms_median`` / ``tls_hop_cpu_ms``: the same hop with mutual TLS
+  (protocols/tls.py: TLS 1.3 on the wire, or gRPC's TLS with ``--transport grpc``) to a third process, timed in
+  the same loop as the plaintext hop (alternating which goes first), so both see the same load;
+  ``tls_hop_ratio`` = tls_hop_ms / hop_ms (fastest of each), ``tls_hop_ratio_median`` of the medians,
+  ``tls_hop_cpu_ratio`` of the CPU per hop. ``--no-tls`` leaves it out.
+- ``--quickstart-pairs N`` (alone: no hop, no pipeline): the README's quick start (``lowband-sim run``
+  with its defaults) N times with TLS and N times with ``--no-tls``, interleaved (TLS first, then
+  plaintext, ...); ``quickstart_tokens_per_s``: tokens per second over the training (from the first
+  metrics record with tokens to the last), one value per run, and ``quickstart_tls_ratio`` = mean with
+  TLS / mean without.
 - ``pipeline_tokens_per_s``: a 4-node pipeline (1 origin + 3 stage nodes, separate
   processes, plus a coordinator) training the same model; ``reference_tokens_per_s``:
   the single-process reference on the same config. On a machine with fewer cores than
@@ -41,6 +51,7 @@ import shutil
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +72,7 @@ from lowband.node.service import NodeServicer, start_server, start_wire  # noqa:
 from lowband.protocols import node_pb2  # noqa: E402
 from lowband.protocols.codec import check_finite, decode, encode, native_codec, tensor_bytes  # noqa: E402
 from lowband.protocols.rpc import install_uvloop  # noqa: E402
+from lowband.protocols.tls import TlsConfig, init_ca, issue  # noqa: E402
 from lowband.sim.procs import Supervisor  # noqa: E402
 
 TOKEN = "bench-token"
@@ -82,15 +94,16 @@ class _SinkAgent:
         assert h.ndim == 3
 
 
-def _node_server(port_queue: Any, stop_event: Any, use_wire: bool) -> None:
+def _node_server(port_queue: Any, stop_event: Any, use_wire: bool, tls_dir: str = "") -> None:
     torch.set_num_threads(1)
     install_uvloop()
+    tls = TlsConfig.load(tls_dir, "sink") if tls_dir else None
 
     async def main() -> None:
         servicer = NodeServicer("sink")
         servicer.agent = _SinkAgent()  # type: ignore[assignment]
-        server, port = await start_server(servicer, "127.0.0.1:0", TOKEN)
-        wire = await start_wire(servicer, "127.0.0.1", TOKEN) if use_wire else None
+        server, port = await start_server(servicer, "127.0.0.1:0", TOKEN, tls=tls)
+        wire = await start_wire(servicer, "127.0.0.1", TOKEN, tls=tls) if use_wire else None
         port_queue.put(port)
         while not stop_event.is_set():
             await asyncio.sleep(0.1)
@@ -137,17 +150,25 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
-    """ms of a gRPC hop and of a raw-socket send of the same bytes (fastest and median), interleaved
-    so that both see the same machine load (this matters on a shared, busy machine)."""
+def measure_hops(reps: int, codec: str, wire: bool = True, tls: bool = True) -> dict[str, float]:
+    """ms of a hop, of the same hop with mutual TLS (``tls``) and of a raw-socket send of the same bytes
+    (fastest and median), interleaved so that all see the same machine load (this matters on a shared,
+    busy machine)."""
     ctx = mp.get_context("spawn")
-    grpc_ports, raw_ports, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    grpc_ports, raw_ports, tls_ports, stop = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
+    tls_dir = Path(tempfile.mkdtemp(prefix="lowband-bench-tls-"))
+    init_ca(tls_dir)
+    for name in ("sink", "o"):
+        issue(tls_dir, name)
     grpc_proc = ctx.Process(target=_node_server, args=(grpc_ports, stop, wire), daemon=True)
     raw_proc = ctx.Process(target=_raw_server, args=(raw_ports,), daemon=True)
-    grpc_proc.start()
-    raw_proc.start()
+    tls_proc = ctx.Process(target=_node_server, args=(tls_ports, stop, wire, str(tls_dir)), daemon=True)
+    procs = [grpc_proc, raw_proc, *([tls_proc] if tls else [])]
+    for proc in procs:
+        proc.start()
     try:
         grpc_port, raw_port = grpc_ports.get(timeout=60), raw_ports.get(timeout=60)
+        tls_port = tls_ports.get(timeout=60) if tls else 0
         activation = _activation(codec)
         sock = socket.create_connection(("127.0.0.1", raw_port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -165,36 +186,57 @@ def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
         header = node_pb2.MicrobatchHeader(run_id="bench", iteration=0, microbatch=0, origin_id="o",
                                            stages=[0, 1, 0], node_ids=["o", "sink", "o"], hop=1)
 
-        async def client() -> tuple[list[float], list[float]]:
+        async def hop(transport: Transport, address: str) -> tuple[float, float]:
+            """Seconds and this process's CPU seconds of one hop."""
+            start, cpu_start = time.perf_counter(), time.process_time()
+            ack = await transport.send_microbatch(address, False, header, activation, codec, timeout_s=30)
+            if not ack.ok:
+                raise RuntimeError(ack.message)
+            return time.perf_counter() - start, time.process_time() - cpu_start
+
+        async def client() -> tuple[list[float], list[float], list[float]]:
             transport = Transport(TOKEN, wire=wire)
-            address = f"127.0.0.1:{grpc_port}"
-            hops, raws = [], []
+            tls_transport = Transport(TOKEN, wire=wire, tls=TlsConfig.load(tls_dir, "o")) if tls else None
+            address, tls_address = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{tls_port}"
+            hops, raws, tls_hops = [], [], []
             for i in range(reps + 5):
                 if i == 5:   # warm-up over: channel setup, HTTP/2 window growth
                     cpu["hop_server"] = -_proc_cpu_s(grpc_proc.pid or 0)
                     cpu["raw_server"] = -_proc_cpu_s(raw_proc.pid or 0)
-                    cpu["hop_client"] = cpu["raw_client"] = 0.0
-                start, cpu_start = time.perf_counter(), time.process_time()
-                ack = await transport.send_microbatch(address, False, header, activation, codec, timeout_s=30)
-                elapsed, cpu_mid = time.perf_counter() - start, time.process_time()
-                if not ack.ok:
-                    raise RuntimeError(ack.message)
+                    cpu["tls_server"] = -_proc_cpu_s(tls_proc.pid or 0) if tls else 0.0
+                    cpu["hop_client"] = cpu["raw_client"] = cpu["tls_client"] = 0.0
+                plain = tls_hop = (0.0, 0.0)
+                if tls_transport is not None and i % 2:   # which goes first alternates
+                    tls_hop = await hop(tls_transport, tls_address)
+                plain = await hop(transport, address)
+                if tls_transport is not None and not i % 2:
+                    tls_hop = await hop(tls_transport, tls_address)
+                cpu_mid = time.process_time()
                 raw = raw_send()
                 if i >= 5:
-                    hops.append(elapsed)
+                    hops.append(plain[0])
                     raws.append(raw)
-                    cpu["hop_client"] += cpu_mid - cpu_start
+                    tls_hops.append(tls_hop[0])
+                    cpu["hop_client"] += plain[1]
+                    cpu["tls_client"] += tls_hop[1]
                     cpu["raw_client"] += time.process_time() - cpu_mid
             cpu["hop_server"] += _proc_cpu_s(grpc_proc.pid or 0)
             cpu["raw_server"] += _proc_cpu_s(raw_proc.pid or 0)
+            if tls:
+                cpu["tls_server"] += _proc_cpu_s(tls_proc.pid or 0)
             sent["activation_bytes_per_hop"] = transport.activation_bytes_sent / (reps + 5)
             await transport.close()
-            return hops, raws
+            if tls_transport is not None:
+                await tls_transport.close()
+            return hops, raws, tls_hops
 
         cpu: dict[str, float] = {}
         sent: dict[str, float] = {}
         install_uvloop()
-        hops, raws = asyncio.run(client())
+        hops, raws, tls_hops = asyncio.run(client())
+        if tls:
+            sent.update({"tls_hop_ms": 1000 * min(tls_hops), "tls_hop_ms_median": 1000 * statistics.median(tls_hops),
+                         "tls_hop_cpu_ms": 1000 * (cpu["tls_client"] + cpu["tls_server"]) / reps})
         sock.close()
         encodes, decodes = [], []
         scratch = bytearray(4 * activation.numel())   # the wire connection's cast buffer
@@ -229,10 +271,11 @@ def measure_hops(reps: int, codec: str, wire: bool = True) -> dict[str, float]:
                 "raw_socket_cpu_ms": 1000 * (cpu["raw_client"] + cpu["raw_server"]) / reps, **sent}
     finally:
         stop.set()
-        for proc in (grpc_proc, raw_proc):
+        for proc in procs:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
+        shutil.rmtree(tls_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- throughput
@@ -295,6 +338,38 @@ def pipeline_tokens_per_s(steps: int) -> float:
     return (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
 
 
+def quickstart_tokens_per_s(tls: bool) -> dict[str, float]:
+    """One run of the README's quick start (``lowband-sim run`` with its defaults), with or without TLS:
+    tokens per second over the training and the run's wall time."""
+    work = Path(tempfile.mkdtemp(prefix="lowband-quickstart-"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "lowband.sim.cli", "run", "--out", str(work / "run"), "--no-progress",
+            *([] if tls else ["--no-tls"])]
+    done = subprocess.run(argv, env=env, cwd=work, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"quick start failed ({done.returncode}); logs in {work}: {done.stderr[-2000:]}")
+    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if r.get("tokens", 0) > 0]
+    first, last = trained[0], trained[-1]
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    shutil.rmtree(work, ignore_errors=True)
+    return {"tokens_per_s": (last["tokens"] - first["tokens"]) / (last["t"] - first["t"]),
+            "wall_s": summary["wall_s"], "final_val_loss": summary["final_val_loss"]}
+
+
+def quickstart_pairs(pairs: int) -> dict[str, Any]:
+    """``pairs`` quick starts with TLS and as many without, interleaved, and the ratio of their means."""
+    runs: dict[str, list[dict[str, float]]] = {"tls": [], "plaintext": []}
+    for _ in range(pairs):
+        for key, tls in (("tls", True), ("plaintext", False)):
+            runs[key].append(quickstart_tokens_per_s(tls))
+    mean = {k: statistics.mean(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    return {"quickstart_tokens_per_s": {k: [round(r["tokens_per_s"], 1) for r in v] for k, v in runs.items()},
+            "quickstart_wall_s": {k: [r["wall_s"] for r in v] for k, v in runs.items()},
+            "quickstart_final_val_loss": {k: [round(r["final_val_loss"], 4) for r in v] for k, v in runs.items()},
+            "quickstart_tls_ratio": round(mean["tls"] / mean["plaintext"], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -305,9 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-pipeline", action="store_true", help="only the hop measurement")
     parser.add_argument("--transport", default="wire", choices=("wire", "grpc"),
                         help="hop over the activation wire (what nodes use) or over its gRPC fallback")
+    parser.add_argument("--no-tls", action="store_true", help="no TLS hop beside the plaintext one")
+    parser.add_argument("--quickstart-pairs", type=int, default=0, metavar="N",
+                        help="only the quick start's tokens/s, N runs with TLS and N without, interleaved")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    hop = measure_hops(args.reps, args.codec, wire=args.transport == "wire")
+    if args.quickstart_pairs > 0:
+        print(json.dumps({**quickstart_pairs(args.quickstart_pairs), "cpus": os.cpu_count()}))
+        return 0
+    hop = measure_hops(args.reps, args.codec, wire=args.transport == "wire", tls=not args.no_tls)
     result: dict[str, Any] = {"hop_ms": round(hop["hop_ms"], 3), "raw_socket_ms": round(hop["raw_socket_ms"], 3),
                               # the fastest of each: closest to the uncontended cost on a busy machine
                               "hop_overhead_ratio": round(hop["hop_ms"] / hop["raw_socket_ms"], 2),
@@ -319,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
                               "raw_socket_cpu_ms": round(hop["raw_socket_cpu_ms"], 3),
                               "hop_cpu_ratio": round(hop["hop_cpu_ms"] / hop["raw_socket_cpu_ms"], 2),
                               "activation_bytes_per_hop": round(hop["activation_bytes_per_hop"])}
+    if "tls_hop_ms" in hop:
+        result.update({"tls_hop_ms": round(hop["tls_hop_ms"], 3), "tls_hop_ms_median": round(hop["tls_hop_ms_median"], 3),
+                       "tls_hop_ratio": round(hop["tls_hop_ms"] / hop["hop_ms"], 2),
+                       "tls_hop_ratio_median": round(hop["tls_hop_ms_median"] / hop["hop_ms_median"], 2),
+                       "tls_hop_cpu_ms": round(hop["tls_hop_cpu_ms"], 3),
+                       "tls_hop_cpu_ratio": round(hop["tls_hop_cpu_ms"] / hop["hop_cpu_ms"], 2)})
     if not args.skip_pipeline:
         result["pipeline_tokens_per_s"] = round(pipeline_tokens_per_s(args.steps), 1)
         result["reference_tokens_per_s"] = round(reference_tokens_per_s(args.steps), 1)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -293,3 +294,60 @@ def test_check_claimed_id_is_the_certificate_name_or_nothing_without_tls() -> No
     assert check_claimed_id(_Context({"x509_common_name": [b"a"]}), "a") == ""   # type: ignore[arg-type]
     assert "names 'a', not 'b'" in check_claimed_id(_Context({"x509_common_name": [b"a"]}), "b")  # type: ignore[arg-type]
     assert check_claimed_id(_Context({}), "b") == ""   # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- a live run
+
+LIVE_RUN = """
+[model]
+stages = 2
+seq_len = 64
+
+[train]
+steps = 30
+eval_every = 10
+microbatches = 2
+microbatch_size = 4
+
+[diloco]
+inner_steps = 5
+fragments = 1
+codec = "fp4"
+
+[skippipe]
+skip_ratio = 0.0
+planner = "full"
+
+[membership]
+heartbeat_interval_s = 0.3
+lease_s = 3
+
+[sim]
+origins = 1
+replicas_per_stage = 2
+max_wall_s = 150
+preemptions = []
+"""
+
+
+@pytest.mark.slow   # 1-3 minutes; the default suite's tests/test_sim_run.py runs the simulator, TLS on by default
+@pytest.mark.timeout(400)
+def test_a_live_run_with_tls_trains(tmp_path: Path, sim_process: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """The simulator's default: a run CA in the run folder, every process on mutual TLS; activations go on
+    the TLS wire and the stage-1 replicas average over TLS channels, and the model learns."""
+    out = tmp_path / "run"
+    config = tmp_path / "sim.toml"
+    config.write_text(LIVE_RUN)
+    proc = sim_process(out, "--config", str(config))
+    output, _ = proc.communicate(timeout=380)
+    assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    assert summary["activation_bytes_sent"] > 0 and summary["sync_bytes_sent"] > 0
+    names = sorted(p.stem for p in (out / "tls").glob("*.crt"))
+    assert names == sorted(["admin", "ca", "coordinator", "origin-1", "stage1-2", "stage1-3"])
+    assert "mutual TLS" in (out / "logs" / "coordinator.log").read_text()
+    for log in (out / "logs").glob("origin-*.log"):   # the origin's hops never fell back to gRPC
+        assert "using gRPC" not in log.read_text()
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["kind"] == "relaunch"]
