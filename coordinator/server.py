@@ -37,7 +37,7 @@ from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols import coordinator_pb2_grpc as pb_grpc
 from lowband.protocols.config import ConfigError, RunConfig
 from lowband.protocols.hostile import HostileInputInterceptor
-from lowband.protocols.peer_guard import GuardPolicy
+from lowband.protocols.peer_guard import BAD_INPUT_LOG, GuardPolicy, peer_host
 from lowband.protocols.rpc import TokenAuthInterceptor, grpc_options
 from lowband.protocols.text_corpus import DataError
 from lowband.protocols.tls import TlsConfig, add_port, check_claimed_id, peer_name
@@ -93,7 +93,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         """Under TLS a node speaks only as the node its certificate names (PERMISSION_DENIED otherwise)."""
         why = check_claimed_id(context, claimed)
         if why:
-            logger.warning("%s as %r refused: %s", what, claimed, why)
+            BAD_INPUT_LOG.warning(peer_host(context.peer() or ""), "%s as %r refused: %s", what, claimed, why)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{what} refused: {why}")
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:

@@ -22,7 +22,7 @@ from lowband.protocols.chunking import chunk_tensor, reassemble_async
 from lowband.protocols.codec import encode
 from lowband.protocols.errors import ValidationError, abort_invalid
 from lowband.protocols.hostile import HostileInputInterceptor
-from lowband.protocols.peer_guard import GuardPolicy, PeerGuard
+from lowband.protocols.peer_guard import BAD_INPUT_LOG, GuardPolicy, PeerGuard, peer_host
 from lowband.protocols.rpc import TokenAuthInterceptor
 from lowband.protocols.state_client import StateSnapshot
 from lowband.protocols.state_client import fetch_state as fetch_state  # re-exported: its home was here
@@ -141,8 +141,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             self.bytes_received += received
             refused = sender_refusal(header, backward, peer_name(context))
             if refused:
-                logger.warning("%s of microbatch %d refused: %s", "backward" if backward else "forward",
-                               header.microbatch, refused)
+                BAD_INPUT_LOG.warning(peer_host(context.peer() or ""), "%s of microbatch %d refused: %s",
+                                      "backward" if backward else "forward", header.microbatch, refused)
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, refused)
             agent.accept(header, tensor, backward=backward)
         except ValidationError as exc:
