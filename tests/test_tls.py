@@ -27,9 +27,10 @@ from lowband.node.coordinator_client import CoordinatorClient
 from lowband.node.pipeline.transport import Transport
 from lowband.node.pipeline.wire import WireConnection
 from lowband.node.service import NodeServicer, start_server, start_wire
+from lowband.node.sync.grpc_averager import ShardReducer
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols import coordinator_pb2_grpc as pb_grpc
-from lowband.protocols import node_pb2
+from lowband.protocols import node_pb2, node_pb2_grpc
 from lowband.protocols.config import RunConfig, apply_overrides
 from lowband.protocols.rpc import grpc_options, token_metadata
 from lowband.protocols.tls import (
@@ -277,6 +278,37 @@ def test_a_plaintext_wire_server_is_refused_by_a_tls_client(cas: tuple[Path, Pat
                 await WireConnection.open("127.0.0.1", wire.port, TOKEN, 5, tls=tls(run, "o"))
         finally:
             await wire.stop()
+
+    asyncio.run(main())
+
+
+def test_a_shard_is_taken_only_under_its_sender_s_own_certificate(cas: tuple[Path, Path]) -> None:
+    """ReduceShard with the node's identity hook (what ``ShardReducer.from_config`` installs): m cannot send
+    a part as o; o can."""
+    run, _ = cas
+
+    async def main() -> None:
+        servicer = NodeServicer("n")
+        servicer.shard_reducer = ShardReducer(timeout_s=1.0, node_id="n", identity_check=check_claimed_id)
+        server, port = await start_server(servicer, "127.0.0.1:0", TOKEN, tls=tls(run, "n"))
+
+        async def send_as(client: str, sender: str) -> grpc.StatusCode:
+            header = node_pb2.ShardHeader(round_id=1, stage=1, fragment=0, shard_index=0, num_shards=1,
+                                          sender_id=sender, total_numel=4, abstain=True)
+            async with open_channel(f"127.0.0.1:{port}", grpc_options(), tls(run, client)) as channel:
+                try:
+                    async for _ in node_pb2_grpc.NodeStub(channel).ReduceShard(
+                            iter([node_pb2.ShardChunk(header=header)]), metadata=MD, timeout=10):
+                        pass
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+            return grpc.StatusCode.OK
+
+        try:
+            assert await send_as("m", "o") == grpc.StatusCode.PERMISSION_DENIED
+            assert await send_as("o", "o") != grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            await server.stop(None)
 
     asyncio.run(main())
 
