@@ -431,3 +431,65 @@ def test_gpu_benchmark_script_runs_end_to_end_on_the_cpu() -> None:
     diloco = answer["diloco"]
     assert diloco["tokens"] == diloco["reference_tokens"] > 0
     assert 0 < diloco["diloco_val_loss"] < 6 and 0 < diloco["reference_val_loss"] < 6
+
+
+class _FakeChild:
+    """What ``Simulation.launch`` keeps of a spawned node process (nothing is started)."""
+
+    pid = 0
+
+    def __init__(self) -> None:
+        self.running = True
+
+    def alive(self) -> bool:
+        return self.running
+
+    def signal_group(self, sig: int) -> None:
+        self.running = False
+
+
+def _simulation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rooms: list[DeviceRoom], *overrides: str
+                ) -> tuple[object, list[list[str]]]:
+    from lowband.sim import run as sim_run
+    from lowband.sim.config import load_sim_config
+
+    monkeypatch.setattr(sim_run, "visible_cuda_devices", lambda: rooms)
+    spawned: list[list[str]] = []
+
+    def spawn(self: object, name: str, argv: list[str], **kwargs: object) -> _FakeChild:
+        spawned.append(list(argv))
+        return _FakeChild()
+
+    monkeypatch.setattr(sim_run.Supervisor, "spawn", spawn)
+    # no TLS: the certificates would need the run CA the coordinator's start makes
+    sim = sim_run.Simulation(load_sim_config(None, ["sim.tls=false", *overrides]), tmp_path, progress=False)
+    sim.coordinator_address = "127.0.0.1:1"
+    return sim, spawned
+
+
+def test_the_simulation_gives_each_node_process_its_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gib = 1 << 30
+    two = [DeviceRoom("cuda:0", 40 * gib), DeviceRoom("cuda:1", 40 * gib)]
+    sim, spawned = _simulation(tmp_path / "a", monkeypatch, two, "model.preset=124m", "sim.origins=2",
+                               "sim.replicas_per_stage=2")
+    try:
+        sim.start_nodes()   # type: ignore[attr-defined]
+    finally:
+        sim.close()   # type: ignore[attr-defined]
+    devices = [argv[argv.index("--device") + 1] for argv in spawned]
+    assert len(devices) == 2 + 2 * 3 and devices == ["cuda:0", "cuda:1"] * 4
+    # 8 nodes of the 124m preset do not fit in 3 GiB: refused before any node process starts
+    sim, spawned = _simulation(tmp_path / "b", monkeypatch, [DeviceRoom("cuda:0", 3 * gib)], "model.preset=124m")
+    try:
+        with pytest.raises(PlacementError, match="cuda:0"):
+            sim.start_nodes()   # type: ignore[attr-defined]
+    finally:
+        sim.close()   # type: ignore[attr-defined]
+    assert spawned == []
+    # sim.device = "cpu", or no CUDA device: every node on the CPU
+    sim, spawned = _simulation(tmp_path / "c", monkeypatch, two, "sim.device=cpu")
+    try:
+        sim.start_nodes()   # type: ignore[attr-defined]
+    finally:
+        sim.close()   # type: ignore[attr-defined]
+    assert spawned and all(argv[argv.index("--device") + 1] == "cpu" for argv in spawned)
