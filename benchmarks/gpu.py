@@ -50,6 +50,7 @@ from lowband.node.train.model import Transformer, lm_loss, model_config_for  # n
 from lowband.node.train.optim import build_inner_optimizer, lr_at, set_lr  # noqa: E402
 from lowband.node.train.precision import autocast_context  # noqa: E402
 from lowband.node.train.reference import reference_batches, train_reference  # noqa: E402
+from lowband.protocols.codec import CODECS as RAW_AND_QUANT  # noqa: E402
 from lowband.protocols.config import RunConfig, apply_overrides  # noqa: E402
 from lowband.protocols.stage_memory import PRESET_SHAPES  # noqa: E402
 from lowband.sim.procs import Supervisor  # noqa: E402
@@ -62,8 +63,10 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 
                    "L4": 121e12, "A10G": 70e12, "RTX 4090": 165e12}
 
 
-def _overrides(preset: str, steps: int, seq_len: int, microbatch_size: int, microbatches: int) -> list[str]:
+def _overrides(preset: str, steps: int, seq_len: int, microbatch_size: int, microbatches: int,
+               codec: str = "bf16") -> list[str]:
     return [f"model.preset={preset}", f"model.stages={STAGES}", f"model.seq_len={seq_len}",
+            f"train.activation_codec={codec}",
             f"train.microbatch_size={microbatch_size}", f"train.microbatches={microbatches}",
             f"train.steps={steps}", "train.eval_every=100000", "train.eval_batches=1",
             "train.hop_timeout_s=60", "membership.heartbeat_interval_s=0.5", "membership.lease_s=20"]
@@ -281,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diloco-steps", type=int, default=100, help="inner steps per DiLoCo replica (0: skip)")
     parser.add_argument("--inner-steps", type=int, default=20, help="DiLoCo H")
     parser.add_argument("--timeout-s", type=float, default=420.0, help="per multi-process run")
+    parser.add_argument("--activation-codec", default="bf16", choices=RAW_AND_QUANT,
+                        help="the pipeline hops' codec (train.activation_codec; gradients use the same)")
     args = parser.parse_args(argv)
 
     reason = no_cuda_reason() if args.device == "cuda" else None
@@ -292,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         devices = [torch.device("cpu")]
         torch.set_num_threads(1)
-    overrides = _overrides(args.preset, args.steps, args.seq_len, args.microbatch_size, args.microbatches)
+    overrides = _overrides(args.preset, args.steps, args.seq_len, args.microbatch_size, args.microbatches,
+                           args.activation_codec)
     config = apply_overrides(RunConfig(), overrides)
     result: dict[str, Any] = {
         "cuda": args.device == "cuda",
@@ -300,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpus": len(devices) if args.device == "cuda" else 0,
         "preset": args.preset, "stages": STAGES, "seq_len": args.seq_len, "microbatch_size": args.microbatch_size,
         "microbatches": args.microbatches, "steps": args.steps, "precision": config.train.precision,
+        "activation_codec": config.train.activation_codec,
         "torch": torch.__version__, "flops_per_token": flops_per_token(config),
     }
     reference = reference_throughput(config, devices[0])
