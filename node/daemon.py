@@ -284,6 +284,8 @@ class NodeDaemon:
 
     async def join(self, throughput: float, stage: int) -> pb.JoinReply | None:
         """Register with the coordinator (retrying until it answers or the node stops); None if stopped."""
+        if self.opts.state_dir and self.parts is None and self._stored is None:
+            self._stored = describe_stored(self.opts.state_dir)   # read once, before the first join
         request = pb.JoinRequest(node_id=self.membership.node_id, address=self.address, device=str(self.device),
                                  memory_bytes=device_memory_bytes(self.device), throughput=throughput,
                                  version=VERSION, stage=stage, has_data=self.opts.has_data,
@@ -329,11 +331,9 @@ class NodeDaemon:
 
     def _preferred_stage(self) -> int:
         """--preferred-stage, else the stage this node's --state-dir holds (it can resume that one)."""
-        if self.opts.preferred_stage >= 0 or not self.opts.state_dir:
+        if self.opts.preferred_stage >= 0 or self._stored is None:
             return self.opts.preferred_stage
-        if self._stored is None and self.parts is None:
-            self._stored = describe_stored(self.opts.state_dir)   # read once, at the first join
-        return -1 if self._stored is None else self._stored.stage
+        return self._stored.stage
 
     async def _after_join(self, reply: pb.JoinReply) -> None:
         """Hold the stage the join reply names (obtaining weights as instructed), then fetch the schedule."""
