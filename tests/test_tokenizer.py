@@ -4,6 +4,7 @@ shared by the coordinator under their SHA-256 (a node refuses any other), carrie
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from lowband.coordinator.core import Coordinator
+from lowband.coordinator.server import start_coordinator
 from lowband.coordinator.store import Store
 from lowband.node.recovery.local_state import StageState, write_state
 from lowband.node.tokenizer_cache import TOKENIZER_FILE, cached_sha256, tokenizer_from_join
@@ -27,6 +29,7 @@ from lowband.protocols.tokenizer import (
     BpeTokenizer,
     TokenizerError,
     run_tokenizer,
+    sha256_hex,
     train_bpe,
     train_run_tokenizer,
 )
@@ -220,3 +223,26 @@ def test_skiptrain_of_a_bpe_run_exports_its_tokenizer(tmp_path: Path, text_file:
     model = load_model(tmp_path / "skip.pt")
     assert model.tokenizer is not None and model.tokenizer.sha256 == train_run_tokenizer(config).sha256
     assert model.config.vocab_size == model.tokenizer.vocab_size
+
+
+def test_a_coordinator_restarted_on_an_edited_tokenizer_refuses_to_start(tmp_path: Path, text_file: Path) -> None:
+    config = _bpe_config(text_file, 300)
+    run_dir = tmp_path / "run"
+
+    async def start_and_stop() -> str:
+        server = await start_coordinator(config, run_dir, "t")
+        try:
+            return server.core.tokenizer.sha256 if server.core.tokenizer else ""
+        finally:
+            await server.stop(0)
+
+    sha = asyncio.run(start_and_stop())
+    cached = run_dir / "tokenizer-bpe-300.json"
+    assert sha and sha256_hex(cached.read_text()) == sha
+    assert asyncio.run(start_and_stop()) == sha   # a restart reads the same tokenizer back
+    cached.write_text(train_bpe([TEXT[:5000]], 280).json)   # replaced by another tokenizer
+    with pytest.raises(ConfigError, match="tokenizer file was changed"):
+        asyncio.run(start_and_stop())
+    cached.write_text("{broken")
+    with pytest.raises(ConfigError, match="not a tokenizer JSON"):
+        asyncio.run(start_and_stop())
