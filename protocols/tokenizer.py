@@ -69,7 +69,10 @@ class BpeTokenizer:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise TokenizerError(f"cannot read tokenizer {path}: {exc}") from None
-        return cls.from_json(text, sha256=sha256)
+        try:
+            return cls.from_json(text, sha256=sha256)
+        except TokenizerError as exc:
+            raise TokenizerError(f"{path}: {exc}") from None
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (temporary file, rename)."""

@@ -244,5 +244,5 @@ def test_a_coordinator_restarted_on_an_edited_tokenizer_refuses_to_start(tmp_pat
     with pytest.raises(ConfigError, match="tokenizer file was changed"):
         asyncio.run(start_and_stop())
     cached.write_text("{broken")
-    with pytest.raises(ConfigError, match="not a tokenizer JSON"):
+    with pytest.raises(ConfigError, match=r"tokenizer-bpe-300\.json: not a tokenizer JSON"):
         asyncio.run(start_and_stop())
