@@ -42,7 +42,7 @@ class PoisonRun(LocalRun):
         return self.supervisor.spawn(name, args, env=env, cwd=self.workdir).popen
 
 
-def run_stage(workdir: Path, n: int, poison: str, extra: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+def run_stage(workdir: Path, n: int, poison: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train a stage of `n` replicas, the last one poisoned (`poison` "": clean); what the test checks."""
     workdir.mkdir(parents=True)
     run = PoisonRun(workdir, [*data_parallel_overrides(steps=STEPS, fragments=1, eval_every=STEPS), *extra],
@@ -54,9 +54,8 @@ def run_stage(workdir: Path, n: int, poison: str, extra: list[str] = ()) -> dict
         assert all(v["step"] == STEPS for v in val), run.tail()
         ids = [run.records(i, "join")[0]["node_id"] for i in range(n)]
         doc = status_document(fetch_status(run.address, TOKEN))   # the nodes left; their last counters stay
-        text_status = {node["node_id"]: node for node in doc["nodes"]}
-        return {"val": [v["val_loss"] for v in val], "ids": ids, "nodes": text_status, "events": doc["events"],
-                "tail": run.tail()}
+        nodes = {node["node_id"]: node for node in doc["nodes"]}
+        return {"val": [v["val_loss"] for v in val], "ids": ids, "nodes": nodes, "events": doc["events"]}
     finally:
         run.close()
         assert all(p.poll() is not None for p in [*run.nodes, *([run.coordinator] if run.coordinator else [])])
@@ -84,5 +83,5 @@ def test_poisoned_replica_leaves_the_others_within_2_percent(n: int, tmp_path: P
         elif n >= 3:   # a sign flip of equal norm: from 3 replicas it points against the trimmed mean
             assert any(poisoner in node["rejected_peers"] for node in out["nodes"].values()), out["nodes"]
     if n == 2:   # the same poison with robust aggregation off: the stage stops learning
-        off = run_stage(tmp_path / "off", n, "scale:1e4", ["diloco.robust=off"])
+        off = run_stage(tmp_path / "off", n, "scale:1e4", ("diloco.robust=off",))
         assert not off["val"][0] <= reference * (1 + TOLERANCE), (off["val"], clean["val"])
