@@ -145,12 +145,6 @@ def read_state(state_dir: str | Path) -> StageState:
                       written_at=float(payload.get("written_at", 0.0)))
 
 
-def stored_stage(state_dir: str | Path) -> int | None:
-    """The stage a state directory holds, to prefer it when joining (None: none, or unreadable)."""
-    held = describe_stored(state_dir)
-    return None if held is None else held.stage
-
-
 def describe_stored(state_dir: str | Path) -> pb.StoredStage | None:
     """What a state directory holds, as a join tells the coordinator (None: nothing usable): the stage, its
     outer and inner step and the fingerprint of the run and model it belongs to, which the coordinator

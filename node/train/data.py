@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lowband.protocols.config import RunConfig
+from lowband.protocols.config import TOKEN_FILE_SUFFIXES, RunConfig
 from lowband.protocols.text_corpus import DataError, load_text
 from lowband.protocols.tokenizer import BpeTokenizer, train_run_tokenizer
 
@@ -102,7 +102,7 @@ def load_corpus(
     if path is not None and str(path) != "":
         path = Path(path).expanduser()
         name = path.name.lower()
-        if path.is_file() and name.endswith((".bin", ".npy")) and tokenizer is not None:
+        if path.is_file() and name.endswith(TOKEN_FILE_SUFFIXES) and tokenizer is not None:
             raise DataError(f"{path} is a token file (already tokenized): it cannot be encoded with a BPE "
                             "(set train.tokenizer = 'bytes')")
         if path.is_file() and name.endswith(".u8.bin"):
