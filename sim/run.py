@@ -662,7 +662,7 @@ def main(args: argparse.Namespace) -> int:
         overrides.append(f"train.steps={args.steps}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    if args.no_tls:
+    if getattr(args, "no_tls", False):   # a Namespace built by hand (tests) may lack it
         overrides.append("sim.tls=false")
     try:
         config = load_sim_config(args.config, overrides)
