@@ -18,7 +18,8 @@ Modes:
 - ``sparse``: the streaming schedule and overlap with SparseLoCo's outer update
   (``protocols/sparse.py``): per fragment, chunked top-k of β·e + Δ with 1-2 bit values and
   bit-packed indices, error feedback in place of outer momentum, plain outer SGD; owners
-  re-sparsify the mean of the (differently placed) parts and every replica applies that reply.
+  re-sparsify the mean of the (differently placed) parts, keeping more entries than a part
+  (``--sparse-reply-topk``), and every replica applies that reply.
 - ``hivemind``: the streaming outer loop averaged through hivemind's
   DecentralizedAverager (hivemind has no 4-bit codec: 8-bit uniform quantization).
 
@@ -358,11 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparse-topk", type=int, default=320,
                         help="sparse: entries kept per chunk (7.8%%; best of 64 / 160 / 320 / 448)")
     parser.add_argument("--sparse-bits", type=int, default=2)
-    parser.add_argument("--sparse-error-decay", type=float, default=0.95)
+    parser.add_argument("--sparse-error-decay", type=float, default=0.9,
+                        help="sparse: β of the error feedback (best of 0.8 / 0.9 / 0.95 / 1)")
     parser.add_argument("--sparse-outer-momentum", type=float, default=0.0,
                         help="sparse: Nesterov momentum on the averaged sparse update (0: none, SparseLoCo)")
-    parser.add_argument("--sparse-reply-topk", type=int, default=0,
-                        help="sparse: entries an owner's reply keeps per chunk (0: --sparse-topk)")
+    parser.add_argument("--sparse-reply-topk", type=int, default=800,
+                        help="sparse: entries an owner's reply keeps per chunk (0: --sparse-topk; best of 320 / 640 / "
+                             "800 within 400x of ddp's bytes)")
     parser.add_argument("--sparse-lr", type=float, default=0.0, help="sparse: inner AdamW lr (0: --lr)")
     parser.add_argument("--robust", default="off", choices=("off", "clip", "auto"),
                         help="diloco.robust of the grpc modes: off (default) measures the algorithms with the plain "
@@ -476,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                              "outer_momentum": args.sparse_outer_momentum,
                              "reply_topk": args.sparse_reply_topk or args.sparse_topk,
                              "lr": args.sparse_lr or args.lr},
-                  "protocol": "from-scratch" if args.warm_start_steps == 0 else "warm-start",
+                  "protocol": "from-scratch" if args.warm_start_steps == 0 else "warm-start", "seed": args.seed,
                   "warm_start_steps": args.warm_start_steps},
         "init_val_loss": round(init_val_loss, 5),
     }

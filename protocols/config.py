@@ -154,13 +154,14 @@ class DilocoSection:
     # sparse_topk largest entries in sparse_bits bits; error feedback (e <- sparse_error_decay*e + delta)
     # replaces the outer momentum (outer_momentum is not used; sparse_outer_momentum > 0 adds Nesterov
     # momentum on the averaged sparse update); shard owners re-select the mean's sparse_reply_topk entries
-    # per chunk (0: sparse_topk)
+    # per chunk (0: sparse_topk). Defaults: the best measured in benchmarks/bandwidth.md (with
+    # outer_lr = 2, alpha = 0)
     sparse_chunk: int = 4096
-    sparse_topk: int = 64
+    sparse_topk: int = 320
     sparse_bits: int = 2
-    sparse_error_decay: float = 0.95
+    sparse_error_decay: float = 0.9
     sparse_outer_momentum: float = 0.0
-    sparse_reply_topk: int = 0
+    sparse_reply_topk: int = 800
 
     def __post_init__(self) -> None:
         _check(self.inner_steps >= 1, "diloco.inner_steps", "must be >= 1")
@@ -180,8 +181,8 @@ class DilocoSection:
         _check(self.sparse_bits in (1, 2), "diloco.sparse_bits", "must be 1 or 2")
         _check(0.0 < self.sparse_error_decay <= 1.0, "diloco.sparse_error_decay", "must be in (0, 1]")
         _check(0.0 <= self.sparse_outer_momentum < 1.0, "diloco.sparse_outer_momentum", "must be in [0, 1)")
-        _check(0 <= self.sparse_reply_topk <= self.sparse_chunk, "diloco.sparse_reply_topk",
-               "must be in [0, diloco.sparse_chunk] (0: diloco.sparse_topk)")
+        _check(0 <= self.sparse_reply_topk <= 1 << 15, "diloco.sparse_reply_topk",
+               "must be in [0, 32768] (0: diloco.sparse_topk; capped at diloco.sparse_chunk)")
         _check(self.reject_norm_ratio >= 0, "diloco.reject_norm_ratio", "must be >= 0")
         _check(self.robust in ROBUST_MODES, "diloco.robust", f"must be one of {ROBUST_MODES}")
         _check(1.0 <= self.clip_multiple <= 1e6, "diloco.clip_multiple", "must be in [1, 1e6]")

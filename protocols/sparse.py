@@ -14,7 +14,8 @@ the sign and a magnitude level of the chunk, so an entry costs ``bits`` bits:
 
 Reduce rule (``reduce_shard``), used by the owner of a shard of a round where every replica chose
 its own entries: decode every contribution to the dense shard, take the mean over contributors in
-sender order (fp32), add the owner's own carried-over residual, and re-select with the same rule.
+sender order (fp32), add the owner's own carried-over residual, and re-select with the same rule at the
+reply's k (``reply_topk``: the mean of n differently placed parts holds up to n·topk entries).
 The owner answers every caller with that one re-sparsified message, and applies it itself, so every
 replica decodes bit-identical numbers; what the re-selection left out is the owner's new residual.
 """
@@ -43,10 +44,10 @@ class SparseParams:
     sparse_error_decay)."""
 
     chunk: int = 4096
-    topk: int = 64
+    topk: int = 320
     bits: int = 2
-    error_decay: float = 0.95     # β of the error feedback: e ← β·e + Δ before selection
-    reply_topk: int = 0           # entries an owner's reply keeps per chunk (0: topk)
+    error_decay: float = 0.9      # β of the error feedback: e ← β·e + Δ before selection
+    reply_topk: int = 0           # entries an owner's reply keeps per chunk (0: topk; capped at the chunk)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk <= MAX_CHUNK:
@@ -57,15 +58,16 @@ class SparseParams:
             raise ValueError(f"sparse bits must be one of {SPARSE_BITS}, got {self.bits}")
         if not 0.0 < self.error_decay <= 1.0:
             raise ValueError(f"sparse error decay must be in (0, 1], got {self.error_decay}")
-        if not 0 <= self.reply_topk <= self.chunk:
-            raise ValueError(f"sparse reply topk must be in [0, chunk={self.chunk}], got {self.reply_topk}")
+        if not 0 <= self.reply_topk <= MAX_CHUNK:
+            raise ValueError(f"sparse reply topk must be in [0, {MAX_CHUNK}], got {self.reply_topk}")
 
     @property
     def reply(self) -> SparseParams:
-        """The settings an owner re-selects the mean of a round with (``reply_topk`` entries a chunk)."""
-        if not self.reply_topk or self.reply_topk == self.topk:
-            return self
-        return dataclasses.replace(self, topk=self.reply_topk, reply_topk=0)
+        """The settings an owner re-selects the mean of a round with (``reply_topk`` entries a chunk, at most
+        the chunk: the mean of n parts holds up to n·topk entries, and a reply that keeps more of them applies
+        more of the round now instead of leaving it in the owner's residual)."""
+        k = min(self.reply_topk, self.chunk) if self.reply_topk else self.topk
+        return self if k == self.topk else dataclasses.replace(self, topk=k, reply_topk=0)
 
 
 def params_of(cfg: DilocoSection) -> SparseParams:

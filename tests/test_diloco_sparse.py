@@ -43,7 +43,7 @@ DELTA_B = [1.0, 0.0, -2.0, 0.0, 0.5, 0.25, -1.0, 3.0]
 def sparse_cfg(**kw: object) -> DilocoSection:
     base = dict(inner_steps=1, fragments=1, overlap=0, alpha=0.0, outer_lr=1.0, outer_momentum=0.0,
                 codec="sparse", peer_timeout_s=2.0, sparse_chunk=4, sparse_topk=2, sparse_bits=1,
-                sparse_error_decay=1.0)
+                sparse_error_decay=1.0, sparse_reply_topk=0)
     base.update(kw)
     return DilocoSection(**base)  # type: ignore[arg-type]
 
@@ -179,8 +179,9 @@ def test_a_denser_reply_keeps_more_of_the_mean_hand_computed() -> None:
     assert sent.tolist() == [1.5, 0.0, -1.5, 1.5]
     assert residual.tolist() == [0.75, 0.0, 0.75, 0.0]
     assert p.reply.topk == 3 and SparseParams(chunk=4, topk=2).reply.topk == 2
+    assert SparseParams(chunk=4, topk=2, reply_topk=800).reply.topk == 4    # capped at the chunk
     with pytest.raises(ValueError, match="reply topk"):
-        SparseParams(chunk=4, topk=2, reply_topk=5)
+        SparseParams(chunk=4, topk=2, reply_topk=-1)
 
 
 async def _two_replica_round(c: DilocoSection) -> tuple[list[StreamingDiLoCo], list[ShardReducer]]:
@@ -330,7 +331,7 @@ def test_sparse_settings_are_validated_and_selectable_in_the_simulator() -> None
     for bad, name in [(dict(sparse_topk=5000), "diloco.sparse_topk"), (dict(sparse_bits=3), "diloco.sparse_bits"),
                       (dict(sparse_error_decay=0.0), "diloco.sparse_error_decay"),
                       (dict(sparse_outer_momentum=1.0), "diloco.sparse_outer_momentum"),
-                      (dict(sparse_reply_topk=5), "diloco.sparse_reply_topk"),
+                      (dict(sparse_reply_topk=-1), "diloco.sparse_reply_topk"),
                       (dict(backend="hivemind"), "diloco.codec")]:
         with pytest.raises(ConfigError, match=name):
             dataclasses.replace(sparse_cfg(), **bad)
