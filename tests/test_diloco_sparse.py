@@ -335,8 +335,12 @@ def test_sparse_settings_are_validated_and_selectable_in_the_simulator() -> None
                       (dict(backend="hivemind"), "diloco.codec")]:
         with pytest.raises(ConfigError, match=name):
             dataclasses.replace(sparse_cfg(), **bad)
-    sim = load_sim_config(None, ["diloco.codec=sparse", "diloco.sparse_topk=32"])
+    sim = load_sim_config(None, ["diloco.codec=sparse", "diloco.sparse_topk=32", "diloco.sparse_reply_topk=64",
+                                 "diloco.sparse_outer_momentum=0.5"])
     assert sim.run.diloco.codec == "sparse" and sim.run.diloco.sparse_topk == 32
+    assert (sim.run.diloco.sparse_reply_topk, sim.run.diloco.sparse_outer_momentum) == (64, 0.5)
+    default = RunConfig().diloco   # the defaults are bandwidth.md's best (with outer_lr 2, alpha 0)
+    assert (default.sparse_topk, default.sparse_reply_topk, default.sparse_error_decay) == (320, 800, 0.9)
 
 
 def test_sparse_merge_keeps_the_progress_made_during_the_overlap() -> None:
