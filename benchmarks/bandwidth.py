@@ -366,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparse-reply-topk", type=int, default=800,
                         help="sparse: entries an owner's reply keeps per chunk (0: --sparse-topk; best of 320 / 640 / "
                              "800 within 400x of ddp's bytes)")
+    parser.add_argument("--sparse-outer-lr-final", type=float, default=3.0,
+                        help="sparse: ramp the outer lr linearly from --sparse-outer-lr to this (0: constant; "
+                             "best of constant 2 / 2.5 / 3 and 2 -> 3 over 20 / 40)")
+    parser.add_argument("--sparse-outer-lr-ramp", type=int, default=40,
+                        help="sparse: outer steps per fragment the ramp takes (40: the whole default run)")
     parser.add_argument("--sparse-lr", type=float, default=0.0, help="sparse: inner AdamW lr (0: --lr)")
     parser.add_argument("--robust", default="off", choices=("off", "clip", "auto"),
                         help="diloco.robust of the grpc modes: off (default) measures the algorithms with the plain "
@@ -430,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     hivemind_cfg = dataclasses.replace(streaming_cfg, codec=args.hivemind_codec, backend="hivemind")
     sparse_cfg = DilocoSection(inner_steps=args.sparse_inner_steps or h, fragments=args.fragments, overlap=args.overlap,
                                alpha=args.sparse_alpha, outer_lr=args.sparse_outer_lr, outer_momentum=0.0,
+                               outer_lr_final=args.sparse_outer_lr_final, outer_lr_ramp=args.sparse_outer_lr_ramp,
                                codec="sparse", peer_timeout_s=30.0, robust=args.robust, sparse_chunk=args.sparse_chunk,
                                sparse_topk=args.sparse_topk, sparse_bits=args.sparse_bits,
                                sparse_error_decay=args.sparse_error_decay,
@@ -474,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
                   "streaming_outer_momentum": args.streaming_outer_momentum, "alpha": args.alpha,
                   "overlap": args.overlap, "robust": args.robust,
                   "sparse": {"inner_steps": sparse_cfg.inner_steps, "alpha": args.sparse_alpha,
-                             "outer_lr": args.sparse_outer_lr, "chunk": args.sparse_chunk, "topk": args.sparse_topk,
+                             "outer_lr": args.sparse_outer_lr, "outer_lr_final": args.sparse_outer_lr_final,
+                             "outer_lr_ramp": args.sparse_outer_lr_ramp, "chunk": args.sparse_chunk, "topk": args.sparse_topk,
                              "bits": args.sparse_bits, "error_decay": args.sparse_error_decay,
                              "outer_momentum": args.sparse_outer_momentum,
                              "reply_topk": args.sparse_reply_topk or args.sparse_topk,

@@ -138,6 +138,10 @@ class DilocoSection:
     overlap: int = 1                  # tau: merge the averaged fragment tau steps later
     alpha: float = 0.5                # theta <- alpha*theta_local + (1-alpha)*theta_global_new
     outer_lr: float = 0.7
+    # > 0: the outer lr moves linearly from outer_lr to outer_lr_final over each fragment's first
+    # outer_lr_ramp outer steps (early training moves fast and wants the smaller step), then stays there
+    outer_lr_final: float = 0.0
+    outer_lr_ramp: int = 0
     outer_momentum: float = 0.9
     codec: str = "fp4"
     backend: str = "grpc"             # "grpc" or "hivemind"
@@ -171,6 +175,10 @@ class DilocoSection:
                "must be >= 0 and below diloco.inner_steps")
         _check(0.0 <= self.alpha <= 1.0, "diloco.alpha", "must be in [0, 1]")
         _check(self.outer_lr > 0, "diloco.outer_lr", "must be > 0")
+        _check(self.outer_lr_final >= 0, "diloco.outer_lr_final", "must be >= 0 (0: a constant diloco.outer_lr)")
+        _check(self.outer_lr_ramp >= 0, "diloco.outer_lr_ramp", "must be >= 0")
+        _check((self.outer_lr_final > 0) == (self.outer_lr_ramp > 0), "diloco.outer_lr_ramp",
+               "set together with diloco.outer_lr_final (both > 0, or both 0)")
         _check(0.0 <= self.outer_momentum < 1.0, "diloco.outer_momentum", "must be in [0, 1)")
         _check(self.codec in (*CODECS, "sparse"), "diloco.codec", f"must be one of {(*CODECS, 'sparse')}")
         _check(self.backend in ("grpc", "hivemind"), "diloco.backend", "must be 'grpc' or 'hivemind'")

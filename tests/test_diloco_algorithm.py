@@ -101,6 +101,35 @@ def test_outer_step_matches_torch_sgd_nesterov() -> None:
     torch.testing.assert_close(params["x"], ref.detach())
 
 
+def test_outer_lr_ramp_is_linear_per_fragment_then_holds() -> None:
+    """lr 2 -> 3 over 4 outer steps: steps 0..4 use 2, 2.25, 2.5, 2.75, 3, then 3; each fragment counts
+    its own outer steps, so a fragment that has not synced yet still takes the first lr."""
+    outer = OuterOptimizer(2.0, 0.0, lr_final=3.0, ramp_steps=4)
+    params = {"x": torch.zeros(1)}
+    seen = []
+    for _ in range(6):
+        seen.append(outer.lr_at(0))
+        outer.step(0, params, {"x": torch.ones(1)})
+    assert seen == [2.0, 2.25, 2.5, 2.75, 3.0, 3.0]
+    # momentum 0: theta moved by minus the sum of the lrs used
+    torch.testing.assert_close(params["x"], torch.tensor([-sum(seen)]))
+    assert outer.lr_at(1) == 2.0
+    assert OuterOptimizer(0.7, 0.9).lr_at(0) == 0.7   # no ramp: constant
+
+
+def test_outer_lr_ramp_settings_are_validated_together() -> None:
+    with pytest.raises(ConfigError, match=r"diloco\.outer_lr_ramp"):
+        DilocoSection(outer_lr_final=3.0)
+    with pytest.raises(ConfigError, match=r"diloco\.outer_lr_ramp"):
+        DilocoSection(outer_lr_ramp=10)
+    with pytest.raises(ConfigError, match=r"diloco\.outer_lr_final"):
+        DilocoSection(outer_lr_final=-1.0, outer_lr_ramp=10)
+    with pytest.raises(ValueError, match="ramp"):
+        OuterOptimizer(1.0, 0.0, lr_final=2.0)
+    cfg = DilocoSection(outer_lr=2.0, outer_lr_final=3.0, outer_lr_ramp=40)
+    assert StreamingDiLoCo(nn.Linear(2, 2), cfg).outer.lr_at(0) == 2.0
+
+
 def test_merge_with_alpha_keeps_local_progress_made_during_overlap() -> None:
     c = cfg(inner_steps=4, fragments=1, overlap=1, alpha=0.5, outer_lr=1.0, outer_momentum=0.0)
     rep = StreamingDiLoCo(Scalar(1.0), c)

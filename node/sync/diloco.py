@@ -119,16 +119,30 @@ class OuterOptimizer:
     every replica that lost the same shard stays identical.
     """
 
-    def __init__(self, lr: float, momentum: float = 0.9, *, nesterov: bool = True) -> None:
+    def __init__(self, lr: float, momentum: float = 0.9, *, nesterov: bool = True,
+                 lr_final: float = 0.0, ramp_steps: int = 0) -> None:
         if lr <= 0:
             raise ValueError(f"outer lr must be > 0, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"outer momentum must be in [0, 1), got {momentum}")
+        if lr_final < 0 or ramp_steps < 0 or (lr_final > 0) != (ramp_steps > 0):
+            raise ValueError(f"outer lr ramp needs lr_final > 0 and ramp_steps > 0 together, got "
+                             f"{lr_final}, {ramp_steps}")
         self.lr = lr
+        self.lr_final = lr_final
+        self.ramp_steps = ramp_steps
         self.momentum = momentum
         self.nesterov = nesterov
         self.buffers: dict[int, dict[str, torch.Tensor]] = {}
         self.steps: dict[int, int] = {}
+
+    def lr_at(self, fragment: int) -> float:
+        """The lr of ``fragment``'s next outer step. It depends only on the fragment's outer-step count,
+        which every replica of a round shares, so replicas stay identical."""
+        if self.ramp_steps == 0:
+            return self.lr
+        done = min(self.steps.get(fragment, 0), self.ramp_steps) / self.ramp_steps
+        return self.lr + (self.lr_final - self.lr) * done
 
     @torch.no_grad()
     def step(
@@ -141,13 +155,14 @@ class OuterOptimizer:
         """In place: params[name] (fp32) -= lr * nesterov_update(grads[name])."""
         bufs = self.buffers.setdefault(fragment, {})
         mu = self.momentum
+        lr = self.lr_at(fragment)
         for name, grad in grads.items():
             param = params[name]
             g = grad.to(torch.float32)
             buf = bufs.get(name)
             new_buf = g.clone() if buf is None else buf * mu + g
             update = g + mu * new_buf if self.nesterov else new_buf
-            new_param = param - self.lr * update
+            new_param = param - lr * update
             mask = None if masks is None else masks.get(name)
             if mask is not None:
                 new_buf = torch.where(mask, new_buf, buf if buf is not None else torch.zeros_like(new_buf))
@@ -214,7 +229,8 @@ class StreamingDiLoCo:
         self.sparse = params_of(cfg) if cfg.codec == SPARSE_CODEC else None
         # SparseLoCo: the error feedback of the sparse sends takes the place of the outer momentum (unless
         # sparse_outer_momentum asks for Nesterov momentum on the averaged sparse update as well)
-        self.outer = OuterOptimizer(cfg.outer_lr, cfg.sparse_outer_momentum if self.sparse else cfg.outer_momentum)
+        self.outer = OuterOptimizer(cfg.outer_lr, cfg.sparse_outer_momentum if self.sparse else cfg.outer_momentum,
+                                    lr_final=cfg.outer_lr_final, ramp_steps=cfg.outer_lr_ramp)
         # codec "sparse": per fragment, what the selections left out (flat, fp32); outer state, copied with it
         self.error = ErrorFeedback()
         self.pending: list[SyncJob] = []
