@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from fake_clock import Clock
 
 from lowband.coordinator.core import Coordinator
 from lowband.coordinator.errors import Conflict, InvalidRequest, UnknownNode
@@ -15,13 +16,6 @@ from lowband.protocols.config import RunConfig, apply_overrides
 
 Kind = pb.Instruction.Kind
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def config(*overrides: str) -> RunConfig:

@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from fake_clock import Clock
 
 from lowband.coordinator.assignment import resume_stage
 from lowband.coordinator.core import Coordinator
@@ -20,13 +21,6 @@ from lowband.protocols.stored_stage import LOCAL_STATE, stage_fingerprint
 
 Kind = pb.Instruction.Kind
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def config(*overrides: str) -> RunConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from fake_clock import Clock
 
 from lowband.coordinator import validate
 from lowband.coordinator.errors import InvalidRequest
@@ -10,16 +11,8 @@ from lowband.coordinator.rounds import FormedRound, SyncRounds
 from lowband.protocols import coordinator_pb2 as pb
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def make(window: float = 2.0, minimum: int = 1, timeout: float = 10.0) -> tuple[SyncRounds, Clock]:
-    clock = Clock()
+    clock = Clock(100.0)
     return SyncRounds(window, minimum, timeout, clock), clock
 
 

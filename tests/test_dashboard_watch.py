@@ -5,6 +5,7 @@ bytes, sync rounds formed and abandoned, and the Prometheus collector over the s
 from __future__ import annotations
 
 import pytest
+from fake_clock import Clock
 from prometheus_client.parser import text_string_to_metric_families
 
 from lowband.coordinator.core import Coordinator
@@ -12,14 +13,6 @@ from lowband.coordinator.prometheus import exposition, registry_for
 from lowband.coordinator.watch import RunWatch
 from lowband.protocols import coordinator_pb2 as pb
 from lowband.protocols.config import RunConfig, apply_overrides
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _core(lease: Clock, wall: Clock) -> Coordinator:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_clock import Clock
 
 from lowband.coordinator.core import Coordinator
 from lowband.coordinator.errors import Conflict
@@ -165,13 +166,6 @@ def test_a_local_iteration_is_the_reference_step() -> None:
 
 
 # --- the coordinator ----------------------------------------------------------------------------------
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def dp_config(*overrides: str) -> RunConfig:

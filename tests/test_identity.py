@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fake_clock import Clock
 
 from lowband.coordinator.core import Coordinator
 from lowband.coordinator.errors import IdentityRefused, InvalidRequest
@@ -26,13 +27,6 @@ TOKEN = "identity-token"
 pytestmark = pytest.mark.timeout(60)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 def _config() -> RunConfig:
     return apply_overrides(RunConfig(), ["model.stages=2", "membership.heartbeat_interval_s=0.5",
@@ -45,7 +39,7 @@ def _join(node_id: str, secret: bytes, port: int = 1) -> pb.JoinRequest:
 
 
 def test_a_live_id_is_refused_to_another_secret_and_given_back_to_its_own() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     core = Coordinator(_config(), clock=clock)
     first = core.join(_join("a", b"secret-of-a"))
     assert first.node_id == "a"
@@ -59,7 +53,7 @@ def test_a_live_id_is_refused_to_another_secret_and_given_back_to_its_own() -> N
     assert core.join(_join("a", b"secret-of-a", port=2)).node_id == "a"
     assert core.members["a"].address == "127.0.0.1:2"
     # once its lease has ended the id is free: whoever joins next holds it
-    clock.now += 10.0
+    clock.t += 10.0
     core.expire_leases()
     assert not core.members["a"].live
     assert core.join(_join("a", b"new-owner", port=3)).node_id == "a"
